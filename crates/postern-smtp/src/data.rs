@@ -1,0 +1,311 @@
+//! The message body readers: DATA (dot-terminated, RFC 5321 4.1.1.4 and 4.5.2) and the
+//! line checks shared with BDAT chunks (RFC 3030).
+//!
+//! Trust: the bytes are the client's, unbounded and possibly hostile. The reader keeps at
+//! most `max` octets of body (beyond that it only scans for the end), and it ends a DATA
+//! message only at CR LF "." CR LF. A bare CR or a bare LF never ends a line, never ends
+//! the message and never starts a dot-stuffed line; a message that contains one is
+//! refused when it ends (554 5.6.0). That closes the "SMTP smuggling" class
+//! (CVE-2023-51764): a peer that treats `<LF>.<LF>` as the end could otherwise read a
+//! second, smuggled message out of what we accepted as one.
+
+/// What was wrong with a message body, discovered while reading it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BodyFaults {
+    /// More than the size limit.
+    pub too_big: bool,
+    /// A line longer than 1000 octets including CRLF (RFC 5321 4.5.3.1.6).
+    pub long_line: bool,
+    /// A CR not followed by LF, or an LF not preceded by CR.
+    pub bare_line_ending: bool,
+}
+
+/// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including the CRLF.
+pub const MAX_TEXT_LINE: usize = 1000;
+
+/// Tracks line structure over a byte stream that arrives in arbitrary pieces.
+#[derive(Clone, Debug, Default)]
+pub struct LineChecker {
+    /// Octets in the current line so far (CR included once seen).
+    line_len: usize,
+    /// The previous octet was a CR.
+    after_cr: bool,
+    faults: BodyFaults,
+}
+
+impl LineChecker {
+    /// Feeds raw content (no dot-unstuffing: used for BDAT).
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.octet(b);
+        }
+    }
+
+    #[inline]
+    fn octet(&mut self, b: u8) {
+        if self.after_cr && b != b'\n' {
+            self.faults.bare_line_ending = true;
+        }
+        match b {
+            b'\n' => {
+                if !self.after_cr {
+                    self.faults.bare_line_ending = true;
+                }
+                if self.line_len + 1 > MAX_TEXT_LINE {
+                    self.faults.long_line = true;
+                }
+                self.line_len = 0;
+                self.after_cr = false;
+            }
+            _ => {
+                self.line_len += 1;
+                self.after_cr = b == b'\r';
+            }
+        }
+    }
+
+    /// True when the content so far ends at a line boundary (or is empty).
+    pub fn at_line_start(&self) -> bool {
+        self.line_len == 0
+    }
+
+    /// Ends the content: a trailing CR is bare.
+    pub fn finish(mut self) -> BodyFaults {
+        if self.after_cr {
+            self.faults.bare_line_ending = true;
+        }
+        if self.line_len > MAX_TEXT_LINE {
+            self.faults.long_line = true;
+        }
+        self.faults
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataState {
+    /// At the start of a line (the CRLF before it has been seen).
+    LineStart,
+    /// A "." at the start of a line.
+    Dot,
+    /// "." CR at the start of a line: an LF now ends the message.
+    DotCr,
+    /// Inside a line.
+    Middle,
+    /// Inside a line, just after a CR.
+    Cr,
+}
+
+/// Reads a DATA body: dot-unstuffing, end detection, size cap, line checks.
+#[derive(Debug)]
+pub struct DataReader {
+    state: DataState,
+    body: Vec<u8>,
+    max: u64,
+    /// Octets of unstuffed content seen, kept or not.
+    size: u64,
+    line_len: usize,
+    faults: BodyFaults,
+}
+
+impl DataReader {
+    pub fn new(max: u64) -> DataReader {
+        DataReader {
+            state: DataState::LineStart,
+            body: Vec::new(),
+            max,
+            size: 0,
+            line_len: 0,
+            faults: BodyFaults::default(),
+        }
+    }
+
+    /// Consumes bytes from `input`. Returns how many were consumed and whether the
+    /// terminating CRLF.CRLF was reached (then the rest of `input` is not touched: it is
+    /// the next pipelined command).
+    pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                // Fast path: copy the run of ordinary octets up to the next CR or LF.
+                (DataState::Middle, _) if b != b'\r' && b != b'\n' => {
+                    let run = input[i..]
+                        .iter()
+                        .position(|&c| c == b'\r' || c == b'\n')
+                        .unwrap_or(input.len() - i);
+                    self.emit(&input[i - 1..i + run]);
+                    i += run;
+                    DataState::Middle
+                }
+                (DataState::LineStart, b'.') => DataState::Dot,
+                (DataState::Dot, b'\r') => DataState::DotCr,
+                (DataState::DotCr, b'\n') => return (i, true),
+                (DataState::DotCr, _) => {
+                    // ".\r" then something other than LF: the CR is bare. The leading dot
+                    // was a stuffing dot (RFC 5321 4.5.2), so it is dropped.
+                    self.faults.bare_line_ending = true;
+                    self.emit(b"\r");
+                    i -= 1;
+                    DataState::Middle
+                }
+                // A dot-stuffed line: drop the first dot, keep the rest of the line.
+                (DataState::Dot, _) => {
+                    i -= 1;
+                    DataState::Middle
+                }
+                (DataState::Cr, b'\n') => {
+                    self.emit(b"\n");
+                    self.end_line();
+                    DataState::LineStart
+                }
+                (DataState::Cr, _) => {
+                    self.faults.bare_line_ending = true;
+                    i -= 1;
+                    DataState::Middle
+                }
+                (_, b'\r') => {
+                    self.emit(b"\r");
+                    DataState::Cr
+                }
+                (_, b'\n') => {
+                    // Bare LF: recorded, kept as content, and it does not start a line.
+                    self.faults.bare_line_ending = true;
+                    self.emit(b"\n");
+                    DataState::Middle
+                }
+                (_, _) => {
+                    i -= 1;
+                    DataState::Middle
+                }
+            };
+        }
+        (i, false)
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        self.line_len += bytes.len();
+        self.size += bytes.len() as u64;
+        if self.size > self.max {
+            if !self.faults.too_big {
+                self.faults.too_big = true;
+                // Free what we hold: the message will be refused anyway.
+                self.body = Vec::new();
+            }
+            return;
+        }
+        self.body.extend_from_slice(bytes);
+    }
+
+    fn end_line(&mut self) {
+        // The stuffing dot does not count: limits apply to the line as the user wrote it.
+        if self.line_len > MAX_TEXT_LINE {
+            self.faults.long_line = true;
+        }
+        self.line_len = 0;
+    }
+
+    /// The body and what was wrong with it.
+    pub fn finish(self) -> (Vec<u8>, BodyFaults) {
+        (self.body, self.faults)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(chunks: &[&[u8]], max: u64) -> (Vec<u8>, BodyFaults, usize, bool) {
+        let mut r = DataReader::new(max);
+        let mut used = 0;
+        let mut done = false;
+        for c in chunks {
+            let (n, d) = r.feed(c);
+            used += n;
+            if d {
+                done = true;
+                break;
+            }
+        }
+        let (body, faults) = r.finish();
+        (body, faults, used, done)
+    }
+
+    #[test]
+    fn simple_and_unstuffing() {
+        let (body, f, used, done) = read_all(&[b"a\r\n..b\r\n.c\r\n.\r\nQUIT\r\n"], 100);
+        assert!(done);
+        assert_eq!(used, 15);
+        assert_eq!(body, b"a\r\n.b\r\nc\r\n");
+        assert_eq!(f, BodyFaults::default());
+    }
+
+    #[test]
+    fn empty_message() {
+        let (body, _, used, done) = read_all(&[b".\r\n"], 100);
+        assert!(done && body.is_empty() && used == 3);
+    }
+
+    #[test]
+    fn end_split_across_every_boundary() {
+        let msg = b"Subject: x\r\n\r\nhello\r\n.\r\n";
+        for cut in 0..msg.len() {
+            let (body, f, used, done) = read_all(&[&msg[..cut], &msg[cut..]], 100);
+            assert!(done, "cut {cut}");
+            assert_eq!(used, msg.len());
+            assert_eq!(body, b"Subject: x\r\n\r\nhello\r\n");
+            assert_eq!(f, BodyFaults::default());
+        }
+    }
+
+    #[test]
+    fn smuggling_forms_never_end_the_message() {
+        for trick in [
+            &b"a\n.\nMAIL FROM:<x@y>\r\n"[..],
+            b"a\n.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\rMAIL FROM:<x@y>\r\n",
+            b"a\r.\rMAIL FROM:<x@y>\r\n",
+        ] {
+            let mut r = DataReader::new(1000);
+            let (n, done) = r.feed(trick);
+            assert!(!done, "{trick:?} ended the message");
+            assert_eq!(n, trick.len());
+            let (n, done) = r.feed(b".\r\n");
+            assert!(done && n == 3);
+            assert!(r.finish().1.bare_line_ending, "{trick:?}");
+        }
+    }
+
+    #[test]
+    fn size_cap_keeps_scanning() {
+        let (body, f, _, done) = read_all(&[b"0123456789\r\n0123456789\r\n.\r\n"], 15);
+        assert!(done && f.too_big && body.is_empty());
+    }
+
+    #[test]
+    fn long_lines() {
+        let mut msg = vec![b'x'; 998];
+        msg.extend_from_slice(b"\r\n.\r\n");
+        assert!(!read_all(&[&msg], 10_000).1.long_line);
+        let mut msg = vec![b'x'; 999];
+        msg.extend_from_slice(b"\r\n.\r\n");
+        assert!(read_all(&[&msg], 10_000).1.long_line);
+    }
+
+    #[test]
+    fn line_checker_across_chunks() {
+        let mut c = LineChecker::default();
+        c.feed(b"a\r");
+        c.feed(b"\nb\r\n");
+        assert!(c.at_line_start());
+        assert_eq!(c.finish(), BodyFaults::default());
+        let mut c = LineChecker::default();
+        c.feed(b"a\nb");
+        assert!(c.finish().bare_line_ending);
+        let mut c = LineChecker::default();
+        c.feed(b"a\r");
+        assert!(c.finish().bare_line_ending);
+    }
+}

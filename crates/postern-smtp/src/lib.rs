@@ -1,0 +1,21 @@
+//! Postern's SMTP protocol core, sans I/O.
+//!
+//! This crate parses and produces SMTP bytes and nothing else: it has no socket, no
+//! clock, no file and no async runtime (its Cargo.toml has no such dependency, so it
+//! cannot grow one by accident). The daemon (`postern`) drives it.
+//!
+//! - [`address`]: envelope addresses, canonicalised, with their relay-trick flags.
+//! - [`command`]: command lines → [`command::Command`].
+//! - [`data`]: the DATA/BDAT body readers (dot-unstuffing, smuggling-safe end detection).
+//! - [`reply`]: replies and the one catalogue of every reply we send.
+//! - [`server`]: the server session state machine.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod server;
+
+pub use address::{Address, Domain, ReversePath};
+pub use reply::{Reply, Status, catalogue};
+pub use server::{Event, Message, Peer, RecipientRequest, Session, SessionConfig, TlsInfo};

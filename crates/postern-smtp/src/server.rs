@@ -1,0 +1,756 @@
+//! The server side of an SMTP session as a sans-IO state machine.
+//!
+//! Bytes go in with [`Session::receive`]; [`Session::poll`] runs the protocol over what
+//! is buffered and returns the next [`Event`]: read more input, answer a question (may
+//! this recipient be accepted? store this message), start TLS, or close. Replies
+//! accumulate in an output buffer the driver sends with [`Session::take_output`];
+//! because the driver flushes only when the session needs more input, pipelined
+//! commands (RFC 2920) get their replies in one write. There is no socket and no clock
+//! here: timeouts and shutdown come in as calls ([`Session::timeout`],
+//! [`Session::shutdown`]).
+//!
+//! Trust: every byte from the client is hostile. Memory is bounded by the 512-octet
+//! command line (RFC 5321 4.5.3.1.4; longer lines are discarded up to their end and
+//! answered, the session carries on), `max_message_size` for bodies, and
+//! `max_recipients`. Nothing here panics on input.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::address::{Address, ReversePath};
+use crate::command::{self, Command, POSTMASTER_MARKER, Param};
+use crate::data::{BodyFaults, DataReader, LineChecker};
+use crate::reply::{Reply, catalogue};
+
+/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+
+/// Per-listener settings the protocol needs.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Our name in the greeting, EHLO reply and Received: header.
+    pub hostname: String,
+    /// Advertised with SIZE (RFC 1870); larger messages get 552 5.3.4.
+    pub max_message_size: u64,
+    /// Per transaction; more get 452 4.5.3.
+    pub max_recipients: usize,
+    /// Protocol errors (syntax, sequence, over-long lines) before 421 and close.
+    pub max_errors: u32,
+    /// Offer STARTTLS (RFC 3207): the driver can perform a handshake.
+    pub starttls: bool,
+}
+
+/// The negotiated TLS parameters, for the Received: header (RFC 8314 4.3 recommends
+/// recording them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+/// Who is on the other end, as the driver knows it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The connection is already TLS (implicit TLS, RFC 8314).
+    pub tls: Option<TlsInfo>,
+}
+
+/// A question the driver must answer with [`Session::answer_recipient`]: may `recipient`
+/// be accepted in this transaction?
+#[derive(Clone, Debug)]
+pub struct RecipientRequest {
+    pub sender: ReversePath,
+    pub recipient: Address,
+    /// Identity established by SMTP AUTH, if any.
+    pub authenticated: Option<String>,
+}
+
+/// A complete message the driver must screen and store, then answer with
+/// [`Session::answer_message`] (250 only once it is durably stored).
+#[derive(Debug)]
+pub struct Message {
+    pub helo: String,
+    pub sender: ReversePath,
+    /// MAIL parameters as received (validated), for the spool.
+    pub params: Vec<Param>,
+    pub smtputf8: bool,
+    pub recipients: Vec<Address>,
+    /// The content, dot-unstuffed, every line ending in CRLF, without our Received:.
+    pub body: Vec<u8>,
+    pub peer: SocketAddr,
+    pub esmtp: bool,
+    pub tls: Option<TlsInfo>,
+    pub authenticated: Option<String>,
+}
+
+impl Message {
+    /// RFC 3848 / RFC 6531 3.7.3 protocol name for the Received: `with` clause.
+    pub fn protocol(&self) -> &'static str {
+        match (
+            self.smtputf8,
+            self.esmtp,
+            self.tls.is_some(),
+            self.authenticated.is_some(),
+        ) {
+            (_, false, _, _) => "SMTP",
+            (false, true, false, false) => "ESMTP",
+            (false, true, true, false) => "ESMTPS",
+            (false, true, false, true) => "ESMTPA",
+            (false, true, true, true) => "ESMTPSA",
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, true) => "UTF8SMTPSA",
+        }
+    }
+
+    /// The trace header (RFC 5321 4.4) this hop prepends, CRLF-terminated and folded.
+    /// `date` is an RFC 5322 date-time supplied by the caller (this crate has no clock).
+    pub fn received_header(&self, by: &str, id: &str, date: &str) -> String {
+        let ip = match self.peer.ip() {
+            IpAddr::V4(a) => format!("[{a}]"),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => format!("[{v4}]"),
+                None => format!("[IPv6:{a}]"),
+            },
+        };
+        let mut h = format!("Received: from {} ({ip})\r\n", self.helo);
+        if let Some(tls) = &self.tls {
+            h.push_str(&format!(
+                "\t(using {} with cipher {})\r\n",
+                tls.version, tls.cipher
+            ));
+        }
+        if let Some(user) = &self.authenticated {
+            h.push_str(&format!("\t(authenticated as {user})\r\n"));
+        }
+        h.push_str(&format!(
+            "\tby {by} (Postern) with {} id {id}",
+            self.protocol()
+        ));
+        // Name the recipient only when there is one: more would disclose the list.
+        if let [only] = self.recipients.as_slice() {
+            h.push_str(&format!("\r\n\tfor <{only}>"));
+        }
+        h.push_str(&format!(";\r\n\t{date}\r\n"));
+        h
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Event {
+    /// Everything buffered has been processed: send the output, then read more input.
+    NeedInput,
+    /// Answer with [`Session::answer_recipient`] before polling again.
+    Recipient(RecipientRequest),
+    /// Store (or refuse) the message, then call [`Session::answer_message`].
+    Message(Box<Message>),
+    /// Send the output, perform the TLS handshake, then call
+    /// [`Session::tls_established`] (or close on failure).
+    StartTls,
+    /// Send the output and close the connection.
+    Close,
+}
+
+/// The connection-level state, in RFC 5321 order:
+///
+/// ```text
+/// greeting ─▶ Connected ─EHLO/HELO─▶ Ready ─MAIL─▶ Transaction ─RCPT…─▶ Transaction
+///                  ▲                   ▲                 │
+///                  │ STARTTLS          │ end of message  ├─DATA─▶ Data ─.─▶ AwaitMessage
+///                  │ (RFC 3207 4.2)    │ RSET, EHLO      └─BDAT─▶ Bdat ─LAST─▶ AwaitMessage
+/// ```
+/// `AwaitRecipient` and `AwaitMessage` hold the session while the driver answers a
+/// question; `Closed` is final. The transaction itself lives apart, in `Transaction`.
+#[derive(Debug)]
+enum State {
+    Connected,
+    Ready,
+    Transaction,
+    AwaitRecipient,
+    Data(DataReader),
+    /// Reading a BDAT chunk: `remaining` octets still to come.
+    Bdat {
+        remaining: u64,
+        last: bool,
+    },
+    AwaitMessage,
+    AwaitTls,
+    Closed,
+}
+
+/// The mail transaction: from MAIL to the end of the message or RSET.
+#[derive(Debug)]
+struct Transaction {
+    sender: ReversePath,
+    params: Vec<Param>,
+    smtputf8: bool,
+    recipients: Vec<Address>,
+    /// Set once BDAT is used (DATA is then out of sequence, RFC 3030 3).
+    chunks: Option<Chunks>,
+}
+
+#[derive(Debug, Default)]
+struct Chunks {
+    body: Vec<u8>,
+    checker: LineChecker,
+}
+
+/// One SMTP server session.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    peer: Peer,
+    state: State,
+    /// EHLO/HELO argument, and whether it was EHLO.
+    greeting: Option<(String, bool)>,
+    transaction: Option<Transaction>,
+    /// The recipient waiting for the driver's decision.
+    pending_recipient: Option<Address>,
+    authenticated: Option<String>,
+    input: Vec<u8>,
+    /// Start of unprocessed input.
+    pos: usize,
+    /// Discarding the rest of an over-long command line.
+    discarding: bool,
+    /// A BDAT chunk that failed before its data was read (answer after the chunk).
+    bdat_failure: Option<Reply>,
+    output: Vec<u8>,
+    errors: u32,
+}
+
+impl Session {
+    /// Starts a session; the greeting is queued as the first output.
+    pub fn new(config: SessionConfig, peer: Peer) -> Session {
+        let mut s = Session {
+            state: State::Connected,
+            greeting: None,
+            transaction: None,
+            pending_recipient: None,
+            authenticated: None,
+            input: Vec::new(),
+            pos: 0,
+            discarding: false,
+            bdat_failure: None,
+            output: Vec::new(),
+            errors: 0,
+            peer,
+            config,
+        };
+        s.reply(catalogue::greeting(&s.config.hostname));
+        s
+    }
+
+    // --- getters ---------------------------------------------------------------------------
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer.addr
+    }
+
+    /// True once the session is over (after QUIT, too many errors, timeout, shutdown).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// True while a message is being received (DATA or BDAT chunks). Used by the driver
+    /// to let a transfer finish during shutdown.
+    pub fn in_transfer(&self) -> bool {
+        matches!(
+            self.state,
+            State::Data(_) | State::Bdat { .. } | State::AwaitMessage
+        )
+    }
+
+    // --- inputs ----------------------------------------------------------------------------
+
+    /// Buffers bytes read from the client. Call [`Session::poll`] afterwards.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        if self.pos > 0 {
+            self.input.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// The driver's answer to [`Event::Recipient`]: `Ok` accepts, `Err` refuses with
+    /// the given reply.
+    pub fn answer_recipient(&mut self, decision: Result<(), Reply>) {
+        let State::AwaitRecipient = self.state else {
+            debug_assert!(false, "answer_recipient without a question");
+            return;
+        };
+        self.state = State::Transaction;
+        let Some(rcpt) = self.pending_recipient.take() else {
+            return;
+        };
+        match decision {
+            Ok(()) => {
+                if let Some(t) = self.transaction.as_mut() {
+                    t.recipients.push(rcpt);
+                }
+                self.reply(catalogue::recipient_ok());
+            }
+            Err(reply) => self.reply(reply),
+        }
+    }
+
+    /// The driver's answer to [`Event::Message`]: 250 once stored, or a refusal.
+    pub fn answer_message(&mut self, reply: Reply) {
+        let State::AwaitMessage = self.state else {
+            debug_assert!(false, "answer_message without a question");
+            return;
+        };
+        self.reply(reply);
+        self.state = State::Ready;
+    }
+
+    /// The TLS handshake after STARTTLS succeeded. RFC 3207 4.2: the client must start
+    /// over with EHLO, and nothing it sent before the handshake may be acted on.
+    pub fn tls_established(&mut self, info: TlsInfo) {
+        self.peer.tls = Some(info);
+        self.greeting = None;
+        self.transaction = None;
+        self.input.clear();
+        self.pos = 0;
+        self.discarding = false;
+        self.state = State::Connected;
+    }
+
+    /// The identity a successful SMTP AUTH established.
+    pub fn set_authenticated(&mut self, identity: String) {
+        self.authenticated = Some(identity);
+    }
+
+    /// The client was silent longer than the command timeout.
+    pub fn timeout(&mut self) {
+        self.close_with(catalogue::timeout());
+    }
+
+    /// The server is stopping.
+    pub fn shutdown(&mut self) {
+        self.close_with(catalogue::shutting_down());
+    }
+
+    // --- outputs ---------------------------------------------------------------------------
+
+    /// Takes the bytes to send to the client.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    /// True when there are bytes to send.
+    pub fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    /// Runs the protocol over the buffered input until something needs the driver.
+    pub fn poll(&mut self) -> Event {
+        loop {
+            match &mut self.state {
+                State::Closed => return Event::Close,
+                State::AwaitRecipient | State::AwaitMessage | State::AwaitTls => {
+                    // A driver bug, not something input can cause: refuse to go on.
+                    debug_assert!(false, "poll while a question is pending");
+                    return Event::Close;
+                }
+                State::Data(reader) => {
+                    let (used, done) = reader.feed(&self.input[self.pos..]);
+                    self.pos += used;
+                    if !done {
+                        return Event::NeedInput;
+                    }
+                    let State::Data(reader) = std::mem::replace(&mut self.state, State::Ready)
+                    else {
+                        unreachable!("state checked above")
+                    };
+                    let (body, faults) = reader.finish();
+                    if let Some(event) = self.end_of_message(body, faults) {
+                        return event;
+                    }
+                }
+                State::Bdat { remaining, last } => {
+                    let available = self.input.len() - self.pos;
+                    let take = (*remaining).min(available as u64) as usize;
+                    let last = *last;
+                    *remaining -= take as u64;
+                    let done = *remaining == 0;
+                    let chunk = self.pos..self.pos + take;
+                    self.pos += take;
+                    self.bdat_data(chunk);
+                    if !done {
+                        return Event::NeedInput;
+                    }
+                    if let Some(event) = self.bdat_end(last) {
+                        return event;
+                    }
+                }
+                _ => match self.next_line() {
+                    None => return Event::NeedInput,
+                    Some(Err(())) => self.protocol_error(catalogue::command_too_long()),
+                    Some(Ok((start, end))) => {
+                        let parsed = command::parse(&self.input[start..end]);
+                        if let Some(event) = self.command(parsed) {
+                            return event;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    // --- internals -------------------------------------------------------------------------
+
+    fn reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.output);
+    }
+
+    fn close_with(&mut self, reply: Reply) {
+        if !self.is_closed() {
+            self.reply(reply);
+            self.state = State::Closed;
+        }
+    }
+
+    /// A reply that counts toward `max_errors`.
+    fn protocol_error(&mut self, reply: Reply) {
+        self.reply(reply);
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            self.close_with(catalogue::too_many_errors());
+        }
+    }
+
+    /// The next command line as a range of `input` without its line ending, or
+    /// `Err` for a line over the limit (already consumed up to its LF).
+    fn next_line(&mut self) -> Option<Result<(usize, usize), ()>> {
+        let avail = &self.input[self.pos..];
+        match avail.iter().position(|&b| b == b'\n') {
+            Some(lf) => {
+                let start = self.pos;
+                self.pos += lf + 1;
+                if std::mem::take(&mut self.discarding) || lf + 1 > MAX_COMMAND_LINE {
+                    return Some(Err(()));
+                }
+                // Commands may end in a bare LF: harmless here (unlike in DATA) and
+                // common from hand-typed sessions.
+                let end = if lf > 0 && avail[lf - 1] == b'\r' {
+                    start + lf - 1
+                } else {
+                    start + lf
+                };
+                Some(Ok((start, end)))
+            }
+            None => {
+                if avail.len() >= MAX_COMMAND_LINE {
+                    // Keep memory bounded: drop what we have, answer at the line's end.
+                    self.discarding = true;
+                    self.pos = self.input.len();
+                }
+                None
+            }
+        }
+    }
+
+    fn esmtp(&self) -> bool {
+        self.greeting.as_ref().is_some_and(|(_, e)| *e)
+    }
+
+    fn command(&mut self, parsed: Result<Command, Reply>) -> Option<Event> {
+        let cmd = match parsed {
+            Ok(c) => c,
+            Err(reply) => {
+                self.protocol_error(reply);
+                return None;
+            }
+        };
+        match cmd {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to, params } => return self.rcpt(to, params),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.reset_transaction();
+                self.reply(catalogue::reset());
+            }
+            Command::Noop => self.reply(catalogue::ok()),
+            Command::Vrfy => self.reply(catalogue::vrfy()),
+            Command::Expn => self.reply(catalogue::expn_disabled()),
+            Command::Help => self.reply(catalogue::help()),
+            Command::Quit => {
+                self.close_with(catalogue::closing());
+                return Some(Event::Close);
+            }
+            Command::StartTls => return self.starttls(),
+            Command::Auth => self.protocol_error(catalogue::not_implemented()),
+        }
+        None
+    }
+
+    fn hello(&mut self, name: String, esmtp: bool) {
+        // RFC 5321 4.1.4: EHLO/HELO mid-session resets any transaction.
+        self.reset_transaction();
+        let reply = if esmtp {
+            catalogue::ehlo(&self.config.hostname, &self.extensions())
+        } else {
+            catalogue::helo(&self.config.hostname)
+        };
+        self.greeting = Some((name, esmtp));
+        self.state = State::Ready;
+        self.reply(reply);
+    }
+
+    /// The EHLO keywords we advertise.
+    fn extensions(&self) -> Vec<String> {
+        let mut ext = vec![
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+        ];
+        if self.config.starttls && self.peer.tls.is_none() {
+            ext.push("STARTTLS".into());
+        }
+        ext.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"].map(String::from));
+        ext
+    }
+
+    fn mail(&mut self, from: ReversePath, params: Vec<Param>) {
+        if self.greeting.is_none() {
+            return self.protocol_error(catalogue::bad_sequence("Send EHLO/HELO first"));
+        }
+        if self.transaction.is_some() {
+            return self.protocol_error(catalogue::bad_sequence("Nested MAIL command"));
+        }
+        let mut smtputf8 = false;
+        let mut seen: Vec<&str> = Vec::new();
+        for p in &params {
+            // RFC 5321 4.1.1.11: parameters only after EHLO; each at most once.
+            if !self.esmtp() {
+                return self.protocol_error(catalogue::bad_parameter("MAIL parameters need EHLO"));
+            }
+            if seen.contains(&p.keyword.as_str()) {
+                return self.protocol_error(catalogue::bad_parameter("Duplicate MAIL parameter"));
+            }
+            seen.push(&p.keyword);
+            match (p.keyword.as_str(), p.value.as_deref()) {
+                // RFC 1870 6: a declared size over the limit is refused up front.
+                ("SIZE", Some(v)) => match v.parse::<u64>() {
+                    Ok(n) if v.bytes().all(|b| b.is_ascii_digit()) => {
+                        if n > self.config.max_message_size {
+                            return self.reply(catalogue::message_too_big());
+                        }
+                    }
+                    _ => {
+                        return self.protocol_error(catalogue::bad_parameter("Bad SIZE parameter"));
+                    }
+                },
+                // RFC 6152 2: 7BIT or 8BITMIME (BINARYMIME is not offered).
+                ("BODY", Some(v))
+                    if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
+                ("SMTPUTF8", None) => smtputf8 = true,
+                _ => {
+                    return self
+                        .protocol_error(catalogue::bad_parameter("Unsupported MAIL parameter"));
+                }
+            }
+        }
+        if let ReversePath::Mailbox(a) = &from
+            && a.needs_smtputf8()
+            && !smtputf8
+        {
+            return self.reply(catalogue::needs_smtputf8());
+        }
+        self.transaction = Some(Transaction {
+            sender: from,
+            params,
+            smtputf8,
+            recipients: Vec::new(),
+            chunks: None,
+        });
+        self.state = State::Transaction;
+        self.reply(catalogue::sender_ok());
+    }
+
+    fn rcpt(&mut self, to: Address, params: Vec<Param>) -> Option<Event> {
+        let Some(t) = self.transaction.as_ref() else {
+            self.protocol_error(catalogue::bad_sequence("Need MAIL command"));
+            return None;
+        };
+        if !params.is_empty() {
+            self.protocol_error(catalogue::bad_parameter("Unsupported RCPT parameter"));
+            return None;
+        }
+        if to.needs_smtputf8() && !t.smtputf8 {
+            self.reply(catalogue::needs_smtputf8());
+            return None;
+        }
+        // RFC 5321 4.5.1: a bare <Postmaster> means ours.
+        let to = if to.domain().name() == Some(POSTMASTER_MARKER) {
+            Address::postmaster(&self.config.hostname)
+        } else {
+            to
+        };
+        if t.recipients.contains(&to) {
+            // Already accepted in this transaction: accept again, deliver once.
+            self.reply(catalogue::recipient_ok());
+            return None;
+        }
+        if t.recipients.len() >= self.config.max_recipients {
+            self.reply(catalogue::too_many_recipients());
+            return None;
+        }
+        let request = RecipientRequest {
+            sender: t.sender.clone(),
+            recipient: to.clone(),
+            authenticated: self.authenticated.clone(),
+        };
+        self.pending_recipient = Some(to);
+        self.state = State::AwaitRecipient;
+        Some(Event::Recipient(request))
+    }
+
+    fn data(&mut self) {
+        match &self.transaction {
+            None => self.protocol_error(catalogue::bad_sequence("Need MAIL command")),
+            Some(t) if t.chunks.is_some() => {
+                self.protocol_error(catalogue::bad_sequence("DATA not allowed after BDAT"))
+            }
+            Some(t) if t.recipients.is_empty() => self.reply(catalogue::no_valid_recipients()),
+            Some(_) => {
+                self.reply(catalogue::start_data());
+                self.state = State::Data(DataReader::new(self.config.max_message_size));
+            }
+        }
+    }
+
+    /// BDAT (RFC 3030): the chunk's octets follow the command whatever we think of it,
+    /// so even a refused BDAT reads (and drops) them before answering.
+    fn bdat(&mut self, size: u64, last: bool) {
+        let failure = match &mut self.transaction {
+            None => Some(catalogue::bad_sequence("Need MAIL command")),
+            Some(t) if t.recipients.is_empty() => Some(catalogue::no_valid_recipients()),
+            Some(t) => {
+                let chunks = t.chunks.get_or_insert_with(Chunks::default);
+                let total = chunks.body.len() as u64 + size;
+                if total > self.config.max_message_size {
+                    chunks.body = Vec::new();
+                    Some(catalogue::message_too_big())
+                } else {
+                    // Reserve what was announced, within the limit already checked.
+                    chunks.body.reserve(size.min(1 << 20) as usize);
+                    None
+                }
+            }
+        };
+        self.bdat_failure = failure;
+        self.state = State::Bdat {
+            remaining: size,
+            last,
+        };
+    }
+
+    fn bdat_data(&mut self, range: std::ops::Range<usize>) {
+        if self.bdat_failure.is_some() {
+            return;
+        }
+        if let Some(chunks) = self.transaction.as_mut().and_then(|t| t.chunks.as_mut()) {
+            let bytes = &self.input[range];
+            chunks.checker.feed(bytes);
+            chunks.body.extend_from_slice(bytes);
+        }
+    }
+
+    fn bdat_end(&mut self, last: bool) -> Option<Event> {
+        self.state = State::Transaction;
+        if let Some(reply) = self.bdat_failure.take() {
+            // RFC 3030 2: the transaction has failed; chunks already pipelined behind
+            // this one will find no transaction and be read and dropped.
+            let sequence = reply.code == 503;
+            self.reset_transaction();
+            if sequence {
+                self.protocol_error(reply);
+            } else {
+                self.reply(reply);
+            }
+            return None;
+        }
+        let chunks = self.transaction.as_mut()?.chunks.as_mut()?;
+        if !last {
+            let n = chunks.body.len() as u64;
+            self.reply(catalogue::chunk_ok(n));
+            return None;
+        }
+        let Chunks {
+            mut body, checker, ..
+        } = self.transaction.as_mut()?.chunks.take()?;
+        // Keep the stored message whole lines: a final line without CRLF gets one (a
+        // DATA transfer could not have produced anything else).
+        if !checker.at_line_start() {
+            body.extend_from_slice(b"\r\n");
+        }
+        let faults = checker.finish();
+        self.state = State::Ready;
+        self.end_of_message(body, faults)
+    }
+
+    /// The message has been read completely (DATA's dot or BDAT LAST).
+    fn end_of_message(&mut self, body: Vec<u8>, faults: BodyFaults) -> Option<Event> {
+        let transaction = self.transaction.take();
+        self.state = State::Ready;
+        let refusal = if faults.too_big {
+            Some(catalogue::message_too_big())
+        } else if faults.bare_line_ending {
+            Some(catalogue::bare_line_ending())
+        } else if faults.long_line {
+            Some(catalogue::text_line_too_long())
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            self.reply(reply);
+            return None;
+        }
+        let t = transaction?;
+        let (helo, esmtp) = self.greeting.clone().unwrap_or_default();
+        self.state = State::AwaitMessage;
+        Some(Event::Message(Box::new(Message {
+            helo,
+            sender: t.sender,
+            params: t.params,
+            smtputf8: t.smtputf8,
+            recipients: t.recipients,
+            body,
+            peer: self.peer.addr,
+            esmtp,
+            tls: self.peer.tls.clone(),
+            authenticated: self.authenticated.clone(),
+        })))
+    }
+
+    fn starttls(&mut self) -> Option<Event> {
+        if !self.config.starttls {
+            self.protocol_error(catalogue::not_implemented());
+            return None;
+        }
+        if self.peer.tls.is_some() {
+            self.protocol_error(catalogue::bad_sequence("TLS already active"));
+            return None;
+        }
+        self.reply(catalogue::ready_for_tls());
+        // Anything pipelined after STARTTLS arrived in plaintext and must never be
+        // executed after the handshake (RFC 3207 4.2, CVE-2011-0411).
+        self.input.clear();
+        self.pos = 0;
+        self.state = State::AwaitTls;
+        Some(Event::StartTls)
+    }
+
+    fn reset_transaction(&mut self) {
+        self.transaction = None;
+        if !matches!(self.state, State::Connected) {
+            self.state = State::Ready;
+        }
+    }
+}

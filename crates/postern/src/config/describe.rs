@@ -1,0 +1,235 @@
+//! The effective configuration in plain words, for `postern check-config`.
+//!
+//! Written for the operator who wants to know "who can send what through this box" without
+//! re-deriving it from defaults: every line states a fact after defaults were applied, and
+//! the relay policy comes first because it is the part that can hurt other people.
+
+use std::fmt::Write;
+
+use super::units::{format_duration, format_size};
+use super::{AuthMode, Config, FilterAction, Listener, NextHop, Route, RouteTls, TlsMode};
+
+pub(crate) fn describe(c: &Config) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+
+    line(match &c.source {
+        Some(path) => format!("configuration: {}", path.display()),
+        None => "configuration: built-in defaults (no configuration file)".to_string(),
+    });
+    line(format!("hostname: {}", c.hostname));
+
+    // Relay policy.
+    let r = &c.relay;
+    line(if r.open_relay {
+        "open relay: YES -- DANGER: anyone on the Internet can relay through this server \
+         (relay.open_relay = true)"
+            .to_string()
+    } else if let Some(all) = r.trusted_networks.iter().find(|n| n.prefix_len() == 0) {
+        format!(
+            "open relay: YES -- DANGER: relay.trusted_networks contains {all}, so anyone on \
+             the Internet can relay through this server"
+        )
+    } else {
+        "open relay: NO".to_string()
+    });
+    line(if r.accepted_domains.is_empty() {
+        "anonymous inbound: none (no accepted domains)".to_string()
+    } else {
+        format!("anonymous inbound for: {}", r.accepted_domains.join(", "))
+    });
+    line(if r.trusted_networks.is_empty() {
+        "relay for trusted networks: none".to_string()
+    } else {
+        format!(
+            "relay for trusted networks: {}",
+            join(r.trusted_networks.iter().map(ToString::to_string))
+        )
+    });
+    let auth_offered = c.listeners.iter().any(|l| l.auth != AuthMode::None);
+    line(match (r.authenticated_relay, auth_offered) {
+        (false, _) => "relay for authenticated users: no".to_string(),
+        (true, true) => "relay for authenticated users: yes".to_string(),
+        (true, false) => "relay for authenticated users: yes (but no listener offers AUTH)".into(),
+    });
+    line(match &r.recipients_file {
+        Some(path) => format!(
+            "recipients checked against: {} (others in accepted domains get 550)",
+            path.display()
+        ),
+        None => "recipients checked against: nothing (any address in an accepted domain)".into(),
+    });
+    line(if r.dnsbl.is_empty() {
+        "dnsbl: none".to_string()
+    } else {
+        format!(
+            "dnsbl: {} (not applied to trusted or authenticated clients)",
+            r.dnsbl.join(", ")
+        )
+    });
+
+    for l in &c.listeners {
+        line(describe_listener(l));
+    }
+    if let Some(tls) = &c.tls {
+        line(format!(
+            "tls certificate: {} (key {})",
+            tls.cert.display(),
+            tls.key.display()
+        ));
+    }
+    if auth_offered || c.auth.users_file.is_some() {
+        let a = &c.auth;
+        line(format!(
+            "auth: users from {}, mechanisms {}, lockout for {} after {} failures in {} \
+             (per client IP{})",
+            a.users_file
+                .as_ref()
+                .map_or("(none)".to_string(), |p| p.display().to_string()),
+            join(a.mechanisms.iter().map(|m| m.name().to_string())),
+            format_duration(a.lockout),
+            a.max_failures,
+            format_duration(a.failure_window),
+            if a.per_user_lockout {
+                " and per user name"
+            } else {
+                " only"
+            },
+        ));
+    }
+
+    for route in &c.routes {
+        line(describe_route(route));
+    }
+    if !c.routes.iter().any(|r| r.domains.iter().any(|d| d == "*")) {
+        let others = if c.routes.is_empty() {
+            "all domains"
+        } else {
+            "all other domains"
+        };
+        line(format!("route: {others} -> MX (tls opportunistic)"));
+    }
+
+    if c.filters.is_empty() {
+        line("filters: none".to_string());
+    }
+    for f in &c.filters {
+        let mut criteria = Vec::new();
+        if !f.attachments.is_empty() {
+            criteria.push(format!("attachments {}", f.attachments.join(", ")));
+        }
+        if !f.keywords.is_empty() {
+            criteria.push(format!("keywords {}", quoted(&f.keywords)));
+        }
+        if !f.senders.is_empty() {
+            criteria.push(format!("senders {}", f.senders.join(", ")));
+        }
+        let action = match &f.action {
+            FilterAction::Reject => "reject (550)".to_string(),
+            FilterAction::Discard => "discard".to_string(),
+            FilterAction::Quarantine => "quarantine".to_string(),
+            FilterAction::Redirect(to) => format!("redirect to {to}"),
+        };
+        line(format!(
+            "filter {}: {} -> {action}",
+            f.name,
+            criteria.join("; ")
+        ));
+    }
+
+    line(format!("spool: {}", c.spool_dir.display()));
+    line(format!(
+        "limits: messages up to {} ({} bytes), {} recipients per transaction, command \
+         timeout {}, {} protocol errors per session",
+        format_size(c.max_message_size),
+        c.max_message_size,
+        c.max_recipients,
+        format_duration(c.command_timeout),
+        c.max_errors,
+    ));
+    let d = &c.delivery;
+    let last = d.retry_schedule.last().copied().unwrap_or_default();
+    line(format!(
+        "delivery: DNS {}, MX port {}, retry after {} then every {}, bounce after {}, \
+         {} connections ({} per domain)",
+        if d.dns_servers.is_empty() {
+            "system resolver".to_string()
+        } else {
+            join(d.dns_servers.iter().map(ToString::to_string))
+        },
+        d.mx_port,
+        join(d.retry_schedule.iter().map(|d| format_duration(*d))),
+        format_duration(last),
+        format_duration(d.max_queue_lifetime),
+        d.max_concurrency,
+        d.per_domain_concurrency,
+    ));
+    line(match &c.metrics {
+        Some(m) => format!("metrics: http://{}/metrics", m.address),
+        None => "metrics: off".to_string(),
+    });
+    out
+}
+
+fn describe_listener(l: &Listener) -> String {
+    let tls = match l.tls {
+        TlsMode::None => "tls none",
+        TlsMode::StartTls => "tls starttls",
+        TlsMode::Implicit => "tls implicit",
+    };
+    let mut parts = vec![tls.to_string()];
+    if l.require_tls {
+        parts.push("TLS required before MAIL/AUTH".to_string());
+    }
+    parts.push(
+        match l.auth {
+            AuthMode::None => "auth none",
+            AuthMode::Optional => "auth optional",
+            AuthMode::Required => "auth required",
+        }
+        .to_string(),
+    );
+    if l.auth != AuthMode::None && l.allow_plaintext_auth {
+        parts.push("AUTH allowed without TLS".to_string());
+    }
+    parts.push(format!(
+        "max {} connections, {} per IP",
+        l.max_connections, l.per_ip_connections
+    ));
+    format!("listener {}: {}", l.address, parts.join(", "))
+}
+
+fn describe_route(r: &Route) -> String {
+    let domains = if r.domains.iter().any(|d| d == "*") {
+        "any domain".to_string()
+    } else {
+        r.domains.join(", ")
+    };
+    let hop = match &r.next_hop {
+        NextHop::Mx => "MX".to_string(),
+        other => other.to_string(),
+    };
+    let mut tls = match r.tls {
+        RouteTls::None => "tls none".to_string(),
+        RouteTls::Opportunistic => "tls opportunistic".to_string(),
+        RouteTls::Required => "tls required".to_string(),
+    };
+    if let Some(ca) = &r.ca_file {
+        let _ = write!(tls, ", CA file {}", ca.display());
+    }
+    if let Some(user) = &r.auth_user {
+        let _ = write!(tls, ", AUTH as {user}");
+    }
+    format!("route: {domains} -> {hop} ({tls})")
+}
+
+fn join(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(", ")
+}
+
+fn quoted(items: &[String]) -> String {
+    join(items.iter().map(|s| format!("\"{s}\"")))
+}

@@ -1,0 +1,384 @@
+//! The relay's configuration: read the TOML file, validate it, and hand the rest of the
+//! program one [`Config`] in which every value is already parsed, checked and defaulted.
+//!
+//! Trust: a configuration file is operator input, trusted in intent and untrusted in syntax.
+//! We never second-guess what a well-formed file asks for (an open relay is allowed, and
+//! only [`Config::describe`] shouts about it), but every typo, wrong type, impossible
+//! combination and unknown key is an error that names file, line, column and key. Nothing
+//! is silently ignored, because an ignored line in a relay's configuration is usually a
+//! security setting the operator believes is in force.
+//!
+//! Two stages (see `docs/configuration.md` for the operator's view):
+//! - [`raw`]: serde structs mirroring the file, with spans;
+//! - [`validate`]: raw → [`Config`], the only type other modules see.
+//!
+//! The module reads the file and nothing else: it does not check that referenced files
+//! (certificates, users file, ...) exist, since they may be created after a `check-config`
+//! and are opened, with their own errors, by the modules that use them.
+
+mod describe;
+mod error;
+mod raw;
+mod units;
+mod unsupported;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{ConfigError, Location};
+pub use units::{format_duration, format_size, parse_duration, parse_size};
+
+/// Name of the file `postern serve` reads from the working directory when given no `--config`.
+pub const DEFAULT_CONFIG_FILE: &str = "postern.toml";
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// File it was read from; `None` = built-in defaults.
+    pub source: Option<PathBuf>,
+    /// Our name in the banner, EHLO reply, Received: headers and bounces. ASCII, lower case.
+    pub hostname: String,
+    /// Durable queue and quarantine.
+    pub spool_dir: PathBuf,
+    /// Largest message accepted, in bytes (advertised in EHLO SIZE).
+    pub max_message_size: u64,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// Idle time allowed between client commands before 421 4.4.2 and close.
+    pub command_timeout: Duration,
+    /// Protocol errors per session before 421 and close.
+    pub max_errors: u32,
+    /// Never empty.
+    pub listeners: Vec<Listener>,
+    pub tls: Option<Tls>,
+    pub relay: Relay,
+    pub auth: Auth,
+    /// In file order; the first route whose domains match wins. Empty = everything by MX.
+    pub routes: Vec<Route>,
+    pub delivery: Delivery,
+    /// In file order; the first filter that matches acts.
+    pub filters: Vec<Filter>,
+    pub metrics: Option<Metrics>,
+}
+
+/// One address the relay accepts SMTP connections on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    /// MAIL and AUTH get 530 5.7.0 until STARTTLS succeeded.
+    pub require_tls: bool,
+    pub auth: AuthMode,
+    /// Offer and accept AUTH without TLS.
+    pub allow_plaintext_auth: bool,
+    pub max_connections: usize,
+    pub per_ip_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// Plain SMTP, STARTTLS not offered.
+    None,
+    /// Plain SMTP, STARTTLS offered.
+    StartTls,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthMode {
+    /// AUTH not offered.
+    None,
+    /// AUTH offered; anonymous clients may still send to accepted domains.
+    Optional,
+    /// MAIL gets 530 5.7.0 until AUTH succeeded.
+    Required,
+}
+
+/// The server certificate for listeners with TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// PEM chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Who may send where; evaluated per RCPT TO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// Anyone may send to these. Lower case, no trailing dot, no duplicates.
+    pub accepted_domains: Vec<String>,
+    /// Clients here may relay anywhere without AUTH.
+    pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Clients that passed AUTH may relay anywhere.
+    pub authenticated_relay: bool,
+    /// Anyone may relay anywhere.
+    pub open_relay: bool,
+    /// Valid recipients in the accepted domains.
+    pub recipients_file: Option<PathBuf>,
+    /// DNS blocklist zones, lower case.
+    pub dnsbl: Vec<String>,
+}
+
+impl Relay {
+    /// True when anyone on the Internet may relay: `open_relay`, or a trusted network that
+    /// covers every address (`0.0.0.0/0`, `::/0`), which amounts to the same thing.
+    pub fn is_open_relay(&self) -> bool {
+        self.open_relay || self.trusted_networks.iter().any(|n| n.prefix_len() == 0)
+    }
+}
+
+/// SMTP AUTH for clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub users_file: Option<PathBuf>,
+    /// Offered in this order; never empty.
+    pub mechanisms: Vec<Mechanism>,
+    pub max_failures: u32,
+    pub failure_window: Duration,
+    pub lockout: Duration,
+    pub per_user_lockout: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mechanism {
+    Plain,
+    Login,
+}
+
+impl Mechanism {
+    /// The SASL name, as advertised in EHLO.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
+}
+
+/// Where mail for some domains goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Lower case; `"*"` matches any domain.
+    pub domains: Vec<String>,
+    pub next_hop: NextHop,
+    pub tls: RouteTls,
+    /// Trust anchors replacing the system roots; only with `tls = Required`.
+    pub ca_file: Option<PathBuf>,
+    /// Set together with `auth_password_file`.
+    pub auth_user: Option<String>,
+    pub auth_password_file: Option<PathBuf>,
+}
+
+impl Route {
+    /// Whether this route applies to `domain` (already lower case, no trailing dot).
+    pub fn matches(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| d == "*" || d == domain)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NextHop {
+    /// Look up the recipient domain's MX records.
+    Mx,
+    /// A fixed host name, resolved by A/AAAA (no MX lookup).
+    Host { host: String, port: u16 },
+    /// A fixed address, written `[ip]:port` (or `ipv4:port`).
+    Ip(SocketAddr),
+}
+
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NextHop::Mx => f.write_str("MX"),
+            NextHop::Host { host, port } => write!(f, "{host}:{port}"),
+            NextHop::Ip(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteTls {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, certificate not verified, plaintext otherwise.
+    Opportunistic,
+    /// STARTTLS with a verified certificate, or defer.
+    Required,
+}
+
+/// Outbound delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Empty = the system resolver.
+    pub dns_servers: Vec<SocketAddr>,
+    pub mx_port: u16,
+    /// Delays between attempts; after the last, repeat the last. Never empty.
+    pub retry_schedule: Vec<Duration>,
+    /// Then bounce.
+    pub max_queue_lifetime: Duration,
+    pub max_concurrency: usize,
+    pub per_domain_concurrency: usize,
+}
+
+/// A message screener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub name: String,
+    /// File-name globs, case-insensitive.
+    pub attachments: Vec<String>,
+    /// Case-insensitive phrases.
+    pub keywords: Vec<String>,
+    /// Address globs (envelope and header From:).
+    pub senders: Vec<String>,
+    pub action: FilterAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterAction {
+    Reject,
+    Discard,
+    Quarantine,
+    /// Deliver only to this address.
+    Redirect(String),
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    pub address: SocketAddr,
+}
+
+impl Config {
+    /// The configuration used when there is no file: listen on 127.0.0.1:2525, trust
+    /// loopback only, accept mail for no domain, never an open relay.
+    pub fn builtin_defaults() -> Config {
+        Config {
+            source: None,
+            hostname: validate::default_hostname(),
+            spool_dir: PathBuf::from(validate::DEFAULT_SPOOL_DIR),
+            max_message_size: validate::DEFAULT_MAX_MESSAGE_SIZE,
+            max_recipients: validate::DEFAULT_MAX_RECIPIENTS,
+            command_timeout: validate::DEFAULT_COMMAND_TIMEOUT,
+            max_errors: validate::DEFAULT_MAX_ERRORS,
+            listeners: vec![Listener::default_listener()],
+            tls: None,
+            relay: Relay::default_relay(),
+            auth: Auth::default_auth(),
+            routes: Vec::new(),
+            delivery: Delivery::default_delivery(),
+            filters: Vec::new(),
+            metrics: None,
+        }
+    }
+
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_str(&text, path)
+    }
+
+    /// Validate `text` as if read from `origin`, which names the file in error messages and
+    /// anchors relative paths (they resolve against `origin`'s directory).
+    pub fn from_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::from_toml(&e, text, origin))?;
+        validate::validate(raw, text, origin)
+    }
+
+    /// What `postern serve` uses: `path` if given, else `./postern.toml` if it exists, else
+    /// the built-in defaults.
+    pub fn load_default_or_file(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => Config::load(path),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_FILE);
+                // `exists` rather than "try to open": a file that is there but unreadable
+                // must be an error, not a silent fall-back to the defaults.
+                if default.exists() {
+                    Config::load(default)
+                } else {
+                    Ok(Config::builtin_defaults())
+                }
+            }
+        }
+    }
+
+    /// The effective relay policy and settings in plain words, one fact per line, for
+    /// `postern check-config`.
+    pub fn describe(&self) -> String {
+        describe::describe(self)
+    }
+
+    /// Features this configuration asks for that this build does not implement yet, each a
+    /// sentence naming the key. `serve` refuses to start when the list is not empty.
+    pub fn unsupported_features(&self) -> Vec<String> {
+        unsupported::unsupported_features(self)
+    }
+}
+
+impl Listener {
+    /// The listener used when the configuration has none.
+    pub fn default_listener() -> Listener {
+        Listener {
+            address: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            tls: TlsMode::None,
+            require_tls: false,
+            auth: AuthMode::None,
+            allow_plaintext_auth: false,
+            max_connections: validate::DEFAULT_MAX_CONNECTIONS,
+            per_ip_connections: validate::DEFAULT_PER_IP_CONNECTIONS,
+        }
+    }
+}
+
+impl Relay {
+    /// No accepted domains, loopback trusted, authenticated relay, not open.
+    pub fn default_relay() -> Relay {
+        Relay {
+            accepted_domains: Vec::new(),
+            trusted_networks: validate::default_trusted_networks(),
+            authenticated_relay: true,
+            open_relay: false,
+            recipients_file: None,
+            dnsbl: Vec::new(),
+        }
+    }
+}
+
+impl Auth {
+    /// No users file, PLAIN and LOGIN, 5 failures in 10 minutes lock out for 15 minutes.
+    pub fn default_auth() -> Auth {
+        Auth {
+            users_file: None,
+            mechanisms: vec![Mechanism::Plain, Mechanism::Login],
+            max_failures: validate::DEFAULT_MAX_FAILURES,
+            failure_window: validate::DEFAULT_FAILURE_WINDOW,
+            lockout: validate::DEFAULT_LOCKOUT,
+            per_user_lockout: true,
+        }
+    }
+}
+
+impl Delivery {
+    /// System resolver, port 25, retries 1m 5m 15m 1h 4h, bounce after 5 days.
+    pub fn default_delivery() -> Delivery {
+        Delivery {
+            dns_servers: Vec::new(),
+            mx_port: validate::DEFAULT_MX_PORT,
+            retry_schedule: validate::default_retry_schedule(),
+            max_queue_lifetime: validate::DEFAULT_MAX_QUEUE_LIFETIME,
+            max_concurrency: validate::DEFAULT_MAX_CONCURRENCY,
+            per_domain_concurrency: validate::DEFAULT_PER_DOMAIN_CONCURRENCY,
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Stage one: the configuration file exactly as written.
+//!
+//! These structs mirror the TOML, one field per key, and check nothing beyond TOML types and
+//! key names (`deny_unknown_fields` turns a misspelt key into an error instead of a silently
+//! ignored setting). Every value that stage two validates is kept `Spanned`, so a bad value
+//! can be reported at its own line and column rather than at its section.
+//!
+//! Strings that need parsing (durations, sizes, addresses, networks) stay strings here: the
+//! validator produces better messages than a serde error would.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A spanned value; shorter to read in the field lists below.
+pub(crate) type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub hostname: Option<S<String>>,
+    pub spool_dir: Option<S<String>>,
+    pub max_message_size: Option<S<RawSize>>,
+    pub max_recipients: Option<S<i64>>,
+    pub command_timeout: Option<S<String>>,
+    pub max_errors: Option<S<i64>>,
+    #[serde(default)]
+    pub listener: Vec<S<RawListener>>,
+    pub tls: Option<S<RawTls>>,
+    pub relay: Option<RawRelay>,
+    pub auth: Option<S<RawAuth>>,
+    #[serde(default)]
+    pub route: Vec<S<RawRoute>>,
+    pub delivery: Option<RawDelivery>,
+    #[serde(default)]
+    pub filter: Vec<S<RawFilter>>,
+    pub metrics: Option<S<RawMetrics>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub address: S<String>,
+    pub tls: Option<S<RawTlsMode>>,
+    pub require_tls: Option<S<bool>>,
+    pub auth: Option<S<RawAuthMode>>,
+    pub allow_plaintext_auth: Option<S<bool>>,
+    pub max_connections: Option<S<i64>>,
+    pub per_ip_connections: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawTlsMode {
+    None,
+    StartTls,
+    Implicit,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawAuthMode {
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub cert: S<String>,
+    pub key: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRelay {
+    pub accepted_domains: Option<Vec<S<String>>>,
+    pub trusted_networks: Option<Vec<S<String>>>,
+    pub authenticated_relay: Option<bool>,
+    pub open_relay: Option<bool>,
+    pub recipients_file: Option<S<String>>,
+    pub dnsbl: Option<Vec<S<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuth {
+    pub users_file: Option<S<String>>,
+    pub mechanisms: Option<S<Vec<S<String>>>>,
+    pub max_failures: Option<S<i64>>,
+    pub failure_window: Option<S<String>>,
+    pub lockout: Option<S<String>>,
+    pub per_user_lockout: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub domains: S<Vec<S<String>>>,
+    pub next_hop: S<String>,
+    pub tls: Option<S<RawRouteTls>>,
+    pub ca_file: Option<S<String>>,
+    pub auth_user: Option<S<String>>,
+    pub auth_password_file: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawRouteTls {
+    None,
+    Opportunistic,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDelivery {
+    pub dns_servers: Option<Vec<S<String>>>,
+    pub mx_port: Option<S<i64>>,
+    pub retry_schedule: Option<S<Vec<S<String>>>>,
+    pub max_queue_lifetime: Option<S<String>>,
+    pub max_concurrency: Option<S<i64>>,
+    pub per_domain_concurrency: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFilter {
+    pub name: S<String>,
+    pub attachments: Option<Vec<S<String>>>,
+    pub keywords: Option<Vec<S<String>>>,
+    pub senders: Option<Vec<S<String>>>,
+    pub action: S<RawFilterAction>,
+    pub redirect_to: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawFilterAction {
+    Reject,
+    Discard,
+    Quarantine,
+    Redirect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    pub address: S<String>,
+}
+
+/// `max_message_size` is either a TOML integer (bytes) or a string with a unit.
+#[derive(Debug)]
+pub(crate) enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size like \"25MB\" or a number of bytes")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawSize, E> {
+                // TOML integers are i64, so this only guards against a future deserializer.
+                i64::try_from(v)
+                    .map(RawSize::Bytes)
+                    .map_err(|_| E::custom("size is too large"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Text(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}

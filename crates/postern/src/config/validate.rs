@@ -1,0 +1,863 @@
+//! Stage two: turn the raw file into a [`Config`], or explain, at a line, why not.
+//!
+//! Every default lives here as a constant, every rule as a few lines in the order the keys
+//! appear in the file, so the first error reported is the first one an operator reading
+//! top-down would hit. Validation stops at the first error: a relay configuration is short,
+//! and one precise message beats a cascade of consequences.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::error::ConfigError;
+use super::raw::{
+    RawAuth, RawAuthMode, RawConfig, RawDelivery, RawFilter, RawFilterAction, RawListener,
+    RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
+};
+use super::units::{format_size, parse_duration, parse_size};
+use super::{
+    Auth, AuthMode, Config, Delivery, Filter, FilterAction, Listener, Mechanism, Metrics, NextHop,
+    Relay, Route, RouteTls, Tls, TlsMode,
+};
+
+pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u64 = 25 << 20;
+pub(crate) const DEFAULT_MAX_RECIPIENTS: usize = 100;
+pub(crate) const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub(crate) const DEFAULT_MAX_ERRORS: u32 = 20;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+pub(crate) const DEFAULT_PER_IP_CONNECTIONS: usize = 20;
+pub(crate) const DEFAULT_MAX_FAILURES: u32 = 5;
+pub(crate) const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(10 * 60);
+pub(crate) const DEFAULT_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+pub(crate) const DEFAULT_MX_PORT: u16 = 25;
+pub(crate) const DEFAULT_MAX_QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 86_400);
+pub(crate) const DEFAULT_MAX_CONCURRENCY: usize = 100;
+pub(crate) const DEFAULT_PER_DOMAIN_CONCURRENCY: usize = 10;
+/// Below this a message cannot even hold its headers; a smaller value is surely a typo.
+pub(crate) const MIN_MESSAGE_SIZE: u64 = 1 << 10;
+
+pub(crate) fn default_retry_schedule() -> Vec<Duration> {
+    [60, 5 * 60, 15 * 60, 3600, 4 * 3600]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+
+pub(crate) fn default_trusted_networks() -> Vec<IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .into_iter()
+        .map(|n| n.parse().expect("literal networks are valid"))
+        .collect()
+}
+
+/// The system host name if it is a usable domain name, else "localhost": a host name
+/// with, say, an underscore must not end up in our EHLO.
+pub(crate) fn default_hostname() -> String {
+    let name = gethostname::gethostname();
+    name.to_str()
+        .and_then(|name| normalize_hostname(name).ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Validate a domain name: letters (any script), digits, hyphens, dots. Returns it in lower
+/// case without a trailing dot.
+pub(crate) fn normalize_domain(name: &str) -> Result<String, String> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.is_empty() {
+        return Err("empty domain name".to_string());
+    }
+    if trimmed.len() > 253 {
+        return Err("longer than 253 characters".to_string());
+    }
+    let lower = trimmed.to_lowercase();
+    for label in lower.split('.') {
+        if label.is_empty() {
+            return Err("empty label (leading dot or two dots in a row)".to_string());
+        }
+        if label.chars().count() > 63 {
+            return Err(format!("label `{label}` is longer than 63 characters"));
+        }
+        if let Some(c) = label.chars().find(|&c| !(c.is_alphanumeric() || c == '-')) {
+            return Err(format!(
+                "`{c}` is not allowed (letters, digits, hyphens and dots only)"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label `{label}` starts or ends with a hyphen"));
+        }
+    }
+    // An all-numeric last label means an IP address was written where a name belongs;
+    // no top-level domain is numeric, and accepting it would let "10.0.0.5" pass as a domain.
+    if lower
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err("looks like an IP address".to_string());
+    }
+    Ok(lower)
+}
+
+/// A domain name that goes on the wire before any SMTPUTF8 negotiation: ASCII only.
+fn normalize_hostname(name: &str) -> Result<String, String> {
+    if !name.is_ascii() {
+        return Err("must be ASCII (write an internationalised name in its xn-- form)".into());
+    }
+    normalize_domain(name)
+}
+
+/// Parse a route's `next_hop`.
+pub(crate) fn parse_next_hop(s: &str) -> Result<NextHop, String> {
+    const EXPECTED: &str = "expected \"mx\", \"host:port\", \"[ip]:port\" or \"[ipv6]:port\"";
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("mx") {
+        return Ok(NextHop::Mx);
+    }
+    if let Some(rest) = t.strip_prefix('[') {
+        let Some((ip, port)) = rest.split_once("]:") else {
+            return Err(format!("`{s}`: missing `]:port` ({EXPECTED})"));
+        };
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("`{ip}` is not an IP address ({EXPECTED})"))?;
+        return Ok(NextHop::Ip(SocketAddr::new(ip, parse_port(port, s)?)));
+    }
+    let Some((host, port)) = t.rsplit_once(':') else {
+        return Err(format!("`{s}` has no port ({EXPECTED})"));
+    };
+    if host.contains(':') {
+        return Err(format!(
+            "`{s}`: an IPv6 address must be in brackets, like [2001:db8::1]:25"
+        ));
+    }
+    let port = parse_port(port, s)?;
+    // A literal IPv4 host is an address, not a name to resolve.
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(NextHop::Ip(SocketAddr::new(ip.into(), port)));
+    }
+    let host = normalize_hostname(host)
+        .map_err(|e| format!("`{host}` is not a host name: {e} ({EXPECTED})"))?;
+    Ok(NextHop::Host { host, port })
+}
+
+fn parse_port(port: &str, whole: &str) -> Result<u16, String> {
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("`{whole}`: `{port}` is not a port (1-65535)")),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// A trusted network: CIDR, or a bare address meaning that one host.
+pub(crate) fn parse_network(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        // Host bits ("10.1.2.3/8") are dropped: the prefix length says what was meant.
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = t.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "`{s}` is not a network (expected CIDR like 10.0.0.0/8, or an IP address)"
+    ))
+}
+
+/// A mailbox `local@domain`, checked loosely: the filter module does the real parsing,
+/// this only catches what cannot possibly be an address.
+fn check_address(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let Some((local, domain)) = t.rsplit_once('@') else {
+        return Err(format!("`{s}` is not an address (expected user@domain)"));
+    };
+    if local.is_empty() || local.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{s}` is not an address (expected user@domain)"));
+    }
+    let domain = normalize_domain(domain).map_err(|e| format!("`{s}`: domain {e}"))?;
+    Ok(format!("{local}@{domain}"))
+}
+
+/// Holds what every check needs to report an error and resolve a path.
+struct Validator<'a> {
+    text: &'a str,
+    origin: &'a Path,
+    /// The config file's directory; relative paths in the file are relative to it.
+    base_dir: PathBuf,
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+impl Validator<'_> {
+    fn err<T>(&self, span: std::ops::Range<usize>, key: &str, msg: impl Into<String>) -> Result<T> {
+        Err(ConfigError::invalid(self.origin, self.text, span, key, msg))
+    }
+
+    /// Apply `parse` to a spanned string, reporting its error at the value.
+    fn parse<T>(
+        &self,
+        value: &S<String>,
+        key: &str,
+        parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        parse(value.get_ref()).or_else(|msg| self.err(value.span(), key, msg))
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() || self.base_dir.as_os_str().is_empty() {
+            path.to_path_buf()
+        } else {
+            // "./spool" next to /etc/postern/postern.toml reads better as
+            // /etc/postern/spool than as /etc/postern/./spool.
+            self.base_dir.join(path.strip_prefix(".").unwrap_or(path))
+        }
+    }
+
+    fn path(&self, value: &S<String>, key: &str) -> Result<PathBuf> {
+        if value.get_ref().trim().is_empty() {
+            return self.err(value.span(), key, "path must not be empty");
+        }
+        Ok(self.resolve(value.get_ref()))
+    }
+
+    fn opt_path(&self, value: Option<&S<String>>, key: &str) -> Result<Option<PathBuf>> {
+        value.map(|v| self.path(v, key)).transpose()
+    }
+
+    /// A duration that must be greater than zero.
+    fn duration(
+        &self,
+        value: Option<&S<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let d = self.parse(value, key, parse_duration)?;
+        if d.is_zero() {
+            return self.err(value.span(), key, "must be greater than zero");
+        }
+        Ok(d)
+    }
+
+    /// An integer in `min..=max`, converted to the type the program uses.
+    fn int<T: TryFrom<i64>>(
+        &self,
+        value: Option<&S<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: T,
+    ) -> Result<T> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = *value.get_ref();
+        if n < min {
+            return self.err(
+                value.span(),
+                key,
+                format!("must be at least {min} (is {n})"),
+            );
+        }
+        if n > max {
+            return self.err(value.span(), key, format!("must be at most {max} (is {n})"));
+        }
+        match T::try_from(n) {
+            Ok(n) => Ok(n),
+            Err(_) => self.err(value.span(), key, format!("{n} is too large")),
+        }
+    }
+
+    fn socket_addr(&self, value: &S<String>, key: &str) -> Result<SocketAddr> {
+        self.parse(value, key, |s| {
+            s.trim().parse::<SocketAddr>().map_err(|_| {
+                format!("`{s}` is not an address (expected IP:port like 0.0.0.0:25 or [::]:25)")
+            })
+        })
+    }
+
+    /// A list of strings that must each be non-empty.
+    fn strings(&self, values: Option<&Vec<S<String>>>, key: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for v in values.into_iter().flatten() {
+            let t = v.get_ref().trim();
+            if t.is_empty() {
+                return self.err(v.span(), key, "entries must not be empty");
+            }
+            out.push(t.to_string());
+        }
+        Ok(out)
+    }
+}
+
+/// Usize maximum as the i64 bound for counts; configuration counts never get near it.
+const MAX_COUNT: i64 = i64::MAX;
+
+pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Config> {
+    let v = Validator {
+        text,
+        origin,
+        base_dir: origin.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+
+    let hostname = match &raw.hostname {
+        Some(h) => v.parse(h, "hostname", normalize_hostname)?,
+        None => default_hostname(),
+    };
+    let spool_dir = match &raw.spool_dir {
+        Some(p) => v.path(p, "spool_dir")?,
+        // The default is relative too, so it follows the same rule as everything else.
+        None => v.resolve(DEFAULT_SPOOL_DIR),
+    };
+    let max_message_size = match &raw.max_message_size {
+        None => DEFAULT_MAX_MESSAGE_SIZE,
+        Some(size) => {
+            let key = "max_message_size";
+            let bytes = match size.get_ref() {
+                RawSize::Bytes(n) => u64::try_from(*n)
+                    .or_else(|_| v.err(size.span(), key, "must not be negative"))?,
+                RawSize::Text(s) => parse_size(s).or_else(|e| v.err(size.span(), key, e))?,
+            };
+            if bytes < MIN_MESSAGE_SIZE {
+                return v.err(
+                    size.span(),
+                    key,
+                    format!(
+                        "{bytes} bytes is too small (at least {}; sizes without a unit are bytes)",
+                        format_size(MIN_MESSAGE_SIZE)
+                    ),
+                );
+            }
+            bytes
+        }
+    };
+    let max_recipients = v.int(
+        raw.max_recipients.as_ref(),
+        "max_recipients",
+        1,
+        MAX_COUNT,
+        DEFAULT_MAX_RECIPIENTS,
+    )?;
+    let command_timeout = v.duration(
+        raw.command_timeout.as_ref(),
+        "command_timeout",
+        DEFAULT_COMMAND_TIMEOUT,
+    )?;
+    let max_errors = v.int(
+        raw.max_errors.as_ref(),
+        "max_errors",
+        1,
+        i64::from(u32::MAX),
+        DEFAULT_MAX_ERRORS,
+    )?;
+
+    let tls = raw.tls.as_ref().map(|t| tls_section(&v, t)).transpose()?;
+    let auth = match &raw.auth {
+        Some(a) => auth_section(&v, a)?,
+        None => Auth::default_auth(),
+    };
+    let listeners = listeners(&v, &raw.listener, tls.is_some(), &auth)?;
+    let relay = match &raw.relay {
+        Some(r) => relay_section(&v, r)?,
+        None => Relay::default_relay(),
+    };
+    let routes = routes(&v, &raw.route)?;
+    let delivery = match &raw.delivery {
+        Some(d) => delivery_section(&v, d)?,
+        None => Delivery::default_delivery(),
+    };
+    let filters = filters(&v, &raw.filter)?;
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(m) => {
+            let address = v.socket_addr(&m.get_ref().address, "metrics.address")?;
+            if address.port() != 0 && listeners.iter().any(|l| l.address == address) {
+                return v.err(
+                    m.get_ref().address.span(),
+                    "metrics.address",
+                    format!("{address} is already an SMTP listener"),
+                );
+            }
+            Some(Metrics { address })
+        }
+    };
+
+    Ok(Config {
+        source: Some(origin.to_path_buf()),
+        hostname,
+        spool_dir,
+        max_message_size,
+        max_recipients,
+        command_timeout,
+        max_errors,
+        listeners,
+        tls,
+        relay,
+        auth,
+        routes,
+        delivery,
+        filters,
+        metrics,
+    })
+}
+
+fn tls_section(v: &Validator, t: &S<RawTls>) -> Result<Tls> {
+    let t = t.get_ref();
+    Ok(Tls {
+        cert: v.path(&t.cert, "tls.cert")?,
+        key: v.path(&t.key, "tls.key")?,
+    })
+}
+
+fn listeners(
+    v: &Validator,
+    raw: &[S<RawListener>],
+    have_tls: bool,
+    auth: &Auth,
+) -> Result<Vec<Listener>> {
+    if raw.is_empty() {
+        return Ok(vec![Listener::default_listener()]);
+    }
+    let mut out: Vec<Listener> = Vec::new();
+    let mut seen: HashMap<SocketAddr, u32> = HashMap::new();
+    for l in raw {
+        let l = l.get_ref();
+        let address = v.socket_addr(&l.address, "listener.address")?;
+        // Port 0 asks the kernel for a free port, so several of them never collide.
+        if address.port() != 0 {
+            if let Some(line) = seen.get(&address) {
+                return v.err(
+                    l.address.span(),
+                    "listener.address",
+                    format!("{address} is already used by the listener on line {line}"),
+                );
+            }
+            let line = super::Location::at(v.origin, v.text, l.address.span().start)
+                .line
+                .unwrap_or(0);
+            seen.insert(address, line);
+        }
+
+        let tls = match l.tls.as_ref().map(|t| *t.get_ref()) {
+            None | Some(RawTlsMode::None) => TlsMode::None,
+            Some(RawTlsMode::StartTls) => TlsMode::StartTls,
+            Some(RawTlsMode::Implicit) => TlsMode::Implicit,
+        };
+        if let Some(t) = &l.tls
+            && tls != TlsMode::None
+            && !have_tls
+        {
+            return v.err(
+                t.span(),
+                "listener.tls",
+                "TLS needs a certificate: add a [tls] section with cert and key",
+            );
+        }
+        let require_tls = l.require_tls.as_ref().is_some_and(|r| *r.get_ref());
+        if let Some(r) = &l.require_tls
+            && require_tls
+            && tls == TlsMode::None
+        {
+            return v.err(
+                r.span(),
+                "listener.require_tls",
+                "require_tls = true needs tls = \"starttls\" or \"implicit\" on this listener",
+            );
+        }
+
+        let auth_mode = match l.auth.as_ref().map(|a| *a.get_ref()) {
+            None | Some(RawAuthMode::None) => AuthMode::None,
+            Some(RawAuthMode::Optional) => AuthMode::Optional,
+            Some(RawAuthMode::Required) => AuthMode::Required,
+        };
+        let allow_plaintext_auth = l
+            .allow_plaintext_auth
+            .as_ref()
+            .is_some_and(|a| *a.get_ref());
+        if let Some(a) = &l.auth
+            && auth_mode != AuthMode::None
+        {
+            if auth.users_file.is_none() {
+                return v.err(
+                    a.span(),
+                    "listener.auth",
+                    "AUTH needs users: set users_file in the [auth] section",
+                );
+            }
+            // AUTH is offered only over TLS unless plaintext is allowed; without either,
+            // nobody could ever authenticate, and auth = "required" would refuse all mail.
+            if tls == TlsMode::None && !allow_plaintext_auth {
+                return v.err(
+                    a.span(),
+                    "listener.auth",
+                    "AUTH is offered only over TLS, and this listener has tls = \"none\": \
+                     enable tls, or set allow_plaintext_auth = true",
+                );
+            }
+        }
+
+        let max_connections = v.int(
+            l.max_connections.as_ref(),
+            "listener.max_connections",
+            1,
+            MAX_COUNT,
+            DEFAULT_MAX_CONNECTIONS,
+        )?;
+        let per_ip_connections = v.int(
+            l.per_ip_connections.as_ref(),
+            "listener.per_ip_connections",
+            1,
+            MAX_COUNT,
+            DEFAULT_PER_IP_CONNECTIONS,
+        )?;
+        out.push(Listener {
+            address,
+            tls,
+            require_tls,
+            auth: auth_mode,
+            allow_plaintext_auth,
+            max_connections,
+            per_ip_connections,
+        });
+    }
+    Ok(out)
+}
+
+fn relay_section(v: &Validator, r: &RawRelay) -> Result<Relay> {
+    let mut accepted_domains: Vec<String> = Vec::new();
+    for d in r.accepted_domains.iter().flatten() {
+        let domain = v.parse(d, "relay.accepted_domains", |s| {
+            normalize_domain(s.trim()).map_err(|e| format!("`{s}` is not a domain name: {e}"))
+        })?;
+        if !accepted_domains.contains(&domain) {
+            accepted_domains.push(domain);
+        }
+    }
+    let trusted_networks = match &r.trusted_networks {
+        None => default_trusted_networks(),
+        Some(list) => {
+            let mut nets: Vec<IpNet> = Vec::new();
+            for n in list {
+                let net = v.parse(n, "relay.trusted_networks", parse_network)?;
+                if !nets.contains(&net) {
+                    nets.push(net);
+                }
+            }
+            nets
+        }
+    };
+    let mut dnsbl = Vec::new();
+    for zone in r.dnsbl.iter().flatten() {
+        dnsbl.push(v.parse(zone, "relay.dnsbl", |s| {
+            normalize_hostname(s.trim()).map_err(|e| format!("`{s}` is not a DNS zone: {e}"))
+        })?);
+    }
+    Ok(Relay {
+        accepted_domains,
+        trusted_networks,
+        authenticated_relay: r.authenticated_relay.unwrap_or(true),
+        open_relay: r.open_relay.unwrap_or(false),
+        recipients_file: v.opt_path(r.recipients_file.as_ref(), "relay.recipients_file")?,
+        dnsbl,
+    })
+}
+
+fn auth_section(v: &Validator, a: &S<RawAuth>) -> Result<Auth> {
+    let a = a.get_ref();
+    let mechanisms = match &a.mechanisms {
+        None => vec![Mechanism::Plain, Mechanism::Login],
+        Some(list) => {
+            let mut out = Vec::new();
+            for m in list.get_ref() {
+                let mech = v.parse(m, "auth.mechanisms", |s| {
+                    match s.trim().to_ascii_uppercase().as_str() {
+                        "PLAIN" => Ok(Mechanism::Plain),
+                        "LOGIN" => Ok(Mechanism::Login),
+                        _ => Err(format!(
+                            "unknown mechanism `{s}` (expected \"PLAIN\" or \"LOGIN\")"
+                        )),
+                    }
+                })?;
+                if !out.contains(&mech) {
+                    out.push(mech);
+                }
+            }
+            if out.is_empty() {
+                return v.err(
+                    list.span(),
+                    "auth.mechanisms",
+                    "at least one mechanism is needed (\"PLAIN\", \"LOGIN\")",
+                );
+            }
+            out
+        }
+    };
+    Ok(Auth {
+        users_file: v.opt_path(a.users_file.as_ref(), "auth.users_file")?,
+        mechanisms,
+        max_failures: v.int(
+            a.max_failures.as_ref(),
+            "auth.max_failures",
+            1,
+            i64::from(u32::MAX),
+            DEFAULT_MAX_FAILURES,
+        )?,
+        failure_window: v.duration(
+            a.failure_window.as_ref(),
+            "auth.failure_window",
+            DEFAULT_FAILURE_WINDOW,
+        )?,
+        lockout: v.duration(a.lockout.as_ref(), "auth.lockout", DEFAULT_LOCKOUT)?,
+        per_user_lockout: a.per_user_lockout.unwrap_or(true),
+    })
+}
+
+fn routes(v: &Validator, raw: &[S<RawRoute>]) -> Result<Vec<Route>> {
+    let mut out = Vec::new();
+    // Domain -> line of the route that claims it first; a later claim is dead config.
+    let mut claimed: HashMap<String, u32> = HashMap::new();
+    for r in raw {
+        let r = r.get_ref();
+        let line_of = |span: std::ops::Range<usize>| {
+            super::Location::at(v.origin, v.text, span.start)
+                .line
+                .unwrap_or(0)
+        };
+        if let Some(line) = claimed.get("*") {
+            return v.err(
+                r.domains.span(),
+                "route.domains",
+                format!(
+                    "this route can never match: the route on line {line} matches every \
+                     domain (\"*\") and the first matching route wins"
+                ),
+            );
+        }
+        if r.domains.get_ref().is_empty() {
+            return v.err(
+                r.domains.span(),
+                "route.domains",
+                "list at least one domain, or \"*\" for any domain",
+            );
+        }
+        let mut domains = Vec::new();
+        for d in r.domains.get_ref() {
+            let domain = if d.get_ref().trim() == "*" {
+                "*".to_string()
+            } else {
+                v.parse(d, "route.domains", |s| {
+                    normalize_domain(s.trim())
+                        .map_err(|e| format!("`{s}` is not a domain name or \"*\": {e}"))
+                })?
+            };
+            if let Some(line) = claimed.get(&domain) {
+                return v.err(
+                    d.span(),
+                    "route.domains",
+                    format!(
+                        "`{domain}` is already routed on line {line}; the first matching \
+                         route wins, so this entry would never be used"
+                    ),
+                );
+            }
+            claimed.insert(domain.clone(), line_of(d.span()));
+            domains.push(domain);
+        }
+
+        let next_hop = v.parse(&r.next_hop, "route.next_hop", parse_next_hop)?;
+        let tls = match r.tls.as_ref().map(|t| *t.get_ref()) {
+            None | Some(RawRouteTls::Opportunistic) => RouteTls::Opportunistic,
+            Some(RawRouteTls::None) => RouteTls::None,
+            Some(RawRouteTls::Required) => RouteTls::Required,
+        };
+        let ca_file = v.opt_path(r.ca_file.as_ref(), "route.ca_file")?;
+        if let Some(ca) = &r.ca_file
+            && tls != RouteTls::Required
+        {
+            // Opportunistic TLS verifies nothing; accepting a CA file there would suggest
+            // a protection that is not in force.
+            return v.err(
+                ca.span(),
+                "route.ca_file",
+                "ca_file is used only with tls = \"required\" (certificates are not verified \
+                 otherwise)",
+            );
+        }
+        let auth_user = match &r.auth_user {
+            None => None,
+            Some(u) => {
+                let user = u.get_ref();
+                if user.is_empty() || user.chars().any(char::is_control) {
+                    return v.err(
+                        u.span(),
+                        "route.auth_user",
+                        "must be a non-empty name without control characters",
+                    );
+                }
+                Some(user.clone())
+            }
+        };
+        let auth_password_file =
+            v.opt_path(r.auth_password_file.as_ref(), "route.auth_password_file")?;
+        match (&r.auth_user, &r.auth_password_file) {
+            (Some(u), None) => {
+                return v.err(
+                    u.span(),
+                    "route.auth_user",
+                    "auth_user needs auth_password_file in the same route",
+                );
+            }
+            (None, Some(p)) => {
+                return v.err(
+                    p.span(),
+                    "route.auth_password_file",
+                    "auth_password_file needs auth_user in the same route",
+                );
+            }
+            (Some(u), Some(_)) if tls == RouteTls::None => {
+                return v.err(
+                    u.span(),
+                    "route.auth_user",
+                    "route AUTH is sent only over TLS, and this route has tls = \"none\"",
+                );
+            }
+            _ => {}
+        }
+        out.push(Route {
+            domains,
+            next_hop,
+            tls,
+            ca_file,
+            auth_user,
+            auth_password_file,
+        });
+    }
+    Ok(out)
+}
+
+fn delivery_section(v: &Validator, d: &RawDelivery) -> Result<Delivery> {
+    let mut dns_servers = Vec::new();
+    for s in d.dns_servers.iter().flatten() {
+        dns_servers.push(v.parse(s, "delivery.dns_servers", |s| {
+            let t = s.trim();
+            // A bare address means the standard DNS port.
+            t.parse::<SocketAddr>()
+                .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| format!("`{s}` is not a DNS server address (expected IP or IP:port)"))
+        })?);
+    }
+    let retry_schedule = match &d.retry_schedule {
+        None => default_retry_schedule(),
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return v.err(
+                    list.span(),
+                    "delivery.retry_schedule",
+                    "list at least one interval, e.g. [\"1m\", \"5m\", \"1h\"]",
+                );
+            }
+            let mut out = Vec::new();
+            for item in list.get_ref() {
+                out.push(v.duration(Some(item), "delivery.retry_schedule", Duration::ZERO)?);
+            }
+            out
+        }
+    };
+    Ok(Delivery {
+        dns_servers,
+        mx_port: v.int(
+            d.mx_port.as_ref(),
+            "delivery.mx_port",
+            1,
+            i64::from(u16::MAX),
+            DEFAULT_MX_PORT,
+        )?,
+        retry_schedule,
+        max_queue_lifetime: v.duration(
+            d.max_queue_lifetime.as_ref(),
+            "delivery.max_queue_lifetime",
+            DEFAULT_MAX_QUEUE_LIFETIME,
+        )?,
+        max_concurrency: v.int(
+            d.max_concurrency.as_ref(),
+            "delivery.max_concurrency",
+            1,
+            MAX_COUNT,
+            DEFAULT_MAX_CONCURRENCY,
+        )?,
+        per_domain_concurrency: v.int(
+            d.per_domain_concurrency.as_ref(),
+            "delivery.per_domain_concurrency",
+            1,
+            MAX_COUNT,
+            DEFAULT_PER_DOMAIN_CONCURRENCY,
+        )?,
+    })
+}
+
+fn filters(v: &Validator, raw: &[S<RawFilter>]) -> Result<Vec<Filter>> {
+    let mut out: Vec<Filter> = Vec::new();
+    for f in raw {
+        let span = f.span();
+        let f = f.get_ref();
+        let name = f.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return v.err(f.name.span(), "filter.name", "must not be empty");
+        }
+        if out.iter().any(|other| other.name == name) {
+            return v.err(
+                f.name.span(),
+                "filter.name",
+                format!("another filter is already named `{name}`"),
+            );
+        }
+        let attachments = v.strings(f.attachments.as_ref(), "filter.attachments")?;
+        let keywords = v.strings(f.keywords.as_ref(), "filter.keywords")?;
+        let senders = v.strings(f.senders.as_ref(), "filter.senders")?;
+        if attachments.is_empty() && keywords.is_empty() && senders.is_empty() {
+            return v.err(
+                span,
+                "filter",
+                format!(
+                    "filter `{name}` matches nothing: give at least one of attachments, \
+                     keywords, senders"
+                ),
+            );
+        }
+        let action = match (*f.action.get_ref(), &f.redirect_to) {
+            (RawFilterAction::Redirect, Some(to)) => {
+                FilterAction::Redirect(v.parse(to, "filter.redirect_to", check_address)?)
+            }
+            (RawFilterAction::Redirect, None) => {
+                return v.err(
+                    f.action.span(),
+                    "filter.action",
+                    "action = \"redirect\" needs redirect_to = \"user@domain\"",
+                );
+            }
+            (_, Some(to)) => {
+                return v.err(
+                    to.span(),
+                    "filter.redirect_to",
+                    "redirect_to is used only with action = \"redirect\"",
+                );
+            }
+            (RawFilterAction::Reject, None) => FilterAction::Reject,
+            (RawFilterAction::Discard, None) => FilterAction::Discard,
+            (RawFilterAction::Quarantine, None) => FilterAction::Quarantine,
+        };
+        out.push(Filter {
+            name,
+            attachments,
+            keywords,
+            senders,
+            action,
+        });
+    }
+    Ok(out)
+}

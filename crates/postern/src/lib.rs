@@ -1,0 +1,19 @@
+//! Postern, an SMTP relay. The modules follow the mail's path:
+//!
+//! listener → session → policy → queue (→ delivery, filter: later)
+//!
+//! - [`listener`]: binds sockets, enforces connection limits, spawns sessions.
+//! - [`session`]: drives the sans-IO protocol core (`postern_smtp`) over a socket.
+//! - [`policy`]: the relay decision per recipient, a pure function.
+//! - [`queue`]: the durable spool (group-committed segment log).
+//! - [`config`]: the configuration file, validated; [`maillog`]: the decision log;
+//!   [`server`]: start-up and shutdown; [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod maillog;
+pub mod policy;
+pub mod queue;
+pub mod server;
+pub mod session;

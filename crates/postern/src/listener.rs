@@ -1,0 +1,193 @@
+//! Listeners: bind the configured addresses, accept connections, enforce the
+//! connection limits, and hand each connection to a session task.
+//!
+//! Limits count every connection from accept to close (interface: "Connections"), per
+//! listener in total and per client IP. A connection over a limit gets one line,
+//! `421 4.7.0`, written without waiting on the client, and is closed; the decision log
+//! names the limit. The per-IP table holds only IPs with open connections, so it is
+//! bounded by `max_connections`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postern_smtp::catalogue;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Listener;
+use crate::maillog;
+use crate::policy::canonical_ip;
+use crate::session::{self, Shared};
+
+/// Binds a listening socket. IPv6 addresses are bound IPv6-only so that `[::]:25` and
+/// `0.0.0.0:25` can be configured side by side.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Restart without waiting for TIME_WAIT sockets of the previous run to expire.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Open connections of one listener.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Held for the life of a connection; releases its slots when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
+        Arc::new(ConnectionLimits {
+            max_total,
+            max_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a slot for a new connection from `ip`, or names the limit that is full.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, (&'static str, usize)> {
+        let ip = canonical_ip(ip);
+        // Only the accept loop acquires, so check-then-increment cannot race with another
+        // acquire; releases only make room.
+        if self.total.load(Ordering::Acquire) >= self.max_total {
+            return Err(("max_connections", self.max_total));
+        }
+        {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                return Err(("per_ip_connections", self.max_per_ip));
+            }
+            *n += 1;
+        }
+        self.total.fetch_add(1, Ordering::AcqRel);
+        Ok(ConnectionSlot {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Open connections now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts connections until shutdown; each session runs in its own task on `tracker`.
+pub async fn run(
+    listener: TcpListener,
+    config: Listener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    tracker: TaskTracker,
+) {
+    let local = config.address;
+    let limits = ConnectionLimits::new(config.max_connections, config.per_ip_connections);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; sessions closing will
+                // free descriptors.
+                tracing::error!(listener = %local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match limits.acquire(peer.ip()) {
+            Ok(slot) => {
+                maillog::connected(local, peer);
+                let shared = Arc::clone(&shared);
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    session::run(stream, peer, &shared, shutdown).await;
+                    drop(slot);
+                });
+            }
+            Err((limit, value)) => {
+                maillog::connection_refused(local, peer, limit, value);
+                tracker.spawn(refuse(stream, limit));
+            }
+        }
+    }
+}
+
+/// Tells an over-limit client why, without letting it hold us up.
+async fn refuse(mut stream: TcpStream, limit: &'static str) {
+    let which = if limit == "per_ip_connections" {
+        "from your address"
+    } else {
+        "to this server"
+    };
+    let mut out = Vec::new();
+    catalogue::too_many_connections(which).write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_and_release() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = limits.acquire(a).unwrap();
+        let _s2 = limits.acquire(a).unwrap();
+        assert_eq!(limits.acquire(a).unwrap_err().0, "per_ip_connections");
+        // The mapped form of the same IPv4 address is the same client.
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(limits.acquire(mapped).unwrap_err().0, "per_ip_connections");
+        let _s3 = limits.acquire(b).unwrap();
+        assert_eq!(limits.acquire(b).unwrap_err().0, "max_connections");
+        drop(s1);
+        assert_eq!(limits.open(), 2);
+        let _s4 = limits.acquire(b).unwrap();
+        assert_eq!(limits.per_ip.lock().unwrap().get(&a), Some(&1));
+    }
+}

@@ -1,0 +1,88 @@
+//! The decision log: one line per decision an operator may need to find later
+//! (message accepted, recipient refused, connection refused, message refused), apart
+//! from debug traces. Lines go through `tracing` with target `maillog`, so they can be
+//! filtered on their own (`RUST_LOG=maillog=info`), and use fixed `key=value` fields so
+//! that grep, awk and fail2ban can read them.
+//!
+//! Nothing secret is ever passed here: no passwords, no message content.
+
+use std::net::SocketAddr;
+
+use postern_smtp::{Address, Reply, ReversePath};
+
+use crate::policy::Rule;
+
+/// A connection was refused before the greeting because a limit was hit.
+pub fn connection_refused(listener: SocketAddr, client: SocketAddr, limit: &str, value: usize) {
+    tracing::warn!(target: "maillog", %listener, %client, limit, value,
+        "connection refused: limit {limit}={value} reached");
+}
+
+/// A session started.
+pub fn connected(listener: SocketAddr, client: SocketAddr) {
+    tracing::debug!(target: "maillog", %listener, %client, "connect");
+}
+
+/// A session ended; `reason` says how (quit, client closed, timeout, shutdown, error).
+pub fn disconnected(client: SocketAddr, reason: &str) {
+    tracing::debug!(target: "maillog", %client, reason, "disconnect");
+}
+
+/// A recipient was refused by the relay policy.
+pub fn recipient_refused(
+    client: SocketAddr,
+    auth: Option<&str>,
+    sender: &ReversePath,
+    rcpt: &Address,
+    rule: Rule,
+    reply: &Reply,
+) {
+    tracing::info!(target: "maillog", %client, auth = auth.unwrap_or("-"), from = %sender,
+        to = %format_args!("<{rcpt}>"), rule = rule.as_str(), reply = %reply.one_line(),
+        "recipient refused");
+}
+
+/// A recipient was accepted (debug level: the accepted message line lists them all).
+pub fn recipient_accepted(client: SocketAddr, rcpt: &Address, rule: Rule) {
+    tracing::debug!(target: "maillog", %client, to = %format_args!("<{rcpt}>"),
+        rule = rule.as_str(), "recipient accepted");
+}
+
+/// A message is durably queued.
+pub fn message_accepted(
+    id: &str,
+    client: SocketAddr,
+    auth: Option<&str>,
+    sender: &ReversePath,
+    recipients: &[Address],
+    size: usize,
+) {
+    tracing::info!(target: "maillog", id, %client, auth = auth.unwrap_or("-"), from = %sender,
+        to = %RecipientList(recipients), nrcpt = recipients.len(), size,
+        "message accepted");
+}
+
+/// A message could not be stored; the client got a 4xx and will retry.
+pub fn message_store_failed(
+    client: SocketAddr,
+    sender: &ReversePath,
+    error: &dyn std::fmt::Display,
+) {
+    tracing::error!(target: "maillog", %client, from = %sender, %error,
+        "message not accepted: spool write failed");
+}
+
+/// Formats recipients as `<a@x>,<b@y>`.
+struct RecipientList<'a>(&'a [Address]);
+
+impl std::fmt::Display for RecipientList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "<{a}>")?;
+        }
+        Ok(())
+    }
+}

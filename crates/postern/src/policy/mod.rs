@@ -1,0 +1,177 @@
+//! The relay policy: may this client send to this recipient?
+//!
+//! A pure function over a small closed vocabulary (accepted domains, trusted networks,
+//! authenticated relay, open relay, the recipients list), evaluated per RCPT TO. It
+//! never reads message content (that is the filter's business, and a filter never
+//! grants relay) and does no I/O: the recipients list is loaded once, beforehand.
+//! Every decision names the rule that made it, for the log and for `check-config`.
+//!
+//! Trust: the recipient has already been parsed and canonicalised by
+//! `postern_smtp::address` (domain lower-cased, trailing dot removed, literals parsed,
+//! source route dropped, routing characters flagged). The client address comes from
+//! the socket; the authenticated identity from a successful SMTP AUTH.
+
+mod recipients;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use postern_smtp::{Address, Domain, Reply, catalogue};
+
+pub use recipients::{RecipientList, RecipientListError};
+
+use crate::config::Relay;
+
+/// Who is asking, as far as relaying is concerned.
+#[derive(Clone, Copy, Debug)]
+pub struct Client<'a> {
+    pub ip: IpAddr,
+    /// The SMTP AUTH identity, if the client authenticated.
+    pub authenticated: Option<&'a str>,
+}
+
+/// The rule that decided, named in the log line for every RCPT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// The recipient is in an accepted domain (anonymous inbound).
+    AcceptedDomain,
+    /// The client is in `trusted_networks` (outbound relay for internal servers).
+    TrustedNetwork,
+    /// The client authenticated and `authenticated_relay` is on.
+    Authenticated,
+    /// `open_relay = true`.
+    OpenRelay,
+    /// A `%`, `!` or `@` in the local part from a client we do not trust: a next hop
+    /// could read it as a further route (the percent hack, bang paths, quoted `@`).
+    RoutedAddress,
+    /// Not in `recipients_file`.
+    UnknownRecipient,
+    /// None of the above allows this destination.
+    RelayDenied,
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::AcceptedDomain => "accepted_domain",
+            Rule::TrustedNetwork => "trusted_network",
+            Rule::Authenticated => "authenticated_relay",
+            Rule::OpenRelay => "open_relay",
+            Rule::RoutedAddress => "routed_address",
+            Rule::UnknownRecipient => "unknown_recipient",
+            Rule::RelayDenied => "relay_denied",
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of one check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Accept(Rule),
+    Refuse(Rule, Reply),
+}
+
+impl Decision {
+    pub fn rule(&self) -> Rule {
+        match self {
+            Decision::Accept(r) | Decision::Refuse(r, _) => *r,
+        }
+    }
+
+    /// The answer for the SMTP session.
+    pub fn into_result(self) -> Result<(), Reply> {
+        match self {
+            Decision::Accept(_) => Ok(()),
+            Decision::Refuse(_, reply) => Err(reply),
+        }
+    }
+}
+
+/// The relay rules, validated and ready to evaluate.
+#[derive(Debug, Default)]
+pub struct RelayPolicy {
+    accepted_domains: HashSet<String>,
+    trusted_networks: Vec<IpNet>,
+    authenticated_relay: bool,
+    open_relay: bool,
+    recipients: Option<RecipientList>,
+}
+
+impl RelayPolicy {
+    /// Builds the policy from the `[relay]` section and the loaded recipients list.
+    pub fn new(relay: &Relay, recipients: Option<RecipientList>) -> RelayPolicy {
+        RelayPolicy {
+            accepted_domains: relay.accepted_domains.iter().cloned().collect(),
+            trusted_networks: relay.trusted_networks.clone(),
+            authenticated_relay: relay.authenticated_relay,
+            open_relay: relay.open_relay,
+            recipients,
+        }
+    }
+
+    /// True when the client is in `trusted_networks`.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.trusted_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// True when `domain` is one we accept mail for from anyone.
+    pub fn is_accepted_domain(&self, domain: &Domain) -> bool {
+        domain
+            .name()
+            .is_some_and(|d| self.accepted_domains.contains(d))
+    }
+
+    /// The decision for one RCPT TO. Rules, in order:
+    /// 1. from a client neither trusted nor authenticated-with-relay, a routed local part
+    ///    is refused whatever the domain (and even on an open relay);
+    /// 2. an accepted domain is accepted from anyone, subject to `recipients_file`;
+    /// 3. any other destination needs a trusted network, an authenticated client with
+    ///    `authenticated_relay`, or `open_relay`;
+    /// 4. otherwise 554 5.7.1.
+    pub fn decide(&self, client: Client<'_>, recipient: &Address) -> Decision {
+        let privileged = if self.is_trusted(client.ip) {
+            Some(Rule::TrustedNetwork)
+        } else if client.authenticated.is_some() && self.authenticated_relay {
+            Some(Rule::Authenticated)
+        } else {
+            None
+        };
+        if privileged.is_none() && recipient.is_routed() {
+            return Decision::Refuse(Rule::RoutedAddress, catalogue::relay_denied());
+        }
+        if self.is_accepted_domain(recipient.domain()) {
+            if let Some(list) = &self.recipients
+                && !list.contains(recipient)
+            {
+                return Decision::Refuse(Rule::UnknownRecipient, catalogue::unknown_user());
+            }
+            return Decision::Accept(Rule::AcceptedDomain);
+        }
+        match privileged {
+            Some(rule) => Decision::Accept(rule),
+            None if self.open_relay => Decision::Accept(Rule::OpenRelay),
+            None => Decision::Refuse(Rule::RelayDenied, catalogue::relay_denied()),
+        }
+    }
+}
+
+/// An IPv4 client seen on a dual-stack socket arrives as `::ffff:a.b.c.d`; networks
+/// are written in IPv4, so compare in IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+//! The policy checked against the golden table in testdata/policy/relay.golden.
+
+use super::*;
+use crate::config::Relay;
+
+fn list(s: &str) -> Vec<&str> {
+    if s == "-" {
+        Vec::new()
+    } else {
+        s.split(',').collect()
+    }
+}
+
+fn policy_from(line: &str) -> RelayPolicy {
+    let mut relay = Relay {
+        accepted_domains: Vec::new(),
+        trusted_networks: Vec::new(),
+        authenticated_relay: false,
+        open_relay: false,
+        recipients_file: None,
+        dnsbl: Vec::new(),
+    };
+    let mut recipients = None;
+    for field in line.split_whitespace().skip(1) {
+        let (k, v) = field.split_once('=').expect("key=value");
+        match k {
+            "accepted" => relay.accepted_domains = list(v).iter().map(|s| s.to_string()).collect(),
+            "trusted" => {
+                relay.trusted_networks = list(v).iter().map(|s| s.parse().unwrap()).collect()
+            }
+            "auth_relay" => relay.authenticated_relay = v == "yes",
+            "open" => relay.open_relay = v == "yes",
+            "recipients" if v != "-" => {
+                recipients = Some(RecipientList::parse(&list(v).join("\n")).unwrap())
+            }
+            "recipients" => {}
+            other => panic!("unknown policy key {other}"),
+        }
+    }
+    RelayPolicy::new(&relay, recipients)
+}
+
+fn outcome(d: &Decision) -> String {
+    match d {
+        Decision::Accept(rule) => format!("accept {rule}"),
+        Decision::Refuse(rule, reply) => {
+            format!("{} {} {rule}", reply.code, reply.status.unwrap())
+        }
+    }
+}
+
+#[test]
+fn golden_table() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../testdata/policy/relay.golden"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut policy = None;
+    let mut cases = 0;
+    let mut failures = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with("policy ") {
+            policy = Some(policy_from(line));
+            continue;
+        }
+        let (case, want) = line.split_once(" -> ").expect("case -> outcome");
+        let mut ip = None;
+        let mut auth = None;
+        // The path is last and may hold spaces (a quoted local part).
+        let (case, rcpt) = case.split_once(" rcpt=").expect("rcpt= last");
+        for field in case.split_whitespace() {
+            let (k, v) = field.split_once('=').unwrap();
+            match k {
+                "client" => ip = Some(v.parse::<IpAddr>().unwrap()),
+                "auth" => auth = (v != "-").then_some(v),
+                other => panic!("line {}: unknown field {other}", n + 1),
+            }
+        }
+        let addr = postern_smtp::address::parse_path(rcpt)
+            .unwrap_or_else(|e| panic!("line {}: {rcpt}: {e:?}", n + 1));
+        let client = Client {
+            ip: ip.unwrap(),
+            authenticated: auth,
+        };
+        let got = outcome(
+            &policy
+                .as_ref()
+                .expect("policy line first")
+                .decide(client, &addr),
+        );
+        cases += 1;
+        if got != want {
+            failures.push(format!(
+                "line {}: {case}\n   want {want}\n    got {got}",
+                n + 1
+            ));
+        }
+    }
+    assert!(cases > 30, "only {cases} cases read");
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn recipient_list_errors_name_the_line() {
+    let err = RecipientList::parse("# c\nalice@a.test\nnot an address\n").unwrap_err();
+    assert_eq!(err.0, 3);
+    assert!(RecipientList::parse("@bad..domain").is_err());
+}

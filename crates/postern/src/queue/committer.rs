@@ -1,0 +1,298 @@
+//! The committer: the one thread that writes the segment log.
+//!
+//! Callers encode their record (copying the message body) in their own task and send the
+//! bytes with a oneshot sender. The committer blocks for the first request, drains whatever
+//! else is already queued (up to `max_batch_bytes`), writes the batch with one vectored
+//! write and one `fdatasync`, and only then answers every waiter. While that fdatasync
+//! runs, the next batch piles up in the channel: no timer, no artificial wait. On an I/O
+//! error every waiter of the batch gets the error and the segment is abandoned (its tail is
+//! unknown after a failed write or sync); the next batch starts a new segment.
+//!
+//! The committer also owns the live index (id -> segment) and per-segment live counts, so
+//! garbage collection needs no lock: it runs here after a batch that finished messages.
+//! Input is our own callers' records; the only thing it trusts is that `Effect` matches the
+//! bytes (both are built by `Spool`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{ErrorKind, IoSlice, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use super::error::SpoolError;
+use super::segment::{self, HEADER, segment_name};
+use super::{Location, QueueId, SpoolOptions};
+
+/// What a committed record does to the live index.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Effect {
+    /// RCPT: nothing.
+    None,
+    /// MESSAGE: the message is live in the segment it was written to.
+    Add(QueueId),
+    /// DONE or MOVED: the message is no longer live.
+    Remove(QueueId),
+}
+
+pub(crate) struct Request {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) effect: Effect,
+    pub(crate) reply: oneshot::Sender<Result<Location, SpoolError>>,
+}
+
+/// The segment being appended to.
+struct Current {
+    seq: u64,
+    file: File,
+    /// Bytes durably written (the header and every committed batch).
+    len: u64,
+}
+
+pub(crate) struct Committer {
+    log_dir: PathBuf,
+    opts: SpoolOptions,
+    current: Option<Current>,
+    next_seq: u64,
+    /// Live message -> the segment holding its MESSAGE record.
+    live: HashMap<QueueId, u64>,
+    /// Every segment on disk, oldest first -> how many live messages it holds.
+    counts: BTreeMap<u64, usize>,
+    /// Segments with a corrupt record: renamed aside, not deleted, when collected.
+    corrupt: HashSet<u64>,
+    syncs: Arc<AtomicU64>,
+}
+
+impl Committer {
+    /// Takes over the replayed state and creates a fresh segment to append to.
+    pub(crate) fn new(
+        log_dir: PathBuf,
+        opts: SpoolOptions,
+        live: HashMap<QueueId, u64>,
+        counts: BTreeMap<u64, usize>,
+        corrupt: HashSet<u64>,
+        syncs: Arc<AtomicU64>,
+    ) -> Result<Committer, SpoolError> {
+        let next_seq = counts.keys().next_back().map_or(1, |last| last + 1);
+        let mut committer = Committer {
+            log_dir,
+            opts,
+            current: None,
+            next_seq,
+            live,
+            counts,
+            corrupt,
+            syncs,
+        };
+        committer.start_segment()?;
+        Ok(committer)
+    }
+
+    /// The loop of the committer thread; returns when every `Sender` is gone and the
+    /// channel is drained, so everything submitted before `close` has been answered.
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut bytes = first.bytes.len();
+            let mut batch = vec![first];
+            if self.opts.group_commit {
+                while bytes < self.opts.max_batch_bytes {
+                    match rx.try_recv() {
+                        Ok(req) => {
+                            bytes += req.bytes.len();
+                            batch.push(req);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.commit(batch);
+        }
+        debug!("spool committer stopped");
+    }
+
+    fn start_segment(&mut self) -> Result<(), SpoolError> {
+        let seq = self.next_seq;
+        // Never retry a number: a failed attempt may have left something behind.
+        self.next_seq += 1;
+        let file = segment::create_segment(&self.log_dir, seq)?;
+        self.counts.insert(seq, 0);
+        self.current = Some(Current {
+            seq,
+            file,
+            len: HEADER.len() as u64,
+        });
+        debug!(segment = %segment_name(seq), "new spool segment");
+        Ok(())
+    }
+
+    /// Makes sure there is a segment to write the next batch to, starting a new one when
+    /// there is none (after an error) or the current one has reached `segment_size` (and
+    /// holds at least one record, so a tiny `segment_size` cannot make empty segments).
+    fn rotate_if_full(&mut self) -> Result<(), SpoolError> {
+        let full = self
+            .current
+            .as_ref()
+            .is_none_or(|c| c.len >= self.opts.segment_size && c.len > HEADER.len() as u64);
+        if full {
+            self.current = None;
+            self.start_segment()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, batch: Vec<Request>) {
+        let written = self.write_batch(&batch);
+        match written {
+            Ok((seq, mut offset)) => {
+                let mut finished_any = false;
+                for req in batch {
+                    let len = req.bytes.len() as u64;
+                    let location = Location {
+                        segment: seq,
+                        offset,
+                        len,
+                    };
+                    offset += len;
+                    finished_any |= self.apply(req.effect, seq);
+                    // The waiter may have gone away (client disconnected): nothing to do.
+                    let _ = req.reply.send(Ok(location));
+                }
+                if finished_any {
+                    self.collect_garbage();
+                }
+            }
+            Err(e) => {
+                error!(error = %e, records = batch.len(), "spool write failed; abandoning the segment");
+                self.abandon_segment();
+                for req in batch {
+                    let _ = req.reply.send(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+
+    /// Writes and syncs a batch; returns its segment and the offset of its first record.
+    fn write_batch(&mut self, batch: &[Request]) -> Result<(u64, u64), SpoolError> {
+        self.rotate_if_full()?;
+        let cur = self
+            .current
+            .as_mut()
+            .expect("a current segment after rotation");
+        let seq = cur.seq;
+        let log_dir = &self.log_dir;
+        let io = |op| {
+            move |source| SpoolError::Io {
+                op,
+                path: log_dir.join(segment_name(seq)),
+                source,
+            }
+        };
+        write_all_vectored(&mut cur.file, batch).map_err(io("write"))?;
+        cur.file.sync_data().map_err(io("fdatasync"))?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        let start = cur.len;
+        cur.len += batch.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
+        Ok((seq, start))
+    }
+
+    /// Updates the live index; true if a message was finished.
+    fn apply(&mut self, effect: Effect, seq: u64) -> bool {
+        match effect {
+            Effect::None => false,
+            Effect::Add(id) => {
+                // A retried store of an id already live keeps the older (smaller) segment,
+                // which cannot be collected before this one anyway.
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.live.entry(id) {
+                    slot.insert(seq);
+                    *self.counts.entry(seq).or_default() += 1;
+                }
+                false
+            }
+            Effect::Remove(id) => match self.live.remove(&id) {
+                Some(home) => {
+                    if let Some(n) = self.counts.get_mut(&home) {
+                        *n = n.saturating_sub(1);
+                    }
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// After a failed write or sync: trim what may have landed past the last good batch
+    /// (best effort) and stop using the segment.
+    fn abandon_segment(&mut self) {
+        let Some(cur) = self.current.take() else {
+            return;
+        };
+        let path = self.log_dir.join(segment_name(cur.seq));
+        let trimmed = cur.file.set_len(cur.len).and_then(|()| cur.file.sync_all());
+        if let Err(e) = trimmed {
+            // Replay will stop at the first bad record after cur.len and report it.
+            warn!(path = %path.display(), error = %e, "could not trim the abandoned segment");
+        }
+    }
+
+    /// Deletes segments from the oldest while they hold no live message, never the one
+    /// being appended to. Strictly in order: RCPT/DONE records in a later segment refer to
+    /// messages in earlier ones, so a later segment must not vanish before an earlier one.
+    /// The directory is synced after each removal so a crash cannot bring back an older
+    /// segment whose DONE records were in an already-removed newer one.
+    pub(crate) fn collect_garbage(&mut self) {
+        let current = self.current.as_ref().map(|c| c.seq);
+        while let Some((&seq, &live)) = self.counts.first_key_value() {
+            if live > 0 || Some(seq) == current {
+                break;
+            }
+            let path = self.log_dir.join(segment_name(seq));
+            let removed = if self.corrupt.contains(&seq) {
+                // Keep the evidence for the operator, out of the log.
+                let aside = path.with_extension("seg.corrupt");
+                fs::rename(&path, &aside).map(|()| {
+                    error!(segment = %segment_name(seq), kept_as = %aside.display(),
+                        "corrupt segment taken out of the log and kept for inspection");
+                })
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "could not remove spool segment; will retry");
+                    return;
+                }
+            }
+            self.counts.remove(&seq);
+            self.corrupt.remove(&seq);
+            if let Err(e) = segment::sync_dir(&self.log_dir) {
+                warn!(error = %e, "could not sync the log directory after removing a segment");
+                return;
+            }
+            info!(segment = %segment_name(seq), "spool segment collected");
+        }
+    }
+}
+
+/// `write_all` for a batch of buffers, without copying them into one.
+fn write_all_vectored(file: &mut File, batch: &[Request]) -> std::io::Result<()> {
+    if let [one] = batch {
+        return file.write_all(&one.bytes);
+    }
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|r| IoSlice::new(&r.bytes)).collect();
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match file.write_vectored(bufs) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

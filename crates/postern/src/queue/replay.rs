@@ -1,0 +1,226 @@
+//! Replay: rebuild the set of live messages from the segment log.
+//!
+//! Reads every segment oldest first and applies each verified record: MESSAGE makes a
+//! message live, RCPT marks one recipient final, DONE and MOVED take the message out of the
+//! live set; records about ids that are not live are ignored. Nothing is trusted that was
+//! not checked: a record whose frame, length or CRC fails ends that segment (see
+//! `segment.rs`), and a record that verifies but does not decode is logged and skipped.
+//! Message bodies are checked (CRC) but not kept: a message is returned with its location.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tracing::{debug, error, warn};
+
+use super::error::SpoolError;
+use super::record::{self, Decoded, FRAME_LEN};
+use super::segment::{self, HeaderState, Item, SegmentReader};
+use super::{Location, QueueId, RcptState, StoredMessage};
+
+/// Who is replaying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `Spool::open`, holding the lock: the newest segment's tail is final.
+    Owner,
+    /// `scan`, without the lock: the server may be appending to the newest segment.
+    ReadOnly,
+}
+
+/// How a segment ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// Every byte verified.
+    Clean,
+    /// The newest segment ends in a record cut short by a crash (never acknowledged).
+    Torn,
+    /// The newest segment is shorter than its header (a crash while creating it).
+    TornHeader,
+    /// A bad record or header anywhere else: the rest of the segment was not replayed.
+    Corrupt,
+}
+
+/// One segment as found by replay.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegmentState {
+    pub(crate) seq: u64,
+    /// Offset just past the last good record.
+    pub(crate) valid_end: u64,
+    pub(crate) tail: Tail,
+}
+
+pub(crate) struct Replayed {
+    /// Live messages, by id (that is, by arrival).
+    pub(crate) live: Vec<StoredMessage>,
+    /// Every segment read, oldest first.
+    pub(crate) segments: Vec<SegmentState>,
+    /// The highest queue id seen in any MESSAGE record, live or not (0 if none).
+    pub(crate) max_id: u64,
+}
+
+pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError> {
+    let seqs = segment::list_segments(log_dir)?;
+    let mut live: HashMap<QueueId, StoredMessage> = HashMap::new();
+    let mut segments = Vec::with_capacity(seqs.len());
+    let mut max_id = 0;
+    for (i, &seq) in seqs.iter().enumerate() {
+        let newest = i + 1 == seqs.len();
+        let name = segment::segment_name(seq);
+        let path = log_dir.join(&name);
+        let Some(mut reader) = SegmentReader::open(&path)? else {
+            // Deleted by the server's GC after we listed it: all its messages were done.
+            continue;
+        };
+        let tail = match reader.read_header()? {
+            HeaderState::Good => replay_records(
+                &mut reader,
+                seq,
+                &name,
+                newest,
+                mode,
+                &mut live,
+                &mut max_id,
+            )?,
+            HeaderState::Torn if newest => {
+                if mode == Mode::Owner {
+                    warn!(segment = %name, "newest segment is shorter than its header (crash while creating it)");
+                }
+                Tail::TornHeader
+            }
+            HeaderState::Torn | HeaderState::Bad => {
+                error!(segment = %name, "spool segment has a bad header; skipped (corruption)");
+                Tail::Corrupt
+            }
+        };
+        segments.push(SegmentState {
+            seq,
+            valid_end: reader.valid_end(),
+            tail,
+        });
+    }
+    let mut live: Vec<StoredMessage> = live.into_values().collect();
+    live.sort_by_key(|m| m.envelope.id);
+    Ok(Replayed {
+        live,
+        segments,
+        max_id,
+    })
+}
+
+fn replay_records(
+    reader: &mut SegmentReader,
+    seq: u64,
+    name: &str,
+    newest: bool,
+    mode: Mode,
+    live: &mut HashMap<QueueId, StoredMessage>,
+    max_id: &mut u64,
+) -> Result<Tail, SpoolError> {
+    loop {
+        let (offset, reason) = match reader.next_item()? {
+            Item::End => return Ok(Tail::Clean),
+            Item::Record {
+                offset,
+                rtype,
+                version,
+                payload,
+            } => {
+                apply(seq, name, offset, rtype, version, payload, live, max_id);
+                continue;
+            }
+            Item::Bad { offset, reason } => (offset, reason),
+        };
+        let left = reader.len() - offset;
+        if !newest {
+            error!(segment = %name, offset, reason = %reason, bytes_skipped = left,
+                "corrupt spool record; rest of segment not replayed");
+            return Ok(Tail::Corrupt);
+        }
+        return Ok(match mode {
+            Mode::ReadOnly => {
+                debug!(segment = %name, offset, reason = %reason,
+                    "incomplete record at the end of the newest segment (write in progress or torn tail)");
+                Tail::Torn
+            }
+            Mode::Owner => {
+                if segment::valid_record_after(reader.path(), offset)? {
+                    error!(segment = %name, offset, reason = %reason, bytes_skipped = left,
+                        "corrupt spool record with valid records after it; rest of segment not replayed, file kept as is");
+                    Tail::Corrupt
+                } else {
+                    warn!(segment = %name, offset, reason = %reason, bytes = left,
+                        "torn tail in the newest segment (a write cut short by a crash, never acknowledged); it will be trimmed");
+                    Tail::Torn
+                }
+            }
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    seq: u64,
+    name: &str,
+    offset: u64,
+    rtype: u8,
+    version: u8,
+    payload: &[u8],
+    live: &mut HashMap<QueueId, StoredMessage>,
+    max_id: &mut u64,
+) {
+    let decoded = match record::decode(rtype, version, payload) {
+        Ok(d) => d,
+        Err(reason) => {
+            error!(segment = %name, offset, reason = %reason,
+                "spool record passed its CRC but does not decode; skipped (corruption or a newer format)");
+            return;
+        }
+    };
+    match decoded {
+        Decoded::Message { envelope, size, .. } => {
+            let id = envelope.id;
+            *max_id = (*max_id).max(id.as_u64());
+            if live.contains_key(&id) {
+                // Only a caller retrying store() after an error it got although the write
+                // landed can produce this; both copies are the same message.
+                warn!(segment = %name, offset, %id, "second MESSAGE record for a live id; ignored");
+                return;
+            }
+            let states = vec![RcptState::Pending; envelope.recipients.len()];
+            let location = Location {
+                segment: seq,
+                offset,
+                len: (FRAME_LEN + payload.len()) as u64,
+            };
+            live.insert(
+                id,
+                StoredMessage {
+                    envelope,
+                    states,
+                    location,
+                    size,
+                },
+            );
+        }
+        Decoded::Rcpt {
+            id,
+            index,
+            delivered,
+        } => {
+            let Some(msg) = live.get_mut(&id) else { return };
+            match msg.states.get_mut(index) {
+                Some(state) => {
+                    *state = if delivered {
+                        RcptState::Delivered
+                    } else {
+                        RcptState::Failed
+                    }
+                }
+                None => warn!(segment = %name, offset, %id, index,
+                    "RCPT record for a recipient index the message does not have; ignored"),
+            }
+        }
+        Decoded::Done(id) | Decoded::Moved(id) => {
+            live.remove(&id);
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Spool tests on real temporary directories (real fsyncs).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::segment::{HEADER, segment_name};
+use super::*;
+
+fn envelope(id: QueueId, n: usize) -> Envelope {
+    Envelope {
+        id,
+        arrived: 1_764_403_200 + n as i64,
+        client: format!("127.0.0.2:{}", 40000 + n),
+        helo: "client.example".into(),
+        auth: (n % 2 == 1).then(|| format!("user{n}")),
+        sender: if n.is_multiple_of(3) {
+            String::new()
+        } else {
+            format!("sender{n}@example.com")
+        },
+        params: vec!["BODY=8BITMIME".into(), "SMTPUTF8".into()],
+        smtputf8: true,
+        recipients: vec![
+            format!("a{n}@b.example"),
+            format!("jürgen{n}@bücher.example"),
+        ],
+    }
+}
+
+fn body(n: usize) -> Vec<u8> {
+    format!("Subject: message {n}\r\n\r\nline one\r\n\r\n.line two {n}\r\n").into_bytes()
+}
+
+fn small() -> SpoolOptions {
+    SpoolOptions::default()
+}
+
+fn tiny_segments() -> SpoolOptions {
+    SpoolOptions {
+        segment_size: 1,
+        ..SpoolOptions::default()
+    }
+}
+
+fn segments(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join("log").join(segment_name(seq))
+}
+
+fn ids(msgs: &[StoredMessage]) -> Vec<QueueId> {
+    msgs.iter().map(|m| m.envelope.id).collect()
+}
+
+/// Stores message `n` and returns its envelope and location.
+async fn put(spool: &Spool, n: usize) -> (Envelope, Location) {
+    let env = envelope(spool.new_id(), n);
+    let loc = spool.store(&env, &body(n)).await.unwrap();
+    (env, loc)
+}
+
+#[tokio::test]
+async fn store_then_reopen_gives_the_same_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let (spool, live) = Spool::open(&dir, small()).unwrap();
+    assert!(live.is_empty());
+    for sub in ["log", "deferred", "quarantine"] {
+        assert!(dir.join(sub).is_dir(), "{sub}");
+    }
+    let (env0, loc0) = put(&spool, 0).await;
+    let (env1, loc1) = put(&spool, 1).await;
+    assert_eq!(spool.read_message(&loc0).unwrap(), body(0));
+    assert_eq!(spool.read_message(&loc1).unwrap(), body(1));
+    drop(spool);
+
+    let (spool, live) = Spool::open(&dir, small()).unwrap();
+    assert_eq!(live.len(), 2);
+    for (msg, (env, loc, n)) in live.iter().zip([(&env0, loc0, 0), (&env1, loc1, 1)]) {
+        assert_eq!(&msg.envelope, env);
+        assert_eq!(msg.location, loc);
+        assert_eq!(msg.size, body(n).len() as u64);
+        assert_eq!(msg.states, vec![RcptState::Pending; 2]);
+        assert_eq!(spool.read_message(&msg.location).unwrap(), body(n));
+    }
+    // Ids stay increasing across a restart.
+    assert!(spool.new_id() > env1.id);
+}
+
+#[tokio::test]
+async fn outcomes_and_done_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (a, _) = put(&spool, 1).await;
+    let (b, _) = put(&spool, 2).await;
+    let (c, _) = put(&spool, 3).await;
+    spool
+        .record_outcome(a.id, 0, true, "250 2.0.0 Ok: queued as X")
+        .await
+        .unwrap();
+    spool
+        .record_outcome(a.id, 1, false, "550-5.1.1 no such user\r\n550 5.1.1 really")
+        .await
+        .unwrap();
+    spool.mark_done(b.id).await.unwrap();
+    spool.mark_moved(c.id).await.unwrap();
+    // Records about unknown ids or recipients are harmless.
+    spool.record_outcome(b.id, 0, true, "late").await.unwrap();
+    spool
+        .record_outcome(a.id, 7, true, "no such index")
+        .await
+        .unwrap();
+    spool.mark_done(QueueId::from_u64(1)).await.unwrap();
+    drop(spool);
+
+    let (_spool, live) = Spool::open(dir, small()).unwrap();
+    assert_eq!(ids(&live), vec![a.id]);
+    assert_eq!(
+        live[0].states,
+        vec![RcptState::Delivered, RcptState::Failed]
+    );
+}
+
+#[tokio::test]
+async fn torn_tail_at_every_offset_replays_the_earlier_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("orig");
+    let (spool, _) = Spool::open(&dir, small()).unwrap();
+    let (first, _) = put(&spool, 1).await;
+    let (_, last) = put(&spool, 2).await;
+    drop(spool);
+    let bytes = fs::read(seg_path(&dir, last.segment)).unwrap();
+    assert_eq!(bytes.len() as u64, last.offset + last.len);
+
+    for cut in last.offset..last.offset + last.len {
+        let dir = tmp.path().join(format!("cut{cut}"));
+        fs::create_dir_all(dir.join("log")).unwrap();
+        let seg = seg_path(&dir, last.segment);
+        fs::write(&seg, &bytes[..cut as usize]).unwrap();
+
+        assert_eq!(
+            ids(&scan(&dir).unwrap()),
+            vec![first.id],
+            "scan, cut at {cut}"
+        );
+        let (spool, live) = Spool::open(&dir, small()).unwrap();
+        assert_eq!(ids(&live), vec![first.id], "open, cut at {cut}");
+        assert_eq!(spool.read_message(&live[0].location).unwrap(), body(1));
+        drop(spool);
+        // The torn tail was trimmed, so it is not reported as corruption later.
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            last.offset,
+            "cut at {cut}"
+        );
+        let (_spool, live) = Spool::open(&dir, small()).unwrap();
+        assert_eq!(ids(&live), vec![first.id]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn torn_segment_header_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for len in 0..HEADER.len() {
+        fs::create_dir_all(dir.join("log")).unwrap();
+        fs::write(seg_path(dir, 7), &HEADER[..len]).unwrap();
+        fs::write(dir.join("log").join("notes.txt"), "not a segment").unwrap();
+        let (spool, live) = Spool::open(dir, small()).unwrap();
+        assert!(live.is_empty());
+        drop(spool);
+        assert!(!seg_path(dir, 7).exists(), "header cut at {len}");
+        assert!(dir.join("log").join("notes.txt").exists());
+        fs::remove_dir_all(dir.join("log")).unwrap();
+    }
+}
+
+/// Flips a byte of the CRC of the record at `loc`.
+fn break_crc(dir: &Path, loc: &Location) {
+    let path = seg_path(dir, loc.segment);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[loc.offset as usize + 8] ^= 0x55;
+    fs::write(&path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (m1, l1) = put(&spool, 1).await;
+    let (_m2, l2) = put(&spool, 2).await;
+    let (_m3, _) = put(&spool, 3).await;
+    drop(spool);
+    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (m4, l4) = put(&spool, 4).await;
+    drop(spool);
+    assert_eq!(l1.segment, l2.segment);
+    assert!(l4.segment > l2.segment);
+
+    break_crc(dir, &l2);
+    let len_before = fs::metadata(seg_path(dir, l2.segment)).unwrap().len();
+    assert_eq!(ids(&scan(dir).unwrap()), vec![m1.id, m4.id]);
+    let (spool, live) = Spool::open(dir, small()).unwrap();
+    assert_eq!(ids(&live), vec![m1.id, m4.id]);
+    assert_eq!(spool.read_message(&l4).unwrap(), body(4));
+    // Nothing was trimmed off the damaged segment.
+    assert_eq!(
+        fs::metadata(seg_path(dir, l2.segment)).unwrap().len(),
+        len_before
+    );
+    assert!(matches!(
+        spool.read_message(&l2),
+        Err(SpoolError::Corrupt { .. })
+    ));
+
+    // Once its last live message is done, the damaged segment is set aside, not deleted.
+    spool.mark_done(m1.id).await.unwrap();
+    spool.close();
+    let names = segments(dir);
+    assert!(!names.contains(&segment_name(l1.segment)), "{names:?}");
+    assert!(
+        names.contains(&format!("{}.corrupt", segment_name(l1.segment))),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_record_in_the_newest_segment_is_not_trimmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (m1, _) = put(&spool, 1).await;
+    let (_, l2) = put(&spool, 2).await;
+    let (_, _) = put(&spool, 3).await;
+    drop(spool);
+    break_crc(dir, &l2);
+    let path = seg_path(dir, l2.segment);
+    let len_before = fs::metadata(&path).unwrap().len();
+    let (_spool, live) = Spool::open(dir, small()).unwrap();
+    assert_eq!(ids(&live), vec![m1.id]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), len_before);
+}
+
+/// Waits for the committer, which collects garbage after answering the batch that
+/// finished a message.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test]
+async fn gc_deletes_old_segments_in_order_once_their_messages_are_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // segment_size 1: every batch goes to a new segment.
+    let (spool, _) = Spool::open(dir, tiny_segments()).unwrap();
+    let (a, la) = put(&spool, 1).await;
+    let (b, lb) = put(&spool, 2).await;
+    let (c, lc) = put(&spool, 3).await;
+    assert!(la.segment < lb.segment && lb.segment < lc.segment);
+    let exists = |seq| seg_path(dir, seq).exists();
+
+    spool.record_outcome(a.id, 0, true, "250 ok").await.unwrap();
+    spool.mark_done(b.id).await.unwrap();
+    // A barrier: the committer handles requests in order, GC included.
+    spool
+        .record_outcome(QueueId::from_u64(1), 0, true, "-")
+        .await
+        .unwrap();
+    // B is done but A, older, is not: nothing may go.
+    assert!(exists(la.segment) && exists(lb.segment) && exists(lc.segment));
+
+    spool.mark_done(a.id).await.unwrap();
+    eventually("A's and B's segments collected", || {
+        !exists(la.segment) && !exists(lb.segment)
+    })
+    .await;
+    // C's segment stays, and so does everything after it (the RCPT and DONE records).
+    assert!(exists(lc.segment));
+    assert_eq!(spool.read_message(&lc).unwrap(), body(3));
+    assert_eq!(segments(dir).first(), Some(&segment_name(lc.segment)));
+    drop(spool);
+
+    let (spool, live) = Spool::open(dir, tiny_segments()).unwrap();
+    assert_eq!(ids(&live), vec![c.id]);
+    spool.mark_done(c.id).await.unwrap();
+    spool.close(); // waits for the committer, GC included
+    // Only the segment that was being appended to remains.
+    assert_eq!(segments(dir).len(), 1, "{:?}", segments(dir));
+    drop(spool);
+
+    let (_spool, live) = Spool::open(dir, tiny_segments()).unwrap();
+    assert!(live.is_empty());
+    assert_eq!(segments(dir).len(), 1, "{:?}", segments(dir));
+}
+
+#[tokio::test]
+async fn rotation_by_size_replays_across_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let opts = SpoolOptions {
+        segment_size: 600,
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(dir, opts).unwrap();
+    let mut stored = Vec::new();
+    for n in 0..20 {
+        stored.push(put(&spool, n).await.0);
+    }
+    for env in stored.iter().step_by(2) {
+        spool.mark_done(env.id).await.unwrap();
+    }
+    spool
+        .record_outcome(stored[1].id, 1, true, "ok")
+        .await
+        .unwrap();
+    drop(spool);
+    assert!(segments(dir).len() > 3, "{:?}", segments(dir));
+    let (spool, live) = Spool::open(dir, opts).unwrap();
+    let odd: Vec<QueueId> = stored.iter().skip(1).step_by(2).map(|e| e.id).collect();
+    assert_eq!(ids(&live), odd);
+    assert_eq!(
+        live[0].states,
+        vec![RcptState::Pending, RcptState::Delivered]
+    );
+    for msg in &live {
+        let n = (msg.envelope.arrived - 1_764_403_200) as usize;
+        assert_eq!(spool.read_message(&msg.location).unwrap(), body(n));
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_spool_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(tmp.path(), small()).unwrap();
+    let err = Spool::open(tmp.path(), small())
+        .err()
+        .expect("second open must fail");
+    match &err {
+        SpoolError::Locked { holder, .. } => {
+            assert_eq!(holder, &format!("pid {}", std::process::id()))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("lock"), "{err}");
+    drop(spool);
+    let _reopened = Spool::open(tmp.path(), small()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stores_are_group_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..200 {
+        let spool = spool.clone();
+        tasks.spawn(async move {
+            let env = envelope(spool.new_id(), n);
+            let loc = spool.store(&env, &body(n)).await.unwrap();
+            (env, loc, n)
+        });
+    }
+    let mut stored = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        stored.push(done.unwrap());
+    }
+    let syncs = spool.sync_count();
+    assert!(
+        (1..100).contains(&syncs),
+        "{syncs} fdatasyncs for 200 stores"
+    );
+    for (_, loc, n) in &stored {
+        assert_eq!(spool.read_message(loc).unwrap(), body(*n));
+    }
+    drop(spool);
+
+    let (_spool, live) = Spool::open(dir, small()).unwrap();
+    assert_eq!(live.len(), 200);
+    stored.sort_by_key(|(env, _, _)| env.id);
+    for (msg, (env, loc, _)) in live.iter().zip(&stored) {
+        assert_eq!(&msg.envelope, env);
+        assert_eq!(&msg.location, loc);
+    }
+}
+
+#[tokio::test]
+async fn per_record_sync_without_group_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        group_commit: false,
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(tmp.path(), opts).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let spool = spool.clone();
+        tasks.spawn(async move { put(&spool, n).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(spool.sync_count(), 20);
+}
+
+#[tokio::test]
+async fn scan_works_while_the_spool_is_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (a, la) = put(&spool, 1).await;
+    let (b, _) = put(&spool, 2).await;
+    spool
+        .record_outcome(a.id, 1, false, "550 no")
+        .await
+        .unwrap();
+    let seen = scan(dir).unwrap();
+    assert_eq!(ids(&seen), vec![a.id, b.id]);
+    assert_eq!(seen[0].states, vec![RcptState::Pending, RcptState::Failed]);
+    assert_eq!(read_message_in(dir, &seen[0].location).unwrap(), body(1));
+    assert_eq!(seen[0].location, la);
+    // The spool is unaffected.
+    spool.mark_done(b.id).await.unwrap();
+    assert_eq!(ids(&scan(dir).unwrap()), vec![a.id]);
+}
+
+#[tokio::test]
+async fn closed_spool_refuses_records_and_encode_errors_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(tmp.path(), small()).unwrap();
+    let mut bad = envelope(spool.new_id(), 1);
+    bad.recipients.push("x@y\r\nrcpt <evil@example>".into());
+    assert!(matches!(
+        spool.store(&bad, b"x").await,
+        Err(SpoolError::Encode(_))
+    ));
+    assert_eq!(spool.sync_count(), 0);
+    spool.close();
+    let env = envelope(spool.new_id(), 2);
+    assert!(matches!(
+        spool.store(&env, b"x").await,
+        Err(SpoolError::Closed)
+    ));
+    assert!(matches!(
+        spool.mark_done(env.id).await,
+        Err(SpoolError::Closed)
+    ));
+}
+
+#[test]
+fn scan_of_a_missing_spool_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        scan(&tmp.path().join("nope")),
+        Err(SpoolError::Io { .. })
+    ));
+}

@@ -1,0 +1,139 @@
+//! `postern serve`: open the spool, bind every listener, run until SIGTERM/SIGINT,
+//! then stop cleanly.
+//!
+//! Shutdown (interface: "421 4.x.x"): stop accepting, tell every session (idle ones get
+//! `421 4.3.2` at once; one whose message is being written to the spool finishes that
+//! first, so a 250 is never lost), wait for them up to `SHUTDOWN_GRACE`, then let the
+//! spool's committer finish what it was given, and return. Nothing that got a 250 can
+//! be lost at any point: it is on disk before the 250 is sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::listener;
+use crate::policy::{RecipientList, RelayPolicy};
+use crate::queue::{Spool, SpoolOptions};
+use crate::session::Shared;
+
+/// How long sessions get to wind down after SIGTERM (the promise is exit within 10 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Runs the relay until a stop signal. Errors are start-up failures (bad spool, port
+/// in use, ...), reported by the CLI.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let unsupported = config.unsupported_features();
+    if !unsupported.is_empty() {
+        bail!(
+            "this configuration uses features not available in this version:\n  - {}",
+            unsupported.join("\n  - ")
+        );
+    }
+    if config.relay.is_open_relay() {
+        tracing::warn!(
+            "OPEN RELAY: open_relay = true, anyone on the Internet may relay mail through \
+             this server to any domain. This is almost never what you want."
+        );
+    }
+    // Say it plainly rather than let an operator wonder where the mail went.
+    tracing::warn!(
+        "outbound delivery is not available in this version: accepted mail is kept \
+         in the spool until it is"
+    );
+    raise_fd_limit();
+
+    let recipients = match &config.relay.recipients_file {
+        Some(path) => Some(RecipientList::load(path)?),
+        None => None,
+    };
+    let policy = RelayPolicy::new(&config.relay, recipients);
+
+    let spool_dir = config.spool_dir.clone();
+    let options = spool_options();
+    let (spool, live) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, options))
+        .await?
+        .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
+    tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
+        "spool open");
+
+    // Bind everything before serving anything, so a bad address fails the start.
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let socket =
+            listener::bind(l.address).with_context(|| format!("cannot listen on {}", l.address))?;
+        tracing::info!(address = %l.address, "listening");
+        bound.push((socket, l.clone()));
+    }
+
+    let shared = Arc::new(Shared {
+        config,
+        policy,
+        spool: spool.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sessions = TaskTracker::new();
+    let mut accept_loops = Vec::new();
+    for (socket, l) in bound {
+        accept_loops.push(tokio::spawn(listener::run(
+            socket,
+            l,
+            Arc::clone(&shared),
+            stop_rx.clone(),
+            sessions.clone(),
+        )));
+    }
+    tracing::info!(hostname = %shared.config.hostname, "postern started");
+
+    wait_for_stop_signal().await?;
+    tracing::info!("stopping: no new connections, closing sessions");
+    let _ = stop_tx.send(true);
+    for a in accept_loops {
+        let _ = a.await;
+    }
+    sessions.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open after the grace period; closing them");
+    }
+    drop(shared);
+    tokio::task::spawn_blocking(move || spool.close()).await?;
+    tracing::info!("postern stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+/// Group commit unless `POSTERN_SPOOL_SYNC=per-message` asks for one fsync per message
+/// (only to measure what group commit buys; both are equally durable).
+fn spool_options() -> SpoolOptions {
+    let mut options = SpoolOptions::default();
+    if std::env::var("POSTERN_SPOOL_SYNC").as_deref() == Ok("per-message") {
+        tracing::info!("spool: one fsync per message (POSTERN_SPOOL_SYNC=per-message)");
+        options.group_commit = false;
+    }
+    options
+}
+
+/// Each connection is a descriptor: allow as many as the hard limit permits, so that
+/// `max_connections` and not the soft default of 1024 is what bounds us.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
+}

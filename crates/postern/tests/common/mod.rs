@@ -1,0 +1,327 @@
+//! Shared helpers for the integration tests: start the real `postern` binary on a
+//! loopback port with a config written for the test, and talk SMTP to it with a small
+//! blocking client that can bind to a chosen source address (127.0.0.2 plays the
+//! outside world; trusted_networks is 127.0.0.1/32).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OUTSIDE: &str = "127.0.0.2";
+pub const INSIDE: &str = "127.0.0.1";
+
+/// A free loopback port (bound then released; the race is harmless in practice).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The config every test starts from; `extra` is appended (top-level keys must come
+/// before any table, so tests put them in `top`).
+pub fn base_config(port: u16, spool: &Path, top: &str, extra: &str) -> String {
+    format!(
+        r#"hostname = "relay.test"
+spool_dir = "{spool}"
+max_message_size = "64KB"
+max_recipients = 5
+{top}
+
+[[listener]]
+address = "127.0.0.1:{port}"
+max_connections = 1000
+per_ip_connections = 500
+
+[relay]
+accepted_domains = ["accepted.test", "company.test"]
+trusted_networks = ["127.0.0.1/32"]
+{extra}
+"#,
+        spool = spool.display()
+    )
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Server {
+    /// Starts postern with the base config plus `top`/`extra`.
+    pub fn start(top: &str, extra: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let text = base_config(port, &dir.path().join("spool"), top, extra);
+        Server::start_with_config(dir, port, &text)
+    }
+
+    /// Starts postern with exactly `text` as its config; `port` must be a listener.
+    pub fn start_with_config(dir: tempfile::TempDir, port: u16, text: &str) -> Server {
+        let config = dir.path().join("postern.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut s = Server {
+            child: None,
+            port,
+            dir,
+            config,
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postern.log")
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// (Re)starts the process on the same config and spool; waits until it answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,maillog=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                // Read the greeting so the probe is a clean session, then leave.
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 512];
+                if let Ok(n) = s.read(&mut buf)
+                    && buf[..n].starts_with(b"220 ")
+                {
+                    let _ = s.write_all(b"QUIT\r\n");
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("postern exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postern did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// kill -9: the crash case.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (at most `within`).
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("postern did not exit within {within:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self, from: &str) -> Client {
+        Client::connect(from, self.addr())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `postern` with arguments; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal blocking SMTP client, byte-exact: it sends what it is told.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+/// One reply: its code and all its lines (each without CRLF).
+#[derive(Debug)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+impl Client {
+    /// Connects to `to` from source address `from` (e.g. OUTSIDE).
+    pub fn connect(from: &str, to: SocketAddr) -> Client {
+        Client::try_connect(from, to).expect("connect")
+    }
+
+    pub fn try_connect(from: &str, to: SocketAddr) -> std::io::Result<Client> {
+        let ip: IpAddr = from.parse().unwrap();
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+        socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    pub fn line(&mut self, text: &str) {
+        self.send(format!("{text}\r\n").as_bytes());
+    }
+
+    /// Reads one line (with its CRLF removed); None at EOF.
+    pub fn read_line(&mut self) -> Option<String> {
+        let mut buf = Vec::new();
+        match self.reader.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) => {
+                assert!(buf.ends_with(b"\r\n"), "reply line without CRLF: {buf:?}");
+                buf.truncate(buf.len() - 2);
+                Some(String::from_utf8(buf).unwrap())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    /// Reads one whole (possibly multi-line) reply.
+    pub fn reply(&mut self) -> Reply {
+        let mut lines = Vec::new();
+        loop {
+            let line = self
+                .read_line()
+                .expect("connection closed while reading a reply");
+            let code: u16 = line.get(..3).and_then(|c| c.parse().ok()).expect(&line);
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            lines.push(line);
+            if !more {
+                return Reply { code, lines };
+            }
+        }
+    }
+
+    /// Sends a command, reads its reply.
+    pub fn cmd(&mut self, text: &str) -> Reply {
+        self.line(text);
+        self.reply()
+    }
+
+    /// Sends a command and asserts the reply code.
+    pub fn expect(&mut self, text: &str, code: u16) -> Reply {
+        let r = self.cmd(text);
+        assert_eq!(r.code, code, "{text} -> {}", r.text());
+        r
+    }
+
+    /// True when the server has closed the connection (EOF).
+    pub fn is_closed(&mut self) -> bool {
+        self.read_line().is_none()
+    }
+
+    /// Greeting + EHLO.
+    pub fn hello(&mut self) {
+        assert_eq!(self.reply().code, 220);
+        self.expect("EHLO client.test", 250);
+    }
+
+    /// A whole transaction; returns the final reply after the dot.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> Reply {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250);
+        for t in to {
+            self.expect(&format!("RCPT TO:<{t}>"), 250);
+        }
+        self.expect("DATA", 354);
+        self.send(body.as_bytes());
+        self.send(b".\r\n");
+        self.reply()
+    }
+}
+
+/// A small, well-formed message.
+pub fn message(subject: &str) -> String {
+    format!(
+        "From: <sender@outside.test>\r\nTo: <user@accepted.test>\r\nSubject: {subject}\r\n\
+         Message-ID: <{subject}@outside.test>\r\n\r\nHello.\r\n"
+    )
+}
