@@ -14,7 +14,7 @@ use crate::policy::Rule;
 
 /// A connection was refused before the greeting because a limit was hit.
 pub fn connection_refused(listener: SocketAddr, client: SocketAddr, limit: &str, value: usize) {
-    tracing::warn!(target: "maillog", %listener, %client, limit, value,
+    tracing::warn!(target: "maillog", %listener, %client, limit = %limit, value,
         "connection refused: limit {limit}={value} reached");
 }
 
@@ -25,7 +25,7 @@ pub fn connected(listener: SocketAddr, client: SocketAddr) {
 
 /// A session ended; `reason` says how (quit, client closed, timeout, shutdown, error).
 pub fn disconnected(client: SocketAddr, reason: &str) {
-    tracing::debug!(target: "maillog", %client, reason, "disconnect");
+    tracing::debug!(target: "maillog", %client, reason = %reason, "disconnect");
 }
 
 /// A recipient was refused by the relay policy.
@@ -37,15 +37,15 @@ pub fn recipient_refused(
     rule: Rule,
     reply: &Reply,
 ) {
-    tracing::info!(target: "maillog", %client, auth = auth.unwrap_or("-"), from = %sender,
-        to = %format_args!("<{rcpt}>"), rule = rule.as_str(), reply = %reply.one_line(),
+    tracing::info!(target: "maillog", %client, auth = %auth.unwrap_or("-"), from = %sender,
+        to = %format_args!("<{rcpt}>"), rule = %rule.as_str(), reply = %reply.one_line(),
         "recipient refused");
 }
 
 /// A recipient was accepted (debug level: the accepted message line lists them all).
 pub fn recipient_accepted(client: SocketAddr, rcpt: &Address, rule: Rule) {
     tracing::debug!(target: "maillog", %client, to = %format_args!("<{rcpt}>"),
-        rule = rule.as_str(), "recipient accepted");
+        rule = %rule.as_str(), "recipient accepted");
 }
 
 /// A message is durably queued.
@@ -57,7 +57,7 @@ pub fn message_accepted(
     recipients: &[Address],
     size: usize,
 ) {
-    tracing::info!(target: "maillog", id, %client, auth = auth.unwrap_or("-"), from = %sender,
+    tracing::info!(target: "maillog", id = %id, %client, auth = %auth.unwrap_or("-"), from = %sender,
         to = %RecipientList(recipients), nrcpt = recipients.len(), size,
         "message accepted");
 }
