@@ -1,16 +1,20 @@
 //! Postern, an SMTP relay. The modules follow the mail's path:
 //!
-//! listener → session → policy → queue (→ delivery, filter: later)
+//! listener → session → policy → queue → delivery
 //!
 //! - [`listener`]: binds sockets, enforces connection limits, spawns sessions.
 //! - [`session`]: drives the sans-IO protocol core (`postern_smtp`) over a socket.
 //! - [`policy`]: the relay decision per recipient, a pure function.
 //! - [`queue`]: the durable spool (group-committed segment log).
+//! - [`delivery`]: the queue runner, routing, MX, the SMTP client, bounces.
+//! - [`control`]: the control socket behind `postern queue ...`.
 //! - [`config`]: the configuration file, validated; [`maillog`]: the decision log;
 //!   [`server`]: start-up and shutdown; [`cli`]: the command line.
 
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod delivery;
 pub mod listener;
 pub mod maillog;
 pub mod policy;

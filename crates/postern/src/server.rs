@@ -20,6 +20,7 @@ use crate::listener;
 use crate::policy::{RecipientList, RelayPolicy};
 use crate::queue::{Spool, SpoolOptions};
 use crate::session::Shared;
+use crate::{control, delivery};
 
 /// How long sessions get to wind down after SIGTERM (the promise is exit within 10 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -40,11 +41,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
              this server to any domain. This is almost never what you want."
         );
     }
-    // Say it plainly rather than let an operator wonder where the mail went.
-    tracing::warn!(
-        "outbound delivery is not available in this version: accepted mail is kept \
-         in the spool until it is"
-    );
     raise_fd_limit();
 
     let recipients = match &config.relay.recipients_file {
@@ -60,6 +56,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
     tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
         "spool open");
+    let delivery = delivery::start(&config, spool.clone(), live)?;
+    control::start(&config.spool_dir, delivery.clone()).with_context(|| {
+        format!(
+            "cannot create the control socket {}",
+            control::socket_path(&config.spool_dir).display()
+        )
+    })?;
 
     // Bind everything before serving anything, so a bad address fails the start.
     let mut bound = Vec::new();
@@ -74,6 +77,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config,
         policy,
         spool: spool.clone(),
+        delivery: delivery.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let sessions = TaskTracker::new();
@@ -102,7 +106,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("sessions still open after the grace period; closing them");
     }
+    let socket = control::socket_path(&shared.config.spool_dir);
     drop(shared);
+    delivery.shutdown().await;
+    let _ = std::fs::remove_file(socket);
     tokio::task::spawn_blocking(move || spool.close()).await?;
     tracing::info!("postern stopped");
     Ok(())

@@ -16,15 +16,17 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::delivery;
 use crate::maillog;
 use crate::policy::{Client, Decision, RelayPolicy};
-use crate::queue::{Envelope, Spool};
+use crate::queue::{Envelope, Place, RcptState, Spool, StoredMessage};
 
 /// What every session shares: read-only configuration and policy, and the spool.
 pub struct Shared {
     pub config: Config,
     pub policy: RelayPolicy,
     pub spool: Spool,
+    pub delivery: delivery::Handle,
 }
 
 /// Read size; small enough that 10,000 idle sessions stay cheap.
@@ -193,7 +195,7 @@ async fn store(shared: &Shared, message: Message) -> Reply {
         recipients: message.recipients.iter().map(|a| a.to_string()).collect(),
     };
     match spool.store(&envelope, &data).await {
-        Ok(_) => {
+        Ok(location) => {
             maillog::message_accepted(
                 &id_text,
                 message.peer,
@@ -202,6 +204,12 @@ async fn store(shared: &Shared, message: Message) -> Reply {
                 &message.recipients,
                 data.len(),
             );
+            shared.delivery.enqueue(StoredMessage {
+                states: vec![RcptState::Pending; envelope.recipients.len()],
+                size: data.len() as u64,
+                envelope,
+                place: Place::Log(location),
+            });
             catalogue::queued(&id_text)
         }
         Err(e) => {

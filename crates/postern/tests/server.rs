@@ -55,7 +55,7 @@ fn received_header_and_envelope_are_stored() {
         vec!["user@accepted.test".to_string()]
     );
     assert_eq!(m.envelope.helo, "client.test");
-    let body = postern::queue::read_message_in(&server.spool(), &m.location).unwrap();
+    let body = postern::queue::read_body_in(&server.spool(), m).unwrap();
     let text = String::from_utf8(body).unwrap();
     assert!(
         text.starts_with("Received: from client.test ([127.0.0.2])\r\n"),
@@ -124,7 +124,7 @@ fn kill_9_after_250_loses_nothing() {
             .iter()
             .find(|m| &m.envelope.id.to_string() == id)
             .unwrap_or_else(|| panic!("{id} lost"));
-        let stored = postern::queue::read_message_in(&server.spool(), &m.location).unwrap();
+        let stored = postern::queue::read_body_in(&server.spool(), m).unwrap();
         assert!(stored.ends_with(body.as_bytes()), "{id} altered");
     }
     let log = server.log();
@@ -264,7 +264,7 @@ print("ok")
     );
     let msgs = spooled(&server);
     assert_eq!(msgs.len(), 1);
-    let body = postern::queue::read_message_in(&server.spool(), &msgs[0].location).unwrap();
+    let body = postern::queue::read_body_in(&server.spool(), &msgs[0]).unwrap();
     // smtplib dot-stuffed the line; we stored it unstuffed.
     assert!(
         String::from_utf8(body)

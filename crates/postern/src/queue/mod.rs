@@ -26,6 +26,7 @@
 //! `store` and friends are async and wait for it; `read_message` is a blocking read.
 
 mod committer;
+mod deferred;
 mod error;
 mod id;
 mod record;
@@ -103,14 +104,23 @@ pub struct Location {
     pub len: u64,
 }
 
+/// Where a live message is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Place {
+    /// In the segment log (its first delivery attempt has not deferred it yet).
+    Log(Location),
+    /// In its own file under `SPOOL/deferred/`.
+    Deferred,
+}
+
 /// A live message found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     pub envelope: Envelope,
     /// One state per recipient, same order as `envelope.recipients`.
     pub states: Vec<RcptState>,
-    /// The MESSAGE record, for `read_message`.
-    pub location: Location,
+    /// Where it is kept, for `read_body`.
+    pub place: Place,
     /// Length of the message in bytes.
     pub size: u64,
 }
@@ -227,10 +237,28 @@ impl Spool {
                 corrupt.insert(seg.seq);
             }
         }
-        let mut live = HashMap::with_capacity(replayed.live.len());
-        for msg in &replayed.live {
-            live.insert(msg.envelope.id, msg.location.segment);
-            *counts.entry(msg.location.segment).or_default() += 1;
+        // Messages moved to their own file: the file wins over a log copy (a crash between
+        // the rename and the MOVED record leaves both); such log copies get their MOVED now.
+        let deferred_dir = dir.join(DEFERRED_DIR);
+        let mut from_files = Vec::new();
+        for id in deferred::list(&deferred_dir, true)? {
+            let (loaded, _) = deferred::load(&deferred_dir, id)?;
+            if loaded.valid_len < loaded.file_len {
+                deferred::trim(&deferred_dir, id, loaded.valid_len)?;
+            }
+            from_files.push(loaded.message);
+        }
+        let (late_copies, log_live): (Vec<_>, Vec<_>) = replayed
+            .live
+            .into_iter()
+            .partition(|m| from_files.iter().any(|f| f.envelope.id == m.envelope.id));
+        let moved_late: Vec<QueueId> = late_copies.iter().map(|m| m.envelope.id).collect();
+        let mut live = HashMap::with_capacity(log_live.len() + late_copies.len());
+        for msg in log_live.iter().chain(&late_copies) {
+            if let Place::Log(loc) = msg.place {
+                live.insert(msg.envelope.id, loc.segment);
+                *counts.entry(loc.segment).or_default() += 1;
+            }
         }
 
         let syncs = Arc::new(AtomicU64::new(0));
@@ -249,7 +277,10 @@ impl Spool {
             .spawn(move || committer.run(rx))
             .map_err(SpoolError::io("start committer thread for", dir))?;
 
-        info!(spool = %dir.display(), live = replayed.live.len(),
+        let mut all_live = log_live;
+        all_live.extend(from_files);
+        all_live.sort_by_key(|m| m.envelope.id);
+        info!(spool = %dir.display(), live = all_live.len(),
             segments = replayed.segments.len(), "spool opened");
         let spool = Spool {
             inner: Arc::new(Inner {
@@ -262,7 +293,25 @@ impl Spool {
                 _lock: lock,
             }),
         };
-        Ok((spool, replayed.live))
+        for id in moved_late {
+            // Fire and forget: the committer writes it before anything submitted later.
+            let bytes = record::encode_moved(id)?;
+            let (reply, _) = oneshot::channel();
+            if let Some(tx) = spool
+                .inner
+                .tx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+            {
+                let _ = tx.send(Request {
+                    bytes,
+                    effect: Effect::Remove(id),
+                    reply,
+                });
+            }
+        }
+        Ok((spool, all_live))
     }
 
     /// The spool directory.
@@ -295,10 +344,7 @@ impl Spool {
         delivered: bool,
         reply: &str,
     ) -> Result<(), SpoolError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let bytes = record::encode_outcome(id, rcpt_index, delivered, now, reply)?;
+        let bytes = record::encode_outcome(id, rcpt_index, delivered, unix_now(), reply)?;
         self.submit(bytes, Effect::None).await.map(drop)
     }
 
@@ -320,6 +366,58 @@ impl Spool {
     /// Blocking file I/O: from async code call it inside `tokio::task::spawn_blocking`.
     pub fn read_message(&self, loc: &Location) -> Result<Vec<u8>, SpoolError> {
         read_at(&self.inner.log_dir, loc)
+    }
+
+    /// Reads the body of a live message wherever it is kept. Blocking file I/O.
+    pub fn read_body(&self, msg: &StoredMessage) -> Result<Vec<u8>, SpoolError> {
+        read_body_in(&self.inner.dir, msg)
+    }
+
+    /// Moves a message out of the log into its own file under `SPOOL/deferred/` (see
+    /// `deferred.rs`): the file is durable before the MOVED record is written, so a crash
+    /// in between leaves both copies and the file wins at the next open.
+    pub async fn move_to_deferred(
+        &self,
+        envelope: &Envelope,
+        body: Vec<u8>,
+        states: &[RcptState],
+    ) -> Result<(), SpoolError> {
+        let dir = self.inner.dir.join(DEFERRED_DIR);
+        let env = envelope.clone();
+        let states = states.to_vec();
+        blocking(move || deferred::write(&dir, &env, &body, &states)).await?;
+        self.mark_moved(envelope.id).await
+    }
+
+    /// Records a recipient's final outcome wherever the message is kept.
+    pub async fn record_final(
+        &self,
+        id: QueueId,
+        place: Place,
+        rcpt_index: usize,
+        delivered: bool,
+        reply: &str,
+    ) -> Result<(), SpoolError> {
+        match place {
+            Place::Log(_) => self.record_outcome(id, rcpt_index, delivered, reply).await,
+            Place::Deferred => {
+                let dir = self.inner.dir.join(DEFERRED_DIR);
+                let reply = reply.to_string();
+                blocking(move || deferred::append_outcome(&dir, id, rcpt_index, delivered, &reply))
+                    .await
+            }
+        }
+    }
+
+    /// The message is finished (all recipients final, or deleted by the operator).
+    pub async fn finish(&self, id: QueueId, place: Place) -> Result<(), SpoolError> {
+        match place {
+            Place::Log(_) => self.mark_done(id).await,
+            Place::Deferred => {
+                let dir = self.inner.dir.join(DEFERRED_DIR);
+                blocking(move || deferred::remove(&dir, id)).await
+            }
+        }
     }
 
     /// Stops the committer thread after it has committed and answered everything already
@@ -356,14 +454,41 @@ impl Spool {
 /// log without taking the lock, without trimming anything and without GC. A record being
 /// written at that moment is simply not seen.
 pub fn scan(dir: &Path) -> Result<Vec<StoredMessage>, SpoolError> {
-    Ok(replay::replay(&dir.join(LOG_DIR), Mode::ReadOnly)?.live)
+    let mut live = replay::replay(&dir.join(LOG_DIR), Mode::ReadOnly)?.live;
+    let deferred_dir = dir.join(DEFERRED_DIR);
+    for id in deferred::list(&deferred_dir, false)? {
+        // A file may vanish between the listing and the read (delivered meanwhile).
+        if let Ok((loaded, _)) = deferred::load(&deferred_dir, id) {
+            live.retain(|m| m.envelope.id != id);
+            live.push(loaded.message);
+        }
+    }
+    live.sort_by_key(|m| m.envelope.id);
+    Ok(live)
 }
 
-/// `Spool::read_message` without an open spool (for the CLI, next to [`scan`]). Blocking.
-/// Fails with an `Io` error (not found) if the message was finished and its segment
-/// collected since the scan.
-pub fn read_message_in(dir: &Path, loc: &Location) -> Result<Vec<u8>, SpoolError> {
-    read_at(&dir.join(LOG_DIR), loc)
+/// Reads a live message's body without an open spool (for the CLI). Blocking.
+pub fn read_body_in(dir: &Path, msg: &StoredMessage) -> Result<Vec<u8>, SpoolError> {
+    match &msg.place {
+        Place::Log(loc) => read_at(&dir.join(LOG_DIR), loc),
+        Place::Deferred => Ok(deferred::load(&dir.join(DEFERRED_DIR), msg.envelope.id)?.1),
+    }
+}
+
+/// Runs blocking file work off the async executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(SpoolError::Closed))
+}
+
+/// Now, in Unix seconds.
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn read_at(log_dir: &Path, loc: &Location) -> Result<Vec<u8>, SpoolError> {

@@ -196,7 +196,7 @@ fn apply(
                 StoredMessage {
                     envelope,
                     states,
-                    location,
+                    place: super::Place::Log(location),
                     size,
                 },
             );

@@ -85,10 +85,10 @@ async fn store_then_reopen_gives_the_same_message() {
     assert_eq!(live.len(), 2);
     for (msg, (env, loc, n)) in live.iter().zip([(&env0, loc0, 0), (&env1, loc1, 1)]) {
         assert_eq!(&msg.envelope, env);
-        assert_eq!(msg.location, loc);
+        assert_eq!(msg.place, Place::Log(loc));
         assert_eq!(msg.size, body(n).len() as u64);
         assert_eq!(msg.states, vec![RcptState::Pending; 2]);
-        assert_eq!(spool.read_message(&msg.location).unwrap(), body(n));
+        assert_eq!(spool.read_body(msg).unwrap(), body(n));
     }
     // Ids stay increasing across a restart.
     assert!(spool.new_id() > env1.id);
@@ -153,7 +153,7 @@ async fn torn_tail_at_every_offset_replays_the_earlier_records() {
         );
         let (spool, live) = Spool::open(&dir, small()).unwrap();
         assert_eq!(ids(&live), vec![first.id], "open, cut at {cut}");
-        assert_eq!(spool.read_message(&live[0].location).unwrap(), body(1));
+        assert_eq!(spool.read_body(&live[0]).unwrap(), body(1));
         drop(spool);
         // The torn tail was trimmed, so it is not reported as corruption later.
         assert_eq!(
@@ -340,7 +340,7 @@ async fn rotation_by_size_replays_across_segments() {
     );
     for msg in &live {
         let n = (msg.envelope.arrived - 1_764_403_200) as usize;
-        assert_eq!(spool.read_message(&msg.location).unwrap(), body(n));
+        assert_eq!(spool.read_body(msg).unwrap(), body(n));
     }
 }
 
@@ -395,7 +395,7 @@ async fn concurrent_stores_are_group_committed() {
     stored.sort_by_key(|(env, _, _)| env.id);
     for (msg, (env, loc, _)) in live.iter().zip(&stored) {
         assert_eq!(&msg.envelope, env);
-        assert_eq!(&msg.location, loc);
+        assert_eq!(msg.place, Place::Log(*loc));
     }
 }
 
@@ -432,8 +432,8 @@ async fn scan_works_while_the_spool_is_open() {
     let seen = scan(dir).unwrap();
     assert_eq!(ids(&seen), vec![a.id, b.id]);
     assert_eq!(seen[0].states, vec![RcptState::Pending, RcptState::Failed]);
-    assert_eq!(read_message_in(dir, &seen[0].location).unwrap(), body(1));
-    assert_eq!(seen[0].location, la);
+    assert_eq!(read_body_in(dir, &seen[0]).unwrap(), body(1));
+    assert_eq!(seen[0].place, Place::Log(la));
     // The spool is unaffected.
     spool.mark_done(b.id).await.unwrap();
     assert_eq!(ids(&scan(dir).unwrap()), vec![a.id]);

@@ -25,6 +25,13 @@ pub fn free_port() -> u16 {
 /// The config every test starts from; `extra` is appended (top-level keys must come
 /// before any table, so tests put them in `top`).
 pub fn base_config(port: u16, spool: &Path, top: &str, extra: &str) -> String {
+    // Tests that set no routes must not reach real DNS or the Internet: everything goes
+    // to a closed loopback port and stays queued (deferred).
+    let fallback = if extra.contains("[[route]]") || extra.contains("[delivery]") {
+        ""
+    } else {
+        "\n[[route]]\ndomains = [\"*\"]\nnext_hop = \"[127.0.0.1]:1\"\n"
+    };
     format!(
         r#"hostname = "relay.test"
 spool_dir = "{spool}"
@@ -41,7 +48,7 @@ per_ip_connections = 500
 accepted_domains = ["accepted.test", "company.test"]
 trusted_networks = ["127.0.0.1/32"]
 {extra}
-"#,
+{fallback}"#,
         spool = spool.display()
     )
 }

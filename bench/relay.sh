@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# bench/relay.sh - Postern end to end under the shared harness
+# (/work/shared/bench/relay-bench.sh): smtp-source -> Postern 127.0.0.1:PORT ->
+# smtp-sink 127.0.0.1:2626, with the same durability as the Postfix reference (every
+# message fsynced before its 250).
+#
+# Usage: bench/relay.sh SIZE SESSIONS COUNT [RCPTS=1] [extra relay-bench.sh options...]
+# e.g.   bench/relay.sh 4096 50 10000
+#        bench/relay.sh 4096 10 1000 100
+# Builds the release binary, writes a config to a temp dir, starts Postern, runs the
+# harness with -w (peak RSS/PSS of Postern) and -Q (queue empty), stops Postern.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=$1 CONC=$2 COUNT=$3 RCPTS=${4:-1}
+shift $(( $# < 4 ? $# : 4 ))
+HARNESS=${HARNESS:-/work/shared/bench/relay-bench.sh}
+PORT=${PORT:-2525} SINK_PORT=${SINK_PORT:-2626}
+cargo build --release -q
+tmp=$(mktemp -d)
+cat >"$tmp/postern.toml" <<CONF
+hostname = "bench.local"
+spool_dir = "$tmp/spool"
+max_message_size = "10MB"
+max_recipients = 1000
+
+[[listener]]
+address = "127.0.0.1:$PORT"
+max_connections = 5000
+per_ip_connections = 5000
+
+[relay]
+accepted_domains = []
+trusted_networks = ["127.0.0.1/32"]
+
+[[route]]
+domains = ["bench.test"]
+next_hop = "[127.0.0.1]:$SINK_PORT"
+tls = "none"
+
+[delivery]
+max_concurrency = 100
+per_domain_concurrency = 20
+CONF
+RUST_LOG=${RUST_LOG:-warn} ./target/release/postern serve --config "$tmp/postern.toml" 2>"$tmp/log" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+qempty="./target/release/postern queue list --config $tmp/postern.toml | grep -q 'queue is empty'"
+"$HARNESS" -r "$RCPTS" -w "$pid" -Q "$qempty" "$@" "127.0.0.1:$PORT" "$SINK_PORT" "$SIZE" "$CONC" "$COUNT"

@@ -1,0 +1,208 @@
+//! The control socket: how `postern queue ...` talks to a running server, so that queue
+//! management never edits files under the server's feet (no torn state).
+//!
+//! `SPOOL/control.sock`, a Unix socket with mode 0600 (only the spool's owner may use
+//! it). One request per connection, one line: `LIST`, `SHOW <id>`, `FLUSH`, `DELETE <id>`;
+//! the answer is text for the operator, ending when the server closes the connection.
+//! When no server runs, the CLI works on the spool directly (`queue list/show` read it,
+//! `queue delete` takes the spool lock first).
+//!
+//! Trust: whoever can open the socket is the spool's owner (file mode); requests are
+//! still parsed strictly and bounded (one line of at most 256 octets).
+
+use std::fmt::Write as _;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::net::UnixListener;
+
+use crate::delivery::{self, QueueItem};
+use crate::queue::{QueueId, StoredMessage, read_body_in};
+
+pub const SOCKET: &str = "control.sock";
+
+pub fn socket_path(spool_dir: &Path) -> PathBuf {
+    spool_dir.join(SOCKET)
+}
+
+/// Binds the control socket (replacing a stale one: we hold the spool lock, so no other
+/// server uses it) and serves requests until the task is dropped.
+pub fn start(spool_dir: &Path, handle: delivery::Handle) -> std::io::Result<()> {
+    let path = socket_path(spool_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let dir = spool_dir.to_path_buf();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            let dir = dir.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = TokioBufReader::new(read.take(256));
+                let request =
+                    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+                        .await;
+                let answer = match request {
+                    Ok(Ok(_)) => answer(&handle, &dir, line.trim()).await,
+                    _ => "ERR no request\n".to_string(),
+                };
+                let _ = write.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(handle: &delivery::Handle, dir: &Path, request: &str) -> String {
+    let (verb, arg) = request.split_once(' ').unwrap_or((request, ""));
+    match (verb, arg.parse::<QueueId>()) {
+        ("LIST", _) => format_list(&handle.list().await, true),
+        ("FLUSH", _) => format!(
+            "OK {} messages scheduled for immediate delivery\n",
+            handle.flush().await
+        ),
+        ("DELETE", Ok(id)) => {
+            if handle.delete(id).await {
+                format!("OK {id} deleted\n")
+            } else {
+                format!("ERR {id}: no such message in the queue\n")
+            }
+        }
+        ("SHOW", Ok(id)) => match handle
+            .list()
+            .await
+            .into_iter()
+            .find(|i| i.message.envelope.id == id)
+        {
+            Some(item) => format_show(dir, &item, true),
+            None => format!("ERR {id}: no such message in the queue\n"),
+        },
+        _ => "ERR unknown request\n".to_string(),
+    }
+}
+
+/// Sends one request to a running server. `None` when no server answers on the socket.
+pub fn request(spool_dir: &Path, line: &str) -> Option<String> {
+    let mut stream = StdUnixStream::connect(socket_path(spool_dir)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .ok()?;
+    stream.write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+/// Queue items as found on disk, when no server runs.
+pub fn offline_items(messages: Vec<StoredMessage>) -> Vec<QueueItem> {
+    messages
+        .into_iter()
+        .map(|m| QueueItem {
+            errors: vec![None; m.states.len()],
+            message: m,
+            attempts: 0,
+            next_in: 0,
+            in_flight: false,
+        })
+        .collect()
+}
+
+fn age(arrived: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    crate::config::format_duration(Duration::from_secs((now - arrived).max(1) as u64))
+}
+
+/// `postern queue list`: like mailq, one block per message.
+pub fn format_list(items: &[QueueItem], running: bool) -> String {
+    if items.is_empty() {
+        return "queue is empty\n".to_string();
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<16}  {:>6}  {:>8}  sender", "id", "age", "size");
+    for item in items {
+        let env = &item.message.envelope;
+        let sender = if env.sender.is_empty() {
+            "<>".to_string()
+        } else {
+            format!("<{}>", env.sender)
+        };
+        let next = if !running {
+            "at next start".to_string()
+        } else if item.in_flight {
+            "now (attempt running)".to_string()
+        } else if item.next_in == 0 {
+            "now".to_string()
+        } else {
+            format!(
+                "in {}",
+                crate::config::format_duration(Duration::from_secs(item.next_in))
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{:<16}  {:>6}  {:>8}  {sender}  (attempts {}, next {next})",
+            env.id.to_string(),
+            age(env.arrived),
+            item.message.size,
+            item.attempts
+        );
+        for (i, rcpt) in env.recipients.iter().enumerate() {
+            let state = delivery::state_word(item.message.states[i]);
+            match item.errors.get(i).and_then(|e| e.as_deref()) {
+                Some(err) => {
+                    let _ = writeln!(out, "    <{rcpt}>  {state}: {err}");
+                }
+                None => {
+                    let _ = writeln!(out, "    <{rcpt}>  {state}");
+                }
+            }
+        }
+    }
+    let _ = writeln!(out, "{} message(s)", items.len());
+    out
+}
+
+/// `postern queue show ID`: the envelope, per-recipient state and the message headers.
+pub fn format_show(spool_dir: &Path, item: &QueueItem, running: bool) -> String {
+    let mut out = format_list(std::slice::from_ref(item), running);
+    let env = &item.message.envelope;
+    let _ = writeln!(
+        out,
+        "client {}  helo {}  auth {}  params {}",
+        env.client,
+        env.helo,
+        env.auth.as_deref().unwrap_or("-"),
+        if env.params.is_empty() {
+            "-".to_string()
+        } else {
+            env.params.join(" ")
+        }
+    );
+    match read_body_in(spool_dir, &item.message) {
+        Ok(body) => {
+            let end = body
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(body.len(), |p| p + 2);
+            out.push_str("--- headers ---\n");
+            out.push_str(
+                &String::from_utf8_lossy(&body[..end.min(64 * 1024)]).replace("\r\n", "\n"),
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "(message text unavailable: {e})");
+        }
+    }
+    out
+}

@@ -1,0 +1,217 @@
+//! Per-message files for messages that outlive their first delivery attempt.
+//!
+//! The segment log is collected oldest-first, so one message waiting days for a retry
+//! would pin every later segment. A message that is deferred therefore moves out of the
+//! log into `SPOOL/deferred/<ID>` (written to `<ID>.tmp`, fsynced, renamed, directory
+//! fsynced; then a MOVED record goes to the log). Its later outcomes are RCPT records
+//! appended to that file (one fdatasync each: deferred mail is the slow path). When it is
+//! finished the file is unlinked.
+//!
+//! File format: the line `postern-deferred 1\n`, the MESSAGE record exactly as in a
+//! segment, then zero or more RCPT records; all framed and CRC-checked like the log.
+//!
+//! Trust: our own files, but a crash can cut an append short. Loading stops at the first
+//! record that does not verify; the owner trims that tail before appending again, so a
+//! torn record can never hide later ones.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::record::{self, Decoded, FRAME_LEN};
+use super::segment::sync_dir;
+use super::{Envelope, QueueId, RcptState, SpoolError, StoredMessage};
+
+const HEADER: &[u8] = b"postern-deferred 1\n";
+
+pub(crate) fn path(dir: &Path, id: QueueId) -> PathBuf {
+    dir.join(id.to_string())
+}
+
+/// Writes a message's own file durably: temp file, fsync, rename, fsync the directory.
+pub(crate) fn write(
+    dir: &Path,
+    envelope: &Envelope,
+    body: &[u8],
+    states: &[RcptState],
+) -> Result<(), SpoolError> {
+    let mut bytes = HEADER.to_vec();
+    bytes.extend(record::encode_message(envelope, body)?);
+    let now = super::unix_now();
+    for (i, state) in states.iter().enumerate() {
+        if *state != RcptState::Pending {
+            let delivered = *state == RcptState::Delivered;
+            bytes.extend(record::encode_outcome(
+                envelope.id,
+                i,
+                delivered,
+                now,
+                "(recorded before the move)",
+            )?);
+        }
+    }
+    let final_path = path(dir, envelope.id);
+    let tmp = final_path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(SpoolError::io("create", &tmp))?;
+    file.write_all(&bytes)
+        .map_err(SpoolError::io("write", &tmp))?;
+    file.sync_all().map_err(SpoolError::io("fsync", &tmp))?;
+    fs::rename(&tmp, &final_path).map_err(SpoolError::io("rename", &tmp))?;
+    sync_dir(dir)
+}
+
+/// Appends a final outcome for one recipient, durably.
+pub(crate) fn append_outcome(
+    dir: &Path,
+    id: QueueId,
+    index: usize,
+    delivered: bool,
+    reply: &str,
+) -> Result<(), SpoolError> {
+    let p = path(dir, id);
+    let bytes = record::encode_outcome(id, index, delivered, super::unix_now(), reply)?;
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .map_err(SpoolError::io("open", &p))?;
+    file.write_all(&bytes)
+        .map_err(SpoolError::io("append", &p))?;
+    file.sync_data().map_err(SpoolError::io("fdatasync", &p))
+}
+
+/// Removes a finished message's file (durably: the directory is synced).
+pub(crate) fn remove(dir: &Path, id: QueueId) -> Result<(), SpoolError> {
+    let p = path(dir, id);
+    match fs::remove_file(&p) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SpoolError::io("remove", &p)(e)),
+    }
+}
+
+/// A loaded deferred file.
+pub(crate) struct Loaded {
+    pub(crate) message: StoredMessage,
+    /// Length of the verified prefix; bytes after it are a torn append.
+    pub(crate) valid_len: u64,
+    pub(crate) file_len: u64,
+}
+
+/// Reads one deferred file: its envelope, states and body offset.
+pub(crate) fn load(dir: &Path, id: QueueId) -> Result<(Loaded, Vec<u8>), SpoolError> {
+    let p = path(dir, id);
+    let mut data = Vec::new();
+    File::open(&p)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(SpoolError::io("read", &p))?;
+    let corrupt = |offset: usize, reason: &str| SpoolError::Corrupt {
+        path: p.clone(),
+        offset: offset as u64,
+        reason: reason.to_string(),
+    };
+    if !data.starts_with(HEADER) {
+        return Err(corrupt(0, "not a deferred message file"));
+    }
+    let mut pos = HEADER.len();
+    let mut message: Option<(StoredMessage, Vec<u8>)> = None;
+    while let Some((decoded, next, payload_start)) = next_record(&data, pos) {
+        match (decoded, message.as_mut()) {
+            (
+                Decoded::Message {
+                    envelope,
+                    body_start,
+                    size,
+                },
+                None,
+            ) => {
+                if envelope.id != id {
+                    return Err(corrupt(pos, "file name and message id differ"));
+                }
+                let body = data[payload_start + body_start..next].to_vec();
+                let states = vec![RcptState::Pending; envelope.recipients.len()];
+                message = Some((
+                    StoredMessage {
+                        envelope,
+                        states,
+                        place: super::Place::Deferred,
+                        size,
+                    },
+                    body,
+                ));
+            }
+            (
+                Decoded::Rcpt {
+                    index, delivered, ..
+                },
+                Some((m, _)),
+            ) => {
+                if let Some(s) = m.states.get_mut(index) {
+                    *s = if delivered {
+                        RcptState::Delivered
+                    } else {
+                        RcptState::Failed
+                    };
+                }
+            }
+            _ => return Err(corrupt(pos, "unexpected record")),
+        }
+        pos = next;
+    }
+    let (message, body) = message.ok_or_else(|| corrupt(pos, "no message record"))?;
+    Ok((
+        Loaded {
+            message,
+            valid_len: pos as u64,
+            file_len: data.len() as u64,
+        },
+        body,
+    ))
+}
+
+/// Decodes the record at `pos`: (decoded, end of record, start of payload).
+fn next_record(data: &[u8], pos: usize) -> Option<(Decoded, usize, usize)> {
+    let frame_bytes: &[u8; FRAME_LEN] = data.get(pos..pos + FRAME_LEN)?.try_into().ok()?;
+    let frame = record::parse_frame(frame_bytes)?;
+    let start = pos + FRAME_LEN;
+    let end = start.checked_add(frame.len as usize)?;
+    let payload = data.get(start..end)?;
+    if crc32fast::hash(payload) != frame.crc {
+        return None;
+    }
+    let decoded = record::decode(frame.rtype, frame.version, payload).ok()?;
+    Some((decoded, end, start))
+}
+
+/// Ids of the deferred files in `dir`; leftover `.tmp` files (a move cut short: the
+/// message is still live in the log) are removed when `clean` is set.
+pub(crate) fn list(dir: &Path, clean: bool) -> Result<Vec<QueueId>, SpoolError> {
+    let mut ids = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(ids),
+        Err(e) => return Err(SpoolError::io("list", dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(SpoolError::io("list", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Ok(id) = name.parse::<QueueId>() {
+            ids.push(id);
+        } else if clean && name.ends_with(".tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Cuts a torn append off (owner only, at open).
+pub(crate) fn trim(dir: &Path, id: QueueId, len: u64) -> Result<(), SpoolError> {
+    let p = path(dir, id);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .map_err(SpoolError::io("open", &p))?;
+    file.set_len(len).map_err(SpoolError::io("truncate", &p))?;
+    file.sync_all().map_err(SpoolError::io("fsync", &p))
+}
