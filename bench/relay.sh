@@ -15,7 +15,8 @@ SIZE=$1 CONC=$2 COUNT=$3 RCPTS=${4:-1}
 shift $(( $# < 4 ? $# : 4 ))
 HARNESS=${HARNESS:-/work/shared/bench/relay-bench.sh}
 PORT=${PORT:-2525} SINK_PORT=${SINK_PORT:-2626}
-cargo build --release -q
+BIN=${BIN:-}
+if [[ -z $BIN ]]; then cargo build --release -q; BIN=./target/release/postern; fi
 tmp=$(mktemp -d)
 cat >"$tmp/postern.toml" <<CONF
 hostname = "bench.local"
@@ -41,9 +42,9 @@ tls = "none"
 max_concurrency = 100
 per_domain_concurrency = 20
 CONF
-RUST_LOG=${RUST_LOG:-warn} ./target/release/postern serve --config "$tmp/postern.toml" 2>"$tmp/log" &
+RUST_LOG=${RUST_LOG:-warn} "$BIN" serve --config "$tmp/postern.toml" 2>"$tmp/log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
-qempty="./target/release/postern queue list --config $tmp/postern.toml | grep -q 'queue is empty'"
+qempty="$BIN queue list --config $tmp/postern.toml | grep -q 'queue is empty'"
 "$HARNESS" -r "$RCPTS" -w "$pid" -Q "$qempty" "$@" "127.0.0.1:$PORT" "$SINK_PORT" "$SIZE" "$CONC" "$COUNT"
