@@ -34,7 +34,11 @@ pub enum Command {
     Help,
     Quit,
     StartTls,
-    Auth,
+    /// RFC 4954: `AUTH mechanism [initial-response]`; mechanism upper-cased.
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
 }
 
 /// An ESMTP parameter (RFC 5321 4.1.2 `esmtp-param`); keyword upper-cased.
@@ -105,7 +109,7 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         "HELP" => Ok(Command::Help),
         "QUIT" => no_args(Command::Quit),
         "STARTTLS" => no_args(Command::StartTls),
-        "AUTH" => Ok(Command::Auth),
+        "AUTH" => parse_auth(rest),
         _ => Err(catalogue::unrecognized()),
     }
 }
@@ -187,6 +191,29 @@ fn parse_params(text: &str) -> Result<Vec<Param>, Reply> {
     Ok(params)
 }
 
+/// `AUTH SP sasl-mech [SP initial-response]` (RFC 4954 4); `sasl-mech` is 1-20
+/// characters of upper-case letters, digits, `-` and `_` (RFC 4422 3.1).
+fn parse_auth(rest: &str) -> Result<Command, Reply> {
+    let mut words = rest.split(' ');
+    let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+    let ok = (1..=20).contains(&mechanism.len())
+        && mechanism
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(catalogue::syntax(
+            "Syntax: AUTH mechanism [initial-response]",
+        ));
+    }
+    let initial = words.next().map(str::to_string);
+    if words.next().is_some() || initial.as_deref() == Some("") {
+        return Err(catalogue::syntax(
+            "Syntax: AUTH mechanism [initial-response]",
+        ));
+    }
+    Ok(Command::Auth { mechanism, initial })
+}
+
 /// `BDAT SP chunk-size [ SP end-marker ]` (RFC 3030 4).
 fn parse_bdat(rest: &str) -> Result<Command, Reply> {
     let mut words = rest.split(' ');
@@ -245,6 +272,23 @@ mod tests {
         assert_eq!(p("FOO"), Err(500));
         assert_eq!(p("VRFY"), Err(501));
         assert_eq!(p(""), Err(500));
+        assert_eq!(
+            p("auth plain AGEAYg=="),
+            Ok(Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some("AGEAYg==".into())
+            })
+        );
+        assert_eq!(
+            p("AUTH LOGIN"),
+            Ok(Command::Auth {
+                mechanism: "LOGIN".into(),
+                initial: None
+            })
+        );
+        assert_eq!(p("AUTH"), Err(501));
+        assert_eq!(p("AUTH PLAIN a b"), Err(501));
+        assert_eq!(p("AUTH PL@IN"), Err(501));
     }
 
     #[test]

@@ -18,4 +18,6 @@ pub mod server;
 
 pub use address::{Address, Domain, ReversePath};
 pub use reply::{Reply, Status, catalogue};
-pub use server::{Event, Message, Peer, RecipientRequest, Session, SessionConfig, TlsInfo};
+pub use server::{
+    AuthRequest, Event, Message, Peer, RecipientRequest, Session, SessionConfig, TlsInfo,
+};

@@ -275,6 +275,27 @@ pub mod catalogue {
     pub fn relay_denied() -> Reply {
         Reply::new(554, st(5, 7, 1), "Relay access denied")
     }
+    /// 550 5.7.1: a `[[filter]]` with action "reject" matched (at the end of DATA or
+    /// BDAT LAST); nothing was queued.
+    pub fn filter_rejected() -> Reply {
+        Reply::new(550, st(5, 7, 1), "Message rejected by content policy")
+    }
+    /// 554 5.7.1: the client is on a DNS blocklist; the reply names the list.
+    pub fn dnsbl_listed(ip: std::net::IpAddr, zone: &str) -> Reply {
+        Reply::new(
+            554,
+            st(5, 7, 1),
+            format!("Service unavailable; client [{ip}] blocked using {zone}"),
+        )
+    }
+    /// 553 5.7.1: an authenticated user's MAIL FROM is not one of their addresses.
+    pub fn sender_not_owned() -> Reply {
+        Reply::new(
+            553,
+            st(5, 7, 1),
+            "Sender address rejected: not owned by the authenticated user",
+        )
+    }
     /// 550 5.1.1: recipient in an accepted domain that does not exist.
     pub fn unknown_user() -> Reply {
         Reply::new(550, st(5, 1, 1), "Recipient address rejected: user unknown")
@@ -286,6 +307,63 @@ pub mod catalogue {
             st(4, 3, 0),
             "Local error in processing, try again later",
         )
+    }
+    /// 530 5.7.0: require_tls and no STARTTLS yet (RFC 3207 4).
+    pub fn tls_required() -> Reply {
+        Reply::new(530, st(5, 7, 0), "Must issue a STARTTLS command first")
+    }
+    /// 530 5.7.0: auth = "required" and no successful AUTH yet (RFC 4954 6).
+    pub fn auth_required() -> Reply {
+        Reply::new(530, st(5, 7, 0), "Authentication required")
+    }
+    /// 538 5.7.11: AUTH over an unencrypted connection (RFC 4954 6).
+    pub fn encryption_required_for_auth() -> Reply {
+        Reply::new(
+            538,
+            st(5, 7, 11),
+            "Encryption required for requested authentication mechanism",
+        )
+    }
+    /// 504 5.5.4: a SASL mechanism we do not offer (RFC 4954 4).
+    pub fn unknown_mechanism() -> Reply {
+        Reply::new(504, st(5, 5, 4), "Unrecognized authentication type")
+    }
+    /// 334: a SASL challenge (base64, possibly empty).
+    pub fn sasl_challenge(challenge: &'static str) -> Reply {
+        Reply::new(334, None, challenge)
+    }
+    /// 501 5.7.0: the client cancelled the exchange with `*` (RFC 4954 4).
+    pub fn auth_cancelled() -> Reply {
+        Reply::new(501, st(5, 7, 0), "Authentication cancelled")
+    }
+    /// 501 5.5.2: a SASL response that is not valid base64 or not valid for the mechanism.
+    pub fn bad_sasl_response() -> Reply {
+        Reply::new(
+            501,
+            st(5, 5, 2),
+            "Cannot decode the authentication response",
+        )
+    }
+    /// 235 2.7.0: AUTH succeeded (RFC 4954 6).
+    pub fn auth_ok() -> Reply {
+        Reply::new(235, st(2, 7, 0), "Authentication successful")
+    }
+    /// 535 5.7.8: wrong user name or password (RFC 4954 6).
+    pub fn auth_failed() -> Reply {
+        Reply::new(535, st(5, 7, 8), "Authentication credentials invalid")
+    }
+    /// 454 4.7.0: AUTH refused for now: the client address or user name is locked out
+    /// after too many failures, or the check could not be made (RFC 4954 6).
+    pub fn auth_temporarily_refused() -> Reply {
+        Reply::new(
+            454,
+            st(4, 7, 0),
+            "Temporary authentication failure, try again later",
+        )
+    }
+    /// 500 5.5.6: a SASL response line over 12288 octets (RFC 4954 4).
+    pub fn auth_line_too_long() -> Reply {
+        Reply::new(500, st(5, 5, 6), "Authentication exchange line is too long")
     }
     /// 220 after STARTTLS (RFC 3207 4).
     pub fn ready_for_tls() -> Reply {

@@ -23,6 +23,8 @@ use crate::reply::{Reply, catalogue};
 
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
+/// RFC 4954 4: the AUTH command and SASL responses may be up to 12288 octets.
+pub const MAX_AUTH_LINE: usize = 12288;
 
 /// Per-listener settings the protocol needs.
 #[derive(Clone, Debug)]
@@ -37,6 +39,31 @@ pub struct SessionConfig {
     pub max_errors: u32,
     /// Offer STARTTLS (RFC 3207): the driver can perform a handshake.
     pub starttls: bool,
+    /// MAIL and AUTH get 530 5.7.0 until TLS is active.
+    pub require_tls: bool,
+    /// SASL mechanisms offered with AUTH (RFC 4954), e.g. ["PLAIN", "LOGIN"]; empty: no AUTH.
+    pub auth_mechanisms: Vec<String>,
+    /// MAIL gets 530 5.7.0 until AUTH succeeded.
+    pub auth_required: bool,
+    /// Offer and accept AUTH without TLS (credentials in clear: off by default).
+    pub allow_plaintext_auth: bool,
+}
+
+impl SessionConfig {
+    /// A plain receiving session: no TLS, no AUTH.
+    pub fn new(hostname: impl Into<String>, max_message_size: u64, max_recipients: usize) -> Self {
+        SessionConfig {
+            hostname: hostname.into(),
+            max_message_size,
+            max_recipients,
+            max_errors: 20,
+            starttls: false,
+            require_tls: false,
+            auth_mechanisms: Vec::new(),
+            auth_required: false,
+            allow_plaintext_auth: false,
+        }
+    }
 }
 
 /// The negotiated TLS parameters, for the Received: header (RFC 8314 4.3 recommends
@@ -63,6 +90,29 @@ pub struct RecipientRequest {
     pub recipient: Address,
     /// Identity established by SMTP AUTH, if any.
     pub authenticated: Option<String>,
+}
+
+/// Credentials the driver must check, then call [`Session::answer_auth`].
+#[derive(Clone)]
+pub struct AuthRequest {
+    /// "PLAIN" or "LOGIN".
+    pub mechanism: &'static str,
+    /// PLAIN's authorization identity when the client sent one (RFC 4616 2).
+    pub authzid: Option<String>,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for AuthRequest {
+    /// Never prints the password: requests end up in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthRequest")
+            .field("mechanism", &self.mechanism)
+            .field("authzid", &self.authzid)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A complete message the driver must screen and store, then answer with
@@ -146,6 +196,8 @@ pub enum Event {
     Recipient(RecipientRequest),
     /// Store (or refuse) the message, then call [`Session::answer_message`].
     Message(Box<Message>),
+    /// Check the credentials, then call [`Session::answer_auth`].
+    Authenticate(AuthRequest),
     /// Send the output, perform the TLS handshake, then call
     /// [`Session::tls_established`] (or close on failure).
     StartTls,
@@ -177,7 +229,19 @@ enum State {
     },
     AwaitMessage,
     AwaitTls,
+    /// In an AUTH exchange, waiting for the client's next SASL response line.
+    Sasl(Sasl),
+    AwaitAuth,
     Closed,
+}
+
+/// Where an AUTH exchange stands (RFC 4954 4; PLAIN is RFC 4616, LOGIN is the
+/// long-deployed draft-murchison-sasl-login).
+#[derive(Debug)]
+enum Sasl {
+    Plain,
+    LoginUser,
+    LoginPassword { user: String },
 }
 
 /// The mail transaction: from MAIL to the end of the message or RSET.
@@ -311,6 +375,7 @@ impl Session {
     pub fn tls_established(&mut self, info: TlsInfo) {
         self.peer.tls = Some(info);
         self.greeting = None;
+        self.authenticated = None;
         self.transaction = None;
         self.input.clear();
         self.pos = 0;
@@ -318,9 +383,31 @@ impl Session {
         self.state = State::Connected;
     }
 
-    /// The identity a successful SMTP AUTH established.
-    pub fn set_authenticated(&mut self, identity: String) {
-        self.authenticated = Some(identity);
+    /// The driver's answer to [`Event::Authenticate`]: `Ok(identity)` (235) or the
+    /// refusal to send (535 5.7.8, 454 4.7.0).
+    pub fn answer_auth(&mut self, result: Result<String, Reply>) {
+        let State::AwaitAuth = self.state else {
+            debug_assert!(false, "answer_auth without a question");
+            return;
+        };
+        self.state = State::Ready;
+        match result {
+            Ok(identity) => {
+                self.authenticated = Some(identity);
+                self.reply(catalogue::auth_ok());
+            }
+            Err(reply) => self.reply(reply),
+        }
+    }
+
+    /// The identity established by SMTP AUTH, if any.
+    pub fn authenticated(&self) -> Option<&str> {
+        self.authenticated.as_deref()
+    }
+
+    /// True once TLS is active (implicit, or after STARTTLS).
+    pub fn is_tls(&self) -> bool {
+        self.peer.tls.is_some()
     }
 
     /// The client was silent longer than the command timeout.
@@ -350,7 +437,10 @@ impl Session {
         loop {
             match &mut self.state {
                 State::Closed => return Event::Close,
-                State::AwaitRecipient | State::AwaitMessage | State::AwaitTls => {
+                State::AwaitRecipient
+                | State::AwaitMessage
+                | State::AwaitTls
+                | State::AwaitAuth => {
                     // A driver bug, not something input can cause: refuse to go on.
                     debug_assert!(false, "poll while a question is pending");
                     return Event::Close;
@@ -386,6 +476,20 @@ impl Session {
                         return event;
                     }
                 }
+                State::Sasl(_) => match self.next_line() {
+                    None => return Event::NeedInput,
+                    Some(Err(())) => {
+                        // RFC 4954 4: 500 5.5.6 and the exchange is over.
+                        self.state = State::Ready;
+                        self.protocol_error(catalogue::auth_line_too_long());
+                    }
+                    Some(Ok((start, end))) => {
+                        let line = String::from_utf8_lossy(&self.input[start..end]).into_owned();
+                        if let Some(event) = self.sasl_response(&line) {
+                            return event;
+                        }
+                    }
+                },
                 _ => match self.next_line() {
                     None => return Event::NeedInput,
                     Some(Err(())) => self.protocol_error(catalogue::command_too_long()),
@@ -426,11 +530,21 @@ impl Session {
     /// `Err` for a line over the limit (already consumed up to its LF).
     fn next_line(&mut self) -> Option<Result<(usize, usize), ()>> {
         let avail = &self.input[self.pos..];
+        // AUTH lines carry base64 credentials and may be longer (RFC 4954 4).
+        let limit = if matches!(self.state, State::Sasl(_))
+            || avail
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"AUTH "))
+        {
+            MAX_AUTH_LINE
+        } else {
+            MAX_COMMAND_LINE
+        };
         match avail.iter().position(|&b| b == b'\n') {
             Some(lf) => {
                 let start = self.pos;
                 self.pos += lf + 1;
-                if std::mem::take(&mut self.discarding) || lf + 1 > MAX_COMMAND_LINE {
+                if std::mem::take(&mut self.discarding) || lf + 1 > limit {
                     return Some(Err(()));
                 }
                 // Commands may end in a bare LF: harmless here (unlike in DATA) and
@@ -443,7 +557,7 @@ impl Session {
                 Some(Ok((start, end)))
             }
             None => {
-                if avail.len() >= MAX_COMMAND_LINE {
+                if avail.len() >= limit {
                     // Keep memory bounded: drop what we have, answer at the line's end.
                     self.discarding = true;
                     self.pos = self.input.len();
@@ -485,7 +599,7 @@ impl Session {
                 return Some(Event::Close);
             }
             Command::StartTls => return self.starttls(),
-            Command::Auth => self.protocol_error(catalogue::not_implemented()),
+            Command::Auth { mechanism, initial } => return self.auth(mechanism, initial),
         }
         None
     }
@@ -512,6 +626,9 @@ impl Session {
         if self.config.starttls && self.peer.tls.is_none() {
             ext.push("STARTTLS".into());
         }
+        if self.auth_offered() {
+            ext.push(format!("AUTH {}", self.config.auth_mechanisms.join(" ")));
+        }
         ext.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "CHUNKING"].map(String::from));
         ext
     }
@@ -522,6 +639,12 @@ impl Session {
         }
         if self.transaction.is_some() {
             return self.protocol_error(catalogue::bad_sequence("Nested MAIL command"));
+        }
+        if self.config.require_tls && self.peer.tls.is_none() {
+            return self.reply(catalogue::tls_required());
+        }
+        if self.config.auth_required && self.authenticated.is_none() {
+            return self.reply(catalogue::auth_required());
         }
         let mut smtputf8 = false;
         let mut seen: Vec<&str> = Vec::new();
@@ -550,6 +673,10 @@ impl Session {
                 ("BODY", Some(v))
                     if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
                 ("SMTPUTF8", None) => smtputf8 = true,
+                // RFC 4954 5: accepted only when AUTH is offered; we never pass it on
+                // (we do not vouch for another server's authentication), so it is
+                // validated and dropped below.
+                ("AUTH", Some(v)) if !self.config.auth_mechanisms.is_empty() && is_xtext(v) => {}
                 _ => {
                     return self
                         .protocol_error(catalogue::bad_parameter("Unsupported MAIL parameter"));
@@ -562,6 +689,7 @@ impl Session {
         {
             return self.reply(catalogue::needs_smtputf8());
         }
+        let params = params.into_iter().filter(|p| p.keyword != "AUTH").collect();
         self.transaction = Some(Transaction {
             sender: from,
             params,
@@ -729,6 +857,137 @@ impl Session {
         })))
     }
 
+    /// AUTH is advertised and accepted: offered, and TLS is up unless plaintext AUTH is
+    /// allowed (RFC 4954 4 "SHOULD NOT advertise ... without a security layer").
+    fn auth_offered(&self) -> bool {
+        !self.config.auth_mechanisms.is_empty()
+            && (self.peer.tls.is_some()
+                || (self.config.allow_plaintext_auth && !self.config.require_tls))
+    }
+
+    fn auth(&mut self, mechanism: String, initial: Option<String>) -> Option<Event> {
+        if self.config.auth_mechanisms.is_empty() {
+            self.protocol_error(catalogue::not_implemented());
+            return None;
+        }
+        if !self.esmtp() {
+            self.protocol_error(catalogue::bad_sequence("Send EHLO first"));
+            return None;
+        }
+        if self.config.require_tls && self.peer.tls.is_none() {
+            self.reply(catalogue::tls_required());
+            return None;
+        }
+        if !self.auth_offered() {
+            self.reply(catalogue::encryption_required_for_auth());
+            return None;
+        }
+        if self.authenticated.is_some() {
+            self.protocol_error(catalogue::bad_sequence("Already authenticated"));
+            return None;
+        }
+        if self.transaction.is_some() {
+            self.protocol_error(catalogue::bad_sequence(
+                "AUTH not allowed during a mail transaction",
+            ));
+            return None;
+        }
+        if !self.config.auth_mechanisms.contains(&mechanism) {
+            self.protocol_error(catalogue::unknown_mechanism());
+            return None;
+        }
+        match (mechanism.as_str(), initial) {
+            ("PLAIN", None) => {
+                self.reply(catalogue::sasl_challenge(""));
+                self.state = State::Sasl(Sasl::Plain);
+                None
+            }
+            ("PLAIN", Some(response)) => self.sasl_plain(&response),
+            ("LOGIN", None) => {
+                self.reply(catalogue::sasl_challenge("VXNlcm5hbWU6")); // "Username:"
+                self.state = State::Sasl(Sasl::LoginUser);
+                None
+            }
+            ("LOGIN", Some(response)) => {
+                self.state = State::Sasl(Sasl::LoginUser);
+                self.sasl_response(&response)
+            }
+            _ => {
+                self.protocol_error(catalogue::unknown_mechanism());
+                None
+            }
+        }
+    }
+
+    /// One client line inside an AUTH exchange.
+    fn sasl_response(&mut self, line: &str) -> Option<Event> {
+        let State::Sasl(step) = std::mem::replace(&mut self.state, State::Ready) else {
+            return None;
+        };
+        if line == "*" {
+            self.reply(catalogue::auth_cancelled());
+            return None;
+        }
+        match step {
+            Sasl::Plain => self.sasl_plain(line),
+            Sasl::LoginUser => match decode_text(line) {
+                Some(user) if !user.is_empty() => {
+                    self.reply(catalogue::sasl_challenge("UGFzc3dvcmQ6")); // "Password:"
+                    self.state = State::Sasl(Sasl::LoginPassword { user });
+                    None
+                }
+                _ => {
+                    self.protocol_error(catalogue::bad_sasl_response());
+                    None
+                }
+            },
+            Sasl::LoginPassword { user } => match decode_text(line) {
+                Some(password) => self.ask_auth(AuthRequest {
+                    mechanism: "LOGIN",
+                    authzid: None,
+                    username: user,
+                    password,
+                }),
+                None => {
+                    self.protocol_error(catalogue::bad_sasl_response());
+                    None
+                }
+            },
+        }
+    }
+
+    /// RFC 4616 2: `[authzid] NUL authcid NUL passwd`, all UTF-8.
+    fn sasl_plain(&mut self, response: &str) -> Option<Event> {
+        let parts = decode_text(response).and_then(|text| {
+            let mut it = text.splitn(3, '\0');
+            let (z, c, p) = (it.next()?, it.next()?, it.next()?);
+            (!c.is_empty() && !p.contains('\0')).then(|| {
+                (
+                    (!z.is_empty()).then(|| z.to_string()),
+                    c.to_string(),
+                    p.to_string(),
+                )
+            })
+        });
+        match parts {
+            Some((authzid, username, password)) => self.ask_auth(AuthRequest {
+                mechanism: "PLAIN",
+                authzid,
+                username,
+                password,
+            }),
+            None => {
+                self.protocol_error(catalogue::bad_sasl_response());
+                None
+            }
+        }
+    }
+
+    fn ask_auth(&mut self, request: AuthRequest) -> Option<Event> {
+        self.state = State::AwaitAuth;
+        Some(Event::Authenticate(request))
+    }
+
     fn starttls(&mut self) -> Option<Event> {
         if !self.config.starttls {
             self.protocol_error(catalogue::not_implemented());
@@ -754,3 +1013,43 @@ impl Session {
         }
     }
 }
+
+/// Decodes a base64 SASL response into UTF-8 text; `=` is the empty response
+/// (RFC 4954 4).
+fn decode_text(b64: &str) -> Option<String> {
+    use base64::Engine;
+    if b64 == "=" {
+        return Some(String::new());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// RFC 3461 4: `xtext = *( xchar / hexchar )`, used by MAIL's AUTH= parameter, or `<>`.
+fn is_xtext(v: &str) -> bool {
+    if v == "<>" {
+        return true;
+    }
+    let b = v.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                let hex = b.get(i + 1..i + 3);
+                if !hex.is_some_and(|h| {
+                    h.iter()
+                        .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+                }) {
+                    return false;
+                }
+                i += 3;
+            }
+            b'!'..=b'~' if b[i] != b'=' => i += 1,
+            _ => return false,
+        }
+    }
+    !b.is_empty()
+}
+
+#[cfg(test)]
+mod tests;

@@ -42,8 +42,34 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// Manage the users file of SMTP AUTH (`[auth] users_file`).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Inspect and manage quarantined messages (held by a filter).
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineAction {
+    /// Every quarantined message: id, date, sender, recipients, subject, rule.
+    List,
+    /// One message: the reason and its header.
+    Show { id: QueueId },
+    /// Queue it for its original recipients, without screening it again.
+    Release { id: QueueId },
+    /// Remove it for good.
+    Delete { id: QueueId },
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,12 +84,64 @@ enum QueueAction {
     Delete { id: QueueId },
 }
 
+#[derive(Subcommand, Debug)]
+enum UserAction {
+    /// Add a user (fails if the name exists).
+    Add {
+        name: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// A sender address (MAIL FROM) the user may use with `[auth] restrict_senders`;
+        /// repeat for several.
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<String>,
+    },
+    /// Set a user's password (fails if the name does not exist); with --address, also
+    /// replace its sender addresses.
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// The user's sender addresses, replacing those in the file; repeat for several.
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<String>,
+    },
+    /// Remove a user.
+    Del { name: String },
+    /// List the users and their sender addresses (never the hashes).
+    List,
+}
+
+#[derive(clap::Args, Debug)]
+struct PasswordArgs {
+    /// Read the password from the first line of standard input instead of a prompt.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
         Command::Queue { action, config } => queue(action, config),
+        Command::User { action, config } => match user(action, config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("postern: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Quarantine { action, config } => match quarantine_cmd(action, config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("postern: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Version => {
             println!("postern {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -219,6 +297,154 @@ fn queue_offline(action: QueueAction, dir: &std::path::Path) -> anyhow::Result<S
             runtime.block_on(spool.finish(id, msg.place))?;
             spool.close();
             format!("OK {id} deleted\n")
+        }
+    })
+}
+
+/// `postern user ...`: edit the users file. The running server picks the change up by
+/// itself (it checks the file at most once a second), so nothing needs a restart.
+fn user(action: UserAction, path: Option<PathBuf>) -> anyhow::Result<()> {
+    use crate::auth::{password, users};
+
+    let config = Config::load_default_or_file(path.as_deref())?;
+    let Some(file) = config.auth.users_file.clone() else {
+        anyhow::bail!(
+            "no users file: set users_file in the [auth] section of {}",
+            match &config.source {
+                Some(p) => p.display().to_string(),
+                None => format!(
+                    "the configuration (none given with --config, and no ./{} here)",
+                    crate::config::DEFAULT_CONFIG_FILE
+                ),
+            }
+        );
+    };
+    let check_addresses = |addresses: &[String]| -> anyhow::Result<()> {
+        for a in addresses {
+            users::check_address(a).map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    };
+    match action {
+        UserAction::List => {
+            let list = users::UsersFile::load(&file, true)?;
+            for u in list.users() {
+                if u.addresses.is_empty() {
+                    println!("{}", u.name);
+                } else {
+                    println!("{}\t{}", u.name, u.addresses.join(","));
+                }
+            }
+        }
+        UserAction::Add {
+            name,
+            password: how,
+            addresses,
+        } => {
+            users::check_name(&name).map_err(anyhow::Error::msg)?;
+            check_addresses(&addresses)?;
+            let mut list = users::UsersFile::load(&file, true)?;
+            if list.get(&name).is_some() {
+                return Err(crate::auth::AuthError::UserExists(name).into());
+            }
+            let hash = password::hash(&read_password(&name, &how)?)?;
+            list.add(users::User {
+                name: name.clone(),
+                hash,
+                addresses,
+            })?;
+            list.save(&file)?;
+            println!("user {name} added to {}", file.display());
+        }
+        UserAction::Passwd {
+            name,
+            password: how,
+            addresses,
+        } => {
+            check_addresses(&addresses)?;
+            let mut list = users::UsersFile::load(&file, true)?;
+            if list.get(&name).is_none() {
+                return Err(crate::auth::AuthError::NoSuchUser(name).into());
+            }
+            let hash = password::hash(&read_password(&name, &how)?)?;
+            let addresses = (!addresses.is_empty()).then_some(addresses);
+            list.set_password(&name, hash, addresses)?;
+            list.save(&file)?;
+            println!("password of {name} changed in {}", file.display());
+        }
+        UserAction::Del { name } => {
+            let mut list = users::UsersFile::load(&file, true)?;
+            list.remove(&name)?;
+            list.save(&file)?;
+            println!("user {name} removed from {}", file.display());
+        }
+    }
+    Ok(())
+}
+
+/// The new password: one line of standard input with --password-stdin (its line ending
+/// is not part of it), else typed twice at a prompt without echo.
+fn read_password(name: &str, how: &PasswordArgs) -> anyhow::Result<String> {
+    let password = if how.password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| anyhow::anyhow!("cannot read the password from standard input: {e}"))?;
+        let line = line.strip_suffix('\n').unwrap_or(&line);
+        line.strip_suffix('\r').unwrap_or(line).to_string()
+    } else {
+        let prompt = |text: &str| {
+            rpassword::prompt_password(text).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the password from the terminal ({e}); use --password-stdin"
+                )
+            })
+        };
+        let first = prompt(&format!("New password for {name}: "))?;
+        let second = prompt("Again: ")?;
+        if first != second {
+            anyhow::bail!("the two passwords differ; nothing changed");
+        }
+        first
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password refused; nothing changed");
+    }
+    Ok(password)
+}
+
+fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Result<String> {
+    let config = Config::load_default_or_file(path.as_deref())?;
+    let dir = config.spool_dir.as_path();
+    Ok(match action {
+        QuarantineAction::List => control::format_quarantine(dir, &queue::quarantine::list(dir)?),
+        QuarantineAction::Show { id } => {
+            let (q, body) = queue::quarantine::load(dir, id)?;
+            control::format_quarantined(&q, &body)
+        }
+        QuarantineAction::Delete { id } => {
+            queue::quarantine::remove(dir, id)?;
+            format!("OK {id} deleted from the quarantine\n")
+        }
+        QuarantineAction::Release { id } => {
+            if let Some(answer) = control::request(dir, &format!("RELEASE {id}")) {
+                if answer.starts_with("ERR") {
+                    anyhow::bail!("{}", answer.trim_end());
+                }
+                answer
+            } else {
+                // No server: put it in the spool ourselves (taking its lock); the next
+                // start delivers it.
+                let (spool, _) = queue::Spool::open(dir, queue::SpoolOptions::default())?;
+                let (q, body) = queue::quarantine::load(dir, id)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(spool.store(&q.envelope, &body))?;
+                queue::quarantine::remove(dir, id)?;
+                spool.close();
+                format!("OK {id} released to the queue (delivered when postern starts)\n")
+            }
         }
     })
 }

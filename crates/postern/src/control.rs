@@ -3,6 +3,7 @@
 //!
 //! `SPOOL/control.sock`, a Unix socket with mode 0600 (only the spool's owner may use
 //! it). One request per connection, one line: `LIST`, `SHOW <id>`, `FLUSH`, `DELETE <id>`;
+//! `RELEASE <id>` (quarantine);
 //! the answer is text for the operator, ending when the server closes the connection.
 //! When no server runs, the CLI works on the spool directly (`queue list/show` read it,
 //! `queue delete` takes the spool lock first).
@@ -21,7 +22,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Tokio
 use tokio::net::UnixListener;
 
 use crate::delivery::{self, QueueItem};
-use crate::queue::{QueueId, StoredMessage, read_body_in};
+use crate::queue::quarantine::{self, Quarantined};
+use crate::queue::{Place, QueueId, RcptState, Spool, StoredMessage, read_body_in};
 
 pub const SOCKET: &str = "control.sock";
 
@@ -31,7 +33,9 @@ pub fn socket_path(spool_dir: &Path) -> PathBuf {
 
 /// Binds the control socket (replacing a stale one: we hold the spool lock, so no other
 /// server uses it) and serves requests until the task is dropped.
-pub fn start(spool_dir: &Path, handle: delivery::Handle) -> std::io::Result<()> {
+pub fn start(spool: Spool, handle: delivery::Handle) -> std::io::Result<()> {
+    let spool_dir = spool.dir().to_path_buf();
+    let spool_dir = spool_dir.as_path();
     let path = socket_path(spool_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
@@ -44,6 +48,7 @@ pub fn start(spool_dir: &Path, handle: delivery::Handle) -> std::io::Result<()> 
             };
             let handle = handle.clone();
             let dir = dir.clone();
+            let spool = spool.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -52,7 +57,7 @@ pub fn start(spool_dir: &Path, handle: delivery::Handle) -> std::io::Result<()> 
                     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
                         .await;
                 let answer = match request {
-                    Ok(Ok(_)) => answer(&handle, &dir, line.trim()).await,
+                    Ok(Ok(_)) => answer(&handle, &spool, &dir, line.trim()).await,
                     _ => "ERR no request\n".to_string(),
                 };
                 let _ = write.write_all(answer.as_bytes()).await;
@@ -62,7 +67,7 @@ pub fn start(spool_dir: &Path, handle: delivery::Handle) -> std::io::Result<()> 
     Ok(())
 }
 
-async fn answer(handle: &delivery::Handle, dir: &Path, request: &str) -> String {
+async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: &str) -> String {
     let (verb, arg) = request.split_once(' ').unwrap_or((request, ""));
     match (verb, arg.parse::<QueueId>()) {
         ("LIST", _) => format_list(&handle.list().await, true),
@@ -86,8 +91,127 @@ async fn answer(handle: &delivery::Handle, dir: &Path, request: &str) -> String 
             Some(item) => format_show(dir, &item, true),
             None => format!("ERR {id}: no such message in the queue\n"),
         },
+        ("RELEASE", Ok(id)) => match release(spool, handle, id).await {
+            Ok(()) => format!("OK {id} released to the queue\n"),
+            Err(e) => format!("ERR {id}: {e}\n"),
+        },
         _ => "ERR unknown request\n".to_string(),
     }
+}
+
+/// Puts a quarantined message back into the queue for its original recipients, without
+/// screening it again (an operator looked at it), then removes it from the quarantine.
+/// A crash between the two steps leaves it in both places: releasing twice would send
+/// it twice, never lose it.
+pub async fn release(
+    spool: &Spool,
+    handle: &delivery::Handle,
+    id: QueueId,
+) -> Result<(), crate::queue::SpoolError> {
+    let dir = spool.dir().to_path_buf();
+    let d = dir.clone();
+    let (q, body) = tokio::task::spawn_blocking(move || quarantine::load(&d, id))
+        .await
+        .map_err(|_| crate::queue::SpoolError::Closed)??;
+    let location = spool.store(&q.envelope, &body).await?;
+    let d = dir.clone();
+    tokio::task::spawn_blocking(move || quarantine::remove(&d, id))
+        .await
+        .map_err(|_| crate::queue::SpoolError::Closed)??;
+    tracing::info!(target: "maillog", id = %id, rule = %q.rule, from = %format_args!("<{}>", q.envelope.sender),
+        nrcpt = q.envelope.recipients.len(), "released from quarantine");
+    handle.enqueue(StoredMessage {
+        states: vec![RcptState::Pending; q.envelope.recipients.len()],
+        size: body.len() as u64,
+        envelope: q.envelope,
+        place: Place::Log(location),
+    });
+    Ok(())
+}
+
+/// `postern quarantine list`: id, date, sender, recipients, subject, rule.
+pub fn format_quarantine(spool_dir: &Path, items: &[Quarantined]) -> String {
+    if items.is_empty() {
+        return "quarantine is empty\n".to_string();
+    }
+    let mut out = String::new();
+    for q in items {
+        let date = chrono::DateTime::from_timestamp(q.time, 0).map_or_else(
+            || q.time.to_string(),
+            |d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        );
+        let subject = quarantine::load(spool_dir, q.envelope.id)
+            .map(|(_, body)| header_value(&body, "subject").unwrap_or_default())
+            .unwrap_or_default();
+        let sender = if q.envelope.sender.is_empty() {
+            "<>".to_string()
+        } else {
+            format!("<{}>", q.envelope.sender)
+        };
+        let _ = writeln!(
+            out,
+            "{}  {date}  {sender}  rule {}  size {}",
+            q.envelope.id, q.rule, q.size
+        );
+        let _ = writeln!(
+            out,
+            "    to: {}",
+            q.envelope
+                .recipients
+                .iter()
+                .map(|r| format!("<{r}>"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(out, "    subject: {subject}");
+        let _ = writeln!(out, "    reason: {}", q.reason);
+    }
+    let _ = writeln!(out, "{} message(s)", items.len());
+    out
+}
+
+/// `postern quarantine show ID`: the description and the message header.
+pub fn format_quarantined(q: &Quarantined, body: &[u8]) -> String {
+    let mut out = format!(
+        "{}  rule {}\nreason: {}\nclient {}  helo {}  from <{}>\nto: {}\n--- headers ---\n",
+        q.envelope.id,
+        q.rule,
+        q.reason,
+        q.envelope.client,
+        q.envelope.helo,
+        q.envelope.sender,
+        q.envelope.recipients.join(", ")
+    );
+    out.push_str(&String::from_utf8_lossy(header_section(body)).replace("\r\n", "\n"));
+    out
+}
+
+fn header_section(body: &[u8]) -> &[u8] {
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(body.len(), |p| p + 2);
+    &body[..end.min(64 * 1024)]
+}
+
+/// The unfolded value of the first header `name` (raw, not MIME-decoded).
+fn header_value(body: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(header_section(body)).into_owned();
+    let mut value: Option<String> = None;
+    for line in text.split("\r\n") {
+        match &mut value {
+            Some(v) if line.starts_with([' ', '\t']) => v.push_str(line),
+            Some(_) => break,
+            None => {
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case(name)
+                {
+                    value = Some(v.trim().to_string());
+                }
+            }
+        }
+    }
+    value
 }
 
 /// Sends one request to a running server. `None` when no server answers on the socket.

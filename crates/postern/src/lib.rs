@@ -8,16 +8,21 @@
 //! - [`queue`]: the durable spool (group-committed segment log).
 //! - [`delivery`]: the queue runner, routing, MX, the SMTP client, bounces.
 //! - [`control`]: the control socket behind `postern queue ...`.
+//! - [`tls`]: the server certificate; [`auth`]: SMTP AUTH users and brute-force defence.
 //! - [`config`]: the configuration file, validated; [`maillog`]: the decision log;
 //!   [`server`]: start-up and shutdown; [`cli`]: the command line.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod delivery;
+pub mod dnsbl;
+pub mod filter;
 pub mod listener;
 pub mod maillog;
 pub mod policy;
 pub mod queue;
 pub mod server;
 pub mod session;
+pub mod tls;

@@ -139,8 +139,9 @@ pub async fn run(
                 maillog::connected(local, peer);
                 let shared = Arc::clone(&shared);
                 let shutdown = shutdown.clone();
+                let config = config.clone();
                 tracker.spawn(async move {
-                    session::run(stream, peer, &shared, shutdown).await;
+                    session::run(stream, peer, &config, &shared, shutdown).await;
                     drop(slot);
                 });
             }

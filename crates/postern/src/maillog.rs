@@ -28,6 +28,11 @@ pub fn disconnected(client: SocketAddr, reason: &str) {
     tracing::debug!(target: "maillog", %client, reason = %reason, "disconnect");
 }
 
+/// A TLS handshake failed (STARTTLS or implicit TLS).
+pub fn tls_failed(client: SocketAddr, why: &str) {
+    tracing::info!(target: "maillog", %client, error = %why, "TLS handshake failed");
+}
+
 /// A recipient was refused by the relay policy.
 pub fn recipient_refused(
     client: SocketAddr,
@@ -54,12 +59,33 @@ pub fn message_accepted(
     client: SocketAddr,
     auth: Option<&str>,
     sender: &ReversePath,
-    recipients: &[Address],
+    recipients: &[String],
     size: usize,
 ) {
+    let to = recipients
+        .iter()
+        .map(|r| format!("<{r}>"))
+        .collect::<Vec<_>>()
+        .join(",");
     tracing::info!(target: "maillog", id = %id, %client, auth = %auth.unwrap_or("-"), from = %sender,
-        to = %RecipientList(recipients), nrcpt = recipients.len(), size,
+        to = %to, nrcpt = recipients.len(), size,
         "message accepted");
+}
+
+/// A filter acted on a message (interface: every action logs the rule, the message id,
+/// the sender and the recipients).
+pub fn filtered(
+    id: &str,
+    client: SocketAddr,
+    rule: &str,
+    action: &str,
+    reason: &str,
+    sender: &ReversePath,
+    recipients: &[Address],
+) {
+    tracing::info!(target: "maillog", id = %id, %client, rule = %rule, action = %action,
+        reason = %reason, from = %sender, to = %RecipientList(recipients),
+        "message filtered");
 }
 
 /// A message could not be stored; the client got a 4xx and will retry.

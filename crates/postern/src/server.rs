@@ -15,11 +15,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, Config, TlsMode};
+use crate::dnsbl::Dnsbl;
+use crate::filter::Screener;
 use crate::listener;
 use crate::policy::{RecipientList, RelayPolicy};
 use crate::queue::{Spool, SpoolOptions};
 use crate::session::Shared;
+use crate::tls::ServerTls;
 use crate::{control, delivery};
 
 /// How long sessions get to wind down after SIGTERM (the promise is exit within 10 s).
@@ -48,7 +52,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let policy = RelayPolicy::new(&config.relay, recipients);
-
     let spool_dir = config.spool_dir.clone();
     let options = spool_options();
     let (spool, live) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, options))
@@ -56,8 +59,32 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
     tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
         "spool open");
+    // After the spool lock: the self-signed certificate lives in the spool.
+    let tls = if config.listeners.iter().any(|l| l.tls != TlsMode::None) {
+        let tls = ServerTls::load(&config)?;
+        tls.spawn_reloader();
+        Some(tls)
+    } else {
+        None
+    };
+    let auth = if config.listeners.iter().any(|l| l.auth != AuthMode::None) {
+        Some(Authenticator::new(&config.auth)?)
+    } else {
+        None
+    };
+
+    let dnsbl = if config.relay.dnsbl.is_empty() {
+        None
+    } else {
+        let resolver = crate::delivery::mx::Resolver::new(&config.delivery.dns_servers)?;
+        Some(Dnsbl::new(config.relay.dnsbl.clone(), resolver))
+    };
+    let config_filters = config.filters.clone();
+    if !config_filters.is_empty() {
+        tracing::info!(filters = config_filters.len(), "message screener active");
+    }
     let delivery = delivery::start(&config, spool.clone(), live)?;
-    control::start(&config.spool_dir, delivery.clone()).with_context(|| {
+    control::start(spool.clone(), delivery.clone()).with_context(|| {
         format!(
             "cannot create the control socket {}",
             control::socket_path(&config.spool_dir).display()
@@ -78,6 +105,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         policy,
         spool: spool.clone(),
         delivery: delivery.clone(),
+        tls,
+        auth,
+        screener: Arc::new(Screener::new(&config_filters)),
+        dnsbl,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let sessions = TaskTracker::new();

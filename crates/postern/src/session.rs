@@ -1,79 +1,223 @@
 //! Drives one SMTP session: moves bytes between the socket and the sans-IO
-//! `postern_smtp::Session`, and answers its questions: the relay policy for each
-//! recipient, the spool for each message.
+//! `postern_smtp::Session`, performs the TLS handshakes it asks for (STARTTLS, RFC 3207;
+//! implicit TLS, RFC 8314), and answers its questions: credentials for AUTH, the relay
+//! policy for each recipient, the spool for each message.
 //!
 //! Trust: the socket is the network. The protocol core bounds what it buffers; this
 //! driver bounds time: every read and every write waits at most `command_timeout`
 //! (a client that stops reading our replies cannot hold a task forever).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postern_smtp::server::{Message, Peer, SessionConfig};
 use postern_smtp::{Event, Reply, ReversePath, Session, catalogue};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 
-use crate::config::Config;
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, Config, FilterAction, Listener, TlsMode};
 use crate::delivery;
+use crate::dnsbl::Dnsbl;
+use crate::filter::{Screener, Verdict};
 use crate::maillog;
-use crate::policy::{Client, Decision, RelayPolicy};
+use crate::policy::{Client, Decision, RelayPolicy, Rule};
 use crate::queue::{Envelope, Place, RcptState, Spool, StoredMessage};
+use crate::tls::ServerTls;
+use std::sync::Arc;
 
-/// What every session shares: read-only configuration and policy, and the spool.
+/// What every session shares: read-only configuration and policy, the spool, delivery,
+/// and (when some listener uses them) TLS and the authenticator.
 pub struct Shared {
     pub config: Config,
     pub policy: RelayPolicy,
     pub spool: Spool,
     pub delivery: delivery::Handle,
+    pub tls: Option<ServerTls>,
+    pub auth: Option<Authenticator>,
+    pub screener: Arc<Screener>,
+    pub dnsbl: Option<Dnsbl>,
 }
 
 /// Read size; small enough that 10,000 idle sessions stay cheap.
 const READ_BUFFER: usize = 8 * 1024;
+/// A TLS handshake must complete within this (or the command timeout, if shorter).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The connection, before or after TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The protocol settings of one listener.
+fn session_config(shared: &Shared, listener: &Listener) -> SessionConfig {
+    let auth_mechanisms = if listener.auth == AuthMode::None || shared.auth.is_none() {
+        Vec::new()
+    } else {
+        shared
+            .config
+            .auth
+            .mechanisms
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect()
+    };
+    SessionConfig {
+        hostname: shared.config.hostname.clone(),
+        max_message_size: shared.config.max_message_size,
+        max_recipients: shared.config.max_recipients,
+        max_errors: shared.config.max_errors,
+        starttls: listener.tls == TlsMode::StartTls && shared.tls.is_some(),
+        require_tls: listener.require_tls,
+        auth_mechanisms,
+        auth_required: listener.auth == AuthMode::Required,
+        allow_plaintext_auth: listener.allow_plaintext_auth,
+    }
+}
 
 /// Runs a session on an accepted TCP connection until it ends.
 pub async fn run(
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
+    listener: &Listener,
     shared: &Shared,
     shutdown: watch::Receiver<bool>,
 ) {
     // Replies are written once per batch of pipelined commands, so Nagle would only
     // add delayed-ACK stalls (~40 ms per message).
-    let _ = stream.set_nodelay(true);
-    let session_config = SessionConfig {
-        hostname: shared.config.hostname.clone(),
-        max_message_size: shared.config.max_message_size,
-        max_recipients: shared.config.max_recipients,
-        max_errors: shared.config.max_errors,
-        starttls: false,
+    let _ = tcp.set_nodelay(true);
+    let handshake_timeout = HANDSHAKE_TIMEOUT.min(shared.config.command_timeout);
+    // Implicit TLS (RFC 8314): the handshake comes before the greeting.
+    let (mut stream, tls) = if listener.tls == TlsMode::Implicit {
+        let Some(server_tls) = &shared.tls else {
+            maillog::disconnected(peer, "no TLS configured");
+            return;
+        };
+        match handshake(server_tls, tcp, handshake_timeout).await {
+            Ok((s, info)) => (Stream::Tls(Box::new(s)), Some(info)),
+            Err(why) => {
+                maillog::tls_failed(peer, &why);
+                maillog::disconnected(peer, "TLS handshake failed");
+                return;
+            }
+        }
+    } else {
+        (Stream::Plain(tcp), None)
     };
-    let session = Session::new(
-        session_config,
-        Peer {
-            addr: peer,
-            tls: None,
-        },
-    );
-    let reason = drive(stream, session, shared, shutdown).await;
+    let mut session = Session::new(session_config(shared, listener), Peer { addr: peer, tls });
+    // The DNSBL answer for this client, looked up at most once per connection.
+    let mut dnsbl: Option<Option<String>> = None;
+    let reason = loop {
+        match drive(
+            &mut stream,
+            &mut session,
+            shared,
+            &mut dnsbl,
+            shutdown.clone(),
+        )
+        .await
+        {
+            Ended::Done(reason) => break reason,
+            Ended::StartTls => {
+                let (Stream::Plain(tcp), Some(server_tls)) = (stream, &shared.tls) else {
+                    break "STARTTLS without TLS";
+                };
+                match handshake(server_tls, tcp, handshake_timeout).await {
+                    Ok((s, info)) => {
+                        session.tls_established(info);
+                        stream = Stream::Tls(Box::new(s));
+                    }
+                    Err(why) => {
+                        maillog::tls_failed(peer, &why);
+                        break "TLS handshake failed";
+                    }
+                }
+            }
+        }
+    };
     maillog::disconnected(peer, reason);
 }
 
-/// The event loop; returns why the session ended.
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    mut session: Session,
+async fn handshake(
+    tls: &ServerTls,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<(TlsStream<TcpStream>, postern_smtp::TlsInfo), String> {
+    match tokio::time::timeout(timeout, tls.acceptor().accept(tcp)).await {
+        Ok(Ok(s)) => {
+            let info = crate::tls::tls_info(s.get_ref().1);
+            Ok((s, info))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("handshake timed out".to_string()),
+    }
+}
+
+/// Why `drive` returned.
+enum Ended {
+    Done(&'static str),
+    /// The client asked for STARTTLS and our 220 has been sent.
+    StartTls,
+}
+
+/// The event loop; returns when the session ends or TLS must start.
+async fn drive(
+    stream: &mut Stream,
+    session: &mut Session,
     shared: &Shared,
+    dnsbl: &mut Option<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
-) -> &'static str {
+) -> Ended {
     let timeout = shared.config.command_timeout;
     let mut buf = vec![0u8; READ_BUFFER];
     loop {
         match session.poll() {
             Event::NeedInput => {
-                if flush(&mut stream, &mut session, timeout).await.is_err() {
-                    return "write failed";
+                if flush(stream, session, timeout).await.is_err() {
+                    return Ended::Done("write failed");
                 }
                 if *shutdown.borrow() {
                     session.shutdown();
@@ -81,20 +225,28 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 tokio::select! {
                     read = tokio::time::timeout(timeout, stream.read(&mut buf)) => match read {
-                        Ok(Ok(0)) => return "client closed",
+                        Ok(Ok(0)) => return Ended::Done("client closed"),
                         Ok(Ok(n)) => session.receive(&buf[..n]),
-                        Ok(Err(_)) => return "read failed",
+                        Ok(Err(_)) => return Ended::Done("read failed"),
                         Err(_) => session.timeout(),
                     },
                     _ = shutdown.wait_for(|stop| *stop) => session.shutdown(),
                 }
             }
             Event::Recipient(req) => {
+                let ip = session.peer().ip();
+                if let Some(lists) = &shared.dnsbl
+                    && dnsbl.is_none()
+                    && !shared.policy.dnsbl_exempt(ip, req.authenticated.is_some())
+                {
+                    *dnsbl = Some(lists.check(ip).await);
+                }
                 let client = Client {
-                    ip: session.peer().ip(),
+                    ip,
                     authenticated: req.authenticated.as_deref(),
+                    dnsbl: dnsbl.as_ref().and_then(|d| d.as_deref()),
                 };
-                let decision = shared.policy.decide(client, &req.recipient);
+                let decision = recipient_decision(shared, client, &req);
                 match &decision {
                     Decision::Accept(rule) => {
                         maillog::recipient_accepted(session.peer(), &req.recipient, *rule)
@@ -110,33 +262,64 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 session.answer_recipient(decision.into_result());
             }
+            Event::Authenticate(req) => {
+                let answer = match &shared.auth {
+                    Some(auth) => {
+                        let ip = session.peer().ip();
+                        let trusted = shared.policy.is_trusted(ip);
+                        auth.authenticate(ip, trusted, &req).await
+                    }
+                    None => Err(catalogue::auth_temporarily_refused()),
+                };
+                session.answer_auth(answer);
+            }
             Event::Message(message) => {
                 let reply = store(shared, *message).await;
                 session.answer_message(reply);
             }
             Event::StartTls => {
-                // Not offered by this build (SessionConfig::starttls is false), so the
-                // core never asks; closing is the safe answer to a logic error.
-                let _ = flush(&mut stream, &mut session, timeout).await;
-                return "starttls unavailable";
+                // The 220 must reach the client before the handshake starts.
+                if flush(stream, session, timeout).await.is_err() {
+                    return Ended::Done("write failed");
+                }
+                return Ended::StartTls;
             }
             Event::Close => {
-                let _ = flush(&mut stream, &mut session, timeout).await;
-                linger(&mut stream, &mut buf).await;
-                return if *shutdown.borrow() {
+                let _ = flush(stream, session, timeout).await;
+                linger(stream, &mut buf).await;
+                return Ended::Done(if *shutdown.borrow() {
                     "shutdown"
                 } else {
                     "closed"
-                };
+                });
             }
         }
     }
 }
 
+/// The relay policy, plus the sender check for authenticated users when
+/// `[auth] restrict_senders` is on (Postfix's reject_sender_login_mismatch).
+fn recipient_decision(
+    shared: &Shared,
+    client: Client<'_>,
+    req: &postern_smtp::RecipientRequest,
+) -> Decision {
+    if let (Some(identity), Some(auth)) = (client.authenticated, &shared.auth) {
+        let sender = match &req.sender {
+            ReversePath::Null => String::new(),
+            ReversePath::Mailbox(a) => a.to_string(),
+        };
+        if !auth.may_send_as(identity, &sender) {
+            return Decision::Refuse(Rule::SenderNotOwned, catalogue::sender_not_owned());
+        }
+    }
+    shared.policy.decide(client, &req.recipient)
+}
+
 /// Closes our side, then reads and drops what the client still sends for a moment.
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy
 /// our last reply (the 421 or 221) before the client reads it.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut [u8]) {
+async fn linger(stream: &mut Stream, buf: &mut [u8]) {
     let _ = stream.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let mut budget = 256 * 1024usize;
@@ -151,11 +334,7 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut [u8
 }
 
 /// Sends whatever replies are pending, within the timeout.
-async fn flush<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    session: &mut Session,
-    timeout: Duration,
-) -> Result<(), ()> {
+async fn flush(stream: &mut Stream, session: &mut Session, timeout: Duration) -> Result<(), ()> {
     if !session.has_output() {
         return Ok(());
     }
@@ -166,17 +345,62 @@ async fn flush<S: AsyncWrite + Unpin>(
     }
 }
 
-/// Prepends our Received: header and stores the message durably; the reply is 250
-/// only once the spool says it is on disk.
-async fn store(shared: &Shared, message: Message) -> Reply {
+/// Screens the message, prepends our Received: header and stores it durably (queue or
+/// quarantine); the reply is 250 only once it is on disk.
+async fn store(shared: &Shared, mut message: Message) -> Reply {
     let spool = &shared.spool;
     let id = spool.new_id();
     let id_text = id.to_string();
+    let sender = match &message.sender {
+        ReversePath::Null => String::new(),
+        ReversePath::Mailbox(a) => a.to_string(),
+    };
+    let mut recipients: Vec<String> = message.recipients.iter().map(|a| a.to_string()).collect();
+
+    // The screener sees the message as the client sent it. Policy never reads content;
+    // filters never grant relay: they can only refuse, drop, hold or narrow delivery.
+    let body = std::mem::take(&mut message.body);
+    let Some((verdict, body)) = screen(shared, &sender, body).await else {
+        return catalogue::local_error();
+    };
+    let mut redirect_note = None;
+    if let Some(v) = &verdict {
+        maillog::filtered(
+            &id_text,
+            message.peer,
+            &v.rule,
+            action_word(&v.action),
+            &v.reason,
+            &message.sender,
+            &message.recipients,
+        );
+        match &v.action {
+            FilterAction::Reject => return catalogue::filter_rejected(),
+            FilterAction::Discard => return catalogue::queued(&id_text),
+            FilterAction::Quarantine | FilterAction::Redirect(_) => {}
+        }
+        if let FilterAction::Redirect(to) = &v.action {
+            redirect_note = Some(format!(
+                "X-Postern-Redirected: by filter {}; original recipients: {}\r\n",
+                v.rule,
+                recipients
+                    .iter()
+                    .map(|r| format!("<{r}>"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            recipients = vec![to.clone()];
+        }
+    }
+
     let now = chrono::Local::now();
     let received = message.received_header(&shared.config.hostname, &id_text, &now.to_rfc2822());
-    let mut data = Vec::with_capacity(received.len() + message.body.len());
+    let note = redirect_note.unwrap_or_default();
+    let mut data = Vec::with_capacity(received.len() + note.len() + body.len());
     data.extend_from_slice(received.as_bytes());
-    data.extend_from_slice(&message.body);
+    data.extend_from_slice(note.as_bytes());
+    data.extend_from_slice(&body);
+    drop(body);
 
     let envelope = Envelope {
         id,
@@ -186,14 +410,32 @@ async fn store(shared: &Shared, message: Message) -> Reply {
         client: message.peer.to_string(),
         helo: message.helo.clone(),
         auth: message.authenticated.clone(),
-        sender: match &message.sender {
-            ReversePath::Null => String::new(),
-            ReversePath::Mailbox(a) => a.to_string(),
-        },
+        sender,
         params: message.params.iter().map(|p| p.to_wire()).collect(),
         smtputf8: message.smtputf8,
-        recipients: message.recipients.iter().map(|a| a.to_string()).collect(),
+        recipients,
     };
+    if let Some(v) = verdict
+        && v.action == FilterAction::Quarantine
+    {
+        let dir = spool.dir().to_path_buf();
+        let (rule, reason) = (v.rule.clone(), v.reason.clone());
+        let put = tokio::task::spawn_blocking(move || {
+            crate::queue::quarantine::put(&dir, &envelope, &data, &rule, &reason)
+        })
+        .await;
+        return match put {
+            Ok(Ok(())) => catalogue::queued(&id_text),
+            Ok(Err(e)) => {
+                maillog::message_store_failed(message.peer, &message.sender, &e);
+                catalogue::local_error()
+            }
+            Err(e) => {
+                maillog::message_store_failed(message.peer, &message.sender, &e);
+                catalogue::local_error()
+            }
+        };
+    }
     match spool.store(&envelope, &data).await {
         Ok(location) => {
             maillog::message_accepted(
@@ -201,7 +443,7 @@ async fn store(shared: &Shared, message: Message) -> Reply {
                 message.peer,
                 message.authenticated.as_deref(),
                 &message.sender,
-                &message.recipients,
+                &envelope.recipients,
                 data.len(),
             );
             shared.delivery.enqueue(StoredMessage {
@@ -216,5 +458,36 @@ async fn store(shared: &Shared, message: Message) -> Reply {
             maillog::message_store_failed(message.peer, &message.sender, &e);
             catalogue::local_error()
         }
+    }
+}
+
+/// Runs the screener off the async executor (MIME parsing of a large message is real
+/// work); returns its verdict and the body back, or None if screening itself failed
+/// (then the message is refused with 451: unscreened mail is never accepted).
+async fn screen(
+    shared: &Shared,
+    sender: &str,
+    body: Vec<u8>,
+) -> Option<(Option<Verdict>, Vec<u8>)> {
+    if shared.screener.is_empty() {
+        return Some((None, body));
+    }
+    let screener = Arc::clone(&shared.screener);
+    let sender = sender.to_string();
+    tokio::task::spawn_blocking(move || {
+        let verdict = screener.screen(&sender, &body);
+        (verdict, body)
+    })
+    .await
+    .map_err(|e| tracing::error!(error = %e, "screener failed; message refused with 451"))
+    .ok()
+}
+
+fn action_word(a: &FilterAction) -> &'static str {
+    match a {
+        FilterAction::Reject => "reject",
+        FilterAction::Discard => "discard",
+        FilterAction::Quarantine => "quarantine",
+        FilterAction::Redirect(_) => "redirect",
     }
 }

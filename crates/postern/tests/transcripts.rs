@@ -149,12 +149,14 @@ impl Memory {
                     let client = PolicyClient {
                         ip: self.session.peer().ip(),
                         authenticated: r.authenticated.as_deref(),
+                        dnsbl: None,
                     };
                     let d = self.policy.decide(client, &r.recipient);
                     self.session.answer_recipient(d.into_result());
                 }
                 Event::Message(_) => self.session.answer_message(catalogue::queued("MEMORY")),
                 Event::StartTls => panic!("STARTTLS is not offered"),
+                Event::Authenticate(_) => panic!("AUTH is not offered"),
                 Event::Close => self.closed = true,
             }
         }
@@ -178,7 +180,7 @@ fn run_in_memory(t: &Transcript) {
             max_message_size: config.max_message_size,
             max_recipients: config.max_recipients,
             max_errors: config.max_errors,
-            starttls: false,
+            ..SessionConfig::new(config.hostname.clone(), 0, 0)
         },
         Peer {
             addr: SocketAddr::new(t.client.parse().unwrap(), 40000),

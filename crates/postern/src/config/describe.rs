@@ -99,6 +99,13 @@ pub(crate) fn describe(c: &Config) -> String {
                 " only"
             },
         ));
+        if a.restrict_senders {
+            line(
+                "auth: senders restricted: a user may send only as its own address and the \
+                 addresses listed for it in the users file"
+                    .to_string(),
+            );
+        }
     }
 
     for route in &c.routes {

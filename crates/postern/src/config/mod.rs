@@ -144,6 +144,9 @@ pub struct Auth {
     pub failure_window: Duration,
     pub lockout: Duration,
     pub per_user_lockout: bool,
+    /// An authenticated user may use as MAIL FROM only its own name (when it is an
+    /// address) and the addresses listed for it in the users file.
+    pub restrict_senders: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -331,7 +334,7 @@ impl Listener {
     pub fn default_listener() -> Listener {
         Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 2525)),
-            tls: TlsMode::None,
+            tls: TlsMode::StartTls,
             require_tls: false,
             auth: AuthMode::None,
             allow_plaintext_auth: false,
@@ -356,7 +359,8 @@ impl Relay {
 }
 
 impl Auth {
-    /// No users file, PLAIN and LOGIN, 5 failures in 10 minutes lock out for 15 minutes.
+    /// No users file, PLAIN and LOGIN, 5 failures in 10 minutes lock out for 15 minutes,
+    /// senders not restricted.
     pub fn default_auth() -> Auth {
         Auth {
             users_file: None,
@@ -365,6 +369,7 @@ impl Auth {
             failure_window: validate::DEFAULT_FAILURE_WINDOW,
             lockout: validate::DEFAULT_LOCKOUT,
             per_user_lockout: true,
+            restrict_senders: false,
         }
     }
 }

@@ -91,6 +91,7 @@ pub(crate) struct RawAuth {
     pub failure_window: Option<S<String>>,
     pub lockout: Option<S<String>>,
     pub per_user_lockout: Option<bool>,
+    pub restrict_senders: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -361,7 +361,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         Some(a) => auth_section(&v, a)?,
         None => Auth::default_auth(),
     };
-    let listeners = listeners(&v, &raw.listener, tls.is_some(), &auth)?;
+    let listeners = listeners(&v, &raw.listener, &auth)?;
     let relay = match &raw.relay {
         Some(r) => relay_section(&v, r)?,
         None => Relay::default_relay(),
@@ -414,12 +414,7 @@ fn tls_section(v: &Validator, t: &S<RawTls>) -> Result<Tls> {
     })
 }
 
-fn listeners(
-    v: &Validator,
-    raw: &[S<RawListener>],
-    have_tls: bool,
-    auth: &Auth,
-) -> Result<Vec<Listener>> {
+fn listeners(v: &Validator, raw: &[S<RawListener>], auth: &Auth) -> Result<Vec<Listener>> {
     if raw.is_empty() {
         return Ok(vec![Listener::default_listener()]);
     }
@@ -443,21 +438,13 @@ fn listeners(
             seen.insert(address, line);
         }
 
+        // STARTTLS by default (safe by default); without [tls] a self-signed certificate
+        // is generated at start.
         let tls = match l.tls.as_ref().map(|t| *t.get_ref()) {
-            None | Some(RawTlsMode::None) => TlsMode::None,
-            Some(RawTlsMode::StartTls) => TlsMode::StartTls,
+            None | Some(RawTlsMode::StartTls) => TlsMode::StartTls,
+            Some(RawTlsMode::None) => TlsMode::None,
             Some(RawTlsMode::Implicit) => TlsMode::Implicit,
         };
-        if let Some(t) = &l.tls
-            && tls != TlsMode::None
-            && !have_tls
-        {
-            return v.err(
-                t.span(),
-                "listener.tls",
-                "TLS needs a certificate: add a [tls] section with cert and key",
-            );
-        }
         let require_tls = l.require_tls.as_ref().is_some_and(|r| *r.get_ref());
         if let Some(r) = &l.require_tls
             && require_tls
@@ -614,6 +601,7 @@ fn auth_section(v: &Validator, a: &S<RawAuth>) -> Result<Auth> {
         )?,
         lockout: v.duration(a.lockout.as_ref(), "auth.lockout", DEFAULT_LOCKOUT)?,
         per_user_lockout: a.per_user_lockout.unwrap_or(true),
+        restrict_senders: a.restrict_senders.unwrap_or(false),
     })
 }
 

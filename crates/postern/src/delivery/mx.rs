@@ -190,6 +190,21 @@ impl Resolver {
         self.addresses_of(query_name(host)?).await
     }
 
+    /// The A records of a name, nothing else (DNS blocklist queries, RFC 5782 2.1).
+    pub async fn ipv4_addresses(
+        &self,
+        name: &str,
+    ) -> Result<Vec<std::net::Ipv4Addr>, ResolveError> {
+        match self.inner.ipv4_lookup(query_name(name)?).await {
+            Ok(l) => Ok(l.iter().map(|a| a.0).collect()),
+            Err(e) => match classify(&e) {
+                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
+                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
+                _ => Ok(Vec::new()),
+            },
+        }
+    }
+
     async fn addresses_of(&self, name: Name) -> Result<Vec<IpAddr>, ResolveError> {
         let (v6, v4) = tokio::join!(
             self.inner.ipv6_lookup(name.clone()),

@@ -30,6 +30,9 @@ pub struct Client<'a> {
     pub ip: IpAddr,
     /// The SMTP AUTH identity, if the client authenticated.
     pub authenticated: Option<&'a str>,
+    /// The `relay.dnsbl` zone that lists the client, if one does (looked up by the
+    /// caller; only asked for clients that are neither trusted nor authenticated).
+    pub dnsbl: Option<&'a str>,
 }
 
 /// The rule that decided, named in the log line for every RCPT.
@@ -50,6 +53,11 @@ pub enum Rule {
     UnknownRecipient,
     /// None of the above allows this destination.
     RelayDenied,
+    /// The client is listed in a DNS blocklist (`relay.dnsbl`).
+    Dnsbl,
+    /// An authenticated user used a sender address that is not theirs
+    /// (`[auth] restrict_senders`).
+    SenderNotOwned,
 }
 
 impl Rule {
@@ -62,6 +70,8 @@ impl Rule {
             Rule::RoutedAddress => "routed_address",
             Rule::UnknownRecipient => "unknown_recipient",
             Rule::RelayDenied => "relay_denied",
+            Rule::SenderNotOwned => "sender_not_owned",
+            Rule::Dnsbl => "dnsbl",
         }
     }
 }
@@ -117,6 +127,11 @@ impl RelayPolicy {
         }
     }
 
+    /// True when the client needs no DNSBL lookup: trusted, or authenticated.
+    pub fn dnsbl_exempt(&self, ip: IpAddr, authenticated: bool) -> bool {
+        authenticated || self.is_trusted(ip)
+    }
+
     /// True when the client is in `trusted_networks`.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
@@ -131,6 +146,7 @@ impl RelayPolicy {
     }
 
     /// The decision for one RCPT TO. Rules, in order:
+    /// 0. a client neither trusted nor authenticated that a DNS blocklist lists is refused;
     /// 1. from a client neither trusted nor authenticated-with-relay, a routed local part
     ///    is refused whatever the domain (and even on an open relay);
     /// 2. an accepted domain is accepted from anyone, subject to `recipients_file`;
@@ -145,6 +161,13 @@ impl RelayPolicy {
         } else {
             None
         };
+        // Interface: blocklists apply to neither trusted nor authenticated clients.
+        if privileged.is_none()
+            && client.authenticated.is_none()
+            && let Some(zone) = client.dnsbl
+        {
+            return Decision::Refuse(Rule::Dnsbl, catalogue::dnsbl_listed(client.ip, zone));
+        }
         if privileged.is_none() && recipient.is_routed() {
             return Decision::Refuse(Rule::RoutedAddress, catalogue::relay_denied());
         }

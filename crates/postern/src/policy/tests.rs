@@ -71,6 +71,7 @@ fn golden_table() {
         let (case, want) = line.split_once(" -> ").expect("case -> outcome");
         let mut ip = None;
         let mut auth = None;
+        let mut dnsbl = None;
         // The path is last and may hold spaces (a quoted local part).
         let (case, rcpt) = case.split_once(" rcpt=").expect("rcpt= last");
         for field in case.split_whitespace() {
@@ -78,6 +79,7 @@ fn golden_table() {
             match k {
                 "client" => ip = Some(v.parse::<IpAddr>().unwrap()),
                 "auth" => auth = (v != "-").then_some(v),
+                "dnsbl" => dnsbl = (v != "-").then_some(v),
                 other => panic!("line {}: unknown field {other}", n + 1),
             }
         }
@@ -86,6 +88,7 @@ fn golden_table() {
         let client = Client {
             ip: ip.unwrap(),
             authenticated: auth,
+            dnsbl,
         };
         let got = outcome(
             &policy

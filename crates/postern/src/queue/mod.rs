@@ -29,6 +29,7 @@ mod committer;
 mod deferred;
 mod error;
 mod id;
+pub mod quarantine;
 mod record;
 mod replay;
 mod segment;

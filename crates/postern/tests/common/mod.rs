@@ -4,10 +4,11 @@
 //! outside world; trusted_networks is 127.0.0.1/32).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const OUTSIDE: &str = "127.0.0.2";
@@ -41,6 +42,7 @@ max_recipients = 5
 
 [[listener]]
 address = "127.0.0.1:{port}"
+tls = "none"
 max_connections = 1000
 per_ip_connections = 500
 
@@ -206,10 +208,42 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// A minimal blocking SMTP client, byte-exact: it sends what it is told.
+/// The client's connection, before or after TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A minimal blocking SMTP client, byte-exact: it sends what it is told. It can start
+/// TLS (STARTTLS or implicit) with a rustls client config the test provides.
 pub struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    conn: Option<Conn>,
+    /// Bytes read but not yet returned as lines.
+    pending: Vec<u8>,
 }
 
 /// One reply: its code and all its lines (each without CRLF).
@@ -225,6 +259,38 @@ impl Reply {
     }
 }
 
+fn tcp_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let ip: IpAddr = from.parse().unwrap();
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(ip, 0).into())?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Runs a TLS handshake to completion over `tcp`.
+fn tls_over(
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> std::io::Result<Conn> {
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let conn = rustls::ClientConnection::new(config, server_name)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(Conn::Tls(Box::new(tls)))
+}
+
 impl Client {
     /// Connects to `to` from source address `from` (e.g. OUTSIDE).
     pub fn connect(from: &str, to: SocketAddr) -> Client {
@@ -232,25 +298,51 @@ impl Client {
     }
 
     pub fn try_connect(from: &str, to: SocketAddr) -> std::io::Result<Client> {
-        let ip: IpAddr = from.parse().unwrap();
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(to),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-        socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
-        let stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(Duration::from_secs(15)))?;
-        stream.set_nodelay(true)?;
         Ok(Client {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
+            conn: Some(Conn::Plain(tcp_from(from, to)?)),
+            pending: Vec::new(),
         })
     }
 
+    /// Implicit TLS (port 465 style): the handshake comes first.
+    pub fn connect_tls(
+        from: &str,
+        to: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        name: &str,
+    ) -> std::io::Result<Client> {
+        Ok(Client {
+            conn: Some(tls_over(tcp_from(from, to)?, config, name)?),
+            pending: Vec::new(),
+        })
+    }
+
+    /// After a 220 to STARTTLS: the handshake. Anything the server sent after the 220
+    /// in plaintext would be an error (it must not be read as protected).
+    pub fn start_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: &str,
+    ) -> std::io::Result<()> {
+        assert!(
+            self.pending.is_empty(),
+            "plaintext after the 220: {:?}",
+            self.pending
+        );
+        let Some(Conn::Plain(tcp)) = self.conn.take() else {
+            panic!("TLS already active");
+        };
+        self.conn = Some(tls_over(tcp, config, name)?);
+        Ok(())
+    }
+
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("connection")
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).unwrap();
+        self.conn().write_all(bytes).unwrap();
+        self.conn().flush().unwrap();
     }
 
     pub fn line(&mut self, text: &str) {
@@ -259,16 +351,27 @@ impl Client {
 
     /// Reads one line (with its CRLF removed); None at EOF.
     pub fn read_line(&mut self) -> Option<String> {
-        let mut buf = Vec::new();
-        match self.reader.read_until(b'\n', &mut buf) {
-            Ok(0) => None,
-            Ok(_) => {
-                assert!(buf.ends_with(b"\r\n"), "reply line without CRLF: {buf:?}");
-                buf.truncate(buf.len() - 2);
-                Some(String::from_utf8(buf).unwrap())
+        loop {
+            if let Some(lf) = self.pending.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=lf).collect();
+                assert!(line.ends_with(b"\r\n"), "reply line without CRLF: {line:?}");
+                line.truncate(line.len() - 2);
+                return Some(String::from_utf8(line).unwrap());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
-            Err(e) => panic!("read: {e}"),
+            let mut buf = [0u8; 4096];
+            match self.conn().read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    return None;
+                }
+                Err(e) => panic!("read: {e}"),
+            }
         }
     }
 
@@ -306,10 +409,10 @@ impl Client {
         self.read_line().is_none()
     }
 
-    /// Greeting + EHLO.
-    pub fn hello(&mut self) {
+    /// Greeting + EHLO; returns the EHLO reply.
+    pub fn hello(&mut self) -> Reply {
         assert_eq!(self.reply().code, 220);
-        self.expect("EHLO client.test", 250);
+        self.expect("EHLO client.test", 250)
     }
 
     /// A whole transaction; returns the final reply after the dot.

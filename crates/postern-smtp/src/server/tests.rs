@@ -1,0 +1,297 @@
+//! Session tests without sockets: TLS and AUTH sequences, driven byte by byte.
+
+use super::*;
+use base64::Engine;
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A little driver: feeds input, answers AUTH with `check`, records what it saw.
+struct Driver {
+    session: Session,
+    out: String,
+    auths: Vec<AuthRequest>,
+    messages: Vec<Message>,
+    starttls: bool,
+    check: fn(&AuthRequest) -> Result<String, Reply>,
+}
+
+fn good(r: &AuthRequest) -> Result<String, Reply> {
+    if r.username == "alice" && r.password == "secret" {
+        Ok("alice".into())
+    } else {
+        Err(catalogue::auth_failed())
+    }
+}
+
+impl Driver {
+    fn new(config: SessionConfig, tls: bool) -> Driver {
+        let peer = Peer {
+            addr: "192.0.2.7:4000".parse().unwrap(),
+            tls: tls.then(|| TlsInfo {
+                version: "TLSv1.3".into(),
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+            }),
+        };
+        let mut d = Driver {
+            session: Session::new(config, peer),
+            out: String::new(),
+            auths: Vec::new(),
+            messages: Vec::new(),
+            starttls: false,
+            check: good,
+        };
+        d.pump();
+        d
+    }
+
+    fn pump(&mut self) {
+        loop {
+            match self.session.poll() {
+                Event::NeedInput | Event::Close => break,
+                Event::Recipient(_) => self.session.answer_recipient(Ok(())),
+                Event::Message(m) => {
+                    self.messages.push(*m);
+                    self.session.answer_message(catalogue::queued("T"));
+                }
+                Event::Authenticate(r) => {
+                    let answer = (self.check)(&r);
+                    self.auths.push(r);
+                    self.session.answer_auth(answer);
+                }
+                Event::StartTls => {
+                    self.starttls = true;
+                    break;
+                }
+            }
+        }
+        self.out
+            .push_str(&String::from_utf8(self.session.take_output()).unwrap());
+    }
+
+    /// Sends lines, returns the reply lines produced.
+    fn send(&mut self, input: &str) -> Vec<String> {
+        self.out.clear();
+        self.session.receive(input.as_bytes());
+        self.pump();
+        self.out.lines().map(str::to_string).collect()
+    }
+
+    fn codes(&mut self, input: &str) -> Vec<String> {
+        self.send(input)
+            .into_iter()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| {
+                l.split(' ')
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .trim_end()
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+fn auth_config() -> SessionConfig {
+    SessionConfig {
+        starttls: true,
+        auth_mechanisms: vec!["PLAIN".into(), "LOGIN".into()],
+        ..SessionConfig::new("mx.test", 10_000, 10)
+    }
+}
+
+#[test]
+fn auth_is_neither_offered_nor_accepted_without_tls() {
+    let mut d = Driver::new(auth_config(), false);
+    let ehlo = d.send("EHLO c.test\r\n");
+    assert!(ehlo.iter().any(|l| l.ends_with("STARTTLS")));
+    assert!(!ehlo.iter().any(|l| l.contains("AUTH")), "{ehlo:?}");
+    let plain = b64("\0alice\0secret");
+    assert_eq!(d.codes(&format!("AUTH PLAIN {plain}\r\n")), ["538 5.7.11"]);
+    assert!(
+        d.auths.is_empty(),
+        "credentials must not be checked in clear"
+    );
+}
+
+#[test]
+fn plaintext_auth_when_explicitly_allowed() {
+    let config = SessionConfig {
+        allow_plaintext_auth: true,
+        ..auth_config()
+    };
+    let mut d = Driver::new(config, false);
+    assert!(
+        d.send("EHLO c.test\r\n")
+            .iter()
+            .any(|l| l == "250-AUTH PLAIN LOGIN")
+    );
+    let plain = b64("\0alice\0secret");
+    assert_eq!(d.codes(&format!("AUTH PLAIN {plain}\r\n")), ["235 2.7.0"]);
+}
+
+#[test]
+fn plain_with_and_without_initial_response() {
+    let mut d = Driver::new(auth_config(), true);
+    let ehlo = d.send("EHLO c.test\r\n");
+    assert!(ehlo.iter().any(|l| l == "250-AUTH PLAIN LOGIN"), "{ehlo:?}");
+    assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")));
+    assert_eq!(
+        d.codes(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0wrong"))),
+        ["535 5.7.8"]
+    );
+    assert_eq!(d.codes("AUTH PLAIN\r\n"), ["334"]);
+    assert_eq!(
+        d.codes(&format!("{}\r\n", b64("alice\0alice\0secret"))),
+        ["235 2.7.0"]
+    );
+    assert_eq!(d.session.authenticated(), Some("alice"));
+    assert_eq!(d.auths[1].authzid.as_deref(), Some("alice"));
+    assert_eq!(
+        d.codes(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0secret"))),
+        ["503 5.5.1"]
+    );
+    // The identity reaches the message and its Received: header.
+    d.send("MAIL FROM:<alice@c.test> AUTH=<>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nhi\r\n.\r\n");
+    let m = &d.messages[0];
+    assert!(
+        m.params.is_empty(),
+        "AUTH= must not be passed on: {:?}",
+        m.params
+    );
+    assert_eq!(m.protocol(), "ESMTPSA");
+    let h = m.received_header("mx.test", "ID", "date");
+    assert!(h.contains("(authenticated as alice)"), "{h}");
+    assert!(
+        h.contains("using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256"),
+        "{h}"
+    );
+}
+
+#[test]
+fn login_exchange_and_cancel() {
+    let mut d = Driver::new(auth_config(), true);
+    d.send("EHLO c.test\r\n");
+    assert_eq!(d.send("AUTH LOGIN\r\n"), ["334 VXNlcm5hbWU6"]);
+    assert_eq!(d.codes("*\r\n"), ["501 5.7.0"]);
+    assert_eq!(d.send("AUTH LOGIN\r\n"), ["334 VXNlcm5hbWU6"]);
+    assert_eq!(
+        d.send(&format!("{}\r\n", b64("alice"))),
+        ["334 UGFzc3dvcmQ6"]
+    );
+    assert_eq!(d.codes(&format!("{}\r\n", b64("secret"))), ["235 2.7.0"]);
+    assert_eq!(d.auths[0].mechanism, "LOGIN");
+    // with the user name as initial response
+    let mut d = Driver::new(auth_config(), true);
+    d.send("EHLO c.test\r\n");
+    assert_eq!(
+        d.send(&format!("AUTH LOGIN {}\r\n", b64("alice"))),
+        ["334 UGFzc3dvcmQ6"]
+    );
+    assert_eq!(d.codes(&format!("{}\r\n", b64("secret"))), ["235 2.7.0"]);
+}
+
+#[test]
+fn malformed_auth_exchanges() {
+    let mut d = Driver::new(auth_config(), true);
+    assert_eq!(d.codes("AUTH PLAIN\r\n"), ["503 5.5.1"], "before EHLO");
+    d.send("EHLO c.test\r\n");
+    assert_eq!(d.codes("AUTH CRAM-MD5\r\n"), ["504 5.5.4"]);
+    assert_eq!(d.codes("AUTH PLAIN !!!notbase64\r\n"), ["501 5.5.2"]);
+    assert_eq!(
+        d.codes(&format!("AUTH PLAIN {}\r\n", b64("nonul"))),
+        ["501 5.5.2"]
+    );
+    assert_eq!(
+        d.codes(&format!("AUTH PLAIN {}\r\n", b64("\0\0pw"))),
+        ["501 5.5.2"]
+    );
+    assert_eq!(d.codes("AUTH PLAIN =\r\n"), ["501 5.5.2"]);
+    // a long (but legal) initial response is not a "line too long"
+    let long = b64(&format!("\0alice\0{}", "p".repeat(3000)));
+    assert_eq!(d.codes(&format!("AUTH PLAIN {long}\r\n")), ["535 5.7.8"]);
+    // an over-long SASL line ends the exchange with 500 5.5.6
+    d.send("AUTH PLAIN\r\n");
+    assert_eq!(
+        d.codes(&format!("{}\r\n", "A".repeat(13_000))),
+        ["500 5.5.6"]
+    );
+    assert_eq!(d.codes("NOOP\r\n"), ["250 2.0.0"]);
+    // AUTH inside a transaction
+    d.send("MAIL FROM:<a@c.test>\r\n");
+    assert_eq!(
+        d.codes(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0secret"))),
+        ["503 5.5.1"]
+    );
+}
+
+#[test]
+fn auth_required_listener() {
+    let config = SessionConfig {
+        auth_required: true,
+        ..auth_config()
+    };
+    let mut d = Driver::new(config, true);
+    d.send("EHLO c.test\r\n");
+    assert_eq!(d.codes("MAIL FROM:<a@c.test>\r\n"), ["530 5.7.0"]);
+    d.send(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0secret")));
+    assert_eq!(d.codes("MAIL FROM:<a@c.test>\r\n"), ["250 2.1.0"]);
+}
+
+#[test]
+fn require_tls_and_starttls_discards_pipelined_plaintext() {
+    let config = SessionConfig {
+        require_tls: true,
+        ..auth_config()
+    };
+    let mut d = Driver::new(config, false);
+    let ehlo = d.send("EHLO c.test\r\n");
+    assert!(!ehlo.iter().any(|l| l.contains("AUTH")));
+    assert_eq!(d.codes("MAIL FROM:<a@c.test>\r\n"), ["530 5.7.0"]);
+    assert_eq!(
+        d.codes(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0secret"))),
+        ["530 5.7.0"]
+    );
+    // CVE-2011-0411: commands pipelined behind STARTTLS are never executed.
+    let r = d.send("STARTTLS\r\nMAIL FROM:<evil@c.test>\r\nRCPT TO:<x@y.test>\r\n");
+    assert_eq!(r, ["220 2.0.0 Ready to start TLS"]);
+    assert!(d.starttls);
+    d.session.tls_established(TlsInfo {
+        version: "TLSv1.2".into(),
+        cipher: "X".into(),
+    });
+    d.pump();
+    assert_eq!(
+        d.codes("MAIL FROM:<a@c.test>\r\n"),
+        ["503 5.5.1"],
+        "EHLO again first"
+    );
+    let ehlo = d.send("EHLO c.test\r\n");
+    assert!(ehlo.iter().any(|l| l == "250-AUTH PLAIN LOGIN"));
+    assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")));
+    assert_eq!(d.codes("STARTTLS\r\n"), ["503 5.5.1"]);
+    assert_eq!(d.codes("MAIL FROM:<a@c.test>\r\n"), ["250 2.1.0"]);
+}
+
+#[test]
+fn auth_request_debug_hides_the_password() {
+    let r = AuthRequest {
+        mechanism: "PLAIN",
+        authzid: None,
+        username: "alice".into(),
+        password: "hunter2".into(),
+    };
+    assert!(!format!("{r:?}").contains("hunter2"));
+}
+
+#[test]
+fn xtext() {
+    assert!(is_xtext("<>"));
+    assert!(is_xtext("alice+40example.com"));
+    assert!(!is_xtext("a+4"));
+    assert!(!is_xtext("a+4g"));
+    assert!(!is_xtext("a b"));
+    assert!(!is_xtext(""));
+}

@@ -1,0 +1,220 @@
+//! The quarantine: messages a `[[filter]]` held back (the article's BADMAIL folder).
+//!
+//! One file per message, `SPOOL/quarantine/<ID>`, written like every durable thing in
+//! the spool: temp file, fsync, rename, fsync the directory, so a 250 for a quarantined
+//! message means it is on disk. Format: the line `postern-quarantine 1`, then `rule`,
+//! `reason` and `time` lines, an empty line, and the MESSAGE record exactly as in a
+//! segment (framed, CRC-checked). Release puts the message back into the queue for its
+//! original recipients; delete removes the file.
+//!
+//! Trust: our own files; a file that does not verify is reported, never half-read.
+
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::path::Path;
+
+use super::record::{self, Decoded, FRAME_LEN};
+use super::segment::sync_dir;
+use super::{Envelope, QUARANTINE_DIR, QueueId, SpoolError};
+
+const HEADER: &str = "postern-quarantine 1\n";
+
+/// A quarantined message's description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    pub envelope: Envelope,
+    /// The filter that held it.
+    pub rule: String,
+    /// Why, in words.
+    pub reason: String,
+    /// When it was quarantined, Unix seconds.
+    pub time: i64,
+    /// Message size in bytes.
+    pub size: u64,
+}
+
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
+}
+
+/// Stores a message in the quarantine, durably. Blocking.
+pub fn put(
+    spool_dir: &Path,
+    envelope: &Envelope,
+    message: &[u8],
+    rule: &str,
+    reason: &str,
+) -> Result<(), SpoolError> {
+    let dir = spool_dir.join(QUARANTINE_DIR);
+    fs::create_dir_all(&dir).map_err(SpoolError::io("create directory", &dir))?;
+    let mut bytes = format!(
+        "{HEADER}rule {}\nreason {}\ntime {}\n\n",
+        one_line(rule),
+        one_line(reason),
+        super::unix_now()
+    )
+    .into_bytes();
+    bytes.extend(record::encode_message(envelope, message)?);
+    let path = dir.join(envelope.id.to_string());
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(SpoolError::io("create", &tmp))?;
+    f.write_all(&bytes).map_err(SpoolError::io("write", &tmp))?;
+    f.sync_all().map_err(SpoolError::io("fsync", &tmp))?;
+    fs::rename(&tmp, &path).map_err(SpoolError::io("rename", &tmp))?;
+    sync_dir(&dir)
+}
+
+/// Reads one quarantined message and its body. Blocking.
+pub fn load(spool_dir: &Path, id: QueueId) -> Result<(Quarantined, Vec<u8>), SpoolError> {
+    let path = spool_dir.join(QUARANTINE_DIR).join(id.to_string());
+    let mut data = Vec::new();
+    File::open(&path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(SpoolError::io("read", &path))?;
+    let corrupt = |reason: &str| SpoolError::Corrupt {
+        path: path.clone(),
+        offset: 0,
+        reason: reason.to_string(),
+    };
+    let split = data
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .ok_or_else(|| corrupt("no header end"))?;
+    let head = std::str::from_utf8(&data[..split]).map_err(|_| corrupt("header is not UTF-8"))?;
+    let mut lines = head.lines();
+    if lines.next() != Some(HEADER.trim_end()) {
+        return Err(corrupt("not a quarantine file"));
+    }
+    let (mut rule, mut reason, mut time) = (String::new(), String::new(), 0);
+    for line in lines {
+        match line.split_once(' ') {
+            Some(("rule", v)) => rule = v.to_string(),
+            Some(("reason", v)) => reason = v.to_string(),
+            Some(("time", v)) => time = v.parse().map_err(|_| corrupt("bad time"))?,
+            _ => return Err(corrupt("unknown header line")),
+        }
+    }
+    let rec = &data[split + 2..];
+    let frame_bytes: &[u8; FRAME_LEN] = rec
+        .get(..FRAME_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("truncated record"))?;
+    let frame = record::parse_frame(frame_bytes).ok_or_else(|| corrupt("no record frame"))?;
+    let payload = rec
+        .get(FRAME_LEN..FRAME_LEN + frame.len as usize)
+        .ok_or_else(|| corrupt("truncated record"))?;
+    if crc32fast::hash(payload) != frame.crc {
+        return Err(corrupt("CRC mismatch"));
+    }
+    match record::decode(frame.rtype, frame.version, payload) {
+        Ok(Decoded::Message {
+            envelope,
+            body_start,
+            size,
+        }) => Ok((
+            Quarantined {
+                envelope,
+                rule,
+                reason,
+                time,
+                size,
+            },
+            payload[body_start..].to_vec(),
+        )),
+        Ok(_) => Err(corrupt("not a message record")),
+        Err(e) => Err(corrupt(&e)),
+    }
+}
+
+/// Every quarantined message, oldest first; unreadable files are skipped with a warning.
+pub fn list(spool_dir: &Path) -> Result<Vec<Quarantined>, SpoolError> {
+    let dir = spool_dir.join(QUARANTINE_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SpoolError::io("list", &dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(SpoolError::io("list", &dir))?;
+        let Ok(id) = entry.file_name().to_string_lossy().parse::<QueueId>() else {
+            continue;
+        };
+        match load(spool_dir, id) {
+            Ok((q, _)) => out.push(q),
+            Err(e) => tracing::warn!(error = %e, "unreadable quarantine file"),
+        }
+    }
+    out.sort_by_key(|q| q.envelope.id);
+    Ok(out)
+}
+
+/// Removes a quarantined message (after release, or on delete). Blocking.
+pub fn remove(spool_dir: &Path, id: QueueId) -> Result<(), SpoolError> {
+    let dir = spool_dir.join(QUARANTINE_DIR);
+    let path = dir.join(id.to_string());
+    fs::remove_file(&path).map_err(SpoolError::io("remove", &path))?;
+    sync_dir(&dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(id: u64) -> Envelope {
+        Envelope {
+            id: QueueId::from_u64(id),
+            arrived: 1,
+            client: "192.0.2.1:1".into(),
+            helo: "h".into(),
+            auth: None,
+            sender: "a@b.test".into(),
+            params: vec![],
+            smtputf8: false,
+            recipients: vec!["x@y.test".into()],
+        }
+    }
+
+    #[test]
+    fn put_list_load_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        put(
+            dir.path(),
+            &env(7),
+            b"Subject: s\r\n\r\nbody\r\n",
+            "no-exe",
+            "attachment \"a.exe\"",
+        )
+        .unwrap();
+        put(dir.path(), &env(9), b"x\r\n", "kw", "keyword\nwith newline").unwrap();
+        let all = list(dir.path()).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].rule, "no-exe");
+        assert_eq!(all[1].reason, "keyword with newline");
+        let (q, body) = load(dir.path(), QueueId::from_u64(7)).unwrap();
+        assert_eq!(q.envelope, env(7));
+        assert_eq!(body, b"Subject: s\r\n\r\nbody\r\n");
+        remove(dir.path(), QueueId::from_u64(7)).unwrap();
+        assert_eq!(list(dir.path()).unwrap().len(), 1);
+        assert!(load(dir.path(), QueueId::from_u64(7)).is_err());
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        put(dir.path(), &env(7), b"body\r\n", "r", "why").unwrap();
+        let path = dir
+            .path()
+            .join(QUARANTINE_DIR)
+            .join(QueueId::from_u64(7).to_string());
+        let mut data = fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 2] ^= 0xff;
+        fs::write(&path, data).unwrap();
+        assert!(load(dir.path(), QueueId::from_u64(7)).is_err());
+        assert!(list(dir.path()).unwrap().is_empty());
+    }
+}
