@@ -240,3 +240,90 @@ pub fn tls_info(conn: &rustls::ServerConnection) -> TlsInfo {
         .map_or_else(|| "unknown".to_string(), |s| format!("{:?}", s.suite()));
     TlsInfo { version, cipher }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Makes a self-signed certificate with the openssl CLI, with the key in the given
+    /// legacy or modern form, so we test the files operators really have.
+    fn openssl_pair(dir: &Path, kind: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{kind}-cert.pem"));
+        let key = dir.join(format!("{kind}-key.pem"));
+        let (newkey, legacy): (&[&str], bool) = match kind {
+            "rsa-pkcs1" => (&["-newkey", "rsa:2048"], true),
+            "rsa-pkcs8" => (&["-newkey", "rsa:2048"], false),
+            "ec-sec1" => (&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"], true),
+            _ => (&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"], false),
+        };
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=relay.test"])
+            .args(newkey)
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (installed by scripts/test)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        if legacy {
+            // Rewrite the key in its traditional form (PKCS#1 / SEC1; `openssl ec`
+            // writes SEC1 by default, `openssl rsa` needs -traditional for PKCS#1).
+            let args: &[&str] = if kind.starts_with("rsa") {
+                &["rsa", "-traditional", "-in"]
+            } else {
+                &["ec", "-in"]
+            };
+            let out = Command::new("openssl")
+                .args(args)
+                .arg(&key)
+                .arg("-out")
+                .arg(&key)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        (cert, key)
+    }
+
+    #[test]
+    fn loads_rsa_and_ecdsa_keys_in_every_pem_form() {
+        let dir = tempfile::tempdir().unwrap();
+        for (kind, marker) in [
+            ("rsa-pkcs1", "BEGIN RSA PRIVATE KEY"),
+            ("rsa-pkcs8", "BEGIN PRIVATE KEY"),
+            ("ec-sec1", "BEGIN EC PRIVATE KEY"),
+            ("ec-pkcs8", "BEGIN PRIVATE KEY"),
+        ] {
+            let (cert, key) = openssl_pair(dir.path(), kind);
+            assert!(fs::read_to_string(&key).unwrap().contains(marker), "{kind}");
+            load_pair(&cert, &key).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        }
+    }
+
+    #[test]
+    fn mismatched_or_broken_files_are_refused_with_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = openssl_pair(dir.path(), "ec-pkcs8");
+        let (_, other_key) = openssl_pair(dir.path(), "rsa-pkcs8");
+        let err = load_pair(&cert, &other_key).unwrap_err().to_string();
+        assert!(err.contains("ec-pkcs8-cert.pem"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        fs::write(&empty, "").unwrap();
+        let err = load_pair(&empty, &other_key).unwrap_err().to_string();
+        assert!(err.contains("empty.pem"), "{err}");
+    }
+
+    #[test]
+    fn self_signed_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path(), "relay.test").unwrap();
+        let first = fs::read(&cert).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        load_pair(&cert, &key).unwrap();
+        let (cert2, _) = self_signed(dir.path(), "relay.test").unwrap();
+        assert_eq!(fs::read(cert2).unwrap(), first);
+    }
+}

@@ -413,3 +413,30 @@ fn restricted_senders() {
     c.expect("MAIL FROM:<bob@accepted.test>", 250);
     c.expect("RCPT TO:<x@other.test>", 250);
 }
+
+/// Certificate files replaced on disk are served to new connections without a restart.
+#[test]
+fn renewed_certificate_is_picked_up_without_restart() {
+    let s = start("");
+    let dir = s.server.dir.path();
+    let renewed = TestCa::new();
+    // The new pair is written beside, then renamed over the configured files.
+    let staging = dir.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let (cert, key) = renewed.issue(&["relay.test"]).write_to(&staging);
+    std::fs::rename(key, dir.join("key.pem")).unwrap();
+    std::fs::rename(cert, dir.join("cert.pem")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = Client::connect_tls(OUTSIDE, s.addr(s.smtps), renewed.client_config(), "relay.test");
+        if let Ok(mut c) = attempt {
+            assert_eq!(c.reply().code, 220);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new certificate was never served");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(s.server.log().contains("TLS certificate reloaded"));
+    // The old CA no longer verifies.
+    assert!(Client::connect_tls(OUTSIDE, s.addr(s.smtps), s.tls_config(), "relay.test").is_err());
+}
