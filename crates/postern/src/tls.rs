@@ -254,11 +254,25 @@ mod tests {
         let (newkey, legacy): (&[&str], bool) = match kind {
             "rsa-pkcs1" => (&["-newkey", "rsa:2048"], true),
             "rsa-pkcs8" => (&["-newkey", "rsa:2048"], false),
-            "ec-sec1" => (&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"], true),
-            _ => (&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"], false),
+            "ec-sec1" => (
+                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                true,
+            ),
+            _ => (
+                &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                false,
+            ),
         };
         let out = Command::new("openssl")
-            .args(["req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=relay.test"])
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=relay.test",
+            ])
             .args(newkey)
             .arg("-keyout")
             .arg(&key)
@@ -266,7 +280,11 @@ mod tests {
             .arg(&cert)
             .output()
             .expect("openssl (installed by scripts/test)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if legacy {
             // Rewrite the key in its traditional form (PKCS#1 / SEC1; `openssl ec`
             // writes SEC1 by default, `openssl rsa` needs -traditional for PKCS#1).
@@ -282,7 +300,11 @@ mod tests {
                 .arg(&key)
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         (cert, key)
     }
@@ -321,7 +343,10 @@ mod tests {
         let (cert, key) = self_signed(dir.path(), "relay.test").unwrap();
         let first = fs::read(&cert).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         load_pair(&cert, &key).unwrap();
         let (cert2, _) = self_signed(dir.path(), "relay.test").unwrap();
         assert_eq!(fs::read(cert2).unwrap(), first);

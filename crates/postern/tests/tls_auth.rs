@@ -428,12 +428,20 @@ fn renewed_certificate_is_picked_up_without_restart() {
     std::fs::rename(cert, dir.join("cert.pem")).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let attempt = Client::connect_tls(OUTSIDE, s.addr(s.smtps), renewed.client_config(), "relay.test");
+        let attempt = Client::connect_tls(
+            OUTSIDE,
+            s.addr(s.smtps),
+            renewed.client_config(),
+            "relay.test",
+        );
         if let Ok(mut c) = attempt {
             assert_eq!(c.reply().code, 220);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the new certificate was never served");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(s.server.log().contains("TLS certificate reloaded"));
