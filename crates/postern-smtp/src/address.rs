@@ -99,7 +99,8 @@ impl Address {
         !self.local.is_ascii() || self.domain.name().is_some_and(|n| !n.is_ascii())
     }
 
-    /// Build an address for a domain-less `<Postmaster>` (RFC 5321 4.5.1).
+    /// Build an address for a domain-less `<Postmaster>` (RFC 5321 4.5.1). An empty
+    /// `domain` marks the bare form until the session knows its own name.
     pub fn postmaster(domain: &str) -> Address {
         Address {
             local: "postmaster".into(),

@@ -123,9 +123,10 @@ fn parse_forward_path(path: &str) -> Result<Address, Reply> {
     address::parse_path(path).map_err(|_| catalogue::bad_recipient_syntax())
 }
 
-/// Stands in for "our own domain" in a bare `<Postmaster>`; not a valid DNS name, so a
-/// client cannot produce it any other way. The session replaces it with its hostname.
-pub(crate) const POSTMASTER_MARKER: &str = "postmaster.invalid";
+/// Stands in for "our own domain" in a bare `<Postmaster>`: the empty name, which the
+/// address parser never produces, so no typed address can be mistaken for it. The
+/// session replaces it with its hostname.
+pub(crate) const POSTMASTER_MARKER: &str = "";
 
 fn greeting_arg(rest: &str, cmd: &'static str) -> Result<String, Reply> {
     // Take the first word: clients commonly send exactly one; extra words are ignored

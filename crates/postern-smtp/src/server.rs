@@ -356,7 +356,9 @@ impl Session {
                 }
                 self.reply(catalogue::recipient_ok());
             }
-            Err(reply) => self.reply(reply),
+            // Refusals count toward the error limit, as Postfix's hard error limit
+            // does: a client cannot probe recipients or relay without end.
+            Err(reply) => self.protocol_error(reply),
         }
     }
 

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -132,16 +133,7 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Quarantine { action, config } => match quarantine_cmd(action, config) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("postern: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Quarantine { action, config } => print_result(quarantine_cmd(action, config)),
         Command::Version => {
             println!("postern {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -182,7 +174,11 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(crate::server::serve(config)) {
+    let result = runtime.block_on(crate::server::serve(config));
+    // Tasks still running (sessions past the grace period, a blocking password check)
+    // are abandoned, not waited for: everything durable is already on disk.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -246,7 +242,12 @@ fn queue(action: QueueAction, path: Option<PathBuf>) -> ExitCode {
         };
     }
     // No server answers: work on the spool itself.
-    match queue_offline(action, dir) {
+    print_result(queue_offline(action, dir))
+}
+
+/// Prints a command's text, or its error chain; the exit code follows.
+fn print_result(result: anyhow::Result<String>) -> ExitCode {
+    match result {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -436,7 +437,8 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
                 // No server: put it in the spool ourselves (taking its lock); the next
                 // start delivers it.
                 let (spool, _) = queue::Spool::open(dir, queue::SpoolOptions::default())?;
-                let (q, body) = queue::quarantine::load(dir, id)?;
+                let (mut q, body) = queue::quarantine::load(dir, id)?;
+                q.envelope.arrived = queue::unix_now();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;

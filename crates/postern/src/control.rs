@@ -108,11 +108,17 @@ pub async fn release(
     handle: &delivery::Handle,
     id: QueueId,
 ) -> Result<(), crate::queue::SpoolError> {
+    // One release at a time: two concurrent releases of the same id would queue it
+    // twice. (The offline path holds the spool lock, so it cannot race this one.)
+    static RELEASING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = RELEASING.lock().await;
     let dir = spool.dir().to_path_buf();
     let d = dir.clone();
-    let (q, body) = tokio::task::spawn_blocking(move || quarantine::load(&d, id))
+    let (mut q, body) = tokio::task::spawn_blocking(move || quarantine::load(&d, id))
         .await
         .map_err(|_| crate::queue::SpoolError::Closed)??;
+    // Its queue lifetime starts now: time spent in quarantine must not expire it.
+    q.envelope.arrived = crate::queue::unix_now();
     let location = spool.store(&q.envelope, &body).await?;
     let d = dir.clone();
     tokio::task::spawn_blocking(move || quarantine::remove(&d, id))

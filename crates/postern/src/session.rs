@@ -380,15 +380,7 @@ async fn store(shared: &Shared, mut message: Message) -> Reply {
             FilterAction::Quarantine | FilterAction::Redirect(_) => {}
         }
         if let FilterAction::Redirect(to) = &v.action {
-            redirect_note = Some(format!(
-                "X-Postern-Redirected: by filter {}; original recipients: {}\r\n",
-                v.rule,
-                recipients
-                    .iter()
-                    .map(|r| format!("<{r}>"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            redirect_note = Some(redirect_header(&v.rule, &recipients));
             recipients = vec![to.clone()];
         }
     }
@@ -489,5 +481,35 @@ fn action_word(a: &FilterAction) -> &'static str {
         FilterAction::Discard => "discard",
         FilterAction::Quarantine => "quarantine",
         FilterAction::Redirect(_) => "redirect",
+    }
+}
+
+/// `X-Postern-Redirected:` naming the rule and the original recipients, folded one
+/// address per line (RFC 5322 2.2.3) so no line nears the 998-octet limit; at most 50
+/// addresses are listed (the log line has them all).
+fn redirect_header(rule: &str, recipients: &[String]) -> String {
+    let mut h = format!("X-Postern-Redirected: by filter {rule}; original recipients:");
+    for r in recipients.iter().take(50) {
+        h.push_str(&format!("\r\n <{r}>"));
+    }
+    if recipients.len() > 50 {
+        h.push_str(&format!("\r\n and {} more", recipients.len() - 50));
+    }
+    h.push_str("\r\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_header_is_folded_and_capped() {
+        let rcpts: Vec<String> = (0..60).map(|i| format!("user{i}@company.test")).collect();
+        let h = redirect_header("project-x", &rcpts);
+        assert!(h.ends_with("\r\n"));
+        assert!(h.split("\r\n").all(|line| line.len() <= 78), "{h}");
+        assert!(h.contains("\r\n <user49@company.test>\r\n and 10 more\r\n"), "{h}");
+        assert!(!h.contains("user50@"));
     }
 }

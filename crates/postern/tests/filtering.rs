@@ -144,7 +144,7 @@ fn reject_discard_redirect() {
     );
     assert!(
         String::from_utf8_lossy(&redirected.data).contains(
-            "X-Postern-Redirected: by filter project-x; original recipients: <user@accepted.test>"
+            "X-Postern-Redirected: by filter project-x; original recipients:\r\n <user@accepted.test>\r\n"
         ),
         "{}",
         String::from_utf8_lossy(&redirected.data)

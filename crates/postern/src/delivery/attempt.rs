@@ -143,61 +143,67 @@ pub(crate) struct Pending {
     pub(crate) errors: Vec<Option<String>>,
 }
 
+/// The message body, read from the spool only once a delivery slot is held, so that
+/// messages waiting for a busy or dead destination hold no body in memory.
+struct Body {
+    bytes: Option<Vec<u8>>,
+}
+
+impl Body {
+    async fn get(&mut self, ctx: &Context, msg: &StoredMessage) -> Result<&[u8], String> {
+        if self.bytes.is_none() {
+            let spool = ctx.spool.clone();
+            let m = msg.clone();
+            let read = tokio::task::spawn_blocking(move || spool.read_body(&m))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match read {
+                Ok(b) => self.bytes = Some(b),
+                Err(why) => {
+                    tracing::error!(target: "maillog", id = %msg.envelope.id, error = %why,
+                        "cannot read message from the spool");
+                    return Err(why);
+                }
+            }
+        }
+        Ok(self.bytes.as_deref().unwrap_or_default())
+    }
+}
+
 /// Runs one attempt for `msg` (which made `attempts` attempts before).
 pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32) -> Report {
     let id = msg.envelope.id;
     let mut errors: Vec<Option<String>> = vec![None; msg.states.len()];
-    let body = {
-        let spool = ctx.spool.clone();
-        let m = msg.clone();
-        tokio::task::spawn_blocking(move || spool.read_body(&m)).await
-    };
-    let body = match body {
-        Ok(Ok(b)) => b,
-        other => {
-            let why = match other {
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-                Ok(Ok(_)) => unreachable!(),
-            };
-            tracing::error!(target: "maillog", id = %id, error = %why, "cannot read message from the spool");
-            for (i, s) in msg.states.iter().enumerate() {
-                if *s == RcptState::Pending {
-                    errors[i] = Some(format!("451 4.3.0 cannot read the spool: {why}"));
-                }
-            }
-            return reschedule(&ctx, msg, attempts, errors);
-        }
-    };
+    let mut body = Body { bytes: None };
 
-    let pending: Vec<(usize, &str)> = msg
+    let pending: Vec<(usize, String)> = msg
         .envelope
         .recipients
         .iter()
         .enumerate()
         .filter(|(i, _)| msg.states[*i] == RcptState::Pending)
-        .map(|(i, r)| (i, r.as_str()))
+        .map(|(i, r)| (i, r.clone()))
         .collect();
-    let groups = route::group(&ctx.routes, ctx.mx_port, pending.into_iter());
+    let groups = route::group(
+        &ctx.routes,
+        ctx.mx_port,
+        pending.iter().map(|(i, r)| (*i, r.as_str())),
+    );
+    // Failures are recorded only after their bounce is safely queued (below), so a
+    // crash can repeat a bounce but never lose one.
     let mut failed_now: Vec<(usize, Outcome)> = Vec::new();
     for (key, indexes) in groups {
         for chunk in indexes.chunks(RECIPIENTS_PER_TRANSACTION) {
-            let outcomes = deliver_group(&ctx, &key, &msg.envelope, &body, chunk).await;
+            let outcomes = deliver_group(&ctx, &key, &msg, &mut body, chunk).await;
             for (index, outcome) in chunk.iter().copied().zip(outcomes) {
                 log_outcome(&msg.envelope, index, &key, &outcome);
                 match outcome.kind {
-                    Kind::Delivered | Kind::Failed => {
-                        let delivered = outcome.kind == Kind::Delivered;
-                        record(&ctx, &msg, index, delivered, &outcome.reply).await;
-                        msg.states[index] = if delivered {
-                            RcptState::Delivered
-                        } else {
-                            RcptState::Failed
-                        };
-                        if !delivered {
-                            failed_now.push((index, outcome));
-                        }
+                    Kind::Delivered => {
+                        record(&ctx, &msg, index, true, &outcome.reply).await;
+                        msg.states[index] = RcptState::Delivered;
                     }
+                    Kind::Failed => failed_now.push((index, outcome)),
                     Kind::Deferred => errors[index] = Some(outcome.reply),
                 }
             }
@@ -208,7 +214,7 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
     let age = Duration::from_secs((unix_now() - msg.envelope.arrived).max(0) as u64);
     if age >= ctx.max_lifetime {
         for (i, error) in errors.iter_mut().enumerate() {
-            if msg.states[i] == RcptState::Pending {
+            if msg.states[i] == RcptState::Pending && !failed_now.iter().any(|(f, _)| *f == i) {
                 let last = error.take().unwrap_or_default();
                 let outcome = Outcome::local(
                     Kind::Failed,
@@ -221,15 +227,28 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
                 tracing::info!(target: "maillog", id = %id,
                     to = %format_args!("<{}>", msg.envelope.recipients[i]),
                     status = "expired", "delivery failed: queue lifetime exceeded");
-                record(&ctx, &msg, i, false, &outcome.reply).await;
-                msg.states[i] = RcptState::Failed;
                 failed_now.push((i, outcome));
             }
         }
     }
 
     if !failed_now.is_empty() {
-        bounce(&ctx, &msg.envelope, &body, &failed_now).await;
+        let bounced = match body.get(&ctx, &msg).await {
+            Ok(bytes) => bounce(&ctx, &msg.envelope, bytes, &failed_now).await,
+            Err(_) => false,
+        };
+        if bounced {
+            for (index, outcome) in &failed_now {
+                record(&ctx, &msg, *index, false, &outcome.reply).await;
+                msg.states[*index] = RcptState::Failed;
+            }
+        } else {
+            // The bounce could not be queued: keep these recipients pending so the
+            // failure (and its bounce) happens again on the next attempt.
+            for (index, outcome) in failed_now {
+                errors[index] = Some(outcome.reply);
+            }
+        }
     }
     if msg.states.iter().all(|s| *s != RcptState::Pending) {
         if let Err(e) = ctx.spool.finish(id, msg.place).await {
@@ -239,10 +258,13 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
         return Report::Finished(id);
     }
     // Out of the log, so that a long wait does not pin the log's old segments.
-    if matches!(msg.place, Place::Log(_)) {
+    if matches!(msg.place, Place::Log(_))
+        && let Ok(bytes) = body.get(&ctx, &msg).await
+    {
+        let bytes = bytes.to_vec();
         match ctx
             .spool
-            .move_to_deferred(&msg.envelope, body, &msg.states)
+            .move_to_deferred(&msg.envelope, bytes, &msg.states)
             .await
         {
             Ok(()) => msg.place = Place::Deferred,
@@ -297,10 +319,11 @@ fn log_outcome(env: &Envelope, index: usize, key: &NextHopKey, o: &Outcome) {
 
 /// Sends the bounce for this attempt's failures to the sender, through the queue. Never
 /// for a null-sender message (RFC 5321 4.5.5: no bounce loops).
-async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Outcome)]) {
+/// Returns false only when a bounce was due and could not be queued.
+async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Outcome)]) -> bool {
     if env.sender.is_empty() {
         tracing::info!(target: "maillog", id = %env.id, "no bounce for a null-sender message");
-        return;
+        return true;
     }
     let now = unix_now();
     let recipients: Vec<dsn::RecipientStatus> = failed
@@ -352,8 +375,12 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
                 envelope,
                 place: Place::Log(loc),
             });
+            true
         }
-        Err(e) => tracing::error!(id = %env.id, error = %e, "cannot queue the bounce"),
+        Err(e) => {
+            tracing::error!(id = %env.id, error = %e, "cannot queue the bounce; will retry");
+            false
+        }
     }
 }
 
@@ -361,16 +388,27 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
 async fn deliver_group(
     ctx: &Context,
     key: &NextHopKey,
-    env: &Envelope,
-    body: &[u8],
+    msg: &StoredMessage,
+    body: &mut Body,
     indexes: &[usize],
 ) -> Vec<Outcome> {
+    let env = &msg.envelope;
     let all = |o: Outcome| vec![o; indexes.len()];
     let _dest_slot = ctx
         .destination_slots(&key.destination)
         .acquire_owned()
         .await;
     let _slot = Arc::clone(&ctx.global).acquire_owned().await;
+    let body = match body.get(ctx, msg).await {
+        Ok(b) => b,
+        Err(why) => {
+            return all(Outcome::local(
+                Kind::Deferred,
+                "4.3.0",
+                format!("cannot read the message from the spool: {why}"),
+            ));
+        }
+    };
     let targets = match resolve(ctx, &key.destination).await {
         Ok(t) => t,
         Err(o) => return all(o),

@@ -118,7 +118,7 @@ impl Handle {
 
 /// How long running attempts get at shutdown before they are cut off (they have not
 /// recorded their outcome then, so those recipients are tried again after the restart).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Builds the delivery context and starts the runner with the messages found in the
 /// spool at start.
@@ -156,6 +156,7 @@ pub fn start(
         entries: HashMap::new(),
         due: BTreeSet::new(),
         attempts: JoinSet::new(),
+        running: HashMap::new(),
         stopping: false,
     };
     let now = Instant::now();
@@ -236,6 +237,9 @@ struct Runner {
     /// Messages waiting, by next attempt time.
     due: BTreeSet<(Instant, QueueId)>,
     attempts: JoinSet<()>,
+    /// Which message each running attempt task is for, to recover from a task that
+    /// ends without reporting (a panic): its message is rescheduled, not stranded.
+    running: HashMap<tokio::task::Id, QueueId>,
     stopping: bool,
 }
 
@@ -277,7 +281,9 @@ impl Runner {
                     None => return,
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
-                Some(_) = self.attempts.join_next(), if !self.attempts.is_empty() => {}
+                Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
+                    self.reap(done);
+                }
                 _ = sweep.tick() => { self.ctx.pool.sweep(); }
             }
         }
@@ -299,10 +305,32 @@ impl Runner {
             entry.in_flight = true;
             let (ctx, msg, attempts) = (Arc::clone(&self.ctx), entry.msg.clone(), entry.attempts);
             let tx = self.ctx.handle.tx.clone();
-            self.attempts.spawn(async move {
+            let task = self.attempts.spawn(async move {
                 let report = attempt::run(ctx, msg, attempts).await;
                 let _ = tx.send(Command::Report(report));
             });
+            self.running.insert(task.id(), id);
+        }
+    }
+
+    /// An attempt task ended. Normally its report is already on the channel; if it
+    /// panicked there is none, so the message is put back on the schedule.
+    fn reap(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (task, failure) = match done {
+            Ok((task, ())) => (task, None),
+            Err(e) => (e.id(), Some(e)),
+        };
+        let Some(id) = self.running.remove(&task) else {
+            return;
+        };
+        if let Some(e) = failure
+            && let Some(entry) = self.entries.get_mut(&id)
+            && entry.in_flight
+        {
+            tracing::error!(id = %id, error = %e, "delivery attempt failed unexpectedly; retrying later");
+            entry.in_flight = false;
+            entry.next = Instant::now() + Duration::from_secs(60);
+            self.due.insert((entry.next, id));
         }
     }
 
@@ -421,7 +449,7 @@ impl Runner {
             tracing::warn!("delivery attempts still running at shutdown; they will be retried");
             self.attempts.abort_all();
         }
-        self.ctx.pool.close_all().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ctx.pool.close_all()).await;
     }
 }
 

@@ -90,8 +90,11 @@ impl Pool {
                 .flat_map(|(_, l)| l.into_iter().map(|(c, _)| c))
                 .collect()
         };
+        // Concurrently: one unresponsive host must not hold up the others.
+        let mut quits = tokio::task::JoinSet::new();
         for conn in all {
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+            quits.spawn(conn.quit());
         }
+        while quits.join_next().await.is_some() {}
     }
 }

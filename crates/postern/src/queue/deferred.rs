@@ -74,9 +74,16 @@ pub(crate) fn append_outcome(
         .append(true)
         .open(&p)
         .map_err(SpoolError::io("open", &p))?;
-    file.write_all(&bytes)
-        .map_err(SpoolError::io("append", &p))?;
-    file.sync_data().map_err(SpoolError::io("fdatasync", &p))
+    let before = file.metadata().map_err(SpoolError::io("stat", &p))?.len();
+    let written = file
+        .write_all(&bytes)
+        .map_err(SpoolError::io("append", &p))
+        .and_then(|()| file.sync_data().map_err(SpoolError::io("fdatasync", &p)));
+    if written.is_err() {
+        // A half-written record would hide every later one: cut it off again.
+        let _ = file.set_len(before).and_then(|()| file.sync_all());
+    }
+    written
 }
 
 /// Removes a finished message's file (durably: the directory is synced).

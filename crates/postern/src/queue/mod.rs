@@ -387,7 +387,14 @@ impl Spool {
         let env = envelope.clone();
         let states = states.to_vec();
         blocking(move || deferred::write(&dir, &env, &body, &states)).await?;
-        self.mark_moved(envelope.id).await
+        // From here the file is the message (it wins over the log copy at the next
+        // open), so a failed MOVED record is not a failed move: it only keeps the log
+        // segment pinned until the next start.
+        if let Err(e) = self.mark_moved(envelope.id).await {
+            tracing::error!(id = %envelope.id, error = %e,
+                "MOVED record not written; the deferred file is authoritative");
+        }
+        Ok(())
     }
 
     /// Records a recipient's final outcome wherever the message is kept.
@@ -486,7 +493,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Now, in Unix seconds.
-pub(crate) fn unix_now() -> i64 {
+pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

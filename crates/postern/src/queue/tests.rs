@@ -70,7 +70,7 @@ async fn put(spool: &Spool, n: usize) -> (Envelope, Location) {
 async fn store_then_reopen_gives_the_same_message() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("spool");
-    let (spool, live) = Spool::open(&dir, small()).unwrap();
+    let (spool, live) = open_retrying(&dir);
     assert!(live.is_empty());
     for sub in ["log", "deferred", "quarantine"] {
         assert!(dir.join(sub).is_dir(), "{sub}");
@@ -81,7 +81,7 @@ async fn store_then_reopen_gives_the_same_message() {
     assert_eq!(spool.read_message(&loc1).unwrap(), body(1));
     drop(spool);
 
-    let (spool, live) = Spool::open(&dir, small()).unwrap();
+    let (spool, live) = open_retrying(&dir);
     assert_eq!(live.len(), 2);
     for (msg, (env, loc, n)) in live.iter().zip([(&env0, loc0, 0), (&env1, loc1, 1)]) {
         assert_eq!(&msg.envelope, env);
@@ -98,7 +98,7 @@ async fn store_then_reopen_gives_the_same_message() {
 async fn outcomes_and_done_replay() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (spool, _) = open_retrying(dir);
     let (a, _) = put(&spool, 1).await;
     let (b, _) = put(&spool, 2).await;
     let (c, _) = put(&spool, 3).await;
@@ -121,7 +121,7 @@ async fn outcomes_and_done_replay() {
     spool.mark_done(QueueId::from_u64(1)).await.unwrap();
     drop(spool);
 
-    let (_spool, live) = Spool::open(dir, small()).unwrap();
+    let (_spool, live) = open_retrying(dir);
     assert_eq!(ids(&live), vec![a.id]);
     assert_eq!(
         live[0].states,
@@ -133,7 +133,7 @@ async fn outcomes_and_done_replay() {
 async fn torn_tail_at_every_offset_replays_the_earlier_records() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("orig");
-    let (spool, _) = Spool::open(&dir, small()).unwrap();
+    let (spool, _) = open_retrying(&dir);
     let (first, _) = put(&spool, 1).await;
     let (_, last) = put(&spool, 2).await;
     drop(spool);
@@ -151,7 +151,7 @@ async fn torn_tail_at_every_offset_replays_the_earlier_records() {
             vec![first.id],
             "scan, cut at {cut}"
         );
-        let (spool, live) = Spool::open(&dir, small()).unwrap();
+        let (spool, live) = open_retrying(&dir);
         assert_eq!(ids(&live), vec![first.id], "open, cut at {cut}");
         assert_eq!(spool.read_body(&live[0]).unwrap(), body(1));
         drop(spool);
@@ -161,7 +161,7 @@ async fn torn_tail_at_every_offset_replays_the_earlier_records() {
             last.offset,
             "cut at {cut}"
         );
-        let (_spool, live) = Spool::open(&dir, small()).unwrap();
+        let (_spool, live) = open_retrying(&dir);
         assert_eq!(ids(&live), vec![first.id]);
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -175,7 +175,7 @@ fn torn_segment_header_is_removed() {
         fs::create_dir_all(dir.join("log")).unwrap();
         fs::write(seg_path(dir, 7), &HEADER[..len]).unwrap();
         fs::write(dir.join("log").join("notes.txt"), "not a segment").unwrap();
-        let (spool, live) = Spool::open(dir, small()).unwrap();
+        let (spool, live) = open_retrying(dir);
         assert!(live.is_empty());
         drop(spool);
         assert!(!seg_path(dir, 7).exists(), "header cut at {len}");
@@ -196,12 +196,12 @@ fn break_crc(dir: &Path, loc: &Location) {
 async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (spool, _) = open_retrying(dir);
     let (m1, l1) = put(&spool, 1).await;
     let (_m2, l2) = put(&spool, 2).await;
     let (_m3, _) = put(&spool, 3).await;
     drop(spool);
-    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (spool, _) = open_retrying(dir);
     let (m4, l4) = put(&spool, 4).await;
     drop(spool);
     assert_eq!(l1.segment, l2.segment);
@@ -210,7 +210,7 @@ async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
     break_crc(dir, &l2);
     let len_before = fs::metadata(seg_path(dir, l2.segment)).unwrap().len();
     assert_eq!(ids(&scan(dir).unwrap()), vec![m1.id, m4.id]);
-    let (spool, live) = Spool::open(dir, small()).unwrap();
+    let (spool, live) = open_retrying(dir);
     assert_eq!(ids(&live), vec![m1.id, m4.id]);
     assert_eq!(spool.read_message(&l4).unwrap(), body(4));
     // Nothing was trimmed off the damaged segment.
@@ -238,7 +238,7 @@ async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
 async fn corrupt_record_in_the_newest_segment_is_not_trimmed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (spool, _) = open_retrying(dir);
     let (m1, _) = put(&spool, 1).await;
     let (_, l2) = put(&spool, 2).await;
     let (_, _) = put(&spool, 3).await;
@@ -246,7 +246,7 @@ async fn corrupt_record_in_the_newest_segment_is_not_trimmed() {
     break_crc(dir, &l2);
     let path = seg_path(dir, l2.segment);
     let len_before = fs::metadata(&path).unwrap().len();
-    let (_spool, live) = Spool::open(dir, small()).unwrap();
+    let (_spool, live) = open_retrying(dir);
     assert_eq!(ids(&live), vec![m1.id]);
     assert_eq!(fs::metadata(&path).unwrap().len(), len_before);
 }
@@ -366,7 +366,7 @@ fn a_second_open_of_the_same_spool_is_refused() {
 async fn concurrent_stores_are_group_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (spool, _) = open_retrying(dir);
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..200 {
         let spool = spool.clone();
@@ -390,7 +390,7 @@ async fn concurrent_stores_are_group_committed() {
     }
     drop(spool);
 
-    let (_spool, live) = Spool::open(dir, small()).unwrap();
+    let (_spool, live) = open_retrying(dir);
     assert_eq!(live.len(), 200);
     stored.sort_by_key(|(env, _, _)| env.id);
     for (msg, (env, loc, _)) in live.iter().zip(&stored) {
@@ -422,7 +422,7 @@ async fn per_record_sync_without_group_commit() {
 async fn scan_works_while_the_spool_is_open() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (spool, _) = Spool::open(dir, small()).unwrap();
+    let (spool, _) = open_retrying(dir);
     let (a, la) = put(&spool, 1).await;
     let (b, _) = put(&spool, 2).await;
     spool
@@ -469,4 +469,21 @@ fn scan_of_a_missing_spool_is_an_error() {
         scan(&tmp.path().join("nope")),
         Err(SpoolError::Io { .. })
     ));
+}
+
+/// `Spool::open` for tests that reopen a spool at once. Another test thread spawning a
+/// process (openssl, the postern binary) can fork while our lock file is open: the child
+/// holds the flock'd descriptor until its exec closes it (O_CLOEXEC), so an immediate
+/// reopen may briefly see `Locked`. Real servers do not fork, and `Locked` stays an
+/// error there.
+fn open_retrying(dir: &Path) -> (Spool, Vec<StoredMessage>) {
+    for _ in 0..100 {
+        match Spool::open(dir, small()) {
+            Err(SpoolError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("spool still locked after 2 s");
 }
