@@ -509,7 +509,10 @@ mod tests {
         let h = redirect_header("project-x", &rcpts);
         assert!(h.ends_with("\r\n"));
         assert!(h.split("\r\n").all(|line| line.len() <= 78), "{h}");
-        assert!(h.contains("\r\n <user49@company.test>\r\n and 10 more\r\n"), "{h}");
+        assert!(
+            h.contains("\r\n <user49@company.test>\r\n and 10 more\r\n"),
+            "{h}"
+        );
         assert!(!h.contains("user50@"));
     }
 }
