@@ -43,8 +43,10 @@ pub struct Shared {
     pub dnsbl: Option<Dnsbl>,
 }
 
-/// Read size; small enough that 10,000 idle sessions stay cheap.
-const READ_BUFFER: usize = 8 * 1024;
+/// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
+/// fills it (a message body streaming in) grows it, up to `MAX_READ_BUFFER`.
+const READ_BUFFER: usize = 1024;
+const MAX_READ_BUFFER: usize = 64 * 1024;
 /// A TLS handshake must complete within this (or the command timeout, if shorter).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -226,7 +228,12 @@ async fn drive(
                 tokio::select! {
                     read = tokio::time::timeout(timeout, stream.read(&mut buf)) => match read {
                         Ok(Ok(0)) => return Ended::Done("client closed"),
-                        Ok(Ok(n)) => session.receive(&buf[..n]),
+                        Ok(Ok(n)) => {
+                            session.receive(&buf[..n]);
+                            if n == buf.len() && buf.len() < MAX_READ_BUFFER {
+                                buf.resize(buf.len() * 4, 0);
+                            }
+                        }
                         Ok(Err(_)) => return Ended::Done("read failed"),
                         Err(_) => session.timeout(),
                     },
