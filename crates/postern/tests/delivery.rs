@@ -503,3 +503,50 @@ fn queue_list_flush_and_delete() {
         "the deleted message was delivered"
     );
 }
+
+/// A smart host that needs AUTH: the password file's trailing newline is not part of
+/// the password, AUTH happens only after STARTTLS, and a 535 defers (never bounces).
+#[test]
+fn smart_host_auth_over_tls_and_535_defers() {
+    use postern_testkit::ca::TlsIdentity;
+    let dns = DnsServer::start();
+    let sink = Sink::start(SinkConfig {
+        tls: Some(TlsIdentity::self_signed(&["smarthost.test"])),
+        auth: Some(("relay".into(), "s3cret pass".into())),
+        require_auth: true,
+        ..SinkConfig::default()
+    });
+    for (password, delivered) in [("s3cret pass\n", true), ("wrong\n", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let pass_file = dir.path().join("smarthost.pass");
+        std::fs::write(&pass_file, password).unwrap();
+        let route = format!(
+            "[[route]]\ndomains = [\"*\"]\nnext_hop = \"[127.0.0.1]:{}\"\nauth_user = \"relay\"\nauth_password_file = \"{}\"\n",
+            sink.addr().port(),
+            pass_file.display()
+        );
+        let before = sink.messages().len();
+        let server = relay(&dns, 25, "", &route);
+        submit(
+            &server,
+            "a@company.test",
+            &["x@elsewhere.test"],
+            "smarthost",
+        );
+        if delivered {
+            let got = sink.wait_for(before + 1, Duration::from_secs(20));
+            let m = got.last().unwrap();
+            assert_eq!(m.auth.as_deref(), Some("relay"));
+            assert!(m.tls, "AUTH must only happen over TLS");
+        } else {
+            wait_until("the credentials error", Duration::from_secs(20), || {
+                server.log().contains("refused our credentials")
+            });
+            wait_until("a deferral", Duration::from_secs(20), || {
+                server.log().contains("message deferred")
+            });
+            assert!(!server.log().contains("bounce queued"));
+            assert_eq!(sink.messages().len(), before);
+        }
+    }
+}
