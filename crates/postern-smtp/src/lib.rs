@@ -19,5 +19,5 @@ pub mod server;
 pub use address::{Address, Domain, ReversePath};
 pub use reply::{Reply, Status, catalogue};
 pub use server::{
-    AuthRequest, Event, Message, Peer, RecipientRequest, Session, SessionConfig, TlsInfo,
+    AuthRequest, Event, Message, Peer, RecipientRequest, Refusals, Session, SessionConfig, TlsInfo,
 };

@@ -205,6 +205,18 @@ pub enum Event {
     Close,
 }
 
+/// Messages a session refused by itself, with no [`Event::Message`] for the driver to
+/// answer: counts for the driver's metrics, collected with [`Session::take_refusals`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// 552 5.3.4: over `max_message_size`, declared (MAIL SIZE=, BDAT) or found at the end.
+    pub size: u64,
+    /// 554 5.6.0: a bare CR or LF in the message.
+    pub bare_line_ending: u64,
+    /// 500 5.5.6: a text line over 1000 octets.
+    pub line_too_long: u64,
+}
+
 /// The connection-level state, in RFC 5321 order:
 ///
 /// ```text
@@ -282,6 +294,7 @@ pub struct Session {
     bdat_failure: Option<Reply>,
     output: Vec<u8>,
     errors: u32,
+    refusals: Refusals,
 }
 
 impl Session {
@@ -299,6 +312,7 @@ impl Session {
             bdat_failure: None,
             output: Vec::new(),
             errors: 0,
+            refusals: Refusals::default(),
             peer,
             config,
         };
@@ -432,6 +446,11 @@ impl Session {
     /// True when there are bytes to send.
     pub fn has_output(&self) -> bool {
         !self.output.is_empty()
+    }
+
+    /// Takes the counts of messages refused since the last call (see [`Refusals`]).
+    pub fn take_refusals(&mut self) -> Refusals {
+        std::mem::take(&mut self.refusals)
     }
 
     /// Runs the protocol over the buffered input until something needs the driver.
@@ -664,6 +683,7 @@ impl Session {
                 ("SIZE", Some(v)) => match v.parse::<u64>() {
                     Ok(n) if v.bytes().all(|b| b.is_ascii_digit()) => {
                         if n > self.config.max_message_size {
+                            self.refusals.size += 1;
                             return self.reply(catalogue::message_too_big());
                         }
                     }
@@ -766,6 +786,7 @@ impl Session {
                 let total = chunks.body.len() as u64 + size;
                 if total > self.config.max_message_size {
                     chunks.body = Vec::new();
+                    self.refusals.size += 1;
                     Some(catalogue::message_too_big())
                 } else {
                     // Reserve what was announced, within the limit already checked.
@@ -830,10 +851,13 @@ impl Session {
         let transaction = self.transaction.take();
         self.state = State::Ready;
         let refusal = if faults.too_big {
+            self.refusals.size += 1;
             Some(catalogue::message_too_big())
         } else if faults.bare_line_ending {
+            self.refusals.bare_line_ending += 1;
             Some(catalogue::bare_line_ending())
         } else if faults.long_line {
+            self.refusals.line_too_long += 1;
             Some(catalogue::text_line_too_long())
         } else {
             None

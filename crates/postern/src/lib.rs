@@ -10,6 +10,7 @@
 //! - [`control`]: the control socket behind `postern queue ...`.
 //! - [`tls`]: the server certificate; [`auth`]: SMTP AUTH users and brute-force defence.
 //! - [`config`]: the configuration file, validated; [`maillog`]: the decision log;
+//!   [`metrics`]: counters and the Prometheus endpoint;
 //!   [`server`]: start-up and shutdown; [`cli`]: the command line.
 
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod dnsbl;
 pub mod filter;
 pub mod listener;
 pub mod maillog;
+pub mod metrics;
 pub mod policy;
 pub mod queue;
 pub mod server;

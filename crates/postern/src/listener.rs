@@ -137,16 +137,19 @@ pub async fn run(
         match limits.acquire(peer.ip()) {
             Ok(slot) => {
                 maillog::connected(local, peer);
+                let open = shared.metrics.connection_opened(local);
                 let shared = Arc::clone(&shared);
                 let shutdown = shutdown.clone();
                 let config = config.clone();
                 tracker.spawn(async move {
                     session::run(stream, peer, &config, &shared, shutdown).await;
                     drop(slot);
+                    drop(open);
                 });
             }
             Err((limit, value)) => {
                 maillog::connection_refused(local, peer, limit, value);
+                shared.metrics.connection_refused(local, limit);
                 tracker.spawn(refuse(stream, limit));
             }
         }

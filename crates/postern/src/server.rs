@@ -20,6 +20,7 @@ use crate::config::{AuthMode, Config, TlsMode};
 use crate::dnsbl::Dnsbl;
 use crate::filter::Screener;
 use crate::listener;
+use crate::metrics::{self, Metrics};
 use crate::policy::{RecipientList, RelayPolicy};
 use crate::queue::{Spool, SpoolOptions};
 use crate::session::Shared;
@@ -84,7 +85,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if !config_filters.is_empty() {
         tracing::info!(filters = config_filters.len(), "message screener active");
     }
-    let delivery = delivery::start(&config, spool.clone(), live)?;
+    let metrics = Arc::new(Metrics::new(config.listeners.iter().map(|l| l.address)));
+    let delivery = delivery::start(&config, spool.clone(), live, Arc::clone(&metrics))?;
     control::start(spool.clone(), delivery.clone()).with_context(|| {
         format!(
             "cannot create the control socket {}",
@@ -100,6 +102,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(address = %l.address, "listening");
         bound.push((socket, l.clone()));
     }
+    let metrics_socket = match &config.metrics {
+        Some(m) => {
+            let socket = listener::bind(m.address)
+                .with_context(|| format!("cannot listen on {} for metrics", m.address))?;
+            tracing::info!(address = %m.address, "metrics at http://{}/metrics", m.address);
+            Some(socket)
+        }
+        None => None,
+    };
 
     let shared = Arc::new(Shared {
         config,
@@ -110,8 +121,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         auth,
         screener: Arc::new(Screener::new(&config_filters)),
         dnsbl,
+        metrics: Arc::clone(&metrics),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(socket) = metrics_socket {
+        tokio::spawn(metrics::serve(
+            socket,
+            metrics,
+            spool.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let sessions = TaskTracker::new();
     let mut accept_loops = Vec::new();
     for (socket, l) in bound {

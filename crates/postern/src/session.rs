@@ -25,13 +25,14 @@ use crate::delivery;
 use crate::dnsbl::Dnsbl;
 use crate::filter::{Screener, Verdict};
 use crate::maillog;
+use crate::metrics::{Metrics, Rejection};
 use crate::policy::{Client, Decision, RelayPolicy, Rule};
 use crate::queue::{Envelope, Place, RcptState, Spool, StoredMessage};
 use crate::tls::ServerTls;
 use std::sync::Arc;
 
 /// What every session shares: read-only configuration and policy, the spool, delivery,
-/// and (when some listener uses them) TLS and the authenticator.
+/// the metrics, and (when some listener uses them) TLS and the authenticator.
 pub struct Shared {
     pub config: Config,
     pub policy: RelayPolicy,
@@ -41,6 +42,7 @@ pub struct Shared {
     pub auth: Option<Authenticator>,
     pub screener: Arc<Screener>,
     pub dnsbl: Option<Dnsbl>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -216,7 +218,9 @@ async fn drive(
     let timeout = shared.config.command_timeout;
     let mut buf = vec![0u8; READ_BUFFER];
     loop {
-        match session.poll() {
+        let event = session.poll();
+        shared.metrics.core_refusals(session.take_refusals());
+        match event {
             Event::NeedInput => {
                 if flush(stream, session, timeout).await.is_err() {
                     return Ended::Done("write failed");
@@ -258,14 +262,17 @@ async fn drive(
                     Decision::Accept(rule) => {
                         maillog::recipient_accepted(session.peer(), &req.recipient, *rule)
                     }
-                    Decision::Refuse(rule, reply) => maillog::recipient_refused(
-                        session.peer(),
-                        req.authenticated.as_deref(),
-                        &req.sender,
-                        &req.recipient,
-                        *rule,
-                        reply,
-                    ),
+                    Decision::Refuse(rule, reply) => {
+                        shared.metrics.recipient_refused(*rule);
+                        maillog::recipient_refused(
+                            session.peer(),
+                            req.authenticated.as_deref(),
+                            &req.sender,
+                            &req.recipient,
+                            *rule,
+                            reply,
+                        )
+                    }
                 }
                 session.answer_recipient(decision.into_result());
             }
@@ -278,10 +285,22 @@ async fn drive(
                     }
                     None => Err(catalogue::auth_temporarily_refused()),
                 };
+                match &answer {
+                    Ok(_) => shared.metrics.auth_succeeded(),
+                    Err(reply) if reply.code == 535 => shared.metrics.auth_failed(),
+                    Err(_) => {}
+                }
                 session.answer_auth(answer);
             }
             Event::Message(message) => {
                 let reply = store(shared, *message).await;
+                // `store` answers 250, 550 (a filter's reject) or 451 (screening or
+                // storing failed).
+                match reply.code {
+                    250 => shared.metrics.message_accepted(),
+                    550 => shared.metrics.message_rejected(Rejection::Filter),
+                    _ => shared.metrics.message_rejected(Rejection::StoreFailed),
+                }
                 session.answer_message(reply);
             }
             Event::StartTls => {
@@ -381,6 +400,7 @@ async fn store(shared: &Shared, mut message: Message) -> Reply {
             &message.sender,
             &message.recipients,
         );
+        shared.metrics.filter_action(&v.action);
         match &v.action {
             FilterAction::Reject => return catalogue::filter_rejected(),
             FilterAction::Discard => return catalogue::queued(&id_text),

@@ -333,3 +333,93 @@ fn every_example_config_is_valid() {
     }
     assert!(n >= 3);
 }
+
+/// One plain HTTP/1.1 request; returns (status line, headers, body).
+fn http_get(port: u16, path: &str) -> (String, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole response");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_endpoint_counts_sessions() {
+    let metrics_port = common::free_port();
+    let server = Server::start(
+        "",
+        &format!("\n[metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    assert_ne!(metrics_port, server.port);
+    let mut c = server.client(OUTSIDE);
+    c.hello();
+    c.expect("MAIL FROM:<a@outside.test>", 250);
+    c.expect("RCPT TO:<user@other.test>", 554);
+    c.expect("RCPT TO:<user@accepted.test>", 250);
+    c.expect("DATA", 354);
+    c.send(message("metrics").as_bytes());
+    c.send(b".\r\n");
+    assert_eq!(c.reply().code, 250);
+    c.expect("QUIT", 221);
+
+    // The queue runner tries the message at once (a closed port: deferred); wait for it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        let (status, headers, body) = http_get(metrics_port, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(
+            headers
+                .lines()
+                .any(|h| h == "Content-Type: text/plain; version=0.0.4"),
+            "{headers}"
+        );
+        assert!(
+            headers.lines().any(|h| h == "Connection: close"),
+            "{headers}"
+        );
+        if body.contains("postern_deliveries_total{status=\"deferred\"} 1\n") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no deferral counted:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for want in [
+        "# TYPE postern_connections_total counter\n",
+        "postern_messages_accepted_total 1\n",
+        "postern_recipients_refused_total{rule=\"relay_denied\"} 1\n",
+        "postern_recipients_refused_total{rule=\"unknown_recipient\"} 0\n",
+        "postern_messages_rejected_total{reason=\"filter\"} 0\n",
+        "postern_auth_failures_total 0\n",
+        "postern_deliveries_total{status=\"delivered\"} 0\n",
+        "postern_queue_messages 1\n",
+        "postern_bounces_total 0\n",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in:\n{body}");
+    }
+    let value = |series: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    let listener = format!("listener=\"127.0.0.1:{}\"", server.port);
+    // Our client and the start-up probe (or probes).
+    assert!(value(&format!("postern_connections_total{{{listener}}}")) >= 2);
+    assert!(
+        body.contains(&format!(
+            "postern_connections_refused_total{{{listener},limit=\"max_connections\"}} 0\n"
+        )),
+        "{body}"
+    );
+    assert!(value("postern_spool_fsyncs_total") >= 1, "{body}");
+
+    let (status, _, _) = http_get(metrics_port, "/");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _, _) = http_get(metrics_port, "/metricsx");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}

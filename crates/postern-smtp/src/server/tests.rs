@@ -295,3 +295,32 @@ fn xtext() {
     assert!(!is_xtext("a b"));
     assert!(!is_xtext(""));
 }
+
+#[test]
+fn refusals_are_counted_and_taken() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100, 10), false);
+    d.codes("EHLO c.test\r\n");
+    // Declared too big at MAIL.
+    assert_eq!(d.codes("MAIL FROM:<a@b.test> SIZE=101\r\n"), ["552 5.3.4"]);
+    // Too big, found while reading.
+    d.codes("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@c.test>\r\nDATA\r\n");
+    let big = format!("{}\r\n.\r\n", "x".repeat(200));
+    assert_eq!(d.codes(&big), ["552 5.3.4"]);
+    // A bare LF.
+    d.codes("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@c.test>\r\nDATA\r\n");
+    assert_eq!(d.codes("a\nb\r\n.\r\n"), ["554 5.6.0"]);
+    // BDAT over the limit.
+    d.codes("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@c.test>\r\n");
+    let chunk = format!("BDAT 150 LAST\r\n{}", "y".repeat(150));
+    assert_eq!(d.codes(&chunk), ["552 5.3.4"]);
+    assert!(d.messages.is_empty());
+    assert_eq!(
+        d.session.take_refusals(),
+        Refusals {
+            size: 3,
+            bare_line_ending: 1,
+            line_too_long: 0,
+        }
+    );
+    assert_eq!(d.session.take_refusals(), Refusals::default());
+}

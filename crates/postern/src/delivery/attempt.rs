@@ -23,6 +23,7 @@ use super::pool::{Pool, PoolKey};
 use super::retry;
 use super::route::{self, Destination, NextHopKey};
 use crate::config::Route;
+use crate::metrics::{DeliveryStatus, Metrics};
 use crate::queue::{Envelope, Place, QueueId, RcptState, Spool, StoredMessage, unix_now};
 
 /// Recipients per transaction (Postfix's smtp_destination_recipient_limit): RFC 5321
@@ -54,6 +55,7 @@ pub(crate) struct Context {
     pub(crate) per_destination_limit: usize,
     pub(crate) pool: Pool,
     pub(crate) handle: Handle,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -197,7 +199,7 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
         for chunk in indexes.chunks(RECIPIENTS_PER_TRANSACTION) {
             let outcomes = deliver_group(&ctx, &key, &msg, &mut body, chunk).await;
             for (index, outcome) in chunk.iter().copied().zip(outcomes) {
-                log_outcome(&msg.envelope, index, &key, &outcome);
+                log_outcome(&ctx, &msg.envelope, index, &key, &outcome);
                 match outcome.kind {
                     Kind::Delivered => {
                         record(&ctx, &msg, index, true, &outcome.reply).await;
@@ -227,6 +229,7 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
                 tracing::info!(target: "maillog", id = %id,
                     to = %format_args!("<{}>", msg.envelope.recipients[i]),
                     status = "expired", "delivery failed: queue lifetime exceeded");
+                ctx.metrics.delivery(DeliveryStatus::Failed);
                 failed_now.push((i, outcome));
             }
         }
@@ -306,12 +309,13 @@ async fn record(ctx: &Context, msg: &StoredMessage, index: usize, delivered: boo
     }
 }
 
-fn log_outcome(env: &Envelope, index: usize, key: &NextHopKey, o: &Outcome) {
-    let status = match o.kind {
-        Kind::Delivered => "delivered",
-        Kind::Deferred => "deferred",
-        Kind::Failed => "failed",
+fn log_outcome(ctx: &Context, env: &Envelope, index: usize, key: &NextHopKey, o: &Outcome) {
+    let (status, counted) = match o.kind {
+        Kind::Delivered => ("delivered", DeliveryStatus::Delivered),
+        Kind::Deferred => ("deferred", DeliveryStatus::Deferred),
+        Kind::Failed => ("failed", DeliveryStatus::Failed),
     };
+    ctx.metrics.delivery(counted);
     tracing::info!(target: "maillog", id = %env.id,
         to = %format_args!("<{}>", env.recipients[index]), relay = %key.destination,
         host = %o.remote.as_deref().unwrap_or("-"), status, reply = %o.reply, "delivery");
@@ -369,6 +373,7 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
         Ok(loc) => {
             tracing::info!(target: "maillog", id = %id, original = %env.id,
                 to = %format_args!("<{}>", env.sender), "bounce queued");
+            ctx.metrics.bounce();
             ctx.handle.enqueue(StoredMessage {
                 states: vec![RcptState::Pending],
                 size: text.len() as u64,

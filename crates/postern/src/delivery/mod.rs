@@ -32,6 +32,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, Route, RouteTls};
+use crate::metrics::Metrics;
 use crate::queue::{QueueId, RcptState, Spool, StoredMessage, unix_now};
 use attempt::{Context, Report, RouteClient};
 use client::{ClientConfig, Credentials, TlsPolicy};
@@ -126,6 +127,7 @@ pub fn start(
     config: &Config,
     spool: Spool,
     live: Vec<StoredMessage>,
+    metrics: Arc<Metrics>,
 ) -> Result<Handle, DeliveryError> {
     let resolver = mx::Resolver::new(&config.delivery.dns_servers)?;
     let route_clients = config
@@ -150,6 +152,7 @@ pub fn start(
         per_destination_limit: config.delivery.per_domain_concurrency,
         pool: pool::Pool::new(config.delivery.per_domain_concurrency),
         handle: handle.clone(),
+        metrics,
     });
     let mut runner = Runner {
         ctx,
@@ -264,6 +267,7 @@ impl Runner {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         loop {
+            self.ctx.metrics.set_queue_messages(self.entries.len());
             self.dispatch_due();
             let wake = self
                 .due
