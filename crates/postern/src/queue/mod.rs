@@ -243,7 +243,19 @@ impl Spool {
         let deferred_dir = dir.join(DEFERRED_DIR);
         let mut from_files = Vec::new();
         for id in deferred::list(&deferred_dir, true)? {
-            let (loaded, _) = deferred::load(&deferred_dir, id)?;
+            let (loaded, _) = match deferred::load(&deferred_dir, id) {
+                Ok(l) => l,
+                Err(e) => {
+                    // One damaged file must not keep the server (and every other
+                    // message) down: set it aside for the operator, loudly.
+                    let path = deferred::path(&deferred_dir, id);
+                    let aside = path.with_extension("corrupt");
+                    tracing::error!(error = %e, file = %path.display(), aside = %aside.display(),
+                        "unreadable deferred message set aside; it will not be delivered");
+                    fs::rename(&path, &aside).map_err(SpoolError::io("rename", &path))?;
+                    continue;
+                }
+            };
             if loaded.valid_len < loaded.file_len {
                 deferred::trim(&deferred_dir, id, loaded.valid_len)?;
             }

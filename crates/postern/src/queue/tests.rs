@@ -487,3 +487,21 @@ fn open_retrying(dir: &Path) -> (Spool, Vec<StoredMessage>) {
     }
     panic!("spool still locked after 2 s");
 }
+
+#[test]
+fn a_damaged_deferred_file_is_set_aside_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("spool");
+    {
+        let (spool, _) = open_retrying(&dir);
+        spool.close();
+    }
+    let bad = dir
+        .join(DEFERRED_DIR)
+        .join(QueueId::from_u64(42).to_string());
+    fs::write(&bad, b"not a deferred file").unwrap();
+    let (_spool, live) = open_retrying(&dir);
+    assert!(live.is_empty());
+    assert!(!bad.exists());
+    assert!(bad.with_extension("corrupt").exists());
+}
