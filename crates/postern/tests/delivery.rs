@@ -36,6 +36,16 @@ fn relay(dns: &DnsServer, mx_port: u16, top: &str, extra: &str) -> Server {
     Server::start(top, &extra)
 }
 
+/// A `[[route]]` sending `domains` to `sink` (no MX lookup).
+fn route_to(domains: &[&str], sink: &Sink) -> String {
+    let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    format!(
+        "\n[[route]]\ndomains = [{}]\nnext_hop = \"[127.0.0.1]:{}\"\n",
+        list.join(", "),
+        sink.addr().port()
+    )
+}
+
 fn sink_on(ip: [u8; 4], port: u16, config: SinkConfig) -> Sink {
     Sink::start_on(SocketAddr::from((ip, port)), config).expect("sink bind")
 }
@@ -111,10 +121,7 @@ fn implicit_mx_from_a_record_and_null_mx_bounce() {
     let plain = sink_on([127, 0, 0, 12], port, SinkConfig::default());
     let home = Sink::start(SinkConfig::default());
     // Bounces to company.test senders go to `home`.
-    let route = format!(
-        "[[route]]\ndomains = [\"company.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        home.addr().port()
-    );
+    let route = route_to(&["company.test"], &home);
     let server = relay(&dns, port, "", &route);
     submit(&server, "a@company.test", &["user@plain.test"], "implicit");
     plain.wait_for(1, Duration::from_secs(20));
@@ -153,10 +160,7 @@ fn temporary_failure_is_retried_then_delivered() {
         }),
         ..SinkConfig::default()
     });
-    let route = format!(
-        "[[route]]\ndomains = [\"accepted.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        sink.addr().port()
-    );
+    let route = route_to(&["accepted.test"], &sink);
     let server = relay(&dns, 25, "", &route);
     let id = submit(&server, "a@outside.test", &["user@accepted.test"], "grey");
     // The deferral is visible in the queue with its reason before the retry lands.
@@ -187,12 +191,7 @@ fn permanent_failure_sends_one_dsn_to_the_sender() {
         ..SinkConfig::default()
     });
     let home = Sink::start(SinkConfig::default());
-    let routes = format!(
-        "[[route]]\ndomains = [\"accepted.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n\n\
-         [[route]]\ndomains = [\"company.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        target.addr().port(),
-        home.addr().port()
-    );
+    let routes = route_to(&["accepted.test"], &target) + &route_to(&["company.test"], &home);
     let server = relay(&dns, 25, "", &routes);
     let id = submit(
         &server,
@@ -244,10 +243,7 @@ fn null_sender_failures_are_never_bounced() {
         rcpt_reply: Arc::new(|_| "550 5.1.1 unknown".to_string()),
         ..SinkConfig::default()
     });
-    let route = format!(
-        "[[route]]\ndomains = [\"*\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        target.addr().port()
-    );
+    let route = route_to(&["*"], &target);
     let server = relay(&dns, 25, "", &route);
     let mut c = server.client(INSIDE);
     c.hello();
@@ -272,12 +268,7 @@ fn kill_9_with_pending_deliveries_is_exactly_once_per_recipient() {
         rcpt_reply: Arc::new(|_| "451 4.3.0 not now".to_string()),
         ..SinkConfig::default()
     });
-    let routes = format!(
-        "[[route]]\ndomains = [\"accepted.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n\n\
-         [[route]]\ndomains = [\"company.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        good.addr().port(),
-        flaky.addr().port()
-    );
+    let routes = route_to(&["accepted.test"], &good) + &route_to(&["company.test"], &flaky);
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let text = common::base_config(port, &dir.path().join("spool"), "", &routes)
@@ -374,12 +365,7 @@ fn a_dead_destination_does_not_hold_up_the_rest() {
         ..SinkConfig::default()
     });
     let fast = Sink::start(SinkConfig::default());
-    let routes = format!(
-        "[[route]]\ndomains = [\"slow.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n\n\
-         [[route]]\ndomains = [\"fast.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        slow.addr().port(),
-        fast.addr().port()
-    );
+    let routes = route_to(&["slow.test"], &slow) + &route_to(&["fast.test"], &fast);
     let server = relay(&dns, 25, "", &routes);
     for i in 0..6 {
         submit(
@@ -412,10 +398,7 @@ fn a_dead_destination_does_not_hold_up_the_rest() {
 fn connections_are_reused_and_recipients_grouped() {
     let dns = DnsServer::start();
     let sink = Sink::start(SinkConfig::default());
-    let route = format!(
-        "[[route]]\ndomains = [\"accepted.test\", \"company.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        sink.addr().port()
-    );
+    let route = route_to(&["accepted.test", "company.test"], &sink);
     let server = relay(&dns, 25, "", &route);
     submit(
         &server,
@@ -458,10 +441,7 @@ fn queue_list_flush_and_delete() {
         }),
         ..SinkConfig::default()
     });
-    let route = format!(
-        "[[route]]\ndomains = [\"accepted.test\"]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        sink.addr().port()
-    );
+    let route = route_to(&["accepted.test"], &sink);
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let text = common::base_config(port, &dir.path().join("spool"), "", &route)

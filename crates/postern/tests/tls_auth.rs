@@ -133,26 +133,16 @@ next_hop = "[127.0.0.1]:1"
 }
 
 fn add_user(config: &std::path::Path, name: &str, password: &str, addresses: &[&str]) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
-    cmd.args(["user", "add", name, "--password-stdin", "--config"])
-        .arg(config);
+    use std::ffi::OsStr;
+    let mut args: Vec<&OsStr> = ["user", "add", name, "--password-stdin", "--config"]
+        .into_iter()
+        .map(OsStr::new)
+        .collect();
+    args.push(config.as_os_str());
     for a in addresses {
-        cmd.args(["--address", a]);
+        args.extend([OsStr::new("--address"), OsStr::new(a)]);
     }
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::run_cli_stdin(&args, &format!("{password}\n"));
     assert!(
         out.status.success(),
         "{}",

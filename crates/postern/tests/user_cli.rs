@@ -3,10 +3,12 @@
 //! file, the file is mode 0600, comments survive, and mistakes (adding twice, changing a
 //! user that is not there, an empty password) change nothing.
 
-use std::io::Write;
+use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
+
+mod common;
 
 use postern::auth::password;
 
@@ -21,24 +23,10 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 /// Run `postern user ARGS --config CONFIG`, feeding `stdin`.
 fn user(config: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .arg("user")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .current_dir(config.parent().unwrap())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let mut all: Vec<&OsStr> = vec![OsStr::new("user")];
+    all.extend(args.iter().map(OsStr::new));
+    all.extend([OsStr::new("--config"), config.as_os_str()]);
+    common::run_cli_stdin(&all, stdin)
 }
 
 fn ok(out: &Output) -> String {

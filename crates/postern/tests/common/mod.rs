@@ -238,6 +238,24 @@ impl Write for Conn {
     }
 }
 
+/// Runs `postern` with arguments, feeding `stdin` (for `--password-stdin`).
+pub fn run_cli_stdin(args: &[&std::ffi::OsStr], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// A minimal blocking SMTP client, byte-exact: it sends what it is told. It can start
 /// TLS (STARTTLS or implicit) with a rustls client config the test provides.
 pub struct Client {
