@@ -236,6 +236,10 @@ async fn drive(
                             session.receive(&buf[..n]);
                             if n == buf.len() && buf.len() < MAX_READ_BUFFER {
                                 buf.resize(buf.len() * 4, 0);
+                            } else if buf.len() > READ_BUFFER && !session.in_transfer() {
+                                // Back to idle after a big transfer: give the memory back.
+                                buf.truncate(READ_BUFFER);
+                                buf.shrink_to_fit();
                             }
                         }
                         Ok(Err(_)) => return Ended::Done("read failed"),
