@@ -53,6 +53,12 @@ pub struct Config {
     pub command_timeout: Duration,
     /// Protocol errors per session before 421 and close.
     pub max_errors: u32,
+    /// IPv6 clients are counted per block of this many leading bits (per-IP connection
+    /// limits, AUTH lockout): one site holds a whole /64.
+    pub ipv6_prefix: u8,
+    /// Where mail to `<Postmaster>` (RFC 5321 4.5.1) and double-bounce notices go.
+    /// Default `postmaster@` + `hostname`.
+    pub postmaster: String,
     /// Never empty.
     pub listeners: Vec<Listener>,
     pub tls: Option<Tls>,
@@ -270,6 +276,8 @@ impl Config {
             max_recipients: validate::DEFAULT_MAX_RECIPIENTS,
             command_timeout: validate::DEFAULT_COMMAND_TIMEOUT,
             max_errors: validate::DEFAULT_MAX_ERRORS,
+            ipv6_prefix: crate::policy::DEFAULT_IPV6_PREFIX,
+            postmaster: String::new(),
             listeners: vec![Listener::default_listener()],
             tls: None,
             relay: Relay::default_relay(),
@@ -279,6 +287,14 @@ impl Config {
             filters: Vec::new(),
             metrics: None,
         }
+        .with_default_postmaster()
+    }
+
+    fn with_default_postmaster(mut self) -> Config {
+        if self.postmaster.is_empty() {
+            self.postmaster = format!("postmaster@{}", self.hostname);
+        }
+        self
     }
 
     /// Read and validate `path`.

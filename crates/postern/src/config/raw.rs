@@ -23,6 +23,8 @@ pub(crate) struct RawConfig {
     pub max_recipients: Option<S<i64>>,
     pub command_timeout: Option<S<String>>,
     pub max_errors: Option<S<i64>>,
+    pub ipv6_prefix: Option<S<i64>>,
+    pub postmaster: Option<S<String>>,
     #[serde(default)]
     pub listener: Vec<S<RawListener>>,
     pub tls: Option<S<RawTls>>,

@@ -356,6 +356,18 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         DEFAULT_MAX_ERRORS,
     )?;
 
+    let ipv6_prefix = v.int(
+        raw.ipv6_prefix.as_ref(),
+        "ipv6_prefix",
+        16,
+        128,
+        crate::policy::DEFAULT_IPV6_PREFIX,
+    )?;
+    let postmaster = match &raw.postmaster {
+        Some(p) => v.parse(p, "postmaster", check_address)?,
+        None => format!("postmaster@{hostname}"),
+    };
+
     let tls = raw.tls.as_ref().map(|t| tls_section(&v, t)).transpose()?;
     let auth = match &raw.auth {
         Some(a) => auth_section(&v, a)?,
@@ -395,6 +407,8 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         max_recipients,
         command_timeout,
         max_errors,
+        ipv6_prefix,
+        postmaster,
         listeners,
         tls,
         relay,

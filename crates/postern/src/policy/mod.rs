@@ -196,5 +196,23 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The block a client address is counted in for per-client limits (connections,
+/// AUTH lockout): an IPv4 address alone, an IPv6 address with only its first
+/// `ipv6_prefix` bits kept. One IPv6 end site usually holds a whole /64 (RFC 6177),
+/// so counting per /128 would give an attacker 2^64 fresh "clients".
+pub fn client_block(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+        v4 => v4,
+    }
+}
+
+/// Default for `ipv6_prefix`: a /64, the usual IPv6 end-site subnet.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 #[cfg(test)]
 mod tests;

@@ -114,3 +114,21 @@ fn recipient_list_errors_name_the_line() {
     assert_eq!(err.0, 3);
     assert!(RecipientList::parse("@bad..domain").is_err());
 }
+
+#[test]
+fn client_block_keeps_ipv4_and_masks_ipv6() {
+    use super::client_block;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(client_block(ip("192.0.2.7"), 64), ip("192.0.2.7"));
+    assert_eq!(client_block(ip("::ffff:192.0.2.7"), 64), ip("192.0.2.7"));
+    assert_eq!(
+        client_block(ip("2001:db8:1:2:3:4:5:6"), 64),
+        ip("2001:db8:1:2::")
+    );
+    assert_eq!(
+        client_block(ip("2001:db8:1:2:3:4:5:6"), 48),
+        ip("2001:db8:1::")
+    );
+    assert_eq!(client_block(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+    assert_eq!(client_block(ip("2001:db8::1"), 0), ip("::"));
+}
