@@ -41,6 +41,26 @@ impl Domain {
             Domain::Literal(_) => None,
         }
     }
+
+    /// The name in its one canonical form for comparisons: A-labels (IDNA, UTS 46
+    /// processing, RFC 5891), lower case, so `bücher.example` and
+    /// `xn--bcher-kva.example` are the same domain. A name IDNA refuses stays as written
+    /// (it then matches nothing that was configured in a valid form).
+    pub fn ascii_name(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.name().map(ascii_domain)
+    }
+}
+
+/// `domain` in A-label form, lower case (see [`Domain::ascii_name`]).
+pub fn ascii_domain(domain: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    if domain.is_ascii() && !domain.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(domain);
+    }
+    match idna::domain_to_ascii(domain) {
+        Ok(a) => Cow::Owned(a),
+        Err(_) => Cow::Owned(domain.to_lowercase()),
+    }
 }
 
 impl fmt::Display for Domain {
@@ -86,6 +106,19 @@ impl Address {
     }
     pub fn flags(&self) -> AddressFlags {
         self.flags
+    }
+
+    /// True when both name the same mailbox: the same local part (as unquoted, so
+    /// `"a"` is `a`) at the same domain in canonical form (IDNA A-labels), whatever
+    /// source route or quoting either was written with.
+    pub fn same_mailbox(&self, other: &Address) -> bool {
+        self.local == other.local
+            && match (&self.domain, &other.domain) {
+                (Domain::Name(_), Domain::Name(_)) => {
+                    self.domain.ascii_name() == other.domain.ascii_name()
+                }
+                (a, b) => a == b,
+            }
     }
 
     /// True when the local part could be read as a further route by a next hop

@@ -23,6 +23,33 @@ pub struct BodyFaults {
 /// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including the CRLF.
 pub const MAX_TEXT_LINE: usize = 1000;
 
+/// Past this, a body buffer grows by this much at a time instead of doubling, so what
+/// a message holds ([`DataReader::held`]) stays within 1 MiB of its size and the
+/// driver's memory budget counts what is really allocated.
+const GROWTH_STEP: usize = 1 << 20;
+
+/// Appends `bytes` to a body buffer, growing it by doubling up to 1 MiB, then by 1 MiB
+/// steps (large reallocations are moved by the allocator's remapping, not copied).
+pub fn extend_bounded(body: &mut Vec<u8>, bytes: &[u8]) {
+    let target = capacity_after(body, bytes.len());
+    if target > body.capacity() {
+        body.reserve_exact(target - body.len());
+    }
+    body.extend_from_slice(bytes);
+}
+
+/// The capacity `body` has after [`extend_bounded`] appends `more` octets to it.
+pub fn capacity_after(body: &Vec<u8>, more: usize) -> usize {
+    let need = body.len().saturating_add(more);
+    if need <= body.capacity() {
+        body.capacity()
+    } else if need <= GROWTH_STEP {
+        need.next_power_of_two()
+    } else {
+        need.div_ceil(GROWTH_STEP).saturating_mul(GROWTH_STEP)
+    }
+}
+
 /// Tracks line structure over a byte stream that arrives in arbitrary pieces.
 #[derive(Clone, Debug, Default)]
 pub struct LineChecker {
@@ -105,6 +132,9 @@ pub struct DataReader {
     size: u64,
     line_len: usize,
     faults: BodyFaults,
+    /// Nothing more is kept (the driver refused to hold the body); the end is still
+    /// looked for.
+    discarding: bool,
 }
 
 impl DataReader {
@@ -116,7 +146,24 @@ impl DataReader {
             size: 0,
             line_len: 0,
             faults: BodyFaults::default(),
+            discarding: false,
         }
+    }
+
+    /// Memory the body holds once `more` further input octets are read (at most that
+    /// many become content; nothing once discarding or over the size limit).
+    pub fn held_after(&self, more: usize) -> usize {
+        if self.discarding || self.faults.too_big {
+            return self.body.capacity();
+        }
+        capacity_after(&self.body, more)
+    }
+
+    /// Drops what is held and keeps nothing more; the end is still found and the line
+    /// checks still run.
+    pub fn discard(&mut self) {
+        self.discarding = true;
+        self.body = Vec::new();
     }
 
     /// Consumes bytes from `input`. Returns how many were consumed and whether the
@@ -194,7 +241,9 @@ impl DataReader {
             }
             return;
         }
-        self.body.extend_from_slice(bytes);
+        if !self.discarding {
+            extend_bounded(&mut self.body, bytes);
+        }
     }
 
     fn end_line(&mut self) {

@@ -300,6 +300,29 @@ pub mod catalogue {
     pub fn unknown_user() -> Reply {
         Reply::new(550, st(5, 1, 1), "Recipient address rejected: user unknown")
     }
+    /// 554 5.4.6: the message carries too many trace fields, a mail loop (RFC 5321 6.3;
+    /// RFC 3463 X.4.6 "routing loop detected").
+    pub fn too_many_hops() -> Reply {
+        Reply::new(554, st(5, 4, 6), "Too many hops: mail loop detected")
+    }
+    /// 452 4.3.1: no memory left for one more message right now (RFC 1870 6.1 uses 452
+    /// for insufficient storage); the client tries again later.
+    pub fn insufficient_storage() -> Reply {
+        Reply::new(
+            452,
+            st(4, 3, 1),
+            "Insufficient system resources, try again later",
+        )
+    }
+    /// 550 5.4.6: an address literal that is this server: there is no local delivery,
+    /// so relaying it would loop back here.
+    pub fn literal_is_us() -> Reply {
+        Reply::new(
+            550,
+            st(5, 4, 6),
+            "Address literal is this server: mail would loop back to myself",
+        )
+    }
     /// 451 4.3.0: we could not do our part (spool write failed, ...).
     pub fn local_error() -> Reply {
         Reply::new(

@@ -25,6 +25,15 @@ use crate::reply::{Reply, catalogue};
 pub const MAX_COMMAND_LINE: usize = 512;
 /// RFC 4954 4: the AUTH command and SASL responses may be up to 12288 octets.
 pub const MAX_AUTH_LINE: usize = 12288;
+/// Replies waiting to be sent beyond which no further command is read: the driver is
+/// asked to flush first ([`Event::Flush`]). A pipelined batch of cheap commands (EHLO
+/// gives ~20 times its size in reply) can then never pile up output for a client that
+/// does not read it.
+pub const MAX_PENDING_OUTPUT: usize = 16 * 1024;
+/// Default for [`SessionConfig::max_junk_commands`] (Postfix's smtpd_junk_command_limit).
+pub const DEFAULT_MAX_JUNK_COMMANDS: u32 = 100;
+/// Default for [`SessionConfig::max_hops`] (Postfix's hopcount_limit).
+pub const DEFAULT_MAX_HOPS: usize = 50;
 
 /// Per-listener settings the protocol needs.
 #[derive(Clone, Debug)]
@@ -47,6 +56,16 @@ pub struct SessionConfig {
     pub auth_required: bool,
     /// Offer and accept AUTH without TLS (credentials in clear: off by default).
     pub allow_plaintext_auth: bool,
+    /// Commands that do no mail work (NOOP, RSET, VRFY, HELP, EXPN, and every EHLO/HELO
+    /// after the first) allowed per session; beyond, each one counts toward
+    /// `max_errors`. The count restarts after each message accepted.
+    pub max_junk_commands: u32,
+    /// RFC 5321 6.3: a message whose header already holds this many `Received:` (and
+    /// `Delivered-To:`) fields is looping; it is refused with 554 5.4.6.
+    pub max_hops: usize,
+    /// Where `<Postmaster>` and `postmaster@hostname` go (RFC 5321 4.5.1); `None`:
+    /// `postmaster@hostname` itself.
+    pub postmaster: Option<Address>,
 }
 
 impl SessionConfig {
@@ -62,6 +81,9 @@ impl SessionConfig {
             auth_mechanisms: Vec::new(),
             auth_required: false,
             allow_plaintext_auth: false,
+            max_junk_commands: DEFAULT_MAX_JUNK_COMMANDS,
+            max_hops: DEFAULT_MAX_HOPS,
+            postmaster: None,
         }
     }
 }
@@ -90,6 +112,10 @@ pub struct RecipientRequest {
     pub recipient: Address,
     /// Identity established by SMTP AUTH, if any.
     pub authenticated: Option<String>,
+    /// The client wrote `<Postmaster>` or `postmaster@` our hostname: RFC 5321 4.5.1
+    /// says it must be accepted (from anyone); `recipient` is then the address it goes
+    /// to ([`SessionConfig::postmaster`]).
+    pub postmaster: bool,
 }
 
 /// Credentials the driver must check, then call [`Session::answer_auth`].
@@ -164,16 +190,16 @@ impl Message {
                 None => format!("[IPv6:{a}]"),
             },
         };
-        let mut h = format!("Received: from {} ({ip})\r\n", self.helo);
+        let mut h = format!("Received: from {} ({ip})\r\n", header_safe_helo(&self.helo));
         if let Some(tls) = &self.tls {
             h.push_str(&format!(
                 "\t(using {} with cipher {})\r\n",
                 tls.version, tls.cipher
             ));
         }
-        if let Some(user) = &self.authenticated {
-            h.push_str(&format!("\t(authenticated as {user})\r\n"));
-        }
+        // No SASL login name (Postfix's smtpd_sasl_authenticated_header = no): the
+        // header travels with the message and would tell every recipient which account
+        // to guess the password of. `with ESMTPA` says that AUTH was used.
         h.push_str(&format!(
             "\tby {by} (Postern) with {} id {id}",
             self.protocol()
@@ -187,11 +213,50 @@ impl Message {
     }
 }
 
+/// The HELO/EHLO argument as it may appear in our `Received:` header: the client typed
+/// it, so anything but the characters of a domain name or an address literal becomes
+/// `?` and it is cut to 255 octets. It can then neither forge further trace fields
+/// (no CR, LF, `;` or parentheses) nor make a 7-bit message 8-bit.
+pub fn header_safe_helo(helo: &str) -> String {
+    const MAX: usize = 255;
+    let mut out: String = helo
+        .chars()
+        .take(MAX)
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_' | ':' | '[' | ']' => c,
+            _ => '?',
+        })
+        .collect();
+    if out.is_empty() {
+        out.push('?');
+    }
+    out
+}
+
+/// Counts the trace fields (`Received:` and `Delivered-To:`, RFC 5321 6.3) in the
+/// header section of `message`, stopping at the first empty line or at `limit`.
+pub fn count_hops(message: &[u8], limit: usize) -> usize {
+    let mut hops = 0;
+    for line in message.split(|&b| b == b'\n') {
+        if line.is_empty() || line == b"\r" || hops >= limit {
+            break;
+        }
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        if name.eq_ignore_ascii_case(b"Received") || name.eq_ignore_ascii_case(b"Delivered-To") {
+            hops += 1;
+        }
+    }
+    hops
+}
+
 /// What the driver must do next.
 #[derive(Debug)]
 pub enum Event {
     /// Everything buffered has been processed: send the output, then read more input.
     NeedInput,
+    /// Replies have piled up ([`MAX_PENDING_OUTPUT`]): send the output, then poll again
+    /// without reading (more commands are already buffered).
+    Flush,
     /// Answer with [`Session::answer_recipient`] before polling again.
     Recipient(RecipientRequest),
     /// Store (or refuse) the message, then call [`Session::answer_message`].
@@ -215,6 +280,8 @@ pub struct Refusals {
     pub bare_line_ending: u64,
     /// 500 5.5.6: a text line over 1000 octets.
     pub line_too_long: u64,
+    /// 554 5.4.6: too many `Received:` fields (a mail loop, RFC 5321 6.3).
+    pub too_many_hops: u64,
 }
 
 /// The connection-level state, in RFC 5321 order:
@@ -294,6 +361,11 @@ pub struct Session {
     bdat_failure: Option<Reply>,
     output: Vec<u8>,
     errors: u32,
+    /// Commands that did no mail work (see [`SessionConfig::max_junk_commands`]).
+    junk: u32,
+    /// The driver could not hold more of this message in memory: it is read to its end
+    /// and answered with this reply.
+    body_refusal: Option<Reply>,
     refusals: Refusals,
 }
 
@@ -312,6 +384,8 @@ impl Session {
             bdat_failure: None,
             output: Vec::new(),
             errors: 0,
+            junk: 0,
+            body_refusal: None,
             refusals: Refusals::default(),
             peer,
             config,
@@ -341,7 +415,42 @@ impl Session {
         )
     }
 
+    /// Bytes of memory the message being received will hold once `more` further octets
+    /// of it are read (its buffer's capacity then): what the driver reserves from its
+    /// global budget before reading `more`. Zero outside a transfer and once the body
+    /// is being dropped ([`Session::refuse_body`], a size refusal).
+    pub fn body_bytes_after(&self, more: usize) -> usize {
+        match &self.state {
+            State::Data(reader) => reader.held_after(more),
+            State::Bdat { .. } if self.bdat_failure.is_none() => self
+                .transaction
+                .as_ref()
+                .and_then(|t| t.chunks.as_ref())
+                .map_or(0, |c| crate::data::capacity_after(&c.body, more)),
+            _ => 0,
+        }
+    }
+
     // --- inputs ----------------------------------------------------------------------------
+
+    /// The driver cannot hold more of the message being received (its memory budget is
+    /// spent): what is buffered is dropped, the rest is read and dropped, and the message
+    /// is answered with `reply` at its end (for BDAT: at the end of this chunk).
+    pub fn refuse_body(&mut self, reply: Reply) {
+        match &mut self.state {
+            State::Data(reader) => {
+                reader.discard();
+                self.body_refusal.get_or_insert(reply);
+            }
+            State::Bdat { .. } => {
+                if let Some(c) = self.transaction.as_mut().and_then(|t| t.chunks.as_mut()) {
+                    c.body = Vec::new();
+                }
+                self.bdat_failure.get_or_insert(reply);
+            }
+            _ => {}
+        }
+    }
 
     /// Buffers bytes read from the client. Call [`Session::poll`] afterwards.
     pub fn receive(&mut self, bytes: &[u8]) {
@@ -382,6 +491,10 @@ impl Session {
             debug_assert!(false, "answer_message without a question");
             return;
         };
+        if reply.is_positive() {
+            // A client doing real work gets a fresh allowance of junk commands.
+            self.junk = 0;
+        }
         self.reply(reply);
         self.state = State::Ready;
     }
@@ -497,6 +610,11 @@ impl Session {
                         return event;
                     }
                 }
+                State::Sasl(_) | State::Connected | State::Ready | State::Transaction
+                    if self.output.len() >= MAX_PENDING_OUTPUT && self.pos < self.input.len() =>
+                {
+                    return Event::Flush;
+                }
                 State::Sasl(_) => match self.next_line() {
                     None => return Event::NeedInput,
                     Some(Err(())) => {
@@ -600,6 +718,23 @@ impl Session {
                 return None;
             }
         };
+        let junk = match &cmd {
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Expn | Command::Help => true,
+            Command::Ehlo(_) | Command::Helo(_) => self.greeting.is_some(),
+            _ => false,
+        };
+        if junk {
+            self.junk = self.junk.saturating_add(1);
+            if self.junk > self.config.max_junk_commands {
+                // Answered as usual, but counted like an error, as Postfix does: a
+                // client that only idles or probes is closed after max_errors more.
+                self.errors += 1;
+                if self.errors >= self.config.max_errors {
+                    self.close_with(catalogue::too_many_errors());
+                    return Some(Event::Close);
+                }
+            }
+        }
         match cmd {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
@@ -736,13 +871,18 @@ impl Session {
             self.reply(catalogue::needs_smtputf8());
             return None;
         }
-        // RFC 5321 4.5.1: a bare <Postmaster> means ours.
-        let to = if to.domain().name() == Some(POSTMASTER_MARKER) {
-            Address::postmaster(&self.config.hostname)
-        } else {
-            to
+        // RFC 5321 4.5.1: <Postmaster> (bare, any case) and postmaster@ our own name
+        // must be accepted; they go to the configured postmaster.
+        let postmaster = to.domain().name() == Some(POSTMASTER_MARKER)
+            || (to.local().eq_ignore_ascii_case("postmaster")
+                && to.domain().name() == Some(self.config.hostname.as_str()));
+        let to = match (postmaster, &self.config.postmaster) {
+            (true, Some(address)) => address.clone(),
+            (true, None) => Address::postmaster(&self.config.hostname),
+            (false, _) => to,
         };
-        if t.recipients.contains(&to) {
+        // Compared as mailboxes: `<"a"@x>`, `<a@x>` and `<@r:a@x>` are one recipient.
+        if t.recipients.iter().any(|r| r.same_mailbox(&to)) {
             // Already accepted in this transaction: accept again, deliver once.
             self.reply(catalogue::recipient_ok());
             return None;
@@ -755,6 +895,7 @@ impl Session {
             sender: t.sender.clone(),
             recipient: to.clone(),
             authenticated: self.authenticated.clone(),
+            postmaster,
         };
         self.pending_recipient = Some(to);
         self.state = State::AwaitRecipient;
@@ -770,6 +911,7 @@ impl Session {
             Some(t) if t.recipients.is_empty() => self.reply(catalogue::no_valid_recipients()),
             Some(_) => {
                 self.reply(catalogue::start_data());
+                self.body_refusal = None;
                 self.state = State::Data(DataReader::new(self.config.max_message_size));
             }
         }
@@ -789,8 +931,8 @@ impl Session {
                     self.refusals.size += 1;
                     Some(catalogue::message_too_big())
                 } else {
-                    // Reserve what was announced, within the limit already checked.
-                    chunks.body.reserve(size.min(1 << 20) as usize);
+                    // No reservation ahead of the data: the buffer grows as the octets
+                    // arrive, within what the driver has budgeted for.
                     None
                 }
             }
@@ -809,7 +951,7 @@ impl Session {
         if let Some(chunks) = self.transaction.as_mut().and_then(|t| t.chunks.as_mut()) {
             let bytes = &self.input[range];
             chunks.checker.feed(bytes);
-            chunks.body.extend_from_slice(bytes);
+            crate::data::extend_bounded(&mut chunks.body, bytes);
         }
     }
 
@@ -853,12 +995,18 @@ impl Session {
         let refusal = if faults.too_big {
             self.refusals.size += 1;
             Some(catalogue::message_too_big())
+        } else if let Some(reply) = self.body_refusal.take() {
+            Some(reply)
         } else if faults.bare_line_ending {
             self.refusals.bare_line_ending += 1;
             Some(catalogue::bare_line_ending())
         } else if faults.long_line {
             self.refusals.line_too_long += 1;
             Some(catalogue::text_line_too_long())
+        } else if count_hops(&body, self.config.max_hops) >= self.config.max_hops {
+            // RFC 5321 6.3: a message that has passed this many relays is in a loop.
+            self.refusals.too_many_hops += 1;
+            Some(catalogue::too_many_hops())
         } else {
             None
         };
@@ -1034,6 +1182,7 @@ impl Session {
 
     fn reset_transaction(&mut self) {
         self.transaction = None;
+        self.body_refusal = None;
         if !matches!(self.state, State::Connected) {
             self.state = State::Ready;
         }

@@ -14,6 +14,7 @@
 //!   [`server`]: start-up and shutdown; [`cli`]: the command line.
 
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -33,6 +33,27 @@ pub fn tls_failed(client: SocketAddr, why: &str) {
     tracing::info!(target: "maillog", %client, error = %why, "TLS handshake failed");
 }
 
+/// A DATA or BDAT transfer ran past `data_timeout`; the session is closed (421 4.4.2).
+pub fn transfer_timeout(client: SocketAddr, limit: std::time::Duration) {
+    tracing::info!(
+        target: "maillog",
+        %client,
+        limit_s = limit.as_secs(),
+        "message transfer too slow (data_timeout); closing"
+    );
+}
+
+/// A message did not fit in `max_message_memory`; it is answered 452 4.3.1.
+pub fn memory_refused(client: SocketAddr, wanted: u64, in_use: u64) {
+    tracing::warn!(
+        target: "maillog",
+        %client,
+        wanted,
+        in_use,
+        "message refused for now: max_message_memory is in use (452 4.3.1)"
+    );
+}
+
 /// A recipient was refused by the relay policy.
 pub fn recipient_refused(
     client: SocketAddr,

@@ -52,23 +52,30 @@ pub enum Rejection {
     LineTooLong,
     /// It could not be screened or written to disk (451 4.3.0).
     StoreFailed,
+    /// Too many `Received:` fields, a mail loop (554 5.4.6).
+    TooManyHops,
+    /// `max_message_memory` was in use (452 4.3.1).
+    Memory,
 }
 
-const REJECTIONS: [(Rejection, &str); 5] = [
+const REJECTIONS: [(Rejection, &str); 7] = [
     (Rejection::Filter, "filter"),
     (Rejection::Size, "size"),
     (Rejection::BareLineEnding, "bare_line_ending"),
     (Rejection::LineTooLong, "line_too_long"),
     (Rejection::StoreFailed, "store_failed"),
+    (Rejection::TooManyHops, "too_many_hops"),
+    (Rejection::Memory, "memory"),
 ];
 
 /// The policy rules that refuse recipients (`postern_recipients_refused_total{rule}`).
-const REFUSING_RULES: [Rule; 5] = [
+const REFUSING_RULES: [Rule; 6] = [
     Rule::RoutedAddress,
     Rule::UnknownRecipient,
     Rule::RelayDenied,
     Rule::Dnsbl,
     Rule::SenderNotOwned,
+    Rule::LiteralIsUs,
 ];
 
 /// Index into `REFUSING_RULES`; a new rule must be placed here to compile.
@@ -79,8 +86,13 @@ fn refusing_rule(rule: Rule) -> Option<usize> {
         Rule::RelayDenied => Some(2),
         Rule::Dnsbl => Some(3),
         Rule::SenderNotOwned => Some(4),
+        Rule::LiteralIsUs => Some(5),
         // These only ever accept.
-        Rule::AcceptedDomain | Rule::TrustedNetwork | Rule::Authenticated | Rule::OpenRelay => None,
+        Rule::AcceptedDomain
+        | Rule::TrustedNetwork
+        | Rule::Authenticated
+        | Rule::OpenRelay
+        | Rule::Postmaster => None,
     }
 }
 
@@ -203,6 +215,7 @@ impl Metrics {
             (Rejection::Size, refusals.size),
             (Rejection::BareLineEnding, refusals.bare_line_ending),
             (Rejection::LineTooLong, refusals.line_too_long),
+            (Rejection::TooManyHops, refusals.too_many_hops),
         ] {
             if n > 0
                 && let Some(i) = REJECTIONS.iter().position(|(r, _)| *r == why)
@@ -575,6 +588,7 @@ mod tests {
             size: 2,
             bare_line_ending: 1,
             line_too_long: 0,
+            too_many_hops: 0,
         });
         m.recipient_refused(Rule::RelayDenied);
         m.recipient_refused(Rule::AcceptedDomain); // never a refusal: not counted

@@ -112,6 +112,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
+    let budget = crate::budget::MemoryBudget::new(config.max_message_memory);
     let shared = Arc::new(Shared {
         config,
         policy,
@@ -122,6 +123,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         screener: Arc::new(Screener::new(&config_filters)),
         dnsbl,
         metrics: Arc::clone(&metrics),
+        budget,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(socket) = metrics_socket {

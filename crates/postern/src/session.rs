@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postern_smtp::server::{Message, Peer, SessionConfig};
 use postern_smtp::{Event, Reply, ReversePath, Session, catalogue};
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use crate::auth::Authenticator;
+use crate::budget::{MemoryBudget, Reservation};
 use crate::config::{AuthMode, Config, FilterAction, Listener, TlsMode};
 use crate::delivery;
 use crate::dnsbl::Dnsbl;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub screener: Arc<Screener>,
     pub dnsbl: Option<Dnsbl>,
     pub metrics: Arc<Metrics>,
+    /// Message bodies held in memory by all sessions (`max_message_memory`).
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -119,6 +122,10 @@ fn session_config(shared: &Shared, listener: &Listener) -> SessionConfig {
         auth_mechanisms,
         auth_required: listener.auth == AuthMode::Required,
         allow_plaintext_auth: listener.allow_plaintext_auth,
+        max_junk_commands: shared.config.max_junk_commands,
+        max_hops: shared.config.max_hops,
+        // Validated at load; a failure here would only mean postmaster@hostname.
+        postmaster: postern_smtp::address::parse_mailbox(&shared.config.postmaster).ok(),
     }
 }
 
@@ -217,10 +224,19 @@ async fn drive(
 ) -> Ended {
     let timeout = shared.config.command_timeout;
     let mut buf = vec![0u8; READ_BUFFER];
+    // This session's share of the memory budget for message bodies.
+    let mut reservation = shared.budget.reservation();
+    // When the transfer in progress (DATA or BDAT) must be over.
+    let mut transfer_deadline: Option<Instant> = None;
     loop {
         let event = session.poll();
         shared.metrics.core_refusals(session.take_refusals());
         match event {
+            Event::Flush => {
+                if flush(stream, session, timeout).await.is_err() {
+                    return Ended::Done("write failed");
+                }
+            }
             Event::NeedInput => {
                 if flush(stream, session, timeout).await.is_err() {
                     return Ended::Done("write failed");
@@ -229,8 +245,24 @@ async fn drive(
                     session.shutdown();
                     continue;
                 }
+                let mut wait = timeout;
+                if session.in_transfer() {
+                    let deadline = *transfer_deadline
+                        .get_or_insert_with(|| Instant::now() + shared.config.data_timeout);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        maillog::transfer_timeout(session.peer(), shared.config.data_timeout);
+                        session.timeout();
+                        continue;
+                    }
+                    wait = wait.min(left);
+                    reserve_for_read(session, &mut reservation, buf.len(), shared);
+                } else {
+                    transfer_deadline = None;
+                    reservation.resize(0);
+                }
                 tokio::select! {
-                    read = tokio::time::timeout(timeout, stream.read(&mut buf)) => match read {
+                    read = tokio::time::timeout(wait, stream.read(&mut buf)) => match read {
                         Ok(Ok(0)) => return Ended::Done("client closed"),
                         Ok(Ok(n)) => {
                             session.receive(&buf[..n]);
@@ -297,12 +329,15 @@ async fn drive(
                 session.answer_auth(answer);
             }
             Event::Message(message) => {
-                let reply = store(shared, *message).await;
-                // `store` answers 250, 550 (a filter's reject) or 451 (screening or
-                // storing failed).
+                transfer_deadline = None;
+                let reply = store(shared, *message, &mut reservation).await;
+                reservation.resize(0);
+                // `store` answers 250, 550 (a filter's reject), 452 (no memory to
+                // store it now) or 451 (screening or storing failed).
                 match reply.code {
                     250 => shared.metrics.message_accepted(),
                     550 => shared.metrics.message_rejected(Rejection::Filter),
+                    452 => shared.metrics.message_rejected(Rejection::Memory),
                     _ => shared.metrics.message_rejected(Rejection::StoreFailed),
                 }
                 session.answer_message(reply);
@@ -327,6 +362,25 @@ async fn drive(
     }
 }
 
+/// Before reading up to `read` more octets of a message: grows the session's reservation
+/// to what the body will hold then. When the budget cannot cover it, the message is
+/// dropped as it arrives and answered 452 4.3.1 at its end (memory stays bounded, the
+/// client tries again later).
+fn reserve_for_read(
+    session: &mut Session,
+    reservation: &mut Reservation,
+    read: usize,
+    shared: &Shared,
+) {
+    let want = session.body_bytes_after(read) as u64;
+    if want <= reservation.held() || reservation.resize(want) {
+        return;
+    }
+    maillog::memory_refused(session.peer(), want, shared.budget.used());
+    session.refuse_body(catalogue::insufficient_storage());
+    reservation.resize(session.body_bytes_after(0) as u64);
+}
+
 /// The relay policy, plus the sender check for authenticated users when
 /// `[auth] restrict_senders` is on (Postfix's reject_sender_login_mismatch).
 fn recipient_decision(
@@ -342,6 +396,11 @@ fn recipient_decision(
         if !auth.may_send_as(identity, &sender) {
             return Decision::Refuse(Rule::SenderNotOwned, catalogue::sender_not_owned());
         }
+    }
+    if req.postmaster {
+        // RFC 5321 4.5.1: <Postmaster> must be accepted from anyone; the session has
+        // already made it the configured postmaster address.
+        return Decision::Accept(Rule::Postmaster);
     }
     shared.policy.decide(client, &req.recipient)
 }
@@ -377,8 +436,16 @@ async fn flush(stream: &mut Stream, session: &mut Session, timeout: Duration) ->
 
 /// Screens the message, prepends our Received: header and stores it durably (queue or
 /// quarantine); the reply is 250 only once it is on disk.
-async fn store(shared: &Shared, mut message: Message) -> Reply {
+async fn store(shared: &Shared, mut message: Message, reservation: &mut Reservation) -> Reply {
     let spool = &shared.spool;
+    // The body is held (and reserved) already; storing needs one more copy (the spool
+    // record), screening up to about one more (decoded parts). Reserve both first.
+    let size = message.body.len() as u64;
+    let copies = if shared.screener.is_empty() { 1 } else { 2 };
+    if !reservation.resize(reservation.held() + copies * size) {
+        maillog::memory_refused(message.peer, copies * size, shared.budget.used());
+        return catalogue::insufficient_storage();
+    }
     let id = spool.new_id();
     let id_text = id.to_string();
     let sender = match &message.sender {
@@ -419,11 +486,9 @@ async fn store(shared: &Shared, mut message: Message) -> Reply {
     let now = chrono::Local::now();
     let received = message.received_header(&shared.config.hostname, &id_text, &now.to_rfc2822());
     let note = redirect_note.unwrap_or_default();
-    let mut data = Vec::with_capacity(received.len() + note.len() + body.len());
-    data.extend_from_slice(received.as_bytes());
-    data.extend_from_slice(note.as_bytes());
-    data.extend_from_slice(&body);
-    drop(body);
+    // Our trace fields go in front of the body in place: no second copy of the message.
+    let mut data = body;
+    data.splice(0..0, received.bytes().chain(note.bytes()));
 
     let envelope = Envelope {
         id,

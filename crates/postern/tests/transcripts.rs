@@ -145,6 +145,7 @@ impl Memory {
         while !self.closed {
             match self.session.poll() {
                 Event::NeedInput => break,
+                Event::Flush => self.output.extend(self.session.take_output()),
                 Event::Recipient(r) => {
                     let client = PolicyClient {
                         ip: self.session.peer().ip(),

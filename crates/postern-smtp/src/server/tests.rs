@@ -15,6 +15,10 @@ struct Driver {
     messages: Vec<Message>,
     starttls: bool,
     check: fn(&AuthRequest) -> Result<String, Reply>,
+    /// The size of each output the session asked to have flushed early.
+    flushes: Vec<usize>,
+    /// The recipient requests seen.
+    recipients: Vec<RecipientRequest>,
 }
 
 fn good(r: &AuthRequest) -> Result<String, Reply> {
@@ -41,6 +45,8 @@ impl Driver {
             messages: Vec::new(),
             starttls: false,
             check: good,
+            flushes: Vec::new(),
+            recipients: Vec::new(),
         };
         d.pump();
         d
@@ -50,7 +56,15 @@ impl Driver {
         loop {
             match self.session.poll() {
                 Event::NeedInput | Event::Close => break,
-                Event::Recipient(_) => self.session.answer_recipient(Ok(())),
+                Event::Flush => {
+                    let out = self.session.take_output();
+                    self.flushes.push(out.len());
+                    self.out.push_str(&String::from_utf8(out).unwrap());
+                }
+                Event::Recipient(r) => {
+                    self.recipients.push(r);
+                    self.session.answer_recipient(Ok(()));
+                }
                 Event::Message(m) => {
                     self.messages.push(*m);
                     self.session.answer_message(catalogue::queued("T"));
@@ -163,7 +177,9 @@ fn plain_with_and_without_initial_response() {
     );
     assert_eq!(m.protocol(), "ESMTPSA");
     let h = m.received_header("mx.test", "ID", "date");
-    assert!(h.contains("(authenticated as alice)"), "{h}");
+    // The login name is never written into the message (Postfix's default).
+    assert!(!h.contains("alice"), "{h}");
+    assert!(h.contains("with ESMTPSA"), "{h}");
     assert!(
         h.contains("using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256"),
         "{h}"
@@ -320,7 +336,186 @@ fn refusals_are_counted_and_taken() {
             size: 3,
             bare_line_ending: 1,
             line_too_long: 0,
+            too_many_hops: 0,
         }
     );
     assert_eq!(d.session.take_refusals(), Refusals::default());
+}
+
+#[test]
+fn pipelined_output_is_flushed_before_more_input_is_read() {
+    let config = SessionConfig {
+        max_junk_commands: u32::MAX,
+        ..SessionConfig::new("mx.test", 10_000, 10)
+    };
+    let d = Driver::new(config, false);
+    // 2,000 pipelined EHLOs (26 KB) give ~300 KB of replies.
+    let batch = "EHLO c.test\r\n".repeat(2000);
+    let mut s = d.session;
+    s.receive(batch.as_bytes());
+    let mut flushes = 0;
+    loop {
+        match s.poll() {
+            Event::Flush => {
+                let out = s.take_output();
+                assert!(
+                    out.len() < MAX_PENDING_OUTPUT + 1024,
+                    "{} bytes pending",
+                    out.len()
+                );
+                flushes += 1;
+            }
+            Event::NeedInput => break,
+            Event::Close => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(flushes > 10, "{flushes}");
+    assert!(!s.is_closed());
+    assert!(s.take_output().len() < MAX_PENDING_OUTPUT + 1024);
+}
+
+#[test]
+fn junk_commands_count_as_errors_past_the_limit() {
+    let config = SessionConfig {
+        max_junk_commands: 5,
+        max_errors: 3,
+        ..SessionConfig::new("mx.test", 10_000, 10)
+    };
+    let mut d = Driver::new(config, false);
+    d.send("EHLO c.test\r\n");
+    for _ in 0..5 {
+        assert_eq!(d.codes("NOOP\r\n"), ["250 2.0.0"]);
+    }
+    // Over the limit: still answered, but counted; the third error closes.
+    assert_eq!(d.codes("RSET\r\n"), ["250 2.0.0"]);
+    assert_eq!(d.codes("VRFY x\r\n")[0].split(' ').next(), Some("252"));
+    assert_eq!(d.codes("HELP\r\n"), ["421 4.7.0"]);
+    assert!(d.session.is_closed());
+
+    // A message accepted gives a fresh allowance; the first EHLO is not junk.
+    let config = SessionConfig {
+        max_junk_commands: 2,
+        max_errors: 1,
+        ..SessionConfig::new("mx.test", 10_000, 10)
+    };
+    let mut d = Driver::new(config, false);
+    d.send("EHLO c.test\r\nNOOP\r\nNOOP\r\n");
+    d.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\nhi\r\n.\r\n");
+    assert_eq!(d.messages.len(), 1);
+    assert_eq!(d.codes("NOOP\r\nNOOP\r\n"), ["250 2.0.0", "250 2.0.0"]);
+    assert_eq!(d.codes("NOOP\r\n"), ["421 4.7.0"]);
+}
+
+#[test]
+fn too_many_received_fields_is_a_loop() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100_000, 10), false);
+    d.send("EHLO c.test\r\n");
+    let message = |n: usize| {
+        let mut m = String::new();
+        for i in 0..n {
+            if i % 2 == 0 {
+                m.push_str(&format!("Received: from h{i} by h{i}; date\r\n"));
+            } else {
+                m.push_str(&format!("delivered-to: u{i}@d.test\r\n"));
+            }
+        }
+        m.push_str("Subject: x\r\n\r\nReceived: in the body does not count\r\n.\r\n");
+        m
+    };
+    d.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n");
+    assert_eq!(d.codes(&message(49)), ["250 2.0.0"]);
+    d.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n");
+    assert_eq!(d.codes(&message(50)), ["554 5.4.6"]);
+    assert_eq!(d.messages.len(), 1);
+    assert_eq!(d.session.take_refusals().too_many_hops, 1);
+}
+
+#[test]
+fn received_header_sanitises_helo() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100_000, 10), false);
+    d.send("EHLO x;by(forged)\u{e9}t\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\nhi\r\n.\r\n");
+    let h = d.messages[0].received_header("mx.test", "ID", "date");
+    assert!(
+        h.starts_with("Received: from x?by?forged??t ([192.0.2.7])\r\n"),
+        "{h}"
+    );
+    assert!(h.is_ascii());
+    assert_eq!(header_safe_helo("[192.0.2.1]"), "[192.0.2.1]");
+    assert_eq!(header_safe_helo("mail.example.com"), "mail.example.com");
+    assert_eq!(header_safe_helo(&"a".repeat(300)).len(), 255);
+}
+
+#[test]
+fn duplicate_recipients_are_compared_as_mailboxes() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100_000, 10), false);
+    d.send("EHLO c.test\r\nMAIL FROM:<a@c.test> SMTPUTF8\r\n");
+    let codes = d.codes(
+        "RCPT TO:<a@x.test>\r\nRCPT TO:<\"a\"@x.test>\r\nRCPT TO:<@r.test:a@x.test>\r\n\
+         RCPT TO:<a@X.TEST.>\r\nRCPT TO:<u@b\u{fc}cher.example>\r\nRCPT TO:<u@xn--bcher-kva.example>\r\n",
+    );
+    assert_eq!(codes, ["250 2.1.5"; 6]);
+    // Asked about (and stored) once each.
+    assert_eq!(d.recipients.len(), 2, "{:?}", d.recipients);
+    d.send("DATA\r\nhi\r\n.\r\n");
+    assert_eq!(d.messages[0].recipients.len(), 2);
+}
+
+#[test]
+fn postmaster_goes_to_the_configured_address() {
+    let config = SessionConfig {
+        postmaster: Some(crate::address::parse_mailbox("admin@corp.test").unwrap()),
+        ..SessionConfig::new("mx.test", 100_000, 10)
+    };
+    let mut d = Driver::new(config, false);
+    d.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n");
+    d.send("RCPT TO:<Postmaster>\r\nRCPT TO:<POSTMASTER@mx.test>\r\nRCPT TO:<postmaster@other.test>\r\n");
+    let asked: Vec<(String, bool)> = d
+        .recipients
+        .iter()
+        .map(|r| (r.recipient.to_string(), r.postmaster))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("admin@corp.test".to_string(), true),
+            ("postmaster@other.test".to_string(), false)
+        ]
+    );
+}
+
+#[test]
+fn a_refused_body_is_read_to_its_end_and_answered_452() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100_000, 10), false);
+    d.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n");
+    d.send("first part\r\n");
+    assert!(d.session.body_bytes_after(0) > 0);
+    d.session.refuse_body(catalogue::insufficient_storage());
+    assert_eq!(d.session.body_bytes_after(65536), 0);
+    assert_eq!(d.codes("more\r\n.\r\nNOOP\r\n"), ["452 4.3.1", "250 2.0.0"]);
+    assert!(d.messages.is_empty());
+    // BDAT: the chunk in progress fails, the transaction with it.
+    d.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nBDAT 20\r\n12345");
+    d.session.refuse_body(catalogue::insufficient_storage());
+    assert_eq!(d.codes("678901234567890"), ["452 4.3.1"]);
+    assert_eq!(d.codes("BDAT 1 LAST\r\nx"), ["503 5.5.1"]);
+    // The next message is fine.
+    d.send("MAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n");
+    assert_eq!(d.codes("ok\r\n.\r\n"), ["250 2.0.0"]);
+}
+
+#[test]
+fn body_buffers_grow_in_bounded_steps() {
+    use crate::data::{capacity_after, extend_bounded};
+    let mut v = Vec::new();
+    extend_bounded(&mut v, &[0; 100]);
+    assert_eq!(v.capacity(), 128);
+    let chunk = vec![0u8; 300_000];
+    for _ in 0..10 {
+        let predicted = capacity_after(&v, chunk.len());
+        extend_bounded(&mut v, &chunk);
+        assert_eq!(v.capacity(), predicted);
+        assert!(v.capacity() - v.len() <= 1 << 20);
+    }
+    assert_eq!(v.capacity(), 3 << 20);
 }

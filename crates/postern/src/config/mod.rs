@@ -59,6 +59,17 @@ pub struct Config {
     /// Where mail to `<Postmaster>` (RFC 5321 4.5.1) and double-bounce notices go.
     /// Default `postmaster@` + `hostname`.
     pub postmaster: String,
+    /// RFC 5321 6.3: a message already carrying this many `Received:`/`Delivered-To:`
+    /// fields is refused (554 5.4.6).
+    pub max_hops: usize,
+    /// NOOP, RSET, VRFY, HELP, EXPN and repeated EHLO/HELO allowed per session (per
+    /// message accepted) before each counts as an error.
+    pub max_junk_commands: u32,
+    /// The longest a whole DATA or BDAT transfer may take (421 4.4.2 after).
+    pub data_timeout: Duration,
+    /// Bytes of message bodies all sessions together may hold in memory while
+    /// receiving and storing; a message that does not fit gets 452 4.3.1.
+    pub max_message_memory: u64,
     /// Never empty.
     pub listeners: Vec<Listener>,
     pub tls: Option<Tls>,
@@ -186,9 +197,11 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether this route applies to `domain` (already lower case, no trailing dot).
+    /// Whether this route applies to `domain` (already lower case, no trailing dot);
+    /// compared in A-label form (IDNA), which is how route domains are stored.
     pub fn matches(&self, domain: &str) -> bool {
-        self.domains.iter().any(|d| d == "*" || d == domain)
+        let domain = postern_smtp::address::ascii_domain(domain);
+        self.domains.iter().any(|d| d == "*" || *d == domain)
     }
 }
 
@@ -278,6 +291,10 @@ impl Config {
             max_errors: validate::DEFAULT_MAX_ERRORS,
             ipv6_prefix: crate::policy::DEFAULT_IPV6_PREFIX,
             postmaster: String::new(),
+            max_hops: postern_smtp::server::DEFAULT_MAX_HOPS,
+            max_junk_commands: postern_smtp::server::DEFAULT_MAX_JUNK_COMMANDS,
+            data_timeout: validate::DEFAULT_DATA_TIMEOUT,
+            max_message_memory: validate::DEFAULT_MAX_MESSAGE_MEMORY,
             listeners: vec![Listener::default_listener()],
             tls: None,
             relay: Relay::default_relay(),

@@ -24,6 +24,10 @@ pub(crate) struct RawConfig {
     pub command_timeout: Option<S<String>>,
     pub max_errors: Option<S<i64>>,
     pub ipv6_prefix: Option<S<i64>>,
+    pub max_hops: Option<S<i64>>,
+    pub max_junk_commands: Option<S<i64>>,
+    pub data_timeout: Option<S<String>>,
+    pub max_message_memory: Option<S<RawSize>>,
     pub postmaster: Option<S<String>>,
     #[serde(default)]
     pub listener: Vec<S<RawListener>>,

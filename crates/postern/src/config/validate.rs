@@ -28,6 +28,8 @@ pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u64 = 25 << 20;
 pub(crate) const DEFAULT_MAX_RECIPIENTS: usize = 100;
 pub(crate) const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 pub(crate) const DEFAULT_MAX_ERRORS: u32 = 20;
+pub(crate) const DEFAULT_DATA_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+pub(crate) const DEFAULT_MAX_MESSAGE_MEMORY: u64 = 512 << 20;
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1000;
 pub(crate) const DEFAULT_PER_IP_CONNECTIONS: usize = 20;
 pub(crate) const DEFAULT_MAX_FAILURES: u32 = 5;
@@ -99,7 +101,13 @@ pub(crate) fn normalize_domain(name: &str) -> Result<String, String> {
     {
         return Err("looks like an IP address".to_string());
     }
-    Ok(lower)
+    // One canonical form for every comparison with what clients send: A-labels
+    // (IDNA, UTS 46), so `bücher.example` in the file matches `xn--bcher-kva.example`
+    // on the wire and the other way round.
+    match idna::domain_to_ascii(&lower) {
+        Ok(ascii) if !ascii.is_empty() => Ok(ascii),
+        _ => Err("is not a valid internationalised domain name (IDNA)".to_string()),
+    }
 }
 
 /// A domain name that goes on the wire before any SMTPUTF8 negotiation: ASCII only.
@@ -227,6 +235,30 @@ impl Validator<'_> {
         value.map(|v| self.path(v, key)).transpose()
     }
 
+    /// A size of at least `min` bytes.
+    fn size(&self, value: Option<&S<RawSize>>, key: &str, min: u64, default: u64) -> Result<u64> {
+        let Some(size) = value else {
+            return Ok(default);
+        };
+        let bytes = match size.get_ref() {
+            RawSize::Bytes(n) => {
+                u64::try_from(*n).or_else(|_| self.err(size.span(), key, "must not be negative"))?
+            }
+            RawSize::Text(s) => parse_size(s).or_else(|e| self.err(size.span(), key, e))?,
+        };
+        if bytes < min {
+            return self.err(
+                size.span(),
+                key,
+                format!(
+                    "{bytes} bytes is too small (at least {}; sizes without a unit are bytes)",
+                    format_size(min)
+                ),
+            );
+        }
+        Ok(bytes)
+    }
+
     /// A duration that must be greater than zero.
     fn duration(
         &self,
@@ -314,28 +346,19 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         // The default is relative too, so it follows the same rule as everything else.
         None => v.resolve(DEFAULT_SPOOL_DIR),
     };
-    let max_message_size = match &raw.max_message_size {
-        None => DEFAULT_MAX_MESSAGE_SIZE,
-        Some(size) => {
-            let key = "max_message_size";
-            let bytes = match size.get_ref() {
-                RawSize::Bytes(n) => u64::try_from(*n)
-                    .or_else(|_| v.err(size.span(), key, "must not be negative"))?,
-                RawSize::Text(s) => parse_size(s).or_else(|e| v.err(size.span(), key, e))?,
-            };
-            if bytes < MIN_MESSAGE_SIZE {
-                return v.err(
-                    size.span(),
-                    key,
-                    format!(
-                        "{bytes} bytes is too small (at least {}; sizes without a unit are bytes)",
-                        format_size(MIN_MESSAGE_SIZE)
-                    ),
-                );
-            }
-            bytes
-        }
-    };
+    let max_message_size = v.size(
+        raw.max_message_size.as_ref(),
+        "max_message_size",
+        MIN_MESSAGE_SIZE,
+        DEFAULT_MAX_MESSAGE_SIZE,
+    )?;
+    let max_message_memory = v.size(
+        raw.max_message_memory.as_ref(),
+        "max_message_memory",
+        MIN_MESSAGE_SIZE,
+        // Unset: room for a largest-size message whatever max_message_size is.
+        DEFAULT_MAX_MESSAGE_MEMORY.max(max_message_size.saturating_mul(3)),
+    )?;
     let max_recipients = v.int(
         raw.max_recipients.as_ref(),
         "max_recipients",
@@ -362,6 +385,40 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         16,
         128,
         crate::policy::DEFAULT_IPV6_PREFIX,
+    )?;
+    // A message being stored is held up to three times (the body, the spool record, the
+    // screener's decoded parts): the budget must fit one message of the largest size.
+    if max_message_memory < max_message_size.saturating_mul(3)
+        && let Some(m) = &raw.max_message_memory
+    {
+        return v.err(
+            m.span(),
+            "max_message_memory",
+            format!(
+                "must be at least 3 x max_message_size ({}): storing a message of the \
+                 largest size needs that much",
+                format_size(max_message_size.saturating_mul(3))
+            ),
+        );
+    }
+    let max_hops = v.int(
+        raw.max_hops.as_ref(),
+        "max_hops",
+        1,
+        1000,
+        postern_smtp::server::DEFAULT_MAX_HOPS,
+    )?;
+    let max_junk_commands = v.int(
+        raw.max_junk_commands.as_ref(),
+        "max_junk_commands",
+        0,
+        i64::from(u32::MAX),
+        postern_smtp::server::DEFAULT_MAX_JUNK_COMMANDS,
+    )?;
+    let data_timeout = v.duration(
+        raw.data_timeout.as_ref(),
+        "data_timeout",
+        DEFAULT_DATA_TIMEOUT,
     )?;
     let postmaster = match &raw.postmaster {
         Some(p) => v.parse(p, "postmaster", check_address)?,
@@ -409,6 +466,10 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         max_errors,
         ipv6_prefix,
         postmaster,
+        max_hops,
+        max_junk_commands,
+        data_timeout,
+        max_message_memory,
         listeners,
         tls,
         relay,

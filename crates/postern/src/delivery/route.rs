@@ -53,6 +53,9 @@ pub fn next_hop(routes: &[Route], domain: &str, mx_port: u16) -> NextHopKey {
             destination: Destination::Ip(SocketAddr::new(ip, mx_port)),
         };
     }
+    // Routes, MX lookups and connection grouping all use the A-label form (IDNA), so a
+    // U-label recipient domain meets the same route and the same DNS name.
+    let domain = &*postern_smtp::address::ascii_domain(domain);
     for (i, route) in routes.iter().enumerate() {
         if route.matches(domain) {
             let destination = match &route.next_hop {

@@ -58,6 +58,12 @@ pub enum Rule {
     /// An authenticated user used a sender address that is not theirs
     /// (`[auth] restrict_senders`).
     SenderNotOwned,
+    /// `<Postmaster>`, `postmaster@` our hostname or an accepted domain: RFC 5321 4.5.1
+    /// says it must be accepted, from anyone, whatever `recipients_file` says.
+    Postmaster,
+    /// An address literal (`user@[ip]`) that is this server: with no local delivery,
+    /// relaying it would loop back here.
+    LiteralIsUs,
 }
 
 impl Rule {
@@ -72,6 +78,8 @@ impl Rule {
             Rule::RelayDenied => "relay_denied",
             Rule::SenderNotOwned => "sender_not_owned",
             Rule::Dnsbl => "dnsbl",
+            Rule::Postmaster => "postmaster",
+            Rule::LiteralIsUs => "literal_is_us",
         }
     }
 }
@@ -139,13 +147,15 @@ impl RelayPolicy {
     }
 
     /// True when `domain` is one we accept mail for from anyone.
+    /// Compared in A-label form (IDNA), as the configuration stores them.
     pub fn is_accepted_domain(&self, domain: &Domain) -> bool {
         domain
-            .name()
-            .is_some_and(|d| self.accepted_domains.contains(d))
+            .ascii_name()
+            .is_some_and(|d| self.accepted_domains.contains(d.as_ref()))
     }
 
     /// The decision for one RCPT TO. Rules, in order:
+    /// -. `postmaster@` an accepted domain is accepted from anyone (RFC 5321 4.5.1);
     /// 0. a client neither trusted nor authenticated that a DNS blocklist lists is refused;
     /// 1. from a client neither trusted nor authenticated-with-relay, a routed local part
     ///    is refused whatever the domain (and even on an open relay);
@@ -161,6 +171,14 @@ impl RelayPolicy {
         } else {
             None
         };
+        // RFC 5321 4.5.1: postmaster is a valid mailbox of every domain we take mail
+        // for, from anyone (a listed client may be writing to ask why), whether or not
+        // the recipients list names it. Only the plain local part: `postmaster%x` is not.
+        if recipient.local().eq_ignore_ascii_case("postmaster")
+            && self.is_accepted_domain(recipient.domain())
+        {
+            return Decision::Accept(Rule::Postmaster);
+        }
         // Interface: blocklists apply to neither trusted nor authenticated clients.
         if privileged.is_none()
             && client.authenticated.is_none()

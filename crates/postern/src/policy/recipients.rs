@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use postern_smtp::Address;
-use postern_smtp::address::{parse_domain, parse_mailbox};
+use postern_smtp::address::{ascii_domain, parse_domain, parse_mailbox};
 
 #[derive(Debug, Default)]
 pub struct RecipientList {
@@ -62,8 +62,8 @@ impl RecipientList {
             }
             let bad = || (i + 1, line.to_string());
             if let Some(domain) = line.strip_prefix('@') {
-                list.catch_all
-                    .insert(parse_domain(domain).map_err(|_| bad())?);
+                let domain = parse_domain(domain).map_err(|_| bad())?;
+                list.catch_all.insert(ascii_domain(&domain).into_owned());
             } else {
                 let addr = parse_mailbox(line).map_err(|_| bad())?;
                 list.addresses.insert(key(&addr));
@@ -74,8 +74,8 @@ impl RecipientList {
 
     pub fn contains(&self, addr: &Address) -> bool {
         addr.domain()
-            .name()
-            .is_some_and(|d| self.catch_all.contains(d))
+            .ascii_name()
+            .is_some_and(|d| self.catch_all.contains(d.as_ref()))
             || self.addresses.contains(&key(addr))
     }
 
@@ -88,6 +88,10 @@ impl RecipientList {
     }
 }
 
+/// The lookup key: the local part lower-cased, the domain in A-label form (IDNA).
 fn key(addr: &Address) -> String {
-    format!("{}@{}", addr.local().to_lowercase(), addr.domain())
+    match addr.domain().ascii_name() {
+        Some(domain) => format!("{}@{domain}", addr.local().to_lowercase()),
+        None => format!("{}@{}", addr.local().to_lowercase(), addr.domain()),
+    }
 }
