@@ -70,7 +70,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
     let auth = if config.listeners.iter().any(|l| l.auth != AuthMode::None) {
-        Some(Authenticator::new(&config.auth)?)
+        Some(Authenticator::new(&config.auth, config.ipv6_prefix)?)
     } else {
         None
     };

@@ -1,0 +1,138 @@
+//! Issue 8, hardening of AUTH, against the real binary: the per-IP failure count
+//! survives successful logins (one valid account no longer buys unlimited guesses), and
+//! is counted over a sliding window.
+//!
+//! AUTH runs on a plain-text listener (`allow_plaintext_auth`) to keep the tests short:
+//! TLS has its own tests in tls_auth.rs.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::{OUTSIDE, Server};
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A server with one plain-text AUTH listener, users alice ("correct horse") and bob
+/// ("battery staple"), and `auth` appended to its `[auth]` section. 127.0.0.1 is trusted.
+fn start(auth: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let users = dir.path().join("users");
+    let text = format!(
+        r#"hostname = "relay.test"
+spool_dir = "{spool}"
+
+[[listener]]
+address = "127.0.0.1:{port}"
+tls = "none"
+auth = "optional"
+allow_plaintext_auth = true
+
+[relay]
+accepted_domains = ["accepted.test"]
+trusted_networks = ["127.0.0.1/32"]
+
+[auth]
+users_file = "{users}"
+{auth}
+
+[[route]]
+domains = ["*"]
+next_hop = "[127.0.0.1]:1"
+"#,
+        spool = dir.path().join("spool").display(),
+        users = users.display(),
+    );
+    let config = dir.path().join("postern.toml");
+    std::fs::write(&config, &text).unwrap();
+    common::add_user(&config, "alice", "correct horse");
+    common::add_user(&config, "bob", "battery staple");
+    Server::start_with_config(dir, port, &text)
+}
+
+/// One AUTH PLAIN from `from` in a fresh session; the reply code.
+fn auth(s: &Server, from: &str, user: &str, pass: &str) -> u16 {
+    let mut c = s.client(from);
+    c.hello();
+    c.cmd(&format!("AUTH PLAIN {}", b64(&format!("\0{user}\0{pass}"))))
+        .code
+}
+
+#[test]
+fn successes_do_not_clear_the_ip_count_without_per_user_lockout() {
+    let s = start(
+        "max_failures = 3\nfailure_window = \"10m\"\nlockout = \"10m\"\nper_user_lockout = false",
+    );
+    // Guessing bob's password, and logging in as alice (the attacker's own account)
+    // between guesses to reset the count: the resets no longer work.
+    for i in 1..=3 {
+        assert_eq!(auth(&s, OUTSIDE, "bob", &format!("guess{i}")), 535);
+        let want = if i < 3 { 235 } else { 454 };
+        assert_eq!(
+            auth(&s, OUTSIDE, "alice", "correct horse"),
+            want,
+            "login after failure {i}"
+        );
+    }
+    // The third failure locked the address out: a guess is not even checked.
+    assert_eq!(auth(&s, OUTSIDE, "bob", "battery staple"), 454);
+    // Only the address: alice and bob log in from elsewhere.
+    assert_eq!(auth(&s, "127.0.0.3", "alice", "correct horse"), 235);
+    assert_eq!(auth(&s, "127.0.0.3", "bob", "battery staple"), 235);
+    let log = s.log();
+    assert!(
+        log.contains("auth refused: locked out client=127.0.0.2 user=alice scope=ip"),
+        "{log}"
+    );
+}
+
+#[test]
+fn spraying_names_between_own_logins_is_locked_out() {
+    // Default per_user_lockout: each sprayed name fails once, so only the IP count can
+    // stop it, and successes of the attacker's own account must not reset it.
+    let s = start("max_failures = 3\nfailure_window = \"10m\"\nlockout = \"10m\"");
+    for name in ["carol", "dave", "erin"] {
+        assert_eq!(auth(&s, OUTSIDE, "alice", "correct horse"), 235);
+        assert_eq!(auth(&s, OUTSIDE, name, "123456"), 535);
+    }
+    assert_eq!(auth(&s, OUTSIDE, "alice", "correct horse"), 454);
+    assert_eq!(auth(&s, OUTSIDE, "frank", "123456"), 454);
+}
+
+#[test]
+fn failures_across_a_fixed_window_edge_still_count() {
+    // max_failures = 3 within 4 s. Failure 1 at about 0 s, failure 2 at 2.5 s (the same
+    // 4 s period as failure 1), failures 3 and 4 from 4.5 s on (after the period that
+    // started with failure 1). Failures 2, 3 and 4 lie within 4 s of each other, so a
+    // sliding window locks the address out; a fixed window that opened at failure 1
+    // would have restarted at failure 3 and counted only 2.
+    let window = Duration::from_secs(4);
+    let s = start("max_failures = 3\nfailure_window = \"4s\"\nlockout = \"1m\"");
+    let t0 = Instant::now();
+    assert_eq!(auth(&s, OUTSIDE, "nobody1", "x"), 535);
+    sleep_until(t0 + Duration::from_millis(2500));
+    let second_sent = Instant::now();
+    assert_eq!(auth(&s, OUTSIDE, "nobody2", "x"), 535);
+    sleep_until(t0 + Duration::from_millis(4500));
+    assert_eq!(auth(&s, OUTSIDE, "nobody3", "x"), 535);
+    assert_eq!(auth(&s, OUTSIDE, "nobody4", "x"), 535);
+    let fourth_answered = Instant::now();
+    // What must hold: failures 2 to 4 were all recorded within `window` of each other.
+    // (Only a machine too slow to send three AUTHs in 1.5 s could break this.)
+    assert!(
+        fourth_answered - second_sent < window,
+        "too slow to test: {:?}",
+        fourth_answered - second_sent
+    );
+    assert_eq!(auth(&s, OUTSIDE, "alice", "correct horse"), 454);
+}
+
+fn sleep_until(t: Instant) {
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
