@@ -1,6 +1,8 @@
-//! Issue 8, hardening of AUTH, against the real binary: the per-IP failure count
-//! survives successful logins (one valid account no longer buys unlimited guesses), and
-//! is counted over a sliding window.
+//! Issue 8, hardening of AUTH and of the relay policy, against the real binary:
+//! - the per-IP failure count survives successful logins (one valid account no longer
+//!   buys unlimited guesses), and is counted over a sliding window;
+//! - `check-config` and `serve` call a relay open when the trusted networks cover the
+//!   whole address space together, not only with a single `/0`.
 //!
 //! AUTH runs on a plain-text listener (`allow_plaintext_auth`) to keep the tests short:
 //! TLS has its own tests in tls_auth.rs.
@@ -10,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{OUTSIDE, Server};
+use common::{OUTSIDE, Server, run_cli};
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -135,4 +137,65 @@ fn sleep_until(t: Instant) {
     if let Some(d) = t.checked_duration_since(Instant::now()) {
         std::thread::sleep(d);
     }
+}
+
+/// `postern check-config` on a file whose `[relay]` section is `relay`: (code, stdout).
+fn check_config(relay: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("postern.toml");
+    std::fs::write(&file, format!("[relay]\n{relay}\n")).unwrap();
+    let (code, out, err) = run_cli(&["check-config", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    (code, out)
+}
+
+#[test]
+fn check_config_calls_split_everything_networks_an_open_relay() {
+    // The /0 case, as it has always been reported.
+    let (_, out) = check_config("trusted_networks = [\"0.0.0.0/0\"]");
+    assert!(out.contains("open relay: YES -- DANGER"), "{out}");
+
+    for nets in [
+        r#"["0.0.0.0/1", "128.0.0.0/1"]"#,
+        r#"["10.0.0.0/8", "128.0.0.0/1", "0.0.0.0/2", "64.0.0.0/2"]"#,
+        r#"["::/1", "8000::/1"]"#,
+        r#"["192.0.2.0/24", "::/1", "8000::/2", "c000::/2"]"#,
+    ] {
+        let (_, out) = check_config(&format!("trusted_networks = {nets}"));
+        let first = out.lines().nth(2).unwrap_or_default();
+        assert!(
+            first.starts_with("open relay: YES -- DANGER"),
+            "{nets}:\n{out}"
+        );
+        assert!(first.contains("anyone on the Internet can relay"), "{out}");
+    }
+    // Which address family is covered is named.
+    let (_, out) = check_config(r#"trusted_networks = ["0.0.0.0/1", "128.0.0.0/1"]"#);
+    assert!(out.contains("every IPv4 address"), "{out}");
+    let (_, out) = check_config(r#"trusted_networks = ["::/1", "8000::/1"]"#);
+    assert!(out.contains("every IPv6 address"), "{out}");
+
+    // Almost everything is still not everything.
+    let (_, out) = check_config(r#"trusted_networks = ["0.0.0.0/1", "128.0.0.0/2", "::/1"]"#);
+    assert!(out.contains("open relay: NO"), "{out}");
+}
+
+#[test]
+fn serve_warns_when_split_networks_trust_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let text = common::base_config(port, &dir.path().join("spool"), "", "").replace(
+        r#"trusted_networks = ["127.0.0.1/32"]"#,
+        r#"trusted_networks = ["0.0.0.0/1", "128.0.0.0/1"]"#,
+    );
+    assert!(text.contains("128.0.0.0/1"));
+    let s = Server::start_with_config(dir, port, &text);
+    let log = s.log();
+    assert!(log.contains("OPEN RELAY"), "{log}");
+    assert!(log.contains("every IPv4 address"), "{log}");
+    // And it really is open: an outside client relays to a foreign domain.
+    let mut c = s.client(OUTSIDE);
+    c.hello();
+    c.expect("MAIL FROM:<a@outside.test>", 250);
+    c.expect("RCPT TO:<x@other.test>", 250);
 }
