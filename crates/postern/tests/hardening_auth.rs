@@ -2,13 +2,16 @@
 //! - the per-IP failure count survives successful logins (one valid account no longer
 //!   buys unlimited guesses), and is counted over a sliding window;
 //! - `check-config` and `serve` call a relay open when the trusted networks cover the
-//!   whole address space together, not only with a single `/0`.
+//!   whole address space together, not only with a single `/0`;
+//! - `postern user add` refuses names that look like options (`-`, `-x`) or would break
+//!   the users file.
 //!
 //! AUTH runs on a plain-text listener (`allow_plaintext_auth`) to keep the tests short:
 //! TLS has its own tests in tls_auth.rs.
 
 mod common;
 
+use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -198,4 +201,71 @@ fn serve_warns_when_split_networks_trust_everyone() {
     c.hello();
     c.expect("MAIL FROM:<a@outside.test>", 250);
     c.expect("RCPT TO:<x@other.test>", 250);
+}
+
+/// `postern user --config CONFIG ARGS` with `stdin` (the config first, so that ARGS may
+/// end with `-- NAME`).
+fn user(config: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
+    let mut all: Vec<&OsStr> = vec![
+        OsStr::new("user"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ];
+    all.extend(args.iter().map(OsStr::new));
+    common::run_cli_stdin(&all, stdin)
+}
+
+#[test]
+fn user_add_refuses_option_like_and_file_breaking_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postern.toml");
+    std::fs::write(&config, "[auth]\nusers_file = \"users\"\n").unwrap();
+    let users = dir.path().join("users");
+
+    let refused = |args: &[&str], why: &str| {
+        let out = user(&config, args, "pw\n");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} accepted: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(!users.exists(), "{args:?} wrote the users file");
+    };
+    // `-` alone (clap takes it as a value) and, after `--`, names starting with `-`.
+    refused(&["add", "-", "--password-stdin"], "cannot start with `-`");
+    refused(
+        &["add", "--password-stdin", "--", "-x"],
+        "cannot start with `-`",
+    );
+    refused(
+        &["add", "--password-stdin", "--", "--config"],
+        "cannot start with `-`",
+    );
+    // Names the file format cannot hold.
+    refused(&["add", "", "--password-stdin"], "empty");
+    for bad in [
+        "a:b", "a b", "a\tb", "a\nb", "a\rb", "a\u{1}b", "a\u{7f}b", "#a",
+    ] {
+        refused(&["add", bad, "--password-stdin"], "user name");
+    }
+
+    // Ordinary names, dashes inside included, still work.
+    for good in ["alice", "a-b", "bob@company.com"] {
+        let out = user(&config, &["add", good, "--password-stdin"], "pw\n");
+        assert!(
+            out.status.success(),
+            "{good}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A `-` name written by hand (or by an older version) can still be removed.
+    let text = std::fs::read_to_string(&users).unwrap();
+    let hash = postern::auth::password::hash("pw").unwrap();
+    std::fs::write(&users, format!("{text}-:{hash}\n")).unwrap();
+    let out = user(&config, &["del", "-"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&users).unwrap(), text);
 }
