@@ -342,7 +342,7 @@ fn user(action: UserAction, path: Option<PathBuf>) -> anyhow::Result<()> {
             password: how,
             addresses,
         } => {
-            users::check_name(&name).map_err(anyhow::Error::msg)?;
+            users::check_new_name(&name).map_err(anyhow::Error::msg)?;
             check_addresses(&addresses)?;
             let mut list = users::UsersFile::load(&file, true)?;
             if list.get(&name).is_some() {

@@ -4,8 +4,10 @@
 //! Limits count every connection from accept to close (interface: "Connections"), per
 //! listener in total and per client IP. A connection over a limit gets one line,
 //! `421 4.7.0`, written without waiting on the client, and is closed; the decision log
-//! names the limit. The per-IP table holds only IPs with open connections, so it is
-//! bounded by `max_connections`.
+//! names the limit. IPv6 clients are counted per block of `ipv6_prefix` bits (a /64 by
+//! default, `policy::client_block`): one site holds a whole /64, and counting per address
+//! would give it 2^64 allowances. The per-IP table holds only blocks with open
+//! connections, so it is bounded by `max_connections`.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Listener;
 use crate::maillog;
-use crate::policy::canonical_ip;
+use crate::policy::client_block;
 use crate::session::{self, Shared};
 
 /// Binds a listening socket. IPv6 addresses are bound IPv6-only so that `[::]:25` and
@@ -46,6 +48,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
+    /// IPv6 clients are counted per block of this many leading bits.
+    ipv6_prefix: u8,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -54,14 +58,18 @@ pub struct ConnectionLimits {
 #[derive(Debug)]
 pub struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
+    /// The client's block (`client_block`), as counted.
+    block: IpAddr,
 }
 
 impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimits> {
+    /// `max_per_ip` connections per client: per IPv4 address, per IPv6 block of
+    /// `ipv6_prefix` bits.
+    pub fn new(max_total: usize, max_per_ip: usize, ipv6_prefix: u8) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
             max_total,
             max_per_ip,
+            ipv6_prefix,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         })
@@ -69,7 +77,7 @@ impl ConnectionLimits {
 
     /// Takes a slot for a new connection from `ip`, or names the limit that is full.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, (&'static str, usize)> {
-        let ip = canonical_ip(ip);
+        let block = client_block(ip, self.ipv6_prefix);
         // Only the accept loop acquires, so check-then-increment cannot race with another
         // acquire; releases only make room.
         if self.total.load(Ordering::Acquire) >= self.max_total {
@@ -77,7 +85,7 @@ impl ConnectionLimits {
         }
         {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let n = per_ip.entry(ip).or_insert(0);
+            let n = per_ip.entry(block).or_insert(0);
             if *n >= self.max_per_ip {
                 return Err(("per_ip_connections", self.max_per_ip));
             }
@@ -86,7 +94,7 @@ impl ConnectionLimits {
         self.total.fetch_add(1, Ordering::AcqRel);
         Ok(ConnectionSlot {
             limits: Arc::clone(self),
-            ip,
+            block,
         })
     }
 
@@ -99,10 +107,10 @@ impl ConnectionLimits {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
+        if let Some(n) = per_ip.get_mut(&self.block) {
             *n -= 1;
             if *n == 0 {
-                per_ip.remove(&self.ip);
+                per_ip.remove(&self.block);
             }
         }
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
@@ -118,7 +126,11 @@ pub async fn run(
     tracker: TaskTracker,
 ) {
     let local = config.address;
-    let limits = ConnectionLimits::new(config.max_connections, config.per_ip_connections);
+    let limits = ConnectionLimits::new(
+        config.max_connections,
+        config.per_ip_connections,
+        shared.config.ipv6_prefix,
+    );
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -178,7 +190,7 @@ mod tests {
 
     #[test]
     fn limits_count_and_release() {
-        let limits = ConnectionLimits::new(3, 2);
+        let limits = ConnectionLimits::new(3, 2, 64);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let s1 = limits.acquire(a).unwrap();
@@ -193,5 +205,31 @@ mod tests {
         assert_eq!(limits.open(), 2);
         let _s4 = limits.acquire(b).unwrap();
         assert_eq!(limits.per_ip.lock().unwrap().get(&a), Some(&1));
+    }
+
+    #[test]
+    fn limits_count_ipv6_clients_per_block() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let limits = ConnectionLimits::new(100, 2, 64);
+        let _a = limits.acquire(v6("2001:db8:1:2::1")).unwrap();
+        let _b = limits.acquire(v6("2001:db8:1:2::2")).unwrap();
+        // A third address of the same /64 is the same client.
+        let err = limits.acquire(v6("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(err.unwrap_err().0, "per_ip_connections");
+        // The next /64 is another.
+        let c = limits.acquire(v6("2001:db8:1:3::1")).unwrap();
+        assert_eq!(limits.per_ip.lock().unwrap().len(), 2);
+        drop(c);
+        assert_eq!(limits.per_ip.lock().unwrap().len(), 1);
+        // IPv4 addresses are counted one by one whatever the prefix.
+        let _d = limits.acquire(v6("192.0.2.1")).unwrap();
+        let _e = limits.acquire(v6("192.0.2.1")).unwrap();
+        let _f = limits.acquire(v6("192.0.2.2")).unwrap();
+
+        // ipv6_prefix = 128: per address.
+        let limits = ConnectionLimits::new(100, 1, 128);
+        let _a = limits.acquire(v6("2001:db8::1")).unwrap();
+        let _b = limits.acquire(v6("2001:db8::2")).unwrap();
+        assert!(limits.acquire(v6("2001:db8::1")).is_err());
     }
 }

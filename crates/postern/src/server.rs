@@ -41,10 +41,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             unsupported.join("\n  - ")
         );
     }
-    if config.relay.is_open_relay() {
+    if config.relay.open_relay {
         tracing::warn!(
             "OPEN RELAY: open_relay = true, anyone on the Internet may relay mail through \
              this server to any domain. This is almost never what you want."
+        );
+    } else if config.relay.is_open_relay() {
+        tracing::warn!(
+            "OPEN RELAY: relay.trusted_networks cover {}, so anyone on the Internet may \
+             relay mail through this server to any domain. This is almost never what you want.",
+            crate::config::every_address_of(&config.relay.trusted_everyone())
         );
     }
     raise_fd_limit();
@@ -70,7 +76,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
     let auth = if config.listeners.iter().any(|l| l.auth != AuthMode::None) {
-        Some(Authenticator::new(&config.auth)?)
+        Some(Authenticator::new(&config.auth, config.ipv6_prefix)?)
     } else {
         None
     };

@@ -123,8 +123,9 @@ fn now() -> Instant {
 }
 
 impl Authenticator {
-    /// Loads the users file (`auth.users_file`); an error names the file and line.
-    pub fn new(auth: &crate::config::Auth) -> Result<Authenticator, AuthError> {
+    /// Loads the users file (`auth.users_file`); an error names the file and line. IPv6
+    /// clients are counted per block of `ipv6_prefix` bits (the top-level key).
+    pub fn new(auth: &crate::config::Auth, ipv6_prefix: u8) -> Result<Authenticator, AuthError> {
         let path = auth.users_file.as_ref().ok_or(AuthError::NoUsersFile)?;
         let users = UsersSource::open(path, now())?;
         // Made now rather than at the first unknown name, which would then answer slower.
@@ -132,7 +133,7 @@ impl Authenticator {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Authenticator {
             users: Arc::new(users),
-            limiter: Mutex::new(Limiter::new(Settings::from_config(auth))),
+            limiter: Mutex::new(Limiter::new(Settings::from_config(auth, ipv6_prefix))),
             hashing: Arc::new(Semaphore::new(cpus)),
             restrict_senders: auth.restrict_senders,
         })
@@ -202,7 +203,7 @@ impl Authenticator {
         if let Some(lock) = limiter.check(client, name, trusted, now) {
             Settled::Refused(lock)
         } else if check == Check::Ok {
-            limiter.record_success(client, name, now);
+            limiter.record_success(name, now);
             Settled::Granted
         } else {
             let known = check.known_user().then_some(name);

@@ -15,6 +15,8 @@ use super::*;
 use crate::config::{Auth, Mechanism};
 
 const MIN: Duration = Duration::from_secs(60);
+/// The default `ipv6_prefix`.
+const V6: u8 = crate::policy::DEFAULT_IPV6_PREFIX;
 
 /// A users file in a temporary directory: alice (password "wonderland", may also send as
 /// a.liddell@company.com) and bob@company.com (password "builder").
@@ -77,7 +79,7 @@ fn code(r: &Result<String, Reply>) -> u16 {
 #[tokio::test(start_paused = true)]
 async fn auth_good_and_bad_credentials() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
     let r = auth(&a, ip(1), false, "alice", "wonderland").await;
     assert_eq!(r, Ok("alice".to_string()));
     let r = auth(&a, ip(1), false, "bob@company.com", "builder").await;
@@ -105,7 +107,7 @@ async fn auth_good_and_bad_credentials() {
 #[tokio::test(start_paused = true)]
 async fn auth_lockout_per_ip_even_with_the_right_password() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
     for _ in 0..3 {
         let r = auth(&a, ip(1), false, "mallory", "x").await;
         assert_eq!(code(&r), 535);
@@ -129,7 +131,7 @@ async fn auth_lockout_per_ip_even_with_the_right_password() {
 #[tokio::test(start_paused = true)]
 async fn auth_lockout_per_user_from_any_address() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
     for n in 1..=3 {
         let r = auth(&a, ip(n), false, "alice", "guess").await;
         assert_eq!(code(&r), 535);
@@ -145,7 +147,7 @@ async fn auth_lockout_per_user_from_any_address() {
     // Without per-user lockout only the addresses count.
     let mut c = config(&path);
     c.per_user_lockout = false;
-    let a = Authenticator::new(&c).unwrap();
+    let a = Authenticator::new(&c, V6).unwrap();
     for n in 1..=3 {
         auth(&a, ip(n), false, "alice", "guess").await.unwrap_err();
     }
@@ -156,7 +158,7 @@ async fn auth_lockout_per_user_from_any_address() {
 #[tokio::test(start_paused = true)]
 async fn auth_trusted_failures_do_not_lock_out() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
     for _ in 0..5 {
         let r = auth(&a, ip(1), true, "alice", "guess").await;
         assert_eq!(code(&r), 535);
@@ -169,17 +171,46 @@ async fn auth_trusted_failures_do_not_lock_out() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn auth_success_clears_the_counts() {
+async fn auth_success_clears_only_the_users_count() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
-    for _ in 0..2 {
-        auth(&a, ip(1), false, "alice", "guess").await.unwrap_err();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
+    // alice mistypes from two addresses, then logs in from a third: her count restarts.
+    for n in 1..=2 {
+        auth(&a, ip(n), false, "alice", "guess").await.unwrap_err();
     }
-    auth(&a, ip(1), false, "alice", "wonderland").await.unwrap();
-    for _ in 0..2 {
-        auth(&a, ip(1), false, "alice", "guess").await.unwrap_err();
+    auth(&a, ip(3), false, "alice", "wonderland").await.unwrap();
+    for n in 4..=5 {
+        auth(&a, ip(n), false, "alice", "guess").await.unwrap_err();
     }
-    let r = auth(&a, ip(1), false, "alice", "wonderland").await;
+    let r = auth(&a, ip(6), false, "alice", "wonderland").await;
+    assert_eq!(code(&r), 235);
+
+    // An address's count survives its successes: two guesses, a login with a valid
+    // account, one more guess, and the address is locked out.
+    for _ in 0..2 {
+        auth(&a, ip(7), false, "alice", "guess").await.unwrap_err();
+    }
+    auth(&a, ip(7), false, "bob@company.com", "builder")
+        .await
+        .unwrap();
+    let r = auth(&a, ip(7), false, "mallory", "x").await;
+    assert_eq!(code(&r), 535);
+    let r = auth(&a, ip(7), false, "bob@company.com", "builder").await;
+    assert_eq!(code(&r), 454);
+}
+
+#[tokio::test(start_paused = true)]
+async fn auth_ipv6_clients_are_counted_per_64() {
+    let (_dir, path) = users_file();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
+    let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+    for n in 1..=3 {
+        let r = auth(&a, v6(&format!("2001:db8:1:2::{n}")), false, "mallory", "x").await;
+        assert_eq!(code(&r), 535);
+    }
+    let r = auth(&a, v6("2001:db8:1:2:ffff::9"), false, "alice", "wonderland").await;
+    assert_eq!(code(&r), 454);
+    let r = auth(&a, v6("2001:db8:1:3::1"), false, "alice", "wonderland").await;
     assert_eq!(code(&r), 235);
 }
 
@@ -188,7 +219,7 @@ async fn auth_tarpit_grows_and_is_bounded() {
     let (_dir, path) = users_file();
     let mut c = config(&path);
     c.max_failures = 1000;
-    let a = Authenticator::new(&c).unwrap();
+    let a = Authenticator::new(&c, V6).unwrap();
     let mut delays = Vec::new();
     for _ in 0..25 {
         let start = Instant::now();
@@ -210,7 +241,7 @@ async fn auth_tarpit_grows_and_is_bounded() {
 #[tokio::test(start_paused = true)]
 async fn auth_users_file_changes_are_picked_up() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let carol = format!("carol:{}\n", password::hash_cheap("sea"));
     std::fs::write(&path, format!("{text}{carol}")).unwrap();
@@ -230,7 +261,7 @@ fn auth_new_reports_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("users");
     std::fs::write(&path, "# x\nalice:plaintext-password\n").unwrap();
-    let err = Authenticator::new(&config(&path))
+    let err = Authenticator::new(&config(&path), V6)
         .err()
         .unwrap()
         .to_string();
@@ -238,7 +269,7 @@ fn auth_new_reports_file_and_line() {
     assert!(!err.contains("plaintext-password"), "{err}");
 
     let missing = dir.path().join("nope");
-    let err = Authenticator::new(&config(&missing))
+    let err = Authenticator::new(&config(&missing), V6)
         .err()
         .unwrap()
         .to_string();
@@ -247,7 +278,7 @@ fn auth_new_reports_file_and_line() {
     let mut c = config(&path);
     c.users_file = None;
     assert!(matches!(
-        Authenticator::new(&c),
+        Authenticator::new(&c, V6),
         Err(AuthError::NoUsersFile)
     ));
 }
@@ -255,12 +286,12 @@ fn auth_new_reports_file_and_line() {
 #[test]
 fn auth_may_send_as() {
     let (_dir, path) = users_file();
-    let a = Authenticator::new(&config(&path)).unwrap();
+    let a = Authenticator::new(&config(&path), V6).unwrap();
     assert!(a.may_send_as("alice", "ceo@company.com"), "off by default");
 
     let mut c = config(&path);
     c.restrict_senders = true;
-    let a = Authenticator::new(&c).unwrap();
+    let a = Authenticator::new(&c, V6).unwrap();
     assert!(a.may_send_as("alice", "a.liddell@company.com"));
     assert!(a.may_send_as("alice", "A.Liddell@Company.COM"));
     assert!(a.may_send_as("alice", "<a.liddell@company.com>"));
@@ -330,7 +361,7 @@ fn auth_log_lines_have_the_documented_format() {
         runtime.block_on(async {
             let mut c = config(&path);
             c.max_failures = 2;
-            let a = Authenticator::new(&c).unwrap();
+            let a = Authenticator::new(&c, V6).unwrap();
             let v6: IpAddr = "2001:db8::7".parse().unwrap();
             auth(&a, v6, false, "mallory", "x").await.unwrap_err();
             auth(&a, ip(5), false, "alice", "guess").await.unwrap_err();

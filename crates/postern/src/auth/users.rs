@@ -76,6 +76,21 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Check the name of a new user (`postern user add`): what [`check_name`] accepts, except
+/// names that start with `-`. Those look like options: `postern user del -x` or a script's
+/// `grep "$name" users` would read them as one, and `-` alone usually means standard
+/// input. A line written by hand may still hold such a name: it loads, and
+/// `postern user del -- -x` removes it.
+pub fn check_new_name(name: &str) -> Result<(), String> {
+    check_name(name)?;
+    if name.starts_with('-') {
+        return Err(format!(
+            "a user name cannot start with `-` (`{name}` would be taken for an option)"
+        ));
+    }
+    Ok(())
+}
+
 /// Check a sender address for the third field: `local@domain`, nothing that would break
 /// the format (`:`, `,`, spaces).
 pub fn check_address(address: &str) -> Result<(), String> {
@@ -211,7 +226,7 @@ impl UsersFile {
 
     /// Add a user (`postern user add`); an error if the name exists.
     pub fn add(&mut self, user: User) -> Result<(), AuthError> {
-        check_name(&user.name).map_err(AuthError::BadName)?;
+        check_new_name(&user.name).map_err(AuthError::BadName)?;
         if self.get(&user.name).is_some() {
             return Err(AuthError::UserExists(user.name));
         }
@@ -649,6 +664,15 @@ mod tests {
         for bad in ["", "a:b", "a b", "a\tb", "a\nb", "#a", &"x".repeat(256)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
+        // New names may not look like options; existing ones still load.
+        for bad in ["-", "-x", "--config", "-:"] {
+            assert!(check_new_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("-x").is_ok());
+        assert!(check_new_name("a-b").is_ok());
+        assert!(check_new_name("a:b").is_err());
+        let f = parse(&format!("-x:{}\n", hash("pw"))).unwrap();
+        assert!(f.get("-x").is_some());
         assert!(check_address("a@b.test").is_ok());
         for bad in ["a", "@b", "a@", "a b@c", "a,b@c", "a:b@c"] {
             assert!(check_address(bad).is_err(), "{bad:?}");

@@ -33,6 +33,12 @@ pub(crate) fn describe(c: &Config) -> String {
             "open relay: YES -- DANGER: relay.trusted_networks contains {all}, so anyone on \
              the Internet can relay through this server"
         )
+    } else if let everyone @ [_, ..] = r.trusted_everyone().as_slice() {
+        format!(
+            "open relay: YES -- DANGER: relay.trusted_networks together cover {}, so anyone \
+             on the Internet can relay through this server",
+            super::every_address_of(everyone)
+        )
     } else {
         "open relay: NO".to_string()
     });

@@ -144,11 +144,42 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// True when anyone on the Internet may relay: `open_relay`, or a trusted network that
-    /// covers every address (`0.0.0.0/0`, `::/0`), which amounts to the same thing.
+    /// True when anyone on the Internet may relay: `open_relay`, or trusted networks that
+    /// together cover every IPv4 or every IPv6 address, which amounts to the same thing.
     pub fn is_open_relay(&self) -> bool {
-        self.open_relay || self.trusted_networks.iter().any(|n| n.prefix_len() == 0)
+        self.open_relay || !self.trusted_everyone().is_empty()
     }
+
+    /// The address families ("IPv4", "IPv6") of which `trusted_networks`, taken together,
+    /// hold every address: `0.0.0.0/0` alone, but also `0.0.0.0/1` + `128.0.0.0/1`, or any
+    /// other set of networks that merges into a `/0`.
+    pub fn trusted_everyone(&self) -> Vec<&'static str> {
+        let merged = ipnet::IpNet::aggregate(&self.trusted_networks);
+        let mut families = Vec::new();
+        if merged
+            .iter()
+            .any(|n| matches!(n, ipnet::IpNet::V4(v4) if v4.prefix_len() == 0))
+        {
+            families.push("IPv4");
+        }
+        if merged
+            .iter()
+            .any(|n| matches!(n, ipnet::IpNet::V6(v6) if v6.prefix_len() == 0))
+        {
+            families.push("IPv6");
+        }
+        families
+    }
+}
+
+/// "every IPv4 address", "every IPv4 address and every IPv6 address": for messages about
+/// [`Relay::trusted_everyone`].
+pub(crate) fn every_address_of(families: &[&str]) -> String {
+    families
+        .iter()
+        .map(|f| format!("every {f} address"))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// SMTP AUTH for clients.

@@ -354,6 +354,49 @@ fn config_open_relay_is_loud() {
 }
 
 #[test]
+fn config_trusted_networks_that_cover_everything_together_are_an_open_relay() {
+    let relay = |nets: &str| {
+        parse(&format!("[relay]\ntrusted_networks = {nets}\n"))
+            .unwrap()
+            .relay
+    };
+    for (nets, families) in [
+        (r#"["0.0.0.0/0"]"#, &["IPv4"][..]),
+        (r#"["0.0.0.0/1", "128.0.0.0/1"]"#, &["IPv4"]),
+        // Overlapping, unordered, with host bits, mixed with IPv6.
+        (
+            r#"["128.0.0.0/2", "10.1.2.3/8", "0.0.0.0/1", "192.0.0.0/2", "::1"]"#,
+            &["IPv4"],
+        ),
+        (r#"["8000::/1", "::/1"]"#, &["IPv6"]),
+        (r#"["0.0.0.0/1", "128.0.0.0/1", "::/0"]"#, &["IPv4", "IPv6"]),
+        (r#"["0.0.0.0/1", "128.0.0.0/2", "::/1"]"#, &[]),
+        (r#"["127.0.0.0/8", "::1/128"]"#, &[]),
+        ("[]", &[]),
+    ] {
+        let r = relay(nets);
+        assert_eq!(r.trusted_everyone(), families, "{nets}");
+        assert_eq!(r.is_open_relay(), !families.is_empty(), "{nets}");
+    }
+    let c =
+        parse("[relay]\ntrusted_networks = [\"0.0.0.0/1\", \"128.0.0.0/1\", \"::/0\"]\n").unwrap();
+    let text = c.describe();
+    assert!(
+        text.contains("open relay: YES -- DANGER: relay.trusted_networks contains ::/0, so anyone"),
+        "{text}"
+    );
+    let c = parse("[relay]\ntrusted_networks = [\"0.0.0.0/1\", \"128.0.0.0/1\"]\n").unwrap();
+    let text = c.describe();
+    assert!(
+        text.contains(
+            "open relay: YES -- DANGER: relay.trusted_networks together cover every IPv4 \
+             address, so anyone on the Internet can relay through this server"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn config_relative_paths_follow_the_file() {
     let text = r#"
 spool_dir = "spool"

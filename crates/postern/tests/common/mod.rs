@@ -453,3 +453,22 @@ pub fn message(subject: &str) -> String {
          Message-ID: <{subject}@outside.test>\r\n\r\nHello.\r\n"
     )
 }
+
+/// `postern user add NAME --password-stdin --config CONFIG`; panics unless it succeeds.
+pub fn add_user(config: &Path, name: &str, password: &str) {
+    use std::ffi::OsStr;
+    let args = [
+        OsStr::new("user"),
+        OsStr::new("add"),
+        OsStr::new(name),
+        OsStr::new("--password-stdin"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ];
+    let out = run_cli_stdin(&args, &format!("{password}\n"));
+    assert!(
+        out.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
