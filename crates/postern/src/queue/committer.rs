@@ -24,6 +24,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+use super::durable;
 use super::error::SpoolError;
 use super::segment::{self, HEADER, segment_name};
 use super::{Location, QueueId, SpoolOptions};
@@ -252,8 +253,9 @@ impl Committer {
             let path = self.log_dir.join(segment_name(seq));
             let removed = if self.corrupt.contains(&seq) {
                 // Keep the evidence for the operator, out of the log.
-                let aside = path.with_extension("seg.corrupt");
-                fs::rename(&path, &aside).map(|()| {
+                // Never over an earlier `.seg.corrupt`; an unlink error keeps the
+                // segment in the log (and stops collection) until it succeeds.
+                durable::set_aside(&path, ".corrupt").map(|aside| {
                     error!(segment = %segment_name(seq), kept_as = %aside.display(),
                         "corrupt segment taken out of the log and kept for inspection");
                 })

@@ -18,8 +18,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::durable::{self, sync_dir};
 use super::record::{self, Decoded, FRAME_LEN};
-use super::segment::sync_dir;
 use super::{Envelope, QueueId, RcptState, SpoolError, StoredMessage};
 
 const HEADER: &[u8] = b"postern-deferred 1\n";
@@ -52,12 +52,30 @@ pub(crate) fn write(
     }
     let final_path = path(dir, envelope.id);
     let tmp = final_path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(SpoolError::io("create", &tmp))?;
-    file.write_all(&bytes)
-        .map_err(SpoolError::io("write", &tmp))?;
-    file.sync_all().map_err(SpoolError::io("fsync", &tmp))?;
-    fs::rename(&tmp, &final_path).map_err(SpoolError::io("rename", &tmp))?;
-    sync_dir(dir)
+    // Never replace a file: `create_new` for the temp file, and a no-replace rename (see
+    // `durable.rs`) to the final name. A name already taken (a queue id clash, or a
+    // leftover) is an error: the message then simply stays in the log, where it is safe.
+    let mut file = durable::create_new(&tmp).map_err(SpoolError::io("create", &tmp))?;
+    let made = file
+        .write_all(&bytes)
+        .map_err(SpoolError::io("write", &tmp))
+        .and_then(|()| file.sync_all().map_err(SpoolError::io("fsync", &tmp)))
+        .and_then(|()| {
+            durable::link_noreplace(&tmp, &final_path)
+                .map_err(SpoolError::io("rename (no replace)", &final_path))
+        });
+    if let Err(e) = made {
+        // Nothing took the final name: the temp file is ours and useless.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The file now has its final name. A crash before this unlink leaves `ID.tmp` as a
+    // second name of the same inode; `list` removes it at open, which only drops a name.
+    if let Err(e) = fs::remove_file(&tmp) {
+        tracing::warn!(file = %tmp.display(), error = %e,
+            "could not remove the temporary name of a deferred file; removed at next start");
+    }
+    durable::sync_dir_retrying(dir)
 }
 
 /// Appends a final outcome for one recipient, durably.

@@ -27,6 +27,7 @@
 
 mod committer;
 mod deferred;
+mod durable;
 mod error;
 mod id;
 pub mod quarantine;
@@ -248,11 +249,14 @@ impl Spool {
                 Err(e) => {
                     // One damaged file must not keep the server (and every other
                     // message) down: set it aside for the operator, loudly.
+                    // Never over an earlier `ID.corrupt` (a reused id): `set_aside` picks
+                    // a free name and does not replace anything.
                     let path = deferred::path(&deferred_dir, id);
-                    let aside = path.with_extension("corrupt");
+                    let aside = durable::set_aside(&path, ".corrupt")
+                        .map_err(SpoolError::io("set aside", &path))?;
+                    segment::sync_dir(&deferred_dir)?;
                     tracing::error!(error = %e, file = %path.display(), aside = %aside.display(),
                         "unreadable deferred message set aside; it will not be delivered");
-                    fs::rename(&path, &aside).map_err(SpoolError::io("rename", &path))?;
                     continue;
                 }
             };
@@ -273,6 +277,16 @@ impl Spool {
                 *counts.entry(loc.segment).or_default() += 1;
             }
         }
+
+        quarantine::clean(dir)?;
+        // The id floor: above every id still naming something on disk, not only the ids
+        // in the log. A deferred or quarantined message's MESSAGE record may be gone
+        // from the log (its segment collected, or never written there), and after a
+        // clock step back the clock alone would hand its id out again.
+        let id_floor = replayed
+            .max_id
+            .max(durable::max_id_in_names(&deferred_dir)?)
+            .max(durable::max_id_in_names(&dir.join(QUARANTINE_DIR))?);
 
         let syncs = Arc::new(AtomicU64::new(0));
         let mut committer = Committer::new(
@@ -299,7 +313,7 @@ impl Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 log_dir,
-                ids: id::IdGen::new(replayed.max_id),
+                ids: id::IdGen::new(id_floor),
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(handle)),
                 syncs,

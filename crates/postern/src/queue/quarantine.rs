@@ -13,8 +13,8 @@ use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::path::Path;
 
+use super::durable::{self, sync_dir};
 use super::record::{self, Decoded, FRAME_LEN};
-use super::segment::sync_dir;
 use super::{Envelope, QUARANTINE_DIR, QueueId, SpoolError};
 
 const HEADER: &str = "postern-quarantine 1\n";
@@ -60,11 +60,52 @@ pub fn put(
     bytes.extend(record::encode_message(envelope, message)?);
     let path = dir.join(envelope.id.to_string());
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(SpoolError::io("create", &tmp))?;
-    f.write_all(&bytes).map_err(SpoolError::io("write", &tmp))?;
-    f.sync_all().map_err(SpoolError::io("fsync", &tmp))?;
-    fs::rename(&tmp, &path).map_err(SpoolError::io("rename", &tmp))?;
-    sync_dir(&dir)
+    // Never replace a file (`create_new`, no-replace rename, see `durable.rs`): a name
+    // already taken is an error, the client gets 4xx and sends again, nothing is lost.
+    let mut f = durable::create_new(&tmp).map_err(SpoolError::io("create", &tmp))?;
+    let made = f
+        .write_all(&bytes)
+        .map_err(SpoolError::io("write", &tmp))
+        .and_then(|()| f.sync_all().map_err(SpoolError::io("fsync", &tmp)))
+        .and_then(|()| {
+            durable::link_noreplace(&tmp, &path)
+                .map_err(SpoolError::io("rename (no replace)", &path))
+        });
+    if let Err(e) = made {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // A crash before this unlink leaves `ID.tmp` as a second name of the same file;
+    // `clean` removes it at the next open.
+    if let Err(e) = fs::remove_file(&tmp) {
+        tracing::warn!(file = %tmp.display(), error = %e,
+            "could not remove the temporary name of a quarantine file; removed at next start");
+    }
+    // 250 means on disk: the new name must be durable before the reply.
+    durable::sync_dir_retrying(&dir)
+}
+
+/// Removes what a crash can leave in the quarantine directory (owner only, at open):
+/// `ID.tmp` files. Either the put never reached its rename (the client got no 250) or
+/// the crash came between link and unlink and `ID` holds the same file.
+pub(crate) fn clean(spool_dir: &Path) -> Result<(), SpoolError> {
+    let dir = spool_dir.join(QUARANTINE_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SpoolError::io("list", &dir)(e)),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry.map_err(SpoolError::io("list", &dir))?;
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            removed |= fs::remove_file(entry.path()).is_ok();
+        }
+    }
+    if removed {
+        sync_dir(&dir)?;
+    }
+    Ok(())
 }
 
 /// Reads one quarantined message and its body. Blocking.

@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
+pub(crate) use super::durable::sync_dir;
 use super::error::SpoolError;
 use super::record::{self, FORMAT_VERSION, FRAME_LEN, RecordType};
 
@@ -41,13 +42,6 @@ pub(crate) fn list_segments(log_dir: &Path) -> Result<Vec<u64>, SpoolError> {
     }
     seqs.sort_unstable();
     Ok(seqs)
-}
-
-/// Makes the directory's entries (created, renamed or removed files) durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(SpoolError::io("fsync directory", dir))
 }
 
 /// Creates segment `seq`: new file, header, fsync the file, fsync the directory. A file

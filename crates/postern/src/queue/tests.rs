@@ -505,3 +505,43 @@ fn a_damaged_deferred_file_is_set_aside_not_fatal() {
     assert!(!bad.exists());
     assert!(bad.with_extension("corrupt").exists());
 }
+
+#[tokio::test]
+async fn the_id_floor_covers_deferred_and_quarantined_files_and_nothing_is_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let (spool, _) = open_retrying(&dir);
+    // Ids far ahead of the clock, as a clock set ahead leaves them.
+    let far = QueueId::from_u64(u64::MAX / 2);
+    let far1 = QueueId::from_u64(u64::MAX / 2 + 1);
+    let pending = [RcptState::Pending; 2];
+    spool
+        .move_to_deferred(&envelope(far, 1), body(1), &pending)
+        .await
+        .unwrap();
+    quarantine::put(&dir, &envelope(far1, 2), &body(2), "rule", "why").unwrap();
+    // Taking a name already in use is an error, never an overwrite.
+    assert!(
+        spool
+            .move_to_deferred(&envelope(far, 3), body(3), &pending)
+            .await
+            .is_err()
+    );
+    assert!(quarantine::put(&dir, &envelope(far1, 4), &body(4), "rule", "why").is_err());
+    let (loaded, deferred_body) = deferred::load(&dir.join(DEFERRED_DIR), far).unwrap();
+    assert_eq!(loaded.message.envelope, envelope(far, 1));
+    assert_eq!(deferred_body, body(1));
+    assert_eq!(quarantine::load(&dir, far1).unwrap().1, body(2));
+    for sub in [DEFERRED_DIR, QUARANTINE_DIR] {
+        for e in fs::read_dir(dir.join(sub)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert!(!name.ends_with(".tmp"), "{name} left behind");
+        }
+    }
+    spool.close();
+    drop(spool);
+    // The log holds no MESSAGE record with these ids: the floor must come from the files.
+    let (spool, live) = open_retrying(&dir);
+    assert_eq!(ids(&live), vec![far]);
+    assert!(spool.new_id() > far1);
+}

@@ -1,0 +1,193 @@
+//! Spool hardening (issue 8), black-box: the real binary on loopback, its spool files
+//! inspected and damaged between runs the way a clock step, a crash or disk rot would.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{INSIDE, Server, message, run_cli};
+
+/// Record frame: magic, type, version, payload length (LE), payload CRC-32 (LE).
+const FRAME_LEN: usize = 12;
+const DEFERRED_HEADER: &[u8] = b"postern-deferred 1\n";
+
+/// Quarantines mail whose text says "hold me"; everything else goes to `next_hop`.
+fn config_extra(next_hop: &str) -> String {
+    format!(
+        "\n[[filter]]\nname = \"hold\"\nkeywords = [\"hold me\"]\naction = \"quarantine\"\n\
+         \n[[route]]\ndomains = [\"*\"]\nnext_hop = \"{next_hop}\"\n"
+    )
+}
+
+/// Sends one message from the trusted side; returns its queue id.
+fn submit(server: &Server, to: &str, body: &str) -> String {
+    let mut c = server.client(INSIDE);
+    c.hello();
+    let r = c.send_mail("sender@company.test", &[to], body);
+    assert_eq!(r.code, 250, "{}", r.text());
+    c.expect("QUIT", 221);
+    r.lines[0].rsplit(' ').next().unwrap().to_string()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli(server: &Server, args: &[&str]) -> String {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--config", server.config.to_str().unwrap()]);
+    let (code, out, err) = run_cli(&all);
+    assert_eq!(code, 0, "postern {args:?}: {out}{err}");
+    out
+}
+
+/// Waits until the server's log has a line holding both `id` and `what`.
+fn wait_log_line(server: &Server, id: &str, what: &str) {
+    wait_until(&format!("{what} for {id}"), Duration::from_secs(20), || {
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains(id) && l.contains(what))
+    });
+}
+
+/// A queue id `secs` seconds ahead of now (what a clock set ahead would have made).
+fn future_id(secs: u64) -> u64 {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        + secs * 1_000_000;
+    micros << 12
+}
+
+fn hex(id: u64) -> String {
+    format!("{id:016X}")
+}
+
+/// Rewrites the framed records from `start` on so that they carry queue id `new` (every
+/// record payload starts with the line `id XXXXXXXXXXXXXXXX`), with fresh CRCs.
+fn with_id(data: &[u8], start: usize, new: u64) -> Vec<u8> {
+    let mut out = data[..start].to_vec();
+    let mut pos = start;
+    while pos < data.len() {
+        let frame = &data[pos..pos + FRAME_LEN];
+        assert_eq!(&frame[..2], b"PR", "not a record frame at {pos}");
+        let len = u32::from_le_bytes(frame[4..8].try_into().unwrap()) as usize;
+        let mut payload = data[pos + FRAME_LEN..pos + FRAME_LEN + len].to_vec();
+        assert_eq!(&payload[..3], b"id ");
+        payload[3..19].copy_from_slice(hex(new).as_bytes());
+        out.extend_from_slice(&frame[..8]);
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        pos += FRAME_LEN + len;
+    }
+    out
+}
+
+fn quarantine_records_start(data: &[u8]) -> usize {
+    data.windows(2).position(|w| w == b"\n\n").unwrap() + 2
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Item 1: after a clock step back, new mail must not get the id of a message still on
+/// disk, and nothing may be written over an existing spool file.
+///
+/// The spool is put in the state a clock set days ahead leaves behind: a deferred message
+/// `F` and a quarantined one `F+1` from the future, and a message `F-1` released from the
+/// quarantine into the log (so the log's highest id is `F-1`). Then, with the real clock,
+/// new mail arrives: one deferred, one quarantined. Before the fix the id floor came from
+/// the log alone, the new messages got `F` and `F+1`, and their files replaced the
+/// existing ones.
+#[test]
+fn a_clock_step_back_neither_reuses_an_id_nor_overwrites_a_file() {
+    let mut server = Server::start("", &config_extra("[127.0.0.1]:1"));
+    let spool = server.spool();
+    let (deferred, quarantine) = (spool.join("deferred"), spool.join("quarantine"));
+    let a = submit(&server, "user@remote.test", &message("first"));
+    wait_log_line(&server, &a, "message deferred");
+    let q = submit(
+        &server,
+        "user@remote.test",
+        "Subject: held\r\n\r\nhold me, please\r\n",
+    );
+    assert!(quarantine.join(&q).exists());
+    server.terminate(Duration::from_secs(20));
+
+    // The clock had been days ahead: files from "the future".
+    let f = future_id(10 * 86_400);
+    let deferred_a = std::fs::read(deferred.join(&a)).unwrap();
+    let deferred_f = with_id(&deferred_a, DEFERRED_HEADER.len(), f);
+    std::fs::write(deferred.join(hex(f)), &deferred_f).unwrap();
+    let quarantined_q = std::fs::read(quarantine.join(&q)).unwrap();
+    let start = quarantine_records_start(&quarantined_q);
+    let quarantined_f1 = with_id(&quarantined_q, start, f + 1);
+    std::fs::write(quarantine.join(hex(f + 1)), &quarantined_f1).unwrap();
+    std::fs::write(
+        quarantine.join(hex(f - 1)),
+        with_id(&quarantined_q, start, f - 1),
+    )
+    .unwrap();
+    // Released while no server runs: its MESSAGE record (id F-1) goes into the log.
+    let out = cli(&server, &["quarantine", "release", &hex(f - 1)]);
+    assert!(out.contains("released"), "{out}");
+
+    // The clock is right again; new mail arrives.
+    server.spawn();
+    wait_log_line(&server, &hex(f - 1), "message deferred");
+    let new_deferred = submit(&server, "user@remote.test", &message("new-after-step"));
+    wait_log_line(&server, &new_deferred, "message deferred");
+    let new_held = submit(
+        &server,
+        "user@remote.test",
+        "Subject: new held\r\n\r\nhold me too\r\n",
+    );
+
+    let old: Vec<String> = [a.clone(), q.clone(), hex(f - 1), hex(f), hex(f + 1)].into();
+    assert!(!old.contains(&new_deferred), "id {new_deferred} reused");
+    assert!(!old.contains(&new_held), "id {new_held} reused");
+    // The future files are untouched.
+    assert_eq!(
+        std::fs::read(deferred.join(hex(f))).unwrap(),
+        deferred_f,
+        "deferred/{} was overwritten",
+        hex(f)
+    );
+    assert_eq!(
+        std::fs::read(quarantine.join(hex(f + 1))).unwrap(),
+        quarantined_f1,
+        "quarantine/{} was overwritten",
+        hex(f + 1)
+    );
+    // Every message is still there.
+    let list = cli(&server, &["queue", "list"]);
+    for id in [&a, &hex(f - 1), &hex(f), &new_deferred] {
+        assert!(
+            list.contains(id.as_str()),
+            "{id} missing from the queue:\n{list}"
+        );
+    }
+    let held = cli(&server, &["quarantine", "list"]);
+    for id in [&q, &hex(f + 1), &new_held] {
+        assert!(
+            held.contains(id.as_str()),
+            "{id} missing from quarantine:\n{held}"
+        );
+    }
+    let names = files(&deferred);
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+}
