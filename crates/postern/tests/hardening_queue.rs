@@ -12,6 +12,7 @@ use common::{INSIDE, Server, message, run_cli};
 /// Record frame: magic, type, version, payload length (LE), payload CRC-32 (LE).
 const FRAME_LEN: usize = 12;
 const DEFERRED_HEADER: &[u8] = b"postern-deferred 1\n";
+const SEGMENT_HEADER: &[u8] = b"postern-segment 1\n";
 
 /// Quarantines mail whose text says "hold me"; everything else goes to `next_hop`.
 fn config_extra(next_hop: &str) -> String {
@@ -190,4 +191,70 @@ fn a_clock_step_back_neither_reuses_an_id_nor_overwrites_a_file() {
     }
     let names = files(&deferred);
     assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+}
+
+/// Item 2: one damaged record must not hide the rest of its segment. Three messages stay
+/// in the log (their next hop accepts the connection and never says a word, and the
+/// server is killed while it waits), a byte inside the first record is flipped, and at
+/// the next start the other two are still queued, then delivered, and the log says how
+/// many bytes were skipped. Before the fix replay stopped at the bad record.
+#[test]
+fn a_damaged_record_hides_nothing_after_it() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts
+    let hop = format!("[127.0.0.1]:{}", silent.local_addr().unwrap().port());
+    let mut server = Server::start("", &config_extra(&hop));
+    let ids: Vec<String> = (1..=3)
+        .map(|n| submit(&server, "user@remote.test", &message(&format!("rot{n}"))))
+        .collect();
+    server.kill9();
+
+    let segment = server.spool().join("log").join("0000000000000001.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    assert!(bytes.starts_with(SEGMENT_HEADER));
+    let first = SEGMENT_HEADER.len();
+    let len = u32::from_le_bytes(bytes[first + 4..first + 8].try_into().unwrap()) as usize;
+    let payload = &bytes[first + FRAME_LEN..first + FRAME_LEN + len];
+    assert!(payload.starts_with(format!("id {}\n", ids[0]).as_bytes()));
+    bytes[first + FRAME_LEN + len / 2] ^= 0x20; // disk rot inside the first record
+    std::fs::write(&segment, &bytes).unwrap();
+
+    // The read-only view (no server running) already sees the two good messages.
+    let list = cli(&server, &["queue", "list"]);
+    assert!(!list.contains(&ids[0]), "{list}");
+    for id in &ids[1..] {
+        assert!(
+            list.contains(id.as_str()),
+            "{id} hidden by the damaged record:\n{list}"
+        );
+    }
+
+    // Restart with a next hop that works: the two good messages are delivered.
+    let sink = postern_testkit::sink::Sink::start(postern_testkit::sink::SinkConfig::default());
+    let text = common::base_config(
+        server.port,
+        &server.spool(),
+        "",
+        &config_extra(&format!("[127.0.0.1]:{}", sink.addr().port())),
+    );
+    std::fs::write(&server.config, text).unwrap();
+    server.spawn();
+    let got = sink.wait_for(2, Duration::from_secs(20));
+    let mut subjects: Vec<String> = got
+        .iter()
+        .map(|m| {
+            let data = String::from_utf8_lossy(&m.data).into_owned();
+            let subject = data.lines().find(|l| l.starts_with("Subject: ")).unwrap();
+            subject.to_string()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["Subject: rot2", "Subject: rot3"]);
+    let skipped = FRAME_LEN + len;
+    let log = server.log();
+    assert!(
+        log.lines().any(|l| l.contains("0000000000000001.seg")
+            && l.contains(&format!("bytes_skipped={skipped}"))),
+        "the log does not say that {skipped} bytes were skipped:\n{log}"
+    );
+    drop(silent);
 }

@@ -16,9 +16,11 @@
 //! Trust: the spool holds only our own files, but a crash or kill -9 can leave any prefix of
 //! a write, and disks rot. Replay believes nothing it cannot verify: each record has a
 //! frame, a length that must fit in the file and a CRC-32 of its payload, and payloads are
-//! parsed strictly. A bad record at the tail of the newest segment is a write cut short by
-//! a crash, never acknowledged (nothing is answered before its fdatasync), and is trimmed;
-//! anywhere else it is corruption, logged at error level, and the bytes are kept. Envelopes handed to `store` come from the SMTP layer;
+//! parsed strictly. A bad record at the tail of the newest segment, with nothing valid
+//! after it, is a write cut short by a crash, never acknowledged (nothing is answered
+//! before its fdatasync), and is trimmed; anywhere else it is corruption: logged at error
+//! level with the bytes skipped, the bytes kept, and replay resumes at the next whole
+//! record with a valid CRC. Envelopes handed to `store` come from the SMTP layer;
 //! encoding still refuses CR/LF in any field rather than write a record that would not
 //! read back the same.
 //!
@@ -235,7 +237,7 @@ impl Spool {
                 continue; // removed just above
             }
             counts.insert(seg.seq, 0usize);
-            if seg.tail == Tail::Corrupt {
+            if seg.corrupt {
                 corrupt.insert(seg.seq);
             }
         }

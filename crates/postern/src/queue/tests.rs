@@ -193,13 +193,13 @@ fn break_crc(dir: &Path, loc: &Location) {
 }
 
 #[tokio::test]
-async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
+async fn corrupt_record_in_an_older_segment_is_skipped_and_the_rest_replayed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (spool, _) = open_retrying(dir);
     let (m1, l1) = put(&spool, 1).await;
     let (_m2, l2) = put(&spool, 2).await;
-    let (_m3, _) = put(&spool, 3).await;
+    let (m3, l3) = put(&spool, 3).await;
     drop(spool);
     let (spool, _) = open_retrying(dir);
     let (m4, l4) = put(&spool, 4).await;
@@ -209,9 +209,11 @@ async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
 
     break_crc(dir, &l2);
     let len_before = fs::metadata(seg_path(dir, l2.segment)).unwrap().len();
-    assert_eq!(ids(&scan(dir).unwrap()), vec![m1.id, m4.id]);
+    // Only the damaged record is lost: replay resumes at the next valid one.
+    assert_eq!(ids(&scan(dir).unwrap()), vec![m1.id, m3.id, m4.id]);
     let (spool, live) = open_retrying(dir);
-    assert_eq!(ids(&live), vec![m1.id, m4.id]);
+    assert_eq!(ids(&live), vec![m1.id, m3.id, m4.id]);
+    assert_eq!(spool.read_message(&l3).unwrap(), body(3));
     assert_eq!(spool.read_message(&l4).unwrap(), body(4));
     // Nothing was trimmed off the damaged segment.
     assert_eq!(
@@ -225,6 +227,7 @@ async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
 
     // Once its last live message is done, the damaged segment is set aside, not deleted.
     spool.mark_done(m1.id).await.unwrap();
+    spool.mark_done(m3.id).await.unwrap();
     spool.close();
     let names = segments(dir);
     assert!(!names.contains(&segment_name(l1.segment)), "{names:?}");
@@ -241,14 +244,74 @@ async fn corrupt_record_in_the_newest_segment_is_not_trimmed() {
     let (spool, _) = open_retrying(dir);
     let (m1, _) = put(&spool, 1).await;
     let (_, l2) = put(&spool, 2).await;
-    let (_, _) = put(&spool, 3).await;
+    let (m3, _) = put(&spool, 3).await;
     drop(spool);
     break_crc(dir, &l2);
     let path = seg_path(dir, l2.segment);
     let len_before = fs::metadata(&path).unwrap().len();
+    // Not a torn tail (a valid record follows): skipped, the rest replayed, nothing cut.
     let (_spool, live) = open_retrying(dir);
-    assert_eq!(ids(&live), vec![m1.id]);
+    assert_eq!(ids(&live), vec![m1.id, m3.id]);
     assert_eq!(fs::metadata(&path).unwrap().len(), len_before);
+}
+
+/// Damage at the very start of a record (its frame) hides its length, so replay has to
+/// scan for the next record, here across a body larger than one scan chunk.
+#[tokio::test]
+async fn a_damaged_frame_is_resynchronised_past_a_large_body() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = open_retrying(dir);
+    let big: Vec<u8> = b"0123456789 PR line\r\n".repeat(150_000); // ~3 MB, CRLF lines
+    let env1 = envelope(spool.new_id(), 1);
+    let l1 = spool.store(&env1, &big).await.unwrap();
+    let (m2, _) = put(&spool, 2).await;
+    spool
+        .record_outcome(m2.id, 0, true, "250 ok")
+        .await
+        .unwrap();
+    let (m3, l3) = put(&spool, 3).await;
+    drop(spool);
+    let path = seg_path(dir, l1.segment);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[l1.offset as usize] = b'X'; // the magic
+    fs::write(&path, &bytes).unwrap();
+    let live = scan(dir).unwrap();
+    assert_eq!(ids(&live), vec![m2.id, m3.id]);
+    assert_eq!(live[0].states[0], RcptState::Delivered);
+    let (spool, live) = open_retrying(dir);
+    assert_eq!(ids(&live), vec![m2.id, m3.id]);
+    assert_eq!(spool.read_message(&l3).unwrap(), body(3));
+    assert_eq!(fs::metadata(&path).unwrap().len(), bytes.len() as u64);
+}
+
+/// After a skipped bad record, a torn tail at the end of the newest segment is still a
+/// torn tail: cut off, and the records between are kept.
+#[tokio::test]
+async fn a_torn_tail_after_skipped_corruption_is_still_trimmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = open_retrying(dir);
+    let (m1, l1) = put(&spool, 1).await;
+    let (m2, l2) = put(&spool, 2).await;
+    let (_, l3) = put(&spool, 3).await;
+    drop(spool);
+    break_crc(dir, &l1);
+    let path = seg_path(dir, l1.segment);
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..(l3.offset + l3.len / 2) as usize]).unwrap();
+    let (spool, live) = open_retrying(dir);
+    assert_eq!(ids(&live), vec![m2.id]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), l2.offset + l2.len);
+    spool.mark_done(m2.id).await.unwrap();
+    spool.close();
+    // The segment held corruption: set aside when collected, not deleted.
+    let names = segments(dir);
+    assert!(
+        names.contains(&format!("{}.corrupt", segment_name(l1.segment))),
+        "{names:?} ({})",
+        m1.id
+    );
 }
 
 /// Waits for the committer, which collects garbage after answering the batch that
