@@ -4,7 +4,7 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{INSIDE, Server, message, run_cli};
@@ -257,4 +257,58 @@ fn a_damaged_record_hides_nothing_after_it() {
         "the log does not say that {skipped} bytes were skipped:\n{log}"
     );
     drop(silent);
+}
+
+/// `chattr +i` on a directory for the life of the guard: no name in it can be created,
+/// removed or renamed (even by root), while the files in it can still be written.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    /// `None` if the file system or the user cannot do it (the test is then skipped).
+    fn set(dir: &Path) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        // Check that it took: creating a name must fail now.
+        (ok && std::fs::write(dir.join("probe"), "").is_err()).then(|| Immutable(dir.into()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Item 3 with a real failure: the operator deletes a deferred message while its
+/// directory refuses every name change, so the unlink of its file fails. The delete must
+/// still be final: after a restart the message is not back (before the fix it was, and
+/// was delivered again), and its file is removed then.
+#[test]
+fn a_deleted_message_does_not_come_back_when_its_unlink_fails() {
+    let mut server = Server::start("", &config_extra("[127.0.0.1]:1"));
+    let deferred = server.spool().join("deferred");
+    let id = submit(&server, "user@remote.test", &message("to-delete"));
+    wait_log_line(&server, &id, "message deferred");
+    assert!(deferred.join(&id).exists());
+    {
+        let Some(_frozen) = Immutable::set(&deferred) else {
+            eprintln!("skipped: chattr +i is not available here");
+            return;
+        };
+        let out = cli(&server, &["queue", "delete", &id]);
+        assert!(out.starts_with("OK"), "{out}");
+        // The unlink really failed: the file is still there.
+        assert!(deferred.join(&id).exists());
+    }
+    server.terminate(Duration::from_secs(20));
+    server.spawn();
+    let list = cli(&server, &["queue", "list"]);
+    assert!(!list.contains(&id), "deleted message came back:\n{list}");
+    assert!(!deferred.join(&id).exists(), "{:?}", files(&deferred));
 }

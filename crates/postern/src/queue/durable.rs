@@ -29,12 +29,6 @@ const DIR_SYNC_RETRIES: u32 = 2;
 /// `fsync` on the directory (Linux commits its entries; a new or removed name is not
 /// durable before that).
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    #[cfg(test)]
-    if fault::take(dir) {
-        return Err(SpoolError::io("fsync directory", dir)(io::Error::other(
-            "injected test failure",
-        )));
-    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(SpoolError::io("fsync directory", dir))
@@ -43,13 +37,25 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
 /// `sync_dir`, tried again a couple of times when it fails (a transient error should not
 /// leave a name change undurable). The caller still has to decide what a final failure
 /// means: the name change may or may not survive a crash.
+///
+/// This is the fsync that follows a name change of a message's file or a segment, and the
+/// one tests make fail (`fault`).
 pub(crate) fn sync_dir_retrying(dir: &Path) -> Result<(), SpoolError> {
-    let mut result = sync_dir(dir);
+    let attempt = || {
+        #[cfg(test)]
+        if fault::take(dir) {
+            return Err(SpoolError::io("fsync directory", dir)(io::Error::other(
+                "injected test failure",
+            )));
+        }
+        sync_dir(dir)
+    };
+    let mut result = attempt();
     for _ in 0..DIR_SYNC_RETRIES {
         if result.is_ok() {
             break;
         }
-        result = sync_dir(dir);
+        result = attempt();
     }
     result
 }
@@ -131,8 +137,9 @@ pub(crate) fn max_id_in_names(dir: &Path) -> Result<u64, SpoolError> {
     Ok(max)
 }
 
-/// Test-only fault injection: make the next directory fsyncs of a given directory fail,
-/// to check what the spool does when a name change may not be durable.
+/// Test-only fault injection: make the next directory fsyncs of a given directory (through
+/// `sync_dir_retrying`) fail, to check what the spool does when a name change may not be
+/// durable.
 #[cfg(test)]
 pub(crate) mod fault {
     use std::path::{Path, PathBuf};

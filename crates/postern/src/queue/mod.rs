@@ -165,6 +165,12 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     syncs: Arc<AtomicU64>,
+    /// Deferred messages whose log copy may still be live: the MOVED record was not
+    /// written, or written without waiting for the answer (at open), or deliberately not
+    /// written because the file's name may not be durable. Finishing such a message also
+    /// writes a DONE record to the log, so that the log copy cannot come back once the file
+    /// is gone.
+    unmoved: Mutex<HashSet<QueueId>>,
     /// Holds the `flock` on `SPOOL/lock`; released when the last clone is dropped, after
     /// the committer has stopped (see `Drop`).
     _lock: File,
@@ -245,6 +251,8 @@ impl Spool {
         // the rename and the MOVED record leaves both); such log copies get their MOVED now.
         let deferred_dir = dir.join(DEFERRED_DIR);
         let mut from_files = Vec::new();
+        let mut finished_files = HashSet::new();
+        let mut removed_finished = false;
         for id in deferred::list(&deferred_dir, true)? {
             let (loaded, _) = match deferred::load(&deferred_dir, id) {
                 Ok(l) => l,
@@ -262,15 +270,31 @@ impl Spool {
                     continue;
                 }
             };
+            if loaded.finished {
+                // Finished, but the unlink did not happen or did not last (a crash, or a
+                // failed directory fsync: see `deferred::remove`). Complete it.
+                let path = deferred::path(&deferred_dir, id);
+                match fs::remove_file(&path) {
+                    Ok(()) => removed_finished = true,
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                        "cannot remove a finished message's file; it stays finished"),
+                }
+                finished_files.insert(id);
+                continue;
+            }
             if loaded.valid_len < loaded.file_len {
                 deferred::trim(&deferred_dir, id, loaded.valid_len)?;
             }
             from_files.push(loaded.message);
         }
-        let (late_copies, log_live): (Vec<_>, Vec<_>) = replayed
-            .live
-            .into_iter()
-            .partition(|m| from_files.iter().any(|f| f.envelope.id == m.envelope.id));
+        if removed_finished && let Err(e) = durable::sync_dir_retrying(&deferred_dir) {
+            tracing::warn!(error = %e, "directory fsync failed after removing finished files; they are marked finished");
+        }
+        // A log copy of a message that has its own file (live or finished) is dead.
+        let (late_copies, log_live): (Vec<_>, Vec<_>) = replayed.live.into_iter().partition(|m| {
+            finished_files.contains(&m.envelope.id)
+                || from_files.iter().any(|f| f.envelope.id == m.envelope.id)
+        });
         let moved_late: Vec<QueueId> = late_copies.iter().map(|m| m.envelope.id).collect();
         let mut live = HashMap::with_capacity(log_live.len() + late_copies.len());
         for msg in log_live.iter().chain(&late_copies) {
@@ -319,6 +343,7 @@ impl Spool {
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(handle)),
                 syncs,
+                unmoved: Mutex::new(moved_late.iter().copied().collect()),
                 _lock: lock,
             }),
         };
@@ -414,15 +439,34 @@ impl Spool {
         let dir = self.inner.dir.join(DEFERRED_DIR);
         let env = envelope.clone();
         let states = states.to_vec();
-        blocking(move || deferred::write(&dir, &env, &body, &states)).await?;
+        let id = envelope.id;
+        let durable = blocking(move || deferred::write(&dir, &env, &body, &states)).await?;
         // From here the file is the message (it wins over the log copy at the next
         // open), so a failed MOVED record is not a failed move: it only keeps the log
-        // segment pinned until the next start.
-        if let Err(e) = self.mark_moved(envelope.id).await {
-            tracing::error!(id = %envelope.id, error = %e,
-                "MOVED record not written; the deferred file is authoritative");
+        // segment pinned until the next start. If the file's name may not be durable
+        // (directory fsync failed), no MOVED record is written at all: a durable MOVED
+        // with a name lost in a crash would lose the message; with the log copy kept
+        // alive, a crash leaves the file (which wins) or the log copy (delivered again:
+        // at-least-once), never nothing.
+        let moved = if durable {
+            self.mark_moved(id).await.map_err(|e| {
+                tracing::error!(%id, error = %e,
+                    "MOVED record not written; the deferred file is authoritative");
+            })
+        } else {
+            Err(())
+        };
+        if moved.is_err() {
+            self.unmoved().insert(id);
         }
         Ok(())
+    }
+
+    fn unmoved(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
+        self.inner
+            .unmoved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a recipient's final outcome wherever the message is kept.
@@ -450,6 +494,13 @@ impl Spool {
         match place {
             Place::Log(_) => self.mark_done(id).await,
             Place::Deferred => {
+                // A log copy that may still be live is finished first: were the file to
+                // go (or never have been durable) with the log copy alive, the next open
+                // would bring the message back from the log.
+                if self.unmoved().contains(&id) {
+                    self.mark_done(id).await?;
+                    self.unmoved().remove(&id);
+                }
                 let dir = self.inner.dir.join(DEFERRED_DIR);
                 blocking(move || deferred::remove(&dir, id)).await
             }
@@ -496,7 +547,9 @@ pub fn scan(dir: &Path) -> Result<Vec<StoredMessage>, SpoolError> {
         // A file may vanish between the listing and the read (delivered meanwhile).
         if let Ok((loaded, _)) = deferred::load(&deferred_dir, id) {
             live.retain(|m| m.envelope.id != id);
-            live.push(loaded.message);
+            if !loaded.finished {
+                live.push(loaded.message);
+            }
         }
     }
     live.sort_by_key(|m| m.envelope.id);

@@ -608,3 +608,128 @@ async fn the_id_floor_covers_deferred_and_quarantined_files_and_nothing_is_overw
     assert_eq!(ids(&live), vec![far]);
     assert!(spool.new_id() > far1);
 }
+
+/// A directory fsync that keeps failing: more failures than `sync_dir_retrying` retries.
+const FSYNC_FAILURES: u32 = 10;
+
+/// Gives `path` a second name, so that its content can be put back under `path` after
+/// an unlink: what a crash does to an unlink whose directory fsync failed.
+fn keep_name(path: &Path) -> PathBuf {
+    let kept = path.with_extension("kept");
+    fs::hard_link(path, &kept).unwrap();
+    kept
+}
+
+fn undo_unlink(kept: &Path, path: &Path) {
+    assert!(!path.exists(), "{} was not unlinked", path.display());
+    fs::rename(kept, path).unwrap();
+}
+
+#[tokio::test]
+async fn a_finished_deferred_message_stays_finished_whatever_its_unlink_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let deferred_dir = dir.join(DEFERRED_DIR);
+    let (spool, _) = open_retrying(&dir);
+    let (env, _) = put(&spool, 1).await;
+    let pending = [RcptState::Pending; 2];
+    spool
+        .move_to_deferred(&env, body(1), &pending)
+        .await
+        .unwrap();
+    let file = deferred::path(&deferred_dir, env.id);
+    let kept = keep_name(&file);
+    durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
+    // The operator deletes it (pending recipients: a resurrection would deliver it).
+    spool.finish(env.id, Place::Deferred).await.unwrap();
+    durable::fault::clear(&deferred_dir);
+    spool.close();
+    drop(spool);
+    // The crash lost the unlink.
+    undo_unlink(&kept, &file);
+    assert!(scan(&dir).unwrap().is_empty());
+    let (_spool, live) = open_retrying(&dir);
+    assert!(live.is_empty(), "finished message came back: {live:?}");
+    assert!(!file.exists(), "the finished file is removed at open");
+}
+
+#[tokio::test]
+async fn a_deferred_file_whose_name_may_not_be_durable_keeps_its_log_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let deferred_dir = dir.join(DEFERRED_DIR);
+    let pending = [RcptState::Pending; 2];
+    let (spool, _) = open_retrying(&dir);
+    let (e1, _) = put(&spool, 1).await;
+    let (e2, _) = put(&spool, 2).await;
+    durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
+    spool
+        .move_to_deferred(&e1, body(1), &pending)
+        .await
+        .unwrap();
+    durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
+    spool
+        .move_to_deferred(&e2, body(2), &pending)
+        .await
+        .unwrap();
+    // e1 is finished (the operator deletes it); e2 waits.
+    spool.finish(e1.id, Place::Deferred).await.unwrap();
+    durable::fault::clear(&deferred_dir);
+    spool.close();
+    drop(spool);
+    // The crash lost both new names: e2 must survive in the log, e1 must stay finished.
+    fs::remove_file(deferred::path(&deferred_dir, e2.id)).unwrap();
+    assert!(!deferred::path(&deferred_dir, e1.id).exists());
+    assert_eq!(ids(&scan(&dir).unwrap()), vec![e2.id]);
+    let (spool, live) = open_retrying(&dir);
+    assert_eq!(ids(&live), vec![e2.id]);
+    assert!(matches!(live[0].place, Place::Log(_)));
+    assert_eq!(spool.read_body(&live[0]).unwrap(), body(2));
+}
+
+#[tokio::test]
+async fn gc_stops_when_a_segment_removal_may_not_be_durable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log_dir = dir.join("log");
+    let (spool, _) = Spool::open(dir, tiny_segments()).unwrap();
+    // segment_size 1: each batch in its own segment.
+    let (m1, l1) = put(&spool, 1).await;
+    let (m2, l2) = put(&spool, 2).await;
+    assert!(l2.segment > l1.segment);
+    let first = seg_path(dir, l1.segment);
+    let kept = keep_name(&first);
+    durable::fault::fail_dir_syncs(&log_dir, FSYNC_FAILURES);
+    spool.mark_done(m1.id).await.unwrap();
+    eventually("the first segment removed", || !first.exists()).await;
+    durable::fault::clear(&log_dir);
+    // m1's DONE record lives in a later segment: that one must not be collected now.
+    spool.mark_done(m2.id).await.unwrap();
+    spool.close();
+    drop(spool);
+    undo_unlink(&kept, &first);
+    assert!(seg_path(dir, l2.segment).exists());
+    let (_spool, live) = open_retrying(dir);
+    assert!(live.is_empty(), "finished message came back: {live:?}");
+}
+
+#[test]
+fn a_removed_quarantine_file_stays_removed_whatever_its_unlink_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let qdir = dir.join(QUARANTINE_DIR);
+    let id = QueueId::from_u64(77);
+    quarantine::put(&dir, &envelope(id, 1), &body(1), "rule", "why").unwrap();
+    let file = qdir.join(id.to_string());
+    let kept = keep_name(&file);
+    durable::fault::fail_dir_syncs(&qdir, FSYNC_FAILURES);
+    quarantine::remove(&dir, id).unwrap();
+    durable::fault::clear(&qdir);
+    undo_unlink(&kept, &file);
+    // Back on disk, but marked: neither listed nor releasable, and cleaned at open.
+    assert!(quarantine::list(&dir).unwrap().is_empty());
+    assert!(quarantine::load(&dir, id).is_err());
+    assert!(quarantine::remove(&dir, id).is_err());
+    let (_spool, _) = open_retrying(&dir);
+    assert!(!file.exists());
+}
