@@ -190,7 +190,8 @@ pub(crate) fn load(dir: &Path, id: QueueId) -> Result<(Loaded, Vec<u8>), SpoolEr
     let mut message: Option<(StoredMessage, Vec<u8>)> = None;
     let mut finished = false;
     while let Some((decoded, next, payload_start)) = next_record(&data, pos) {
-        if finished {
+        // Only DONE may follow DONE (a second finish after a failed unlink).
+        if finished && !matches!(decoded, Decoded::Done(d) if d == id) {
             return Err(corrupt(pos, "record after DONE"));
         }
         match (decoded, message.as_mut()) {

@@ -643,6 +643,9 @@ async fn a_finished_deferred_message_stays_finished_whatever_its_unlink_does() {
     // The operator deletes it (pending recipients: a resurrection would deliver it).
     spool.finish(env.id, Place::Deferred).await.unwrap();
     durable::fault::clear(&deferred_dir);
+    // A second finish (as after a failed unlink) is harmless.
+    fs::hard_link(&kept, &file).unwrap();
+    spool.finish(env.id, Place::Deferred).await.unwrap();
     spool.close();
     drop(spool);
     // The crash lost the unlink.
