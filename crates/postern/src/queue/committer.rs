@@ -24,6 +24,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+use super::durable;
 use super::error::SpoolError;
 use super::segment::{self, HEADER, segment_name};
 use super::{Location, QueueId, SpoolOptions};
@@ -65,6 +66,9 @@ pub(crate) struct Committer {
     /// Segments with a corrupt record: renamed aside, not deleted, when collected.
     corrupt: HashSet<u64>,
     syncs: Arc<AtomicU64>,
+    /// Set when the removal of a segment may not be durable: no later segment is removed
+    /// until the next start (see `collect_garbage`).
+    gc_stopped: bool,
 }
 
 impl Committer {
@@ -87,6 +91,7 @@ impl Committer {
             counts,
             corrupt,
             syncs,
+            gc_stopped: false,
         };
         committer.start_segment()?;
         Ok(committer)
@@ -243,7 +248,20 @@ impl Committer {
     /// messages in earlier ones, so a later segment must not vanish before an earlier one.
     /// The directory is synced after each removal so a crash cannot bring back an older
     /// segment whose DONE records were in an already-removed newer one.
+    ///
+    /// A failed directory fsync after a removal: the removal may or may not survive a
+    /// crash (POSIX leaves the directory's state unspecified; Linux may drop the change,
+    /// so even a later fsync that succeeds proves nothing about it). If it does not and a
+    /// later segment's removal does, replay after the crash would find this segment's
+    /// MESSAGE records without the DONE records that finished them: finished messages
+    /// resurrected. So: retry the fsync, and if it still fails, remove no later segment
+    /// in this process. Nothing is rolled back (the segment stays gone from the index);
+    /// after a restart replay sees either state correctly, because every later segment
+    /// is still there. The cost is disk space until the restart, and an error in the log.
     pub(crate) fn collect_garbage(&mut self) {
+        if self.gc_stopped {
+            return;
+        }
         let current = self.current.as_ref().map(|c| c.seq);
         while let Some((&seq, &live)) = self.counts.first_key_value() {
             if live > 0 || Some(seq) == current {
@@ -252,8 +270,9 @@ impl Committer {
             let path = self.log_dir.join(segment_name(seq));
             let removed = if self.corrupt.contains(&seq) {
                 // Keep the evidence for the operator, out of the log.
-                let aside = path.with_extension("seg.corrupt");
-                fs::rename(&path, &aside).map(|()| {
+                // Never over an earlier `.seg.corrupt`; an unlink error keeps the
+                // segment in the log (and stops collection) until it succeeds.
+                durable::set_aside(&path, ".corrupt").map(|aside| {
                     error!(segment = %segment_name(seq), kept_as = %aside.display(),
                         "corrupt segment taken out of the log and kept for inspection");
                 })
@@ -270,8 +289,10 @@ impl Committer {
             }
             self.counts.remove(&seq);
             self.corrupt.remove(&seq);
-            if let Err(e) = segment::sync_dir(&self.log_dir) {
-                warn!(error = %e, "could not sync the log directory after removing a segment");
+            if let Err(e) = durable::sync_dir_retrying(&self.log_dir) {
+                error!(segment = %segment_name(seq), error = %e,
+                    "could not make the removal of a spool segment durable; no later segment is collected until restart");
+                self.gc_stopped = true;
                 return;
             }
             info!(segment = %segment_name(seq), "spool segment collected");

@@ -5,10 +5,12 @@
 //! log into `SPOOL/deferred/<ID>` (written to `<ID>.tmp`, fsynced, renamed, directory
 //! fsynced; then a MOVED record goes to the log). Its later outcomes are RCPT records
 //! appended to that file (one fdatasync each: deferred mail is the slow path). When it is
-//! finished the file is unlinked.
+//! finished a DONE record is appended (fdatasync'd), then the file is unlinked (see
+//! `remove` for why).
 //!
 //! File format: the line `postern-deferred 1\n`, the MESSAGE record exactly as in a
-//! segment, then zero or more RCPT records; all framed and CRC-checked like the log.
+//! segment, then zero or more RCPT records, then possibly one DONE record; all framed and
+//! CRC-checked like the log.
 //!
 //! Trust: our own files, but a crash can cut an append short. Loading stops at the first
 //! record that does not verify; the owner trims that tail before appending again, so a
@@ -18,8 +20,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::durable;
 use super::record::{self, Decoded, FRAME_LEN};
-use super::segment::sync_dir;
 use super::{Envelope, QueueId, RcptState, SpoolError, StoredMessage};
 
 const HEADER: &[u8] = b"postern-deferred 1\n";
@@ -28,13 +30,20 @@ pub(crate) fn path(dir: &Path, id: QueueId) -> PathBuf {
     dir.join(id.to_string())
 }
 
-/// Writes a message's own file durably: temp file, fsync, rename, fsync the directory.
+/// Writes a message's own file: temp file, fsync, no-replace rename, fsync the directory.
+///
+/// `Ok(true)`: the file is durable under its name. `Ok(false)`: the file has its name, but
+/// the directory fsync failed (after retries), so after a crash the name may or may not
+/// be there. Either way the file is the message from now on (rolling back would be just as
+/// uncertain); the caller must keep the log copy alive (no MOVED record) in the second
+/// case, so that whichever way the name lands, one copy survives. `Err`: nothing has the
+/// final name; the log copy is the message.
 pub(crate) fn write(
     dir: &Path,
     envelope: &Envelope,
     body: &[u8],
     states: &[RcptState],
-) -> Result<(), SpoolError> {
+) -> Result<bool, SpoolError> {
     let mut bytes = HEADER.to_vec();
     bytes.extend(record::encode_message(envelope, body)?);
     let now = super::unix_now();
@@ -52,12 +61,37 @@ pub(crate) fn write(
     }
     let final_path = path(dir, envelope.id);
     let tmp = final_path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(SpoolError::io("create", &tmp))?;
-    file.write_all(&bytes)
-        .map_err(SpoolError::io("write", &tmp))?;
-    file.sync_all().map_err(SpoolError::io("fsync", &tmp))?;
-    fs::rename(&tmp, &final_path).map_err(SpoolError::io("rename", &tmp))?;
-    sync_dir(dir)
+    // Never replace a file: `create_new` for the temp file, and a no-replace rename (see
+    // `durable.rs`) to the final name. A name already taken (a queue id clash, or a
+    // leftover) is an error: the message then simply stays in the log, where it is safe.
+    let mut file = durable::create_new(&tmp).map_err(SpoolError::io("create", &tmp))?;
+    let made = file
+        .write_all(&bytes)
+        .map_err(SpoolError::io("write", &tmp))
+        .and_then(|()| file.sync_all().map_err(SpoolError::io("fsync", &tmp)))
+        .and_then(|()| {
+            durable::link_noreplace(&tmp, &final_path)
+                .map_err(SpoolError::io("rename (no replace)", &final_path))
+        });
+    if let Err(e) = made {
+        // Nothing took the final name: the temp file is ours and useless.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The file now has its final name. A crash before this unlink leaves `ID.tmp` as a
+    // second name of the same inode; `list` removes it at open, which only drops a name.
+    if let Err(e) = fs::remove_file(&tmp) {
+        tracing::warn!(file = %tmp.display(), error = %e,
+            "could not remove the temporary name of a deferred file; removed at next start");
+    }
+    match durable::sync_dir_retrying(dir) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::error!(file = %final_path.display(), error = %e,
+                "deferred file written but its directory entry may not be durable; the log copy is kept too");
+            Ok(false)
+        }
+    }
 }
 
 /// Appends a final outcome for one recipient, durably.
@@ -68,15 +102,20 @@ pub(crate) fn append_outcome(
     delivered: bool,
     reply: &str,
 ) -> Result<(), SpoolError> {
-    let p = path(dir, id);
     let bytes = record::encode_outcome(id, index, delivered, super::unix_now(), reply)?;
+    append_record(dir, id, &bytes)
+}
+
+/// Appends one record to a message's file and fdatasyncs it.
+fn append_record(dir: &Path, id: QueueId, bytes: &[u8]) -> Result<(), SpoolError> {
+    let p = path(dir, id);
     let mut file = OpenOptions::new()
         .append(true)
         .open(&p)
         .map_err(SpoolError::io("open", &p))?;
     let before = file.metadata().map_err(SpoolError::io("stat", &p))?.len();
     let written = file
-        .write_all(&bytes)
+        .write_all(bytes)
         .map_err(SpoolError::io("append", &p))
         .and_then(|()| file.sync_data().map_err(SpoolError::io("fdatasync", &p)));
     if written.is_err() {
@@ -86,14 +125,39 @@ pub(crate) fn append_outcome(
     written
 }
 
-/// Removes a finished message's file (durably: the directory is synced).
+/// Finishes a message kept in its own file, so that it can never come back.
+///
+/// Why not just unlink and fsync the directory: if that fsync fails, the unlink may or
+/// may not survive a crash (POSIX leaves the state of the directory unspecified after a
+/// failed fsync; Linux may even have dropped the change from its cache, so a retry that
+/// succeeds does not prove it landed). An unlink that does not survive would resurrect
+/// a finished message, and rolling back ("not finished") is no better. So the finished
+/// state is made durable in the file itself first: a DONE record appended and
+/// fdatasync'd (file data, independent of the directory). Then the unlink and the
+/// directory fsync (retried). Whichever way the unlink lands, the next open reads the
+/// DONE record, treats the message as finished, and removes the file. A failure after
+/// the DONE record is therefore logged but not an error: the message is finished.
 pub(crate) fn remove(dir: &Path, id: QueueId) -> Result<(), SpoolError> {
     let p = path(dir, id);
-    match fs::remove_file(&p) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(SpoolError::io("remove", &p)(e)),
+    match append_record(dir, id, &record::encode_done(id)?) {
+        Ok(()) => {}
+        Err(SpoolError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
     }
+    if let Err(e) = fs::remove_file(&p)
+        && e.kind() != ErrorKind::NotFound
+    {
+        tracing::warn!(file = %p.display(), error = %e,
+            "finished message's file not removed (it is marked finished); removed at next start");
+        return Ok(());
+    }
+    if let Err(e) = durable::sync_dir_retrying(dir) {
+        tracing::warn!(file = %p.display(), error = %e,
+            "removal of a finished message's file may not be durable; it is marked finished, so it cannot come back");
+    }
+    Ok(())
 }
 
 /// A loaded deferred file.
@@ -102,6 +166,9 @@ pub(crate) struct Loaded {
     /// Length of the verified prefix; bytes after it are a torn append.
     pub(crate) valid_len: u64,
     pub(crate) file_len: u64,
+    /// The file ends in a DONE record: the message is finished, the file only awaits its
+    /// removal (a crash or a failed unlink came between the two).
+    pub(crate) finished: bool,
 }
 
 /// Reads one deferred file: its envelope, states and body offset.
@@ -121,7 +188,12 @@ pub(crate) fn load(dir: &Path, id: QueueId) -> Result<(Loaded, Vec<u8>), SpoolEr
     }
     let mut pos = HEADER.len();
     let mut message: Option<(StoredMessage, Vec<u8>)> = None;
+    let mut finished = false;
     while let Some((decoded, next, payload_start)) = next_record(&data, pos) {
+        // Only DONE may follow DONE (a second finish after a failed unlink).
+        if finished && !matches!(decoded, Decoded::Done(d) if d == id) {
+            return Err(corrupt(pos, "record after DONE"));
+        }
         match (decoded, message.as_mut()) {
             (
                 Decoded::Message {
@@ -160,6 +232,7 @@ pub(crate) fn load(dir: &Path, id: QueueId) -> Result<(Loaded, Vec<u8>), SpoolEr
                     };
                 }
             }
+            (Decoded::Done(done_id), Some(_)) if done_id == id => finished = true,
             _ => return Err(corrupt(pos, "unexpected record")),
         }
         pos = next;
@@ -170,6 +243,7 @@ pub(crate) fn load(dir: &Path, id: QueueId) -> Result<(Loaded, Vec<u8>), SpoolEr
             message,
             valid_len: pos as u64,
             file_len: data.len() as u64,
+            finished,
         },
         body,
     ))

@@ -3,8 +3,10 @@
 //! An id is a `u64`: the high 52 bits count microseconds since the Unix epoch (enough until
 //! the year 2112), the low 12 bits break ties. The generator never returns an id lower than
 //! or equal to the previous one, so ids stay unique in a process even when the clock stalls
-//! or steps back, and `Spool::open` seeds it with the highest id found in the log so that a
-//! clock stepped back across a restart cannot reuse an id still on disk.
+//! or steps back, and `Spool::open` seeds it with the highest id found on disk (in the log
+//! and in the names of the files under `deferred/` and `quarantine/`) so that a clock
+//! stepped back across a restart cannot reuse an id still on disk. As a second line of
+//! defence, no spool file is ever created or renamed over an existing one (`durable.rs`).
 //!
 //! Parsing trusts nothing: exactly 16 hex digits (either case), nothing else.
 

@@ -16,9 +16,11 @@
 //! Trust: the spool holds only our own files, but a crash or kill -9 can leave any prefix of
 //! a write, and disks rot. Replay believes nothing it cannot verify: each record has a
 //! frame, a length that must fit in the file and a CRC-32 of its payload, and payloads are
-//! parsed strictly. A bad record at the tail of the newest segment is a write cut short by
-//! a crash, never acknowledged (nothing is answered before its fdatasync), and is trimmed;
-//! anywhere else it is corruption, logged at error level, and the bytes are kept. Envelopes handed to `store` come from the SMTP layer;
+//! parsed strictly. A bad record at the tail of the newest segment, with nothing valid
+//! after it, is a write cut short by a crash, never acknowledged (nothing is answered
+//! before its fdatasync), and is trimmed; anywhere else it is corruption: logged at error
+//! level with the bytes skipped, the bytes kept, and replay resumes at the next whole
+//! record with a valid CRC. Envelopes handed to `store` come from the SMTP layer;
 //! encoding still refuses CR/LF in any field rather than write a record that would not
 //! read back the same.
 //!
@@ -27,6 +29,7 @@
 
 mod committer;
 mod deferred;
+mod durable;
 mod error;
 mod id;
 pub mod quarantine;
@@ -162,6 +165,12 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     syncs: Arc<AtomicU64>,
+    /// Deferred messages whose log copy may still be live: the MOVED record was not
+    /// written, or written without waiting for the answer (at open), or deliberately not
+    /// written because the file's name may not be durable. Finishing such a message also
+    /// writes a DONE record to the log, so that the log copy cannot come back once the file
+    /// is gone.
+    unmoved: Mutex<HashSet<QueueId>>,
     /// Holds the `flock` on `SPOOL/lock`; released when the last clone is dropped, after
     /// the committer has stopped (see `Drop`).
     _lock: File,
@@ -234,7 +243,7 @@ impl Spool {
                 continue; // removed just above
             }
             counts.insert(seg.seq, 0usize);
-            if seg.tail == Tail::Corrupt {
+            if seg.corrupt {
                 corrupt.insert(seg.seq);
             }
         }
@@ -242,29 +251,50 @@ impl Spool {
         // the rename and the MOVED record leaves both); such log copies get their MOVED now.
         let deferred_dir = dir.join(DEFERRED_DIR);
         let mut from_files = Vec::new();
+        let mut finished_files = HashSet::new();
+        let mut removed_finished = false;
         for id in deferred::list(&deferred_dir, true)? {
             let (loaded, _) = match deferred::load(&deferred_dir, id) {
                 Ok(l) => l,
                 Err(e) => {
                     // One damaged file must not keep the server (and every other
                     // message) down: set it aside for the operator, loudly.
+                    // Never over an earlier `ID.corrupt` (a reused id): `set_aside` picks
+                    // a free name and does not replace anything.
                     let path = deferred::path(&deferred_dir, id);
-                    let aside = path.with_extension("corrupt");
+                    let aside = durable::set_aside(&path, ".corrupt")
+                        .map_err(SpoolError::io("set aside", &path))?;
+                    segment::sync_dir(&deferred_dir)?;
                     tracing::error!(error = %e, file = %path.display(), aside = %aside.display(),
                         "unreadable deferred message set aside; it will not be delivered");
-                    fs::rename(&path, &aside).map_err(SpoolError::io("rename", &path))?;
                     continue;
                 }
             };
+            if loaded.finished {
+                // Finished, but the unlink did not happen or did not last (a crash, or a
+                // failed directory fsync: see `deferred::remove`). Complete it.
+                let path = deferred::path(&deferred_dir, id);
+                match fs::remove_file(&path) {
+                    Ok(()) => removed_finished = true,
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                        "cannot remove a finished message's file; it stays finished"),
+                }
+                finished_files.insert(id);
+                continue;
+            }
             if loaded.valid_len < loaded.file_len {
                 deferred::trim(&deferred_dir, id, loaded.valid_len)?;
             }
             from_files.push(loaded.message);
         }
-        let (late_copies, log_live): (Vec<_>, Vec<_>) = replayed
-            .live
-            .into_iter()
-            .partition(|m| from_files.iter().any(|f| f.envelope.id == m.envelope.id));
+        if removed_finished && let Err(e) = durable::sync_dir_retrying(&deferred_dir) {
+            tracing::warn!(error = %e, "directory fsync failed after removing finished files; they are marked finished");
+        }
+        // A log copy of a message that has its own file (live or finished) is dead.
+        let (late_copies, log_live): (Vec<_>, Vec<_>) = replayed.live.into_iter().partition(|m| {
+            finished_files.contains(&m.envelope.id)
+                || from_files.iter().any(|f| f.envelope.id == m.envelope.id)
+        });
         let moved_late: Vec<QueueId> = late_copies.iter().map(|m| m.envelope.id).collect();
         let mut live = HashMap::with_capacity(log_live.len() + late_copies.len());
         for msg in log_live.iter().chain(&late_copies) {
@@ -273,6 +303,16 @@ impl Spool {
                 *counts.entry(loc.segment).or_default() += 1;
             }
         }
+
+        quarantine::clean(dir)?;
+        // The id floor: above every id still naming something on disk, not only the ids
+        // in the log. A deferred or quarantined message's MESSAGE record may be gone
+        // from the log (its segment collected, or never written there), and after a
+        // clock step back the clock alone would hand its id out again.
+        let id_floor = replayed
+            .max_id
+            .max(durable::max_id_in_names(&deferred_dir)?)
+            .max(durable::max_id_in_names(&dir.join(QUARANTINE_DIR))?);
 
         let syncs = Arc::new(AtomicU64::new(0));
         let mut committer = Committer::new(
@@ -299,10 +339,11 @@ impl Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 log_dir,
-                ids: id::IdGen::new(replayed.max_id),
+                ids: id::IdGen::new(id_floor),
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(handle)),
                 syncs,
+                unmoved: Mutex::new(moved_late.iter().copied().collect()),
                 _lock: lock,
             }),
         };
@@ -398,15 +439,34 @@ impl Spool {
         let dir = self.inner.dir.join(DEFERRED_DIR);
         let env = envelope.clone();
         let states = states.to_vec();
-        blocking(move || deferred::write(&dir, &env, &body, &states)).await?;
+        let id = envelope.id;
+        let durable = blocking(move || deferred::write(&dir, &env, &body, &states)).await?;
         // From here the file is the message (it wins over the log copy at the next
         // open), so a failed MOVED record is not a failed move: it only keeps the log
-        // segment pinned until the next start.
-        if let Err(e) = self.mark_moved(envelope.id).await {
-            tracing::error!(id = %envelope.id, error = %e,
-                "MOVED record not written; the deferred file is authoritative");
+        // segment pinned until the next start. If the file's name may not be durable
+        // (directory fsync failed), no MOVED record is written at all: a durable MOVED
+        // with a name lost in a crash would lose the message; with the log copy kept
+        // alive, a crash leaves the file (which wins) or the log copy (delivered again:
+        // at-least-once), never nothing.
+        let moved = if durable {
+            self.mark_moved(id).await.map_err(|e| {
+                tracing::error!(%id, error = %e,
+                    "MOVED record not written; the deferred file is authoritative");
+            })
+        } else {
+            Err(())
+        };
+        if moved.is_err() {
+            self.unmoved().insert(id);
         }
         Ok(())
+    }
+
+    fn unmoved(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
+        self.inner
+            .unmoved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Records a recipient's final outcome wherever the message is kept.
@@ -434,6 +494,13 @@ impl Spool {
         match place {
             Place::Log(_) => self.mark_done(id).await,
             Place::Deferred => {
+                // A log copy that may still be live is finished first: were the file to
+                // go (or never have been durable) with the log copy alive, the next open
+                // would bring the message back from the log.
+                if self.unmoved().contains(&id) {
+                    self.mark_done(id).await?;
+                    self.unmoved().remove(&id);
+                }
                 let dir = self.inner.dir.join(DEFERRED_DIR);
                 blocking(move || deferred::remove(&dir, id)).await
             }
@@ -480,7 +547,9 @@ pub fn scan(dir: &Path) -> Result<Vec<StoredMessage>, SpoolError> {
         // A file may vanish between the listing and the read (delivered meanwhile).
         if let Ok((loaded, _)) = deferred::load(&deferred_dir, id) {
             live.retain(|m| m.envelope.id != id);
-            live.push(loaded.message);
+            if !loaded.finished {
+                live.push(loaded.message);
+            }
         }
     }
     live.sort_by_key(|m| m.envelope.id);

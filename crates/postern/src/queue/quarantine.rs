@@ -4,8 +4,9 @@
 //! the spool: temp file, fsync, rename, fsync the directory, so a 250 for a quarantined
 //! message means it is on disk. Format: the line `postern-quarantine 1`, then `rule`,
 //! `reason` and `time` lines, an empty line, and the MESSAGE record exactly as in a
-//! segment (framed, CRC-checked). Release puts the message back into the queue for its
-//! original recipients; delete removes the file.
+//! segment (framed, CRC-checked), possibly followed by a DONE record: the mark that the
+//! message was released or deleted and the file only awaits its removal. Release puts
+//! the message back into the queue for its original recipients; delete removes the file.
 //!
 //! Trust: our own files; a file that does not verify is reported, never half-read.
 
@@ -13,8 +14,8 @@ use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::path::Path;
 
+use super::durable::{self, sync_dir};
 use super::record::{self, Decoded, FRAME_LEN};
-use super::segment::sync_dir;
 use super::{Envelope, QUARANTINE_DIR, QueueId, SpoolError};
 
 const HEADER: &str = "postern-quarantine 1\n";
@@ -60,16 +61,74 @@ pub fn put(
     bytes.extend(record::encode_message(envelope, message)?);
     let path = dir.join(envelope.id.to_string());
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(SpoolError::io("create", &tmp))?;
-    f.write_all(&bytes).map_err(SpoolError::io("write", &tmp))?;
-    f.sync_all().map_err(SpoolError::io("fsync", &tmp))?;
-    fs::rename(&tmp, &path).map_err(SpoolError::io("rename", &tmp))?;
-    sync_dir(&dir)
+    // Never replace a file (`create_new`, no-replace rename, see `durable.rs`): a name
+    // already taken is an error, the client gets 4xx and sends again, nothing is lost.
+    let mut f = durable::create_new(&tmp).map_err(SpoolError::io("create", &tmp))?;
+    let made = f
+        .write_all(&bytes)
+        .map_err(SpoolError::io("write", &tmp))
+        .and_then(|()| f.sync_all().map_err(SpoolError::io("fsync", &tmp)))
+        .and_then(|()| {
+            durable::link_noreplace(&tmp, &path)
+                .map_err(SpoolError::io("rename (no replace)", &path))
+        });
+    if let Err(e) = made {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // A crash before this unlink leaves `ID.tmp` as a second name of the same file;
+    // `clean` removes it at the next open.
+    if let Err(e) = fs::remove_file(&tmp) {
+        tracing::warn!(file = %tmp.display(), error = %e,
+            "could not remove the temporary name of a quarantine file; removed at next start");
+    }
+    // 250 means on disk: the new name must be durable before the reply.
+    durable::sync_dir_retrying(&dir)
 }
 
-/// Reads one quarantined message and its body. Blocking.
+/// Removes what a crash can leave in the quarantine directory (owner only, at open):
+/// `ID.tmp` files (either the put never reached its rename, and the client got no 250, or
+/// the crash came between link and unlink and `ID` holds the same file), and files marked
+/// removed whose unlink did not happen or did not last (see `remove`).
+pub(crate) fn clean(spool_dir: &Path) -> Result<(), SpoolError> {
+    let dir = spool_dir.join(QUARANTINE_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SpoolError::io("list", &dir)(e)),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry.map_err(SpoolError::io("list", &dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let finished = name
+            .parse::<QueueId>()
+            .is_ok_and(|id| matches!(load_file(&entry.path(), id), Ok(None)));
+        if finished || name.ends_with(".tmp") {
+            removed |= fs::remove_file(entry.path()).is_ok();
+        }
+    }
+    if removed {
+        sync_dir(&dir)?;
+    }
+    Ok(())
+}
+
+/// Reads one quarantined message and its body. Blocking. A file marked finished
+/// (released or deleted, see `remove`) reads as missing.
 pub fn load(spool_dir: &Path, id: QueueId) -> Result<(Quarantined, Vec<u8>), SpoolError> {
     let path = spool_dir.join(QUARANTINE_DIR).join(id.to_string());
+    load_file(&path, id)?.ok_or_else(|| {
+        SpoolError::io("read", &path)(std::io::Error::new(
+            ErrorKind::NotFound,
+            "released or deleted from the quarantine",
+        ))
+    })
+}
+
+/// Reads one quarantine file; `None` if it is marked finished.
+fn load_file(path: &Path, id: QueueId) -> Result<Option<(Quarantined, Vec<u8>)>, SpoolError> {
+    let path = path.to_path_buf();
     let mut data = Vec::new();
     File::open(&path)
         .and_then(|mut f| f.read_to_end(&mut data))
@@ -109,12 +168,12 @@ pub fn load(spool_dir: &Path, id: QueueId) -> Result<(Quarantined, Vec<u8>), Spo
     if crc32fast::hash(payload) != frame.crc {
         return Err(corrupt("CRC mismatch"));
     }
-    match record::decode(frame.rtype, frame.version, payload) {
+    let quarantined = match record::decode(frame.rtype, frame.version, payload) {
         Ok(Decoded::Message {
             envelope,
             body_start,
             size,
-        }) => Ok((
+        }) => (
             Quarantined {
                 envelope,
                 rule,
@@ -123,10 +182,32 @@ pub fn load(spool_dir: &Path, id: QueueId) -> Result<(Quarantined, Vec<u8>), Spo
                 size,
             },
             payload[body_start..].to_vec(),
-        )),
-        Ok(_) => Err(corrupt("not a message record")),
-        Err(e) => Err(corrupt(&e)),
+        ),
+        Ok(_) => return Err(corrupt("not a message record")),
+        Err(e) => return Err(corrupt(&e)),
+    };
+    if quarantined.0.envelope.id != id {
+        return Err(corrupt("file name and message id differ"));
     }
+    let rest = &rec[FRAME_LEN + payload.len()..];
+    Ok((!is_done_marker(rest, id)).then_some(quarantined))
+}
+
+/// Whether `rest` (what follows the MESSAGE record) starts with a whole, CRC-valid DONE
+/// record for `id`. Anything else (nothing, or a marker torn by a crash) is not a mark.
+fn is_done_marker(rest: &[u8], id: QueueId) -> bool {
+    let Some(frame) = rest
+        .get(..FRAME_LEN)
+        .and_then(|b| <&[u8; FRAME_LEN]>::try_from(b).ok())
+        .and_then(record::parse_frame)
+    else {
+        return false;
+    };
+    let Some(payload) = rest.get(FRAME_LEN..FRAME_LEN + frame.len as usize) else {
+        return false;
+    };
+    crc32fast::hash(payload) == frame.crc
+        && matches!(record::decode(frame.rtype, frame.version, payload), Ok(Decoded::Done(d)) if d == id)
 }
 
 /// Every quarantined message, oldest first; unreadable files are skipped with a warning.
@@ -143,8 +224,9 @@ pub fn list(spool_dir: &Path) -> Result<Vec<Quarantined>, SpoolError> {
         let Ok(id) = entry.file_name().to_string_lossy().parse::<QueueId>() else {
             continue;
         };
-        match load(spool_dir, id) {
-            Ok((q, _)) => out.push(q),
+        match load_file(&entry.path(), id) {
+            Ok(Some((q, _))) => out.push(q),
+            Ok(None) => {} // released or deleted; its file awaits removal
             Err(e) => tracing::warn!(error = %e, "unreadable quarantine file"),
         }
     }
@@ -153,11 +235,49 @@ pub fn list(spool_dir: &Path) -> Result<Vec<Quarantined>, SpoolError> {
 }
 
 /// Removes a quarantined message (after release, or on delete). Blocking.
+///
+/// The removal is made durable in the file first: a DONE record is appended and
+/// fdatasync'd, then the file is unlinked and the directory fsync'd (retried). If that
+/// fsync fails, the unlink may or may not survive a crash (POSIX leaves it unspecified);
+/// a quarantine file that came back would be a released message that can be released, and
+/// so sent, again. With the mark, whichever way the unlink lands the message reads as gone
+/// (`load`, `list`) and the next open removes the file. So a failure after the mark is
+/// logged, not an error. A missing file is an error (`NotFound`): nothing to remove.
 pub fn remove(spool_dir: &Path, id: QueueId) -> Result<(), SpoolError> {
     let dir = spool_dir.join(QUARANTINE_DIR);
     let path = dir.join(id.to_string());
-    fs::remove_file(&path).map_err(SpoolError::io("remove", &path))?;
-    sync_dir(&dir)
+    // Only a readable, unmarked file is removed: an id not in the quarantine is an error.
+    load(spool_dir, id)?;
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(SpoolError::io("open", &path))?;
+    let before = file
+        .metadata()
+        .map_err(SpoolError::io("stat", &path))?
+        .len();
+    let marked = file
+        .write_all(&record::encode_done(id)?)
+        .and_then(|()| file.sync_data())
+        .map_err(SpoolError::io("mark removed", &path));
+    if marked.is_err() {
+        // A torn mark is not a mark, but cut it off so that a later one is read.
+        let _ = file.set_len(before).and_then(|()| file.sync_all());
+        return marked;
+    }
+    drop(file);
+    if let Err(e) = fs::remove_file(&path)
+        && e.kind() != ErrorKind::NotFound
+    {
+        tracing::warn!(file = %path.display(), error = %e,
+            "quarantine file not removed (it is marked removed); removed at next start");
+        return Ok(());
+    }
+    if let Err(e) = durable::sync_dir_retrying(&dir) {
+        tracing::warn!(file = %path.display(), error = %e,
+            "removal of a quarantine file may not be durable; it is marked removed, so it cannot come back");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

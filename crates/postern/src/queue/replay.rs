@@ -3,8 +3,10 @@
 //! Reads every segment oldest first and applies each verified record: MESSAGE makes a
 //! message live, RCPT marks one recipient final, DONE and MOVED take the message out of the
 //! live set; records about ids that are not live are ignored. Nothing is trusted that was
-//! not checked: a record whose frame, length or CRC fails ends that segment (see
-//! `segment.rs`), and a record that verifies but does not decode is logged and skipped.
+//! not checked: at a record whose frame, length or CRC fails, replay resynchronises on the
+//! next whole record with a valid CRC and logs the bytes skipped (see `segment.rs`); a bad
+//! spot with nothing valid after it ends the segment (a torn tail if it is the newest), and
+//! a record that verifies but does not decode is logged and skipped.
 //! Message bodies are checked (CRC) but not kept: a message is returned with its location.
 
 use std::collections::HashMap;
@@ -35,7 +37,8 @@ pub(crate) enum Tail {
     Torn,
     /// The newest segment is shorter than its header (a crash while creating it).
     TornHeader,
-    /// A bad record or header anywhere else: the rest of the segment was not replayed.
+    /// A bad header, or a bad record with no valid record after it in a segment that is
+    /// not the newest: the rest of the segment was not replayed.
     Corrupt,
 }
 
@@ -46,6 +49,9 @@ pub(crate) struct SegmentState {
     /// Offset just past the last good record.
     pub(crate) valid_end: u64,
     pub(crate) tail: Tail,
+    /// Corruption was found in it (and skipped, or it ended the segment): the segment is
+    /// set aside, not deleted, when collected.
+    pub(crate) corrupt: bool,
 }
 
 pub(crate) struct Replayed {
@@ -70,7 +76,7 @@ pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError>
             // Deleted by the server's GC after we listed it: all its messages were done.
             continue;
         };
-        let tail = match reader.read_header()? {
+        let (tail, corrupt) = match reader.read_header()? {
             HeaderState::Good => replay_records(
                 &mut reader,
                 seq,
@@ -84,17 +90,18 @@ pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError>
                 if mode == Mode::Owner {
                     warn!(segment = %name, "newest segment is shorter than its header (crash while creating it)");
                 }
-                Tail::TornHeader
+                (Tail::TornHeader, false)
             }
             HeaderState::Torn | HeaderState::Bad => {
                 error!(segment = %name, "spool segment has a bad header; skipped (corruption)");
-                Tail::Corrupt
+                (Tail::Corrupt, true)
             }
         };
         segments.push(SegmentState {
             seq,
             valid_end: reader.valid_end(),
             tail,
+            corrupt,
         });
     }
     let mut live: Vec<StoredMessage> = live.into_values().collect();
@@ -106,6 +113,8 @@ pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError>
     })
 }
 
+/// Replays the records of one segment; returns how it ended and whether corruption was
+/// found (and skipped) in it.
 fn replay_records(
     reader: &mut SegmentReader,
     seq: u64,
@@ -114,10 +123,11 @@ fn replay_records(
     mode: Mode,
     live: &mut HashMap<QueueId, StoredMessage>,
     max_id: &mut u64,
-) -> Result<Tail, SpoolError> {
+) -> Result<(Tail, bool), SpoolError> {
+    let mut corrupt = false;
     loop {
         let (offset, reason) = match reader.next_item()? {
-            Item::End => return Ok(Tail::Clean),
+            Item::End => return Ok((Tail::Clean, corrupt)),
             Item::Record {
                 offset,
                 rtype,
@@ -129,30 +139,45 @@ fn replay_records(
             }
             Item::Bad { offset, reason } => (offset, reason),
         };
+        // One bad record must not hide the rest of its segment: go on from the next
+        // whole record with a valid CRC, if there is one. (A crash only ever leaves a bad
+        // spot with nothing valid after it: everything before a record is fdatasync'd
+        // before the record's batch is answered, and the batch is the last write.)
+        if let Some(next) = reader.resync(offset)? {
+            let skipped = next - offset;
+            corrupt = true;
+            error!(segment = %name, offset, reason = %reason, bytes_skipped = skipped,
+                resumed_at = next,
+                "corrupt spool record skipped; replay resumes at the next valid record");
+            if mode == Mode::Owner {
+                warn!(target: "maillog", segment = %name, offset, bytes_skipped = skipped,
+                    "spool corruption: {skipped} bytes skipped in segment {name}");
+            }
+            continue;
+        }
         let left = reader.len() - offset;
         if !newest {
             error!(segment = %name, offset, reason = %reason, bytes_skipped = left,
-                "corrupt spool record; rest of segment not replayed");
-            return Ok(Tail::Corrupt);
+                "corrupt spool record with no valid record after it; rest of segment skipped");
+            if mode == Mode::Owner {
+                warn!(target: "maillog", segment = %name, offset, bytes_skipped = left,
+                    "spool corruption: {left} bytes skipped in segment {name}");
+            }
+            return Ok((Tail::Corrupt, true));
         }
-        return Ok(match mode {
+        // The newest segment ending in a bad spot with nothing valid after it: a torn
+        // tail (never acknowledged), or a write in progress for a read-only scan.
+        match mode {
             Mode::ReadOnly => {
                 debug!(segment = %name, offset, reason = %reason,
                     "incomplete record at the end of the newest segment (write in progress or torn tail)");
-                Tail::Torn
             }
             Mode::Owner => {
-                if segment::valid_record_after(reader.path(), offset)? {
-                    error!(segment = %name, offset, reason = %reason, bytes_skipped = left,
-                        "corrupt spool record with valid records after it; rest of segment not replayed, file kept as is");
-                    Tail::Corrupt
-                } else {
-                    warn!(segment = %name, offset, reason = %reason, bytes = left,
-                        "torn tail in the newest segment (a write cut short by a crash, never acknowledged); it will be trimmed");
-                    Tail::Torn
-                }
+                warn!(segment = %name, offset, reason = %reason, bytes = left,
+                    "torn tail in the newest segment (a write cut short by a crash, never acknowledged); it will be trimmed");
             }
-        });
+        }
+        return Ok((Tail::Torn, corrupt));
     }
 }
 

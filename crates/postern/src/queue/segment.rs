@@ -1,15 +1,18 @@
 //! Segment files: naming, creation, and a reader that verifies every record.
 //!
 //! The reader trusts nothing in the file beyond what it checks: the header line, the
-//! frame's magic, a payload length that fits in the file, and the payload's CRC-32. The
-//! first record that fails a check ends the segment for the reader; what that means (a torn
-//! tail or corruption) is decided by the caller, which knows whether this is the newest
-//! segment.
+//! frame's magic, a payload length that fits in the file, and the payload's CRC-32. A
+//! record that fails a check stops the reader; the caller can then resynchronise on the
+//! next whole record with a valid CRC (`SegmentReader::resync`). What a bad spot with
+//! nothing valid after it means (a torn tail or corruption) is decided by the caller,
+//! which knows whether this is the newest segment.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::io::{self, BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub(crate) use super::durable::sync_dir;
 use super::error::SpoolError;
 use super::record::{self, FORMAT_VERSION, FRAME_LEN, RecordType};
 
@@ -41,13 +44,6 @@ pub(crate) fn list_segments(log_dir: &Path) -> Result<Vec<u64>, SpoolError> {
     }
     seqs.sort_unstable();
     Ok(seqs)
-}
-
-/// Makes the directory's entries (created, renamed or removed files) durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(SpoolError::io("fsync directory", dir))
 }
 
 /// Creates segment `seq`: new file, header, fsync the file, fsync the directory. A file
@@ -131,10 +127,6 @@ impl SegmentReader {
         }))
     }
 
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// File length when opened.
     pub(crate) fn len(&self) -> u64 {
         self.len
@@ -181,6 +173,22 @@ impl SegmentReader {
             return Ok(self.stop(offset, "file shrank while being read".into()));
         }
         Err(SpoolError::io("read segment", &self.path)(e))
+    }
+
+    /// After `Item::Bad` at `offset`: finds the next offset where a whole record with a
+    /// valid CRC starts (see `find_next_record`) and goes on reading from there. Returns
+    /// that offset, or `None` if nothing valid follows (the reader stays stopped).
+    pub(crate) fn resync(&mut self, offset: u64) -> Result<Option<u64>, SpoolError> {
+        let found = find_next_record(self.reader.get_ref(), offset + 1, self.len)
+            .map_err(SpoolError::io("read segment", &self.path))?;
+        if let Some(next) = found {
+            self.reader
+                .seek(SeekFrom::Start(next))
+                .map_err(SpoolError::io("read segment", &self.path))?;
+            self.pos = next;
+            self.stopped = false;
+        }
+        Ok(found)
     }
 
     /// The next record, the clean end, or the first bad spot.
@@ -232,36 +240,87 @@ impl SegmentReader {
     }
 }
 
-/// Whether a complete, CRC-valid record of a known type starts anywhere after `from` in
-/// the file. Used once at open on a bad spot in the newest segment: a crash can only leave
-/// garbage after the last record (torn tail, safe to cut off); valid records after the bad
-/// spot mean it is something else, and the file is left alone. Errs on the side of keeping
-/// bytes: a false match only keeps a file that could have been trimmed.
-pub(crate) fn valid_record_after(path: &Path, from: u64) -> Result<bool, SpoolError> {
-    let mut data = Vec::new();
-    let mut file = File::open(path).map_err(SpoolError::io("open segment", path))?;
-    io::Seek::seek(&mut file, io::SeekFrom::Start(from + 1))
-        .and_then(|_| file.read_to_end(&mut data))
-        .map_err(SpoolError::io("read segment", path))?;
-    let mut i = 0;
-    while i + FRAME_LEN <= data.len() {
-        if data[i..i + 2] == record::MAGIC
-            && RecordType::from_u8(data[i + 2]).is_some()
-            && data[i + 3] == FORMAT_VERSION
-        {
-            let head: &[u8; FRAME_LEN] = data[i..i + FRAME_LEN].try_into().expect("frame length");
-            if let Some(frame) = record::parse_frame(head) {
-                let start = i + FRAME_LEN;
-                if let Some(payload) = data.get(start..start + frame.len as usize)
-                    && crc32fast::hash(payload) == frame.crc
-                {
-                    return Ok(true);
-                }
+/// Bytes of a payload checked before its CRC: every record payload (MESSAGE, RCPT, DONE,
+/// MOVED) starts with the line `id XXXXXXXXXXXXXXXX\n`.
+const ID_LINE_LEN: usize = 20;
+/// How much of the file a resynchronisation scan reads at a time.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// Whether `b` (at least `FRAME_LEN + ID_LINE_LEN` bytes) starts like a record whose
+/// payload fits in `room` bytes: the cheap checks done before a CRC.
+fn plausible_record(b: &[u8], room: u64) -> Option<record::Frame> {
+    let head: &[u8; FRAME_LEN] = b.get(..FRAME_LEN)?.try_into().ok()?;
+    let frame = record::parse_frame(head)?;
+    RecordType::from_u8(frame.rtype)?;
+    if frame.version != FORMAT_VERSION
+        || (frame.len as usize) < ID_LINE_LEN
+        || u64::from(frame.len) > room
+    {
+        return None;
+    }
+    let id_line = b.get(FRAME_LEN..FRAME_LEN + ID_LINE_LEN)?;
+    let ok = id_line.starts_with(b"id ")
+        && id_line[3..19].iter().all(u8::is_ascii_hexdigit)
+        && id_line[19] == b'\n';
+    ok.then_some(frame)
+}
+
+/// CRC-32 of `len` bytes of `file` at `offset`, read in bounded pieces.
+fn crc_at(file: &File, mut offset: u64, len: u32) -> io::Result<u32> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut left = len as usize;
+    let mut buf = vec![0; left.min(64 * 1024)];
+    while left > 0 {
+        let n = left.min(buf.len());
+        file.read_exact_at(&mut buf[..n], offset)?;
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+        left -= n;
+    }
+    Ok(hasher.finalize())
+}
+
+/// The first offset in `from..end` where a whole record with a valid CRC starts, if any:
+/// where replay resynchronises after a bad record.
+///
+/// A candidate must have the magic, a known type, version 1, a length that fits before
+/// `end`, a payload starting with an `id` line, and then a matching CRC. Could a frame be
+/// forged inside a message body (which is attacker-controlled) and be taken for a record
+/// here? No: every payload's `id` line ends in a bare LF, and Postern never stores a
+/// message holding a bare LF (RFC 5321 2.3.8 and 4.1.1.4: lines end in CRLF; the session
+/// refuses bare CR/LF, see `postern-smtp` data.rs), nor an envelope field with one.
+///
+/// Work: one pass over the bytes (memchr for the magic), a CRC only for candidates that
+/// pass the cheap checks (in practice only real records), so linear in the segment size.
+pub(crate) fn find_next_record(file: &File, from: u64, end: u64) -> io::Result<Option<u64>> {
+    let need = (FRAME_LEN + ID_LINE_LEN) as u64;
+    let overlap = need as usize - 1;
+    let mut buf = vec![0; SCAN_CHUNK + overlap];
+    let mut base = from;
+    while base + need <= end {
+        let want = ((end - base) as usize).min(buf.len());
+        let chunk = &mut buf[..want];
+        file.read_exact_at(chunk, base)?;
+        // Candidates start in the first `SCAN_CHUNK` bytes (the rest is overlap, so that a
+        // candidate's first `need` bytes are always in the buffer).
+        for i in memchr::memmem::find_iter(chunk, &record::MAGIC) {
+            if i >= SCAN_CHUNK {
+                break;
+            }
+            let at = base + i as u64;
+            if at + need > end {
+                return Ok(None);
+            }
+            let room = end - at - FRAME_LEN as u64;
+            if let Some(frame) = plausible_record(&chunk[i..], room)
+                && crc_at(file, at + FRAME_LEN as u64, frame.len)? == frame.crc
+            {
+                return Ok(Some(at));
             }
         }
-        i += 1;
+        base += SCAN_CHUNK as u64;
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// Cuts a segment back to `len` bytes and syncs it (a torn tail found at startup).
@@ -273,4 +332,56 @@ pub(crate) fn trim_segment(path: &Path, len: u64) -> Result<(), SpoolError> {
     file.set_len(len)
         .and_then(|()| file.sync_all())
         .map_err(SpoolError::io("trim segment", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(rtype: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = record::MAGIC.to_vec();
+        v.extend([rtype, FORMAT_VERSION]);
+        v.extend((payload.len() as u32).to_le_bytes());
+        v.extend(crc32fast::hash(payload).to_le_bytes());
+        v.extend(payload);
+        v
+    }
+
+    fn find(bytes: &[u8], from: u64) -> Option<u64> {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("seg");
+        fs::write(&path, bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        find_next_record(&file, from, bytes.len() as u64).unwrap()
+    }
+
+    #[test]
+    fn resync_finds_the_next_valid_record_only() {
+        let done = frame(3, b"id 0187F3A2B4C5D6E7\n");
+        // A frame as a message body could hold one: CRLF line ends. Never taken.
+        let forged = frame(3, b"id 0187F3A2B4C5D6E7\r\n");
+        let mut bad_crc = done.clone();
+        bad_crc[8] ^= 1;
+        let mut bytes = b"PRPR garbage PR\x03\x01".to_vec();
+        bytes.extend(&forged);
+        bytes.extend(&bad_crc);
+        let at = bytes.len() as u64;
+        bytes.extend(&done);
+        assert_eq!(find(&bytes, 0), Some(at));
+        assert_eq!(find(&bytes, at), Some(at));
+        assert_eq!(find(&bytes, at + 1), None);
+        // A whole record cut short is not a record.
+        assert_eq!(find(&bytes[..bytes.len() - 1], 0), None);
+        assert_eq!(find(b"", 0), None);
+    }
+
+    #[test]
+    fn resync_finds_a_record_across_a_scan_chunk_boundary() {
+        let done = frame(4, b"id 0187F3A2B4C5D6E7\n");
+        for start in [SCAN_CHUNK - 13, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 7] {
+            let mut bytes = vec![b'P'; start];
+            bytes.extend(&done);
+            assert_eq!(find(&bytes, 0), Some(start as u64), "record at {start}");
+        }
+    }
 }

@@ -193,13 +193,13 @@ fn break_crc(dir: &Path, loc: &Location) {
 }
 
 #[tokio::test]
-async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
+async fn corrupt_record_in_an_older_segment_is_skipped_and_the_rest_replayed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (spool, _) = open_retrying(dir);
     let (m1, l1) = put(&spool, 1).await;
     let (_m2, l2) = put(&spool, 2).await;
-    let (_m3, _) = put(&spool, 3).await;
+    let (m3, l3) = put(&spool, 3).await;
     drop(spool);
     let (spool, _) = open_retrying(dir);
     let (m4, l4) = put(&spool, 4).await;
@@ -209,9 +209,11 @@ async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
 
     break_crc(dir, &l2);
     let len_before = fs::metadata(seg_path(dir, l2.segment)).unwrap().len();
-    assert_eq!(ids(&scan(dir).unwrap()), vec![m1.id, m4.id]);
+    // Only the damaged record is lost: replay resumes at the next valid one.
+    assert_eq!(ids(&scan(dir).unwrap()), vec![m1.id, m3.id, m4.id]);
     let (spool, live) = open_retrying(dir);
-    assert_eq!(ids(&live), vec![m1.id, m4.id]);
+    assert_eq!(ids(&live), vec![m1.id, m3.id, m4.id]);
+    assert_eq!(spool.read_message(&l3).unwrap(), body(3));
     assert_eq!(spool.read_message(&l4).unwrap(), body(4));
     // Nothing was trimmed off the damaged segment.
     assert_eq!(
@@ -225,6 +227,7 @@ async fn corrupt_record_in_an_older_segment_ends_only_that_segment() {
 
     // Once its last live message is done, the damaged segment is set aside, not deleted.
     spool.mark_done(m1.id).await.unwrap();
+    spool.mark_done(m3.id).await.unwrap();
     spool.close();
     let names = segments(dir);
     assert!(!names.contains(&segment_name(l1.segment)), "{names:?}");
@@ -241,14 +244,74 @@ async fn corrupt_record_in_the_newest_segment_is_not_trimmed() {
     let (spool, _) = open_retrying(dir);
     let (m1, _) = put(&spool, 1).await;
     let (_, l2) = put(&spool, 2).await;
-    let (_, _) = put(&spool, 3).await;
+    let (m3, _) = put(&spool, 3).await;
     drop(spool);
     break_crc(dir, &l2);
     let path = seg_path(dir, l2.segment);
     let len_before = fs::metadata(&path).unwrap().len();
+    // Not a torn tail (a valid record follows): skipped, the rest replayed, nothing cut.
     let (_spool, live) = open_retrying(dir);
-    assert_eq!(ids(&live), vec![m1.id]);
+    assert_eq!(ids(&live), vec![m1.id, m3.id]);
     assert_eq!(fs::metadata(&path).unwrap().len(), len_before);
+}
+
+/// Damage at the very start of a record (its frame) hides its length, so replay has to
+/// scan for the next record, here across a body larger than one scan chunk.
+#[tokio::test]
+async fn a_damaged_frame_is_resynchronised_past_a_large_body() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = open_retrying(dir);
+    let big: Vec<u8> = b"0123456789 PR line\r\n".repeat(150_000); // ~3 MB, CRLF lines
+    let env1 = envelope(spool.new_id(), 1);
+    let l1 = spool.store(&env1, &big).await.unwrap();
+    let (m2, _) = put(&spool, 2).await;
+    spool
+        .record_outcome(m2.id, 0, true, "250 ok")
+        .await
+        .unwrap();
+    let (m3, l3) = put(&spool, 3).await;
+    drop(spool);
+    let path = seg_path(dir, l1.segment);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[l1.offset as usize] = b'X'; // the magic
+    fs::write(&path, &bytes).unwrap();
+    let live = scan(dir).unwrap();
+    assert_eq!(ids(&live), vec![m2.id, m3.id]);
+    assert_eq!(live[0].states[0], RcptState::Delivered);
+    let (spool, live) = open_retrying(dir);
+    assert_eq!(ids(&live), vec![m2.id, m3.id]);
+    assert_eq!(spool.read_message(&l3).unwrap(), body(3));
+    assert_eq!(fs::metadata(&path).unwrap().len(), bytes.len() as u64);
+}
+
+/// After a skipped bad record, a torn tail at the end of the newest segment is still a
+/// torn tail: cut off, and the records between are kept.
+#[tokio::test]
+async fn a_torn_tail_after_skipped_corruption_is_still_trimmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = open_retrying(dir);
+    let (m1, l1) = put(&spool, 1).await;
+    let (m2, l2) = put(&spool, 2).await;
+    let (_, l3) = put(&spool, 3).await;
+    drop(spool);
+    break_crc(dir, &l1);
+    let path = seg_path(dir, l1.segment);
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..(l3.offset + l3.len / 2) as usize]).unwrap();
+    let (spool, live) = open_retrying(dir);
+    assert_eq!(ids(&live), vec![m2.id]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), l2.offset + l2.len);
+    spool.mark_done(m2.id).await.unwrap();
+    spool.close();
+    // The segment held corruption: set aside when collected, not deleted.
+    let names = segments(dir);
+    assert!(
+        names.contains(&format!("{}.corrupt", segment_name(l1.segment))),
+        "{names:?} ({})",
+        m1.id
+    );
 }
 
 /// Waits for the committer, which collects garbage after answering the batch that
@@ -504,4 +567,172 @@ fn a_damaged_deferred_file_is_set_aside_not_fatal() {
     assert!(live.is_empty());
     assert!(!bad.exists());
     assert!(bad.with_extension("corrupt").exists());
+}
+
+#[tokio::test]
+async fn the_id_floor_covers_deferred_and_quarantined_files_and_nothing_is_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let (spool, _) = open_retrying(&dir);
+    // Ids far ahead of the clock, as a clock set ahead leaves them.
+    let far = QueueId::from_u64(u64::MAX / 2);
+    let far1 = QueueId::from_u64(u64::MAX / 2 + 1);
+    let pending = [RcptState::Pending; 2];
+    spool
+        .move_to_deferred(&envelope(far, 1), body(1), &pending)
+        .await
+        .unwrap();
+    quarantine::put(&dir, &envelope(far1, 2), &body(2), "rule", "why").unwrap();
+    // Taking a name already in use is an error, never an overwrite.
+    assert!(
+        spool
+            .move_to_deferred(&envelope(far, 3), body(3), &pending)
+            .await
+            .is_err()
+    );
+    assert!(quarantine::put(&dir, &envelope(far1, 4), &body(4), "rule", "why").is_err());
+    let (loaded, deferred_body) = deferred::load(&dir.join(DEFERRED_DIR), far).unwrap();
+    assert_eq!(loaded.message.envelope, envelope(far, 1));
+    assert_eq!(deferred_body, body(1));
+    assert_eq!(quarantine::load(&dir, far1).unwrap().1, body(2));
+    for sub in [DEFERRED_DIR, QUARANTINE_DIR] {
+        for e in fs::read_dir(dir.join(sub)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            assert!(!name.ends_with(".tmp"), "{name} left behind");
+        }
+    }
+    spool.close();
+    drop(spool);
+    // The log holds no MESSAGE record with these ids: the floor must come from the files.
+    let (spool, live) = open_retrying(&dir);
+    assert_eq!(ids(&live), vec![far]);
+    assert!(spool.new_id() > far1);
+}
+
+/// A directory fsync that keeps failing: more failures than `sync_dir_retrying` retries.
+const FSYNC_FAILURES: u32 = 10;
+
+/// Gives `path` a second name, so that its content can be put back under `path` after
+/// an unlink: what a crash does to an unlink whose directory fsync failed.
+fn keep_name(path: &Path) -> PathBuf {
+    let kept = path.with_extension("kept");
+    fs::hard_link(path, &kept).unwrap();
+    kept
+}
+
+fn undo_unlink(kept: &Path, path: &Path) {
+    assert!(!path.exists(), "{} was not unlinked", path.display());
+    fs::rename(kept, path).unwrap();
+}
+
+#[tokio::test]
+async fn a_finished_deferred_message_stays_finished_whatever_its_unlink_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let deferred_dir = dir.join(DEFERRED_DIR);
+    let (spool, _) = open_retrying(&dir);
+    let (env, _) = put(&spool, 1).await;
+    let pending = [RcptState::Pending; 2];
+    spool
+        .move_to_deferred(&env, body(1), &pending)
+        .await
+        .unwrap();
+    let file = deferred::path(&deferred_dir, env.id);
+    let kept = keep_name(&file);
+    durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
+    // The operator deletes it (pending recipients: a resurrection would deliver it).
+    spool.finish(env.id, Place::Deferred).await.unwrap();
+    durable::fault::clear(&deferred_dir);
+    // A second finish (as after a failed unlink) is harmless.
+    fs::hard_link(&kept, &file).unwrap();
+    spool.finish(env.id, Place::Deferred).await.unwrap();
+    spool.close();
+    drop(spool);
+    // The crash lost the unlink.
+    undo_unlink(&kept, &file);
+    assert!(scan(&dir).unwrap().is_empty());
+    let (_spool, live) = open_retrying(&dir);
+    assert!(live.is_empty(), "finished message came back: {live:?}");
+    assert!(!file.exists(), "the finished file is removed at open");
+}
+
+#[tokio::test]
+async fn a_deferred_file_whose_name_may_not_be_durable_keeps_its_log_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let deferred_dir = dir.join(DEFERRED_DIR);
+    let pending = [RcptState::Pending; 2];
+    let (spool, _) = open_retrying(&dir);
+    let (e1, _) = put(&spool, 1).await;
+    let (e2, _) = put(&spool, 2).await;
+    durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
+    spool
+        .move_to_deferred(&e1, body(1), &pending)
+        .await
+        .unwrap();
+    durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
+    spool
+        .move_to_deferred(&e2, body(2), &pending)
+        .await
+        .unwrap();
+    // e1 is finished (the operator deletes it); e2 waits.
+    spool.finish(e1.id, Place::Deferred).await.unwrap();
+    durable::fault::clear(&deferred_dir);
+    spool.close();
+    drop(spool);
+    // The crash lost both new names: e2 must survive in the log, e1 must stay finished.
+    fs::remove_file(deferred::path(&deferred_dir, e2.id)).unwrap();
+    assert!(!deferred::path(&deferred_dir, e1.id).exists());
+    assert_eq!(ids(&scan(&dir).unwrap()), vec![e2.id]);
+    let (spool, live) = open_retrying(&dir);
+    assert_eq!(ids(&live), vec![e2.id]);
+    assert!(matches!(live[0].place, Place::Log(_)));
+    assert_eq!(spool.read_body(&live[0]).unwrap(), body(2));
+}
+
+#[tokio::test]
+async fn gc_stops_when_a_segment_removal_may_not_be_durable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log_dir = dir.join("log");
+    let (spool, _) = Spool::open(dir, tiny_segments()).unwrap();
+    // segment_size 1: each batch in its own segment.
+    let (m1, l1) = put(&spool, 1).await;
+    let (m2, l2) = put(&spool, 2).await;
+    assert!(l2.segment > l1.segment);
+    let first = seg_path(dir, l1.segment);
+    let kept = keep_name(&first);
+    durable::fault::fail_dir_syncs(&log_dir, FSYNC_FAILURES);
+    spool.mark_done(m1.id).await.unwrap();
+    eventually("the first segment removed", || !first.exists()).await;
+    durable::fault::clear(&log_dir);
+    // m1's DONE record lives in a later segment: that one must not be collected now.
+    spool.mark_done(m2.id).await.unwrap();
+    spool.close();
+    drop(spool);
+    undo_unlink(&kept, &first);
+    assert!(seg_path(dir, l2.segment).exists());
+    let (_spool, live) = open_retrying(dir);
+    assert!(live.is_empty(), "finished message came back: {live:?}");
+}
+
+#[test]
+fn a_removed_quarantine_file_stays_removed_whatever_its_unlink_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("spool");
+    let qdir = dir.join(QUARANTINE_DIR);
+    let id = QueueId::from_u64(77);
+    quarantine::put(&dir, &envelope(id, 1), &body(1), "rule", "why").unwrap();
+    let file = qdir.join(id.to_string());
+    let kept = keep_name(&file);
+    durable::fault::fail_dir_syncs(&qdir, FSYNC_FAILURES);
+    quarantine::remove(&dir, id).unwrap();
+    durable::fault::clear(&qdir);
+    undo_unlink(&kept, &file);
+    // Back on disk, but marked: neither listed nor releasable, and cleaned at open.
+    assert!(quarantine::list(&dir).unwrap().is_empty());
+    assert!(quarantine::load(&dir, id).is_err());
+    assert!(quarantine::remove(&dir, id).is_err());
+    let (_spool, _) = open_retrying(&dir);
+    assert!(!file.exists());
 }
