@@ -721,11 +721,15 @@ fn routes(v: &Validator, raw: &[S<RawRoute>]) -> Result<Vec<Route>> {
                     "auth_password_file needs auth_user in the same route",
                 );
             }
-            (Some(u), Some(_)) if tls == RouteTls::None => {
+            // Opportunistic TLS verifies no certificate: it protects against passive
+            // eavesdropping only (RFC 7435), so anyone on the path could present one and
+            // collect the password. Only a verified server gets credentials.
+            (Some(u), Some(_)) if tls != RouteTls::Required => {
                 return v.err(
                     u.span(),
                     "route.auth_user",
-                    "route AUTH is sent only over TLS, and this route has tls = \"none\"",
+                    "auth_user needs tls = \"required\": the password would go to any server \
+                     presenting any certificate",
                 );
             }
             _ => {}
