@@ -78,6 +78,7 @@ struct Zone {
     records: HashMap<String, Vec<Rec>>,
     servfail: HashSet<String>,
     ignore: HashSet<String>,
+    delays: HashMap<String, Duration>,
 }
 
 impl Zone {
@@ -230,13 +231,23 @@ impl DnsServer {
         lock(&self.shared.zone).ignore.insert(normalize(name));
     }
 
-    /// Removes every record of `name` and its SERVFAIL or ignore marking.
+    /// Answers queries at exactly `name` only after `delay` (a slow authoritative
+    /// server). Other names are answered at once meanwhile: each delayed answer is sent
+    /// from its own thread. Until [`DnsServer::clear`].
+    pub fn delay(&self, name: &str, delay: Duration) {
+        lock(&self.shared.zone)
+            .delays
+            .insert(normalize(name), delay);
+    }
+
+    /// Removes every record of `name` and its SERVFAIL, ignore or delay marking.
     pub fn clear(&self, name: &str) {
         let name = normalize(name);
         let mut zone = lock(&self.shared.zone);
         zone.records.remove(&name);
         zone.servfail.remove(&name);
         zone.ignore.remove(&name);
+        zone.delays.remove(&name);
     }
 
     /// Sets the TTL of answers (and the SOA minimum of negative answers); default 0.
@@ -305,8 +316,21 @@ fn serve_udp(socket: UdpSocket, shared: Arc<Shared>) {
             Ok(x) => x,
             Err(_) => continue, // timeout (poll the stop flag) or a transient error
         };
-        if let Some(reply) = respond(&shared, &buf[..len], true) {
-            let _ = socket.send_to(&reply, peer);
+        match respond(&shared, &buf[..len], true) {
+            Some((reply, None)) => {
+                let _ = socket.send_to(&reply, peer);
+            }
+            Some((reply, Some(delay))) => {
+                if let Ok(socket) = socket.try_clone() {
+                    let _ = thread::Builder::new()
+                        .name("testkit-dns-delayed".into())
+                        .spawn(move || {
+                            thread::sleep(delay);
+                            let _ = socket.send_to(&reply, peer);
+                        });
+                }
+            }
+            None => {}
         }
     }
 }
@@ -339,7 +363,10 @@ fn serve_tcp_conn(mut stream: TcpStream, shared: Arc<Shared>) -> io::Result<()> 
         if !read_full(&mut stream, &mut msg, &shared)? {
             return Ok(());
         }
-        if let Some(reply) = respond(&shared, &msg, false) {
+        if let Some((reply, delay)) = respond(&shared, &msg, false) {
+            if let Some(delay) = delay {
+                thread::sleep(delay);
+            }
             let Ok(n) = u16::try_from(reply.len()) else {
                 return Ok(());
             };
@@ -380,8 +407,9 @@ fn read_full(stream: &mut TcpStream, buf: &mut [u8], shared: &Shared) -> io::Res
     Ok(true)
 }
 
-/// Builds the wire reply to one wire query, or None to stay silent.
-fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<Vec<u8>> {
+/// Builds the wire reply to one wire query and how long to wait before sending it, or
+/// None to stay silent.
+fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<(Vec<u8>, Option<Duration>)> {
     let request = match Message::from_vec(wire) {
         Ok(m) => m,
         Err(_) => {
@@ -392,7 +420,8 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<Vec<u8>> {
             let id = u16::from_be_bytes([wire[0], wire[1]]);
             return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
                 .to_vec()
-                .ok();
+                .ok()
+                .map(|m| (m, None));
         }
     };
     if request.message_type() != MessageType::Query {
@@ -411,6 +440,7 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<Vec<u8>> {
     }
 
     let ttl = shared.ttl.load(Ordering::Relaxed);
+    let mut delay = None;
     let code = if request.op_code() != OpCode::Query {
         ResponseCode::NotImp
     } else if request.queries().len() != 1 {
@@ -420,6 +450,7 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<Vec<u8>> {
         let qname = normalize(&query.name().to_ascii());
         let qtype = query.query_type();
         lock(&shared.queries).push((qname.clone(), qtype.to_string()));
+        delay = lock(&shared.zone).delays.get(&qname).copied();
         match lookup(&lock(&shared.zone), query.name(), &qname, qtype, ttl) {
             Answer::Silence => return None,
             Answer::Reply {
@@ -446,10 +477,10 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<Vec<u8>> {
             .map(|e| usize::from(e.max_payload()).max(PLAIN_UDP_LIMIT))
             .unwrap_or(PLAIN_UDP_LIMIT);
         if bytes.len() > limit || shared.truncate_udp.load(Ordering::Relaxed) {
-            return response.truncate().to_vec().ok();
+            return response.truncate().to_vec().ok().map(|m| (m, delay));
         }
     }
-    Some(bytes)
+    Some((bytes, delay))
 }
 
 fn lookup(zone: &Zone, qname_wire: &Name, qname: &str, qtype: RecordType, ttl: u32) -> Answer {
@@ -615,6 +646,34 @@ mod tests {
                 ("mx1.example.test".to_string(), "A".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn delayed_names_do_not_hold_up_others() {
+        let dns = DnsServer::start();
+        dns.add_a("slow.example.test", Ipv4Addr::new(127, 0, 0, 3));
+        dns.add_a("fast.example.test", Ipv4Addr::new(127, 0, 0, 4));
+        dns.delay("slow.example.test", Duration::from_millis(1500));
+        let slow = {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.send_to(
+                &query_msg("slow.example.test", RecordType::A, 9),
+                dns.addr(),
+            )
+            .unwrap();
+            sock
+        };
+        let start = std::time::Instant::now();
+        let m = udp_query(&dns, "fast.example.test", RecordType::A);
+        assert_eq!(m.answers().len(), 1);
+        assert!(start.elapsed() < Duration::from_millis(1000));
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let (n, _) = slow.recv_from(&mut buf).unwrap();
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers().len(), 1);
+        assert!(start.elapsed() >= Duration::from_millis(1400));
+        let m = tcp_query(&dns, "slow.example.test", RecordType::A);
+        assert_eq!(m.answers().len(), 1);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - [`control`]: the control socket behind `postern queue ...`.
 //! - [`tls`]: the server certificate; [`auth`]: SMTP AUTH users and brute-force defence.
 //! - [`config`]: the configuration file, validated; [`maillog`]: the decision log;
-//!   [`metrics`]: counters and the Prometheus endpoint;
+//!   [`metrics`]: counters and the Prometheus endpoint; [`ourselves`]: our own name and
+//!   addresses (mail loops);
 //!   [`server`]: start-up and shutdown; [`cli`]: the command line.
 
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod filter;
 pub mod listener;
 pub mod maillog;
 pub mod metrics;
+pub mod ourselves;
 pub mod policy;
 pub mod queue;
 pub mod server;

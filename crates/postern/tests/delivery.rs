@@ -485,13 +485,14 @@ fn queue_list_flush_and_delete() {
 }
 
 /// A smart host that needs AUTH: the password file's trailing newline is not part of
-/// the password, AUTH happens only after STARTTLS, and a 535 defers (never bounces).
+/// the password, AUTH happens only after STARTTLS with a verified certificate (route
+/// credentials need `tls = "required"`), and a 535 defers (never bounces).
 #[test]
 fn smart_host_auth_over_tls_and_535_defers() {
-    use postern_testkit::ca::TlsIdentity;
     let dns = DnsServer::start();
+    let ca = TestCa::new();
     let sink = Sink::start(SinkConfig {
-        tls: Some(TlsIdentity::self_signed(&["smarthost.test"])),
+        tls: Some(ca.issue(&["127.0.0.1"])),
         auth: Some(("relay".into(), "s3cret pass".into())),
         require_auth: true,
         ..SinkConfig::default()
@@ -500,9 +501,13 @@ fn smart_host_auth_over_tls_and_535_defers() {
         let dir = tempfile::tempdir().unwrap();
         let pass_file = dir.path().join("smarthost.pass");
         std::fs::write(&pass_file, password).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.ca_pem()).unwrap();
         let route = format!(
-            "[[route]]\ndomains = [\"*\"]\nnext_hop = \"[127.0.0.1]:{}\"\nauth_user = \"relay\"\nauth_password_file = \"{}\"\n",
+            "[[route]]\ndomains = [\"*\"]\nnext_hop = \"[127.0.0.1]:{}\"\ntls = \"required\"\n\
+             ca_file = \"{}\"\nauth_user = \"relay\"\nauth_password_file = \"{}\"\n",
             sink.addr().port(),
+            ca_file.display(),
             pass_file.display()
         );
         let before = sink.messages().len();

@@ -278,6 +278,16 @@ pub struct Delivery {
     pub max_queue_lifetime: Duration,
     pub max_concurrency: usize,
     pub per_domain_concurrency: usize,
+    /// Addresses tried per destination and attempt; an MX host whose lookup fails counts
+    /// as one (Postfix's smtp_mx_address_limit).
+    pub max_mx_addresses: usize,
+    /// SMTP sessions (connections that got past the greeting) per destination and
+    /// attempt (Postfix's smtp_mx_session_limit).
+    pub max_mx_sessions: usize,
+    /// TCP connect, per address.
+    pub connect_timeout: Duration,
+    /// Finding the addresses of one destination (MX and address lookups), per attempt.
+    pub resolve_timeout: Duration,
 }
 
 /// A message screener.
@@ -448,6 +458,10 @@ impl Delivery {
             max_queue_lifetime: validate::DEFAULT_MAX_QUEUE_LIFETIME,
             max_concurrency: validate::DEFAULT_MAX_CONCURRENCY,
             per_domain_concurrency: validate::DEFAULT_PER_DOMAIN_CONCURRENCY,
+            max_mx_addresses: validate::DEFAULT_MAX_MX_ADDRESSES,
+            max_mx_sessions: validate::DEFAULT_MAX_MX_SESSIONS,
+            connect_timeout: validate::DEFAULT_CONNECT_TIMEOUT,
+            resolve_timeout: validate::DEFAULT_RESOLVE_TIMEOUT,
         }
     }
 }

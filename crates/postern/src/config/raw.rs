@@ -128,6 +128,10 @@ pub(crate) struct RawDelivery {
     pub max_queue_lifetime: Option<S<String>>,
     pub max_concurrency: Option<S<i64>>,
     pub per_domain_concurrency: Option<S<i64>>,
+    pub max_mx_addresses: Option<S<i64>>,
+    pub max_mx_sessions: Option<S<i64>>,
+    pub connect_timeout: Option<S<String>>,
+    pub resolve_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -277,6 +277,10 @@ fn config_full_example() {
             max_queue_lifetime: secs(5 * 86400),
             max_concurrency: 100,
             per_domain_concurrency: 10,
+            max_mx_addresses: 4,
+            max_mx_sessions: 3,
+            connect_timeout: secs(8),
+            resolve_timeout: secs(20),
         }
     );
     let actions: Vec<(&str, &FilterAction)> = c

@@ -39,6 +39,15 @@ pub(crate) const DEFAULT_MX_PORT: u16 = 25;
 pub(crate) const DEFAULT_MAX_QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 86_400);
 pub(crate) const DEFAULT_MAX_CONCURRENCY: usize = 100;
 pub(crate) const DEFAULT_PER_DOMAIN_CONCURRENCY: usize = 10;
+/// Postfix's smtp_mx_address_limit and smtp_mx_session_limit.
+pub(crate) const DEFAULT_MAX_MX_ADDRESSES: usize = 5;
+pub(crate) const DEFAULT_MAX_MX_SESSIONS: usize = 2;
+/// Shorter than RFC 5321's suggestion for commands: a dead address must not hold an
+/// attempt (and its slots) for long, and a live server answers a SYN in well under 10 s.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// More would defeat the point of the caps (DNS and connection amplification).
+const MAX_MX_LIMIT: i64 = 100;
 /// Below this a message cannot even hold its headers; a smaller value is surely a typo.
 pub(crate) const MIN_MESSAGE_SIZE: u64 = 1 << 10;
 
@@ -782,11 +791,15 @@ fn routes(v: &Validator, raw: &[S<RawRoute>]) -> Result<Vec<Route>> {
                     "auth_password_file needs auth_user in the same route",
                 );
             }
-            (Some(u), Some(_)) if tls == RouteTls::None => {
+            // Opportunistic TLS verifies no certificate: it protects against passive
+            // eavesdropping only (RFC 7435), so anyone on the path could present one and
+            // collect the password. Only a verified server gets credentials.
+            (Some(u), Some(_)) if tls != RouteTls::Required => {
                 return v.err(
                     u.span(),
                     "route.auth_user",
-                    "route AUTH is sent only over TLS, and this route has tls = \"none\"",
+                    "auth_user needs tls = \"required\": the password would go to any server \
+                     presenting any certificate",
                 );
             }
             _ => {}
@@ -859,6 +872,30 @@ fn delivery_section(v: &Validator, d: &RawDelivery) -> Result<Delivery> {
             1,
             MAX_COUNT,
             DEFAULT_PER_DOMAIN_CONCURRENCY,
+        )?,
+        max_mx_addresses: v.int(
+            d.max_mx_addresses.as_ref(),
+            "delivery.max_mx_addresses",
+            1,
+            MAX_MX_LIMIT,
+            DEFAULT_MAX_MX_ADDRESSES,
+        )?,
+        max_mx_sessions: v.int(
+            d.max_mx_sessions.as_ref(),
+            "delivery.max_mx_sessions",
+            1,
+            MAX_MX_LIMIT,
+            DEFAULT_MAX_MX_SESSIONS,
+        )?,
+        connect_timeout: v.duration(
+            d.connect_timeout.as_ref(),
+            "delivery.connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        resolve_timeout: v.duration(
+            d.resolve_timeout.as_ref(),
+            "delivery.resolve_timeout",
+            DEFAULT_RESOLVE_TIMEOUT,
         )?,
     })
 }

@@ -8,7 +8,7 @@
 //! only compared, logged and quoted in bounces, never interpreted further).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,19 +18,23 @@ use tokio::sync::Semaphore;
 use super::Handle;
 use super::client::{ClientConfig, ConnectError, Connection, OutboundMessage, RcptResult};
 use super::dsn;
-use super::mx::Resolver;
+use super::mx::{MailHost, ResolveError, Resolver};
 use super::pool::{Pool, PoolKey};
 use super::retry;
 use super::route::{self, Destination, NextHopKey};
 use crate::config::Route;
 use crate::metrics::{DeliveryStatus, Metrics};
+use crate::ourselves::Ourselves;
 use crate::queue::{Envelope, Place, QueueId, RcptState, Spool, StoredMessage, unix_now};
 
 /// Recipients per transaction (Postfix's smtp_destination_recipient_limit): RFC 5321
 /// 4.5.3.1.8 only promises 100, and big transactions make one 4xx costly.
 const RECIPIENTS_PER_TRANSACTION: usize = 50;
-/// At most this many addresses are tried for one destination per attempt.
-const MAX_ADDRESSES: usize = 10;
+/// The envelope `client` of a postmaster notice (a failed null-sender message reported to
+/// the postmaster): a notice that fails is only logged, never reported again (no loops).
+pub(crate) const NOTICE_CLIENT: &str = "local-postmaster-notice";
+/// The envelope `client` of a bounce we generate.
+const BOUNCE_CLIENT: &str = "local";
 
 /// TLS/AUTH settings of one route, ready to connect with.
 pub(crate) struct RouteClient {
@@ -48,6 +52,16 @@ pub(crate) struct Context {
     pub(crate) default_client: RouteClient,
     pub(crate) mx_port: u16,
     pub(crate) hostname: String,
+    /// Where reports on failed null-sender messages go.
+    pub(crate) postmaster: String,
+    /// Our name and listeners: an MX that is us is never used (RFC 5321 5.1).
+    pub(crate) ourselves: Ourselves,
+    /// Addresses tried per destination and attempt (a failed host lookup counts as one).
+    pub(crate) max_mx_addresses: usize,
+    /// Sessions (connections past the greeting) per destination and attempt.
+    pub(crate) max_mx_sessions: usize,
+    /// All DNS lookups of one destination in one attempt.
+    pub(crate) resolve_timeout: Duration,
     pub(crate) retry_schedule: Vec<Duration>,
     pub(crate) max_lifetime: Duration,
     pub(crate) global: Arc<Semaphore>,
@@ -92,6 +106,11 @@ pub(crate) struct Outcome {
     pub(crate) status: String,
     /// The host that answered, when one did.
     pub(crate) remote: Option<String>,
+    /// The remote reply as it was, for the DSN's Diagnostic-Code (RFC 3464 2.3.6);
+    /// `None` for a reason of our own.
+    pub(crate) diagnostic: Option<String>,
+    /// Our own reason in words (no reply code), for the DSN's text part.
+    pub(crate) explanation: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +132,39 @@ impl Outcome {
             reply: format!("{code} {status} {text}"),
             status: status.to_string(),
             remote: None,
+            diagnostic: None,
+            explanation: Some(text),
+        }
+    }
+
+    /// A recipient given up after `max_queue_lifetime`, from its last outcome (RFC 5321
+    /// 4.5.4.1). Status 4.4.7 "delivery time expired" (RFC 3463) with action `failed`, as
+    /// Postfix reports it. The Diagnostic-Code carries the last remote reply exactly as
+    /// it was, or is absent: never a 5xx made up to go with a 4.x.x status.
+    fn expired(lifetime: Duration, last: Option<Outcome>) -> Outcome {
+        let limit = crate::config::format_duration(lifetime);
+        let mut explanation =
+            format!("delivery time expired: not delivered within {limit} (max_queue_lifetime)");
+        let (remote, diagnostic) = match last {
+            Some(o) if o.remote.is_some() => (o.remote, o.diagnostic.or(Some(o.reply))),
+            Some(o) => {
+                let why = o.explanation.unwrap_or(o.reply);
+                explanation.push_str(&format!("; last problem: {why}"));
+                (None, None)
+            }
+            None => (None, None),
+        };
+        let reply = match (&remote, &diagnostic) {
+            (Some(host), Some(d)) => format!("4.4.7 {explanation}; last reply from {host}: {d}"),
+            _ => format!("4.4.7 {explanation}"),
+        };
+        Outcome {
+            kind: Kind::Failed,
+            reply,
+            status: "4.4.7".to_string(),
+            remote,
+            diagnostic,
+            explanation: Some(explanation),
         }
     }
 
@@ -125,6 +177,8 @@ impl Outcome {
             reply: reply.one_line(),
             status,
             remote: Some(remote.to_string()),
+            diagnostic: Some(reply.one_line()),
+            explanation: None,
         }
     }
 }
@@ -177,6 +231,8 @@ impl Body {
 pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32) -> Report {
     let id = msg.envelope.id;
     let mut errors: Vec<Option<String>> = vec![None; msg.states.len()];
+    // This attempt's deferral per recipient, for an expiry report.
+    let mut last: Vec<Option<Outcome>> = vec![None; msg.states.len()];
     let mut body = Body { bytes: None };
 
     let pending: Vec<(usize, String)> = msg
@@ -206,7 +262,10 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
                         msg.states[index] = RcptState::Delivered;
                     }
                     Kind::Failed => failed_now.push((index, outcome)),
-                    Kind::Deferred => errors[index] = Some(outcome.reply),
+                    Kind::Deferred => {
+                        errors[index] = Some(outcome.reply.clone());
+                        last[index] = Some(outcome);
+                    }
                 }
             }
         }
@@ -217,15 +276,8 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
     if age >= ctx.max_lifetime {
         for (i, error) in errors.iter_mut().enumerate() {
             if msg.states[i] == RcptState::Pending && !failed_now.iter().any(|(f, _)| *f == i) {
-                let last = error.take().unwrap_or_default();
-                let outcome = Outcome::local(
-                    Kind::Failed,
-                    "4.4.7",
-                    format!(
-                        "message expired after {} in the queue; last error: {last}",
-                        crate::config::format_duration(ctx.max_lifetime)
-                    ),
-                );
+                error.take();
+                let outcome = Outcome::expired(ctx.max_lifetime, last[i].take());
                 tracing::info!(target: "maillog", id = %id,
                     to = %format_args!("<{}>", msg.envelope.recipients[i]),
                     status = "expired", "delivery failed: queue lifetime exceeded");
@@ -321,14 +373,25 @@ fn log_outcome(ctx: &Context, env: &Envelope, index: usize, key: &NextHopKey, o:
         host = %o.remote.as_deref().unwrap_or("-"), status, reply = %o.reply, "delivery");
 }
 
-/// Sends the bounce for this attempt's failures to the sender, through the queue. Never
-/// for a null-sender message (RFC 5321 4.5.5: no bounce loops).
-/// Returns false only when a bounce was due and could not be queued.
+/// Sends the report on this attempt's failures, through the queue: a bounce to the
+/// sender, or, for a null-sender message (itself a bounce or a notification), which RFC
+/// 5321 4.5.5 forbids bouncing, a notice to the postmaster (like Postfix's "2bounce"
+/// notice). A notice that fails is only logged: reporting it again could loop.
+/// Returns false only when a report was due and could not be queued.
 async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Outcome)]) -> bool {
-    if env.sender.is_empty() {
-        tracing::info!(target: "maillog", id = %env.id, "no bounce for a null-sender message");
+    let (kind, to, client) = if !env.sender.is_empty() {
+        (dsn::DsnKind::Failure, env.sender.as_str(), BOUNCE_CLIENT)
+    } else if env.client == NOTICE_CLIENT {
+        tracing::warn!(target: "maillog", id = %env.id,
+            "no bounce for a null-sender message: a postmaster notice could not be delivered; dropped");
         return true;
-    }
+    } else {
+        (
+            dsn::DsnKind::PostmasterNotice,
+            ctx.postmaster.as_str(),
+            NOTICE_CLIENT,
+        )
+    };
     let now = unix_now();
     let recipients: Vec<dsn::RecipientStatus> = failed
         .iter()
@@ -337,16 +400,17 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
             action: dsn::Action::Failed,
             status: o.status.clone(),
             remote_mta: o.remote.clone(),
-            diagnostic: Some(o.reply.clone()),
+            diagnostic: o.diagnostic.clone(),
+            explanation: o.explanation.clone(),
             last_attempt: Some(now),
         })
         .collect();
     let id = ctx.spool.new_id();
     let text = dsn::build(&dsn::DsnRequest {
-        kind: dsn::DsnKind::Failure,
+        kind,
         reporting_mta: &ctx.hostname,
         queue_id: &env.id.to_string(),
-        sender: &env.sender,
+        sender: to,
         arrival: env.arrived,
         now,
         original: body,
@@ -356,7 +420,7 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
     let envelope = Envelope {
         id,
         arrived: now,
-        client: "local".into(),
+        client: client.into(),
         helo: ctx.hostname.clone(),
         auth: None,
         sender: String::new(),
@@ -366,13 +430,19 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
         } else {
             vec!["BODY=8BITMIME".to_string()]
         },
-        smtputf8: !env.sender.is_ascii(),
-        recipients: vec![env.sender.clone()],
+        smtputf8: !to.is_ascii(),
+        recipients: vec![to.to_string()],
     };
     match ctx.spool.store(&envelope, &text).await {
         Ok(loc) => {
-            tracing::info!(target: "maillog", id = %id, original = %env.id,
-                to = %format_args!("<{}>", env.sender), "bounce queued");
+            if kind == dsn::DsnKind::PostmasterNotice {
+                tracing::info!(target: "maillog", id = %id, original = %env.id,
+                    to = %format_args!("<{to}>"),
+                    "no bounce for a null-sender message; postmaster notice queued");
+            } else {
+                tracing::info!(target: "maillog", id = %id, original = %env.id,
+                    to = %format_args!("<{to}>"), "bounce queued");
+            }
             ctx.metrics.bounce();
             ctx.handle.enqueue(StoredMessage {
                 states: vec![RcptState::Pending],
@@ -390,6 +460,20 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
 }
 
 /// Delivers `indexes` of `env` to one next hop; one outcome per index, in order.
+///
+/// The hosts are found first (DNS, bounded by `resolve_timeout`), and only then is a
+/// global delivery slot taken: a destination whose DNS is slow holds its own
+/// per-destination slot, never one that other destinations need. Then the hosts are tried
+/// in order, at most `max_mx_sessions` sessions of them, for the recipients that have no
+/// outcome yet (RFC 5321 5.1: a host that cannot take the mail is followed by the next):
+/// - a host that cannot be reached, or refuses the greeting or EHLO: the next one;
+/// - a host that cannot take the message as it is ([`Connection::refusal`]: no 8BITMIME,
+///   SMTPUTF8 or a SIZE too small): the next one; the recipients fail only if every host
+///   tried refused so;
+/// - recipients refused with 4xx (or 421) at MAIL, RCPT or DATA, before any data was
+///   sent: the next host for them, as Postfix does; the last 4xx stands if no host
+///   takes them;
+/// - once the message has been sent to a host, its answers are final for this attempt.
 async fn deliver_group(
     ctx: &Context,
     key: &NextHopKey,
@@ -403,6 +487,10 @@ async fn deliver_group(
         .destination_slots(&key.destination)
         .acquire_owned()
         .await;
+    let targets = match resolve(ctx, key).await {
+        Ok(t) => t,
+        Err(o) => return all(o),
+    };
     let _slot = Arc::clone(&ctx.global).acquire_owned().await;
     let body = match body.get(ctx, msg).await {
         Ok(b) => b,
@@ -414,26 +502,24 @@ async fn deliver_group(
             ));
         }
     };
-    let targets = match resolve(ctx, &key.destination).await {
-        Ok(t) => t,
-        Err(o) => return all(o),
-    };
-    let rcpts: Vec<String> = indexes.iter().map(|i| env.recipients[*i].clone()).collect();
-    let eight_bit = env
+    let client = ctx.client(key.route);
+    let declared_8bit = env
         .params
         .iter()
-        .any(|p| p.eq_ignore_ascii_case("BODY=8BITMIME"))
-        || !body.is_ascii();
-    let message = OutboundMessage {
-        sender: &env.sender,
-        recipients: &rcpts,
-        body,
-        smtputf8: env.smtputf8,
-        eight_bit,
-    };
-    let client = ctx.client(key.route);
+        .any(|p| p.eq_ignore_ascii_case("BODY=8BITMIME"));
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; indexes.len()];
+    // Positions (in `indexes`) still without a final outcome, and the 4xx each got from a
+    // host before any data was sent (it stands if no later host takes the recipient).
+    let mut open: Vec<usize> = (0..indexes.len()).collect();
+    let mut refused_before_data: Vec<Option<Outcome>> = vec![None; indexes.len()];
     let mut problem = String::from("no host could be reached");
+    let mut unreachable = 0usize;
+    let mut refusal: Option<Outcome> = None;
+    let mut sessions = 0usize;
     'hosts: for (addr, name) in targets {
+        if open.is_empty() || sessions >= ctx.max_mx_sessions {
+            break;
+        }
         let pool_key = PoolKey {
             addr,
             server_name: name.clone(),
@@ -445,32 +531,63 @@ async fn deliver_group(
                 Ok(c) => (c, false),
                 Err(e) => {
                     problem = connect_problem(&name, addr, &e);
+                    unreachable += 1;
                     continue 'hosts;
                 }
             },
         };
+        sessions += 1;
+        let rcpts: Vec<String> = open
+            .iter()
+            .map(|&p| env.recipients[indexes[p]].clone())
+            .collect();
+        let message = OutboundMessage {
+            sender: &env.sender,
+            recipients: &rcpts,
+            body,
+            smtputf8: env.smtputf8,
+            eight_bit: declared_8bit,
+        };
+        if let Some(reply) = conn.refusal(&message) {
+            tracing::info!(target: "maillog", id = %env.id, host = %name, %addr,
+                reply = %reply.one_line(), "host cannot take this message; trying the next");
+            refusal = Some(Outcome::from_reply(Kind::Failed, &reply, &name));
+            // Nothing was sent: the connection is as good as before.
+            ctx.pool.put(pool_key, conn);
+            continue 'hosts;
+        }
         loop {
             match conn.send(&message).await {
                 Ok(results) => {
+                    let took = conn.took_message().to_vec();
                     if conn.is_reusable() {
                         ctx.pool.put(pool_key, conn);
                     } else {
                         tokio::spawn(conn.quit());
                     }
-                    return results
-                        .iter()
-                        .map(|r| match r {
+                    let mut still_open = Vec::new();
+                    for (n, (&p, result)) in open.iter().zip(results).enumerate() {
+                        let outcome = match &result {
                             RcptResult::Delivered(rep) => {
                                 Outcome::from_reply(Kind::Delivered, rep, &name)
-                            }
-                            RcptResult::Deferred(rep) => {
-                                Outcome::from_reply(Kind::Deferred, rep, &name)
                             }
                             RcptResult::Failed(rep) => {
                                 Outcome::from_reply(Kind::Failed, rep, &name)
                             }
-                        })
-                        .collect();
+                            RcptResult::Deferred(rep) => {
+                                let o = Outcome::from_reply(Kind::Deferred, rep, &name);
+                                if !took.get(n).copied().unwrap_or(true) {
+                                    refused_before_data[p] = Some(o);
+                                    still_open.push(p);
+                                    continue;
+                                }
+                                o
+                            }
+                        };
+                        outcomes[p] = Some(outcome);
+                    }
+                    open = still_open;
+                    continue 'hosts;
                 }
                 // A cached connection may have been closed by the server while idle: one
                 // fresh connection, then the error counts.
@@ -480,21 +597,48 @@ async fn deliver_group(
                         Ok(c) => c,
                         Err(e) => {
                             problem = connect_problem(&name, addr, &e);
+                            unreachable += 1;
                             continue 'hosts;
                         }
                     };
                 }
                 Err(e) => {
-                    return all(Outcome::local(
+                    // The message may have reached the host before the break: no other
+                    // host this attempt (a duplicate is worse than a wait).
+                    let broke = Outcome::local(
                         Kind::Deferred,
                         "4.4.2",
                         format!("connection to {name}[{addr}] broke: {e}"),
-                    ));
+                    );
+                    for p in open.drain(..) {
+                        outcomes[p] = Some(broke.clone());
+                    }
+                    break 'hosts;
                 }
             }
         }
     }
-    all(Outcome::local(Kind::Deferred, "4.4.1", problem))
+    for p in open {
+        outcomes[p] = Some(match (refused_before_data[p].take(), &refusal) {
+            (Some(o), _) => o,
+            // Every host tried said it cannot take the message (RFC 6152 3, RFC 6531
+            // 3.2, RFC 1870 6): that is final.
+            (None, Some(r)) if unreachable == 0 => r.clone(),
+            (None, Some(r)) => Outcome::local(
+                Kind::Deferred,
+                "4.4.1",
+                format!(
+                    "{problem}; the hosts reached cannot take the message: {}",
+                    r.reply
+                ),
+            ),
+            (None, None) => Outcome::local(Kind::Deferred, "4.4.1", problem.clone()),
+        });
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Outcome::local(Kind::Deferred, "4.3.0", "no outcome".into())))
+        .collect()
 }
 
 fn connect_problem(name: &str, addr: SocketAddr, e: &ConnectError) -> String {
@@ -525,82 +669,247 @@ async fn connect(
     }
 }
 
-/// The addresses to try, in order, each with the name its certificate must carry.
-async fn resolve(ctx: &Context, d: &Destination) -> Result<Vec<(SocketAddr, String)>, Outcome> {
-    match d {
-        Destination::Ip(addr) => Ok(vec![(*addr, addr.ip().to_string())]),
-        Destination::Host(host, port) => match ctx.resolver.host_addresses(host).await {
-            Ok(addrs) if !addrs.is_empty() => Ok(addrs
-                .into_iter()
-                .take(MAX_ADDRESSES)
-                .map(|ip| (SocketAddr::new(ip, *port), host.clone()))
-                .collect()),
-            Ok(_) => Err(Outcome::local(
-                Kind::Deferred,
-                "4.4.3",
-                format!("next hop {host} has no address"),
-            )),
-            // A configured next hop that does not resolve is our problem, never the
-            // sender's: defer.
-            Err(e) => Err(Outcome::local(
-                Kind::Deferred,
-                "4.4.3",
-                format!("next hop {host}: {e}"),
-            )),
-        },
-        Destination::Mx(domain) => {
-            let hosts = match ctx.resolver.mail_hosts(domain).await {
-                Ok(h) => h,
-                Err(e) if e.is_permanent() => {
-                    return Err(Outcome::local(
-                        Kind::Failed,
-                        e.status(),
-                        format!("{domain}: {e}"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(Outcome::local(
-                        Kind::Deferred,
-                        e.status(),
-                        format!("{domain}: {e}"),
-                    ));
-                }
-            };
-            let mut targets = Vec::new();
-            let mut last_error = None;
-            for h in &hosts {
-                match ctx.resolver.host_addresses(&h.name).await {
-                    Ok(addrs) => targets.extend(
-                        addrs
-                            .into_iter()
-                            .map(|ip| (SocketAddr::new(ip, ctx.mx_port), h.name.clone())),
-                    ),
-                    Err(e) => {
-                        // RFC 5321 5.1: no MX and no address means no mail for it.
-                        if h.implicit && e.is_permanent() {
-                            return Err(Outcome::local(
-                                Kind::Failed,
-                                e.status(),
-                                format!("{domain}: {e}"),
-                            ));
-                        }
-                        last_error = Some(e);
-                    }
-                }
-                if targets.len() >= MAX_ADDRESSES {
-                    break;
-                }
+/// The addresses to try, in order, each with the name its certificate must carry; all
+/// lookups of one destination within `resolve_timeout`.
+async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Vec<(SocketAddr, String)>, Outcome> {
+    let deadline = tokio::time::Instant::now() + ctx.resolve_timeout;
+    let timed_out = |what: &str| {
+        Outcome::local(
+            Kind::Deferred,
+            "4.4.3",
+            format!(
+                "{what}: DNS lookups took longer than resolve_timeout ({})",
+                crate::config::format_duration(ctx.resolve_timeout)
+            ),
+        )
+    };
+    match &key.destination {
+        Destination::Ip(addr) => {
+            if ctx.ourselves.is_us(*addr) {
+                return Err(self_destination(&key.destination.to_string(), key.route));
             }
-            targets.truncate(MAX_ADDRESSES);
-            if targets.is_empty() {
-                let why = last_error.map_or_else(|| "no address".to_string(), |e| e.to_string());
-                return Err(Outcome::local(
+            Ok(vec![(*addr, addr.ip().to_string())])
+        }
+        Destination::Host(host, port) => {
+            let lookup = tokio::time::timeout_at(deadline, ctx.resolver.host_addresses(host));
+            match lookup.await {
+                Err(_) => Err(timed_out(host)),
+                Ok(Ok(addrs)) if !addrs.is_empty() => {
+                    let addrs: Vec<SocketAddr> = interleave(addrs)
+                        .into_iter()
+                        .take(ctx.max_mx_addresses)
+                        .map(|ip| SocketAddr::new(ip, *port))
+                        .collect();
+                    if addrs.iter().any(|a| ctx.ourselves.is_us(*a)) {
+                        return Err(self_destination(&format!("{host}:{port}"), key.route));
+                    }
+                    Ok(addrs.into_iter().map(|a| (a, host.clone())).collect())
+                }
+                Ok(Ok(_)) => Err(Outcome::local(
                     Kind::Deferred,
                     "4.4.3",
-                    format!("no address for the mail hosts of {domain}: {why}"),
-                ));
+                    format!("next hop {host} has no address"),
+                )),
+                // A configured next hop that does not resolve is our problem, never the
+                // sender's: defer.
+                Ok(Err(e)) => Err(Outcome::local(
+                    Kind::Deferred,
+                    "4.4.3",
+                    format!("next hop {host}: {e}"),
+                )),
             }
-            Ok(targets)
         }
+        Destination::Mx(domain) => {
+            let hosts =
+                match tokio::time::timeout_at(deadline, ctx.resolver.mail_hosts(domain)).await {
+                    Err(_) => return Err(timed_out(domain)),
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => {
+                        let kind = if e.is_permanent() {
+                            Kind::Failed
+                        } else {
+                            Kind::Deferred
+                        };
+                        return Err(Outcome::local(kind, e.status(), format!("{domain}: {e}")));
+                    }
+                };
+            mx_targets(ctx, domain, &hosts, deadline).await
+        }
+    }
+}
+
+/// The addresses of a domain's MX hosts, in order, within the caps (RFC 5321 5.1).
+///
+/// At most `max_mx_addresses` addresses, where a host whose lookup fails counts as one
+/// (so a domain listing a hundred MX names that do not resolve costs a handful of
+/// queries, not a hundred). The first host that is us, by name or by any address on
+/// `mx_port`, is dropped with every host of equal or worse preference (RFC 5321 5.1:
+/// "if the SMTP client finds its own host name or address in the MX list it MUST
+/// discard that and all records of equal or worse preference"); if no host is left, mail
+/// for the domain would loop back to us: a permanent 5.4.6.
+async fn mx_targets(
+    ctx: &Context,
+    domain: &str,
+    hosts: &[MailHost],
+    deadline: tokio::time::Instant,
+) -> Result<Vec<(SocketAddr, String)>, Outcome> {
+    // Names need no lookup: cut at the first one that is ours.
+    let mut cut: Option<u16> = hosts
+        .iter()
+        .find(|h| ctx.ourselves.is_our_name(&h.name))
+        .map(|h| h.preference);
+    let mut targets: Vec<(SocketAddr, String, u16)> = Vec::new();
+    let mut budget = ctx.max_mx_addresses;
+    let mut last_error: Option<String> = None;
+    for h in hosts {
+        if budget == 0 || cut.is_some_and(|c| h.preference >= c) {
+            break;
+        }
+        let addrs =
+            match tokio::time::timeout_at(deadline, ctx.resolver.host_addresses(&h.name)).await {
+                Err(_) => {
+                    last_error = Some(format!(
+                        "{}: DNS lookups took longer than resolve_timeout",
+                        h.name
+                    ));
+                    break;
+                }
+                Ok(Err(e)) => {
+                    // RFC 5321 5.1: no MX and no address means no mail for it.
+                    if h.implicit && e.is_permanent() {
+                        return Err(Outcome::local(
+                            Kind::Failed,
+                            e.status(),
+                            format!("{domain}: {e}"),
+                        ));
+                    }
+                    budget -= 1;
+                    last_error = Some(host_error(&h.name, &e));
+                    continue;
+                }
+                Ok(Ok(addrs)) => addrs,
+            };
+        if addrs
+            .iter()
+            .any(|ip| ctx.ourselves.is_us(SocketAddr::new(*ip, ctx.mx_port)))
+        {
+            tracing::info!(domain, host = %h.name, preference = h.preference,
+                "MX host is this server: it and every host of equal or worse preference are skipped");
+            cut = Some(h.preference);
+            targets.retain(|t| t.2 < h.preference);
+            break;
+        }
+        for ip in interleave(addrs).into_iter().take(budget) {
+            targets.push((
+                SocketAddr::new(ip, ctx.mx_port),
+                h.name.clone(),
+                h.preference,
+            ));
+            budget -= 1;
+        }
+    }
+    if targets.is_empty() {
+        if cut.is_some() {
+            // RFC 3463 X.4.6 "routing loop detected"; permanent: a retry finds the same.
+            tracing::warn!(target: "maillog", domain,
+                "mail for the domain loops back to this server (best MX is us)");
+            return Err(Outcome::local(
+                Kind::Failed,
+                "5.4.6",
+                format!("mail for {domain} loops back to myself"),
+            ));
+        }
+        let why = last_error.unwrap_or_else(|| "no address".to_string());
+        return Err(Outcome::local(
+            Kind::Deferred,
+            "4.4.3",
+            format!("no address for the mail hosts of {domain}: {why}"),
+        ));
+    }
+    Ok(targets.into_iter().map(|(a, n, _)| (a, n)).collect())
+}
+
+fn host_error(host: &str, e: &ResolveError) -> String {
+    format!("{host}: {e}")
+}
+
+/// A next hop that is this server. For an address-literal recipient (`user@[ip]`, no
+/// route) that is the mail's fault: 5.4.6. A configured route to ourselves is the
+/// operator's: defer (4.4.6) and say so, so nothing is lost while the route is fixed.
+fn self_destination(what: &str, route: Option<usize>) -> Outcome {
+    match route {
+        None => Outcome::local(
+            Kind::Failed,
+            "5.4.6",
+            format!("mail for {what} loops back to myself"),
+        ),
+        Some(_) => {
+            tracing::error!(
+                next_hop = what,
+                "a route's next hop is this server itself: mail would loop; check [[route]] next_hop"
+            );
+            Outcome::local(
+                Kind::Deferred,
+                "4.4.6",
+                format!("the route's next hop {what} is this server (mail loop)"),
+            )
+        }
+    }
+}
+
+/// IPv6 and IPv4 addresses alternated, each family in its own order (RFC 8305 4), so a
+/// broken IPv6 path costs one connect timeout before IPv4 is tried, not one per address.
+fn interleave(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    let (v6, v4): (Vec<IpAddr>, Vec<IpAddr>) = addrs.into_iter().partition(IpAddr::is_ipv6);
+    let mut out = Vec::with_capacity(v6.len() + v4.len());
+    let (mut a, mut b) = (v6.into_iter(), v4.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaving_alternates_families() {
+        let ips: Vec<IpAddr> = ["::1", "::2", "::3", "10.0.0.1", "10.0.0.2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let got: Vec<String> = interleave(ips).iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["::1", "10.0.0.1", "::2", "10.0.0.2", "::3"]);
+        assert!(interleave(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn expired_outcomes_never_mix_classes() {
+        let day = Duration::from_secs(86_400);
+        let remote = Outcome::from_reply(
+            Kind::Deferred,
+            &Reply::new(451, Some(postern_smtp::Status(4, 3, 0)), "not now"),
+            "mx.example",
+        );
+        let o = Outcome::expired(day, Some(remote));
+        assert_eq!((o.kind, o.status.as_str()), (Kind::Failed, "4.4.7"));
+        assert_eq!(o.diagnostic.as_deref(), Some("451 4.3.0 not now"));
+        assert_eq!(o.remote.as_deref(), Some("mx.example"));
+        assert!(!o.reply.starts_with("550"), "{}", o.reply);
+
+        let local = Outcome::local(Kind::Deferred, "4.4.1", "no host could be reached".into());
+        let o = Outcome::expired(day, Some(local));
+        assert_eq!(o.diagnostic, None);
+        assert_eq!(o.remote, None);
+        assert!(o.reply.starts_with("4.4.7 "), "{}", o.reply);
+        assert!(
+            o.explanation
+                .unwrap()
+                .ends_with("last problem: no host could be reached"),
+        );
+        assert_eq!(Outcome::expired(day, None).diagnostic, None);
     }
 }

@@ -132,9 +132,12 @@ pub struct OutboundMessage<'a> {
     pub recipients: &'a [String],
     /// The message as spooled: CRLF lines, not dot-stuffed.
     pub body: &'a [u8],
-    /// The envelope needs SMTPUTF8 (RFC 6531). Non-ASCII addresses imply it anyway.
+    /// The client declared SMTPUTF8 (RFC 6531). Only a wish: SMTPUTF8 is *needed* when an
+    /// address or a header field is non-ASCII UTF-8 (RFC 6531 3.2, RFC 6532), and a
+    /// declared but unneeded SMTPUTF8 is dropped for a server that does not offer it.
     pub smtputf8: bool,
-    /// BODY=8BITMIME was declared or the body has octets > 127 (RFC 6152).
+    /// The client declared BODY=8BITMIME (RFC 6152). Also only a wish: what is sent
+    /// follows the bytes (octets above 127), so 7-bit mail declared 8-bit goes anywhere.
     pub eight_bit: bool,
 }
 
@@ -749,6 +752,9 @@ pub struct Connection {
     data_timeout: Duration,
     /// False once the session state is unknown (a failed RSET, a 421, an I/O error).
     reusable: bool,
+    /// Per recipient of the last `send`: the message body was sent for it, so its outcome
+    /// is the final dot's reply (see [`Connection::took_message`]).
+    took_message: Vec<bool>,
 }
 
 impl fmt::Debug for Connection {
@@ -799,6 +805,7 @@ impl Connection {
             command_timeout: config.command_timeout,
             data_timeout: config.data_timeout,
             reusable: true,
+            took_message: Vec::new(),
         };
         match conn.open(config).await {
             Ok(()) => {
@@ -1000,10 +1007,9 @@ impl Connection {
     /// `message.recipients`. An error means the connection broke: recipients have no
     /// final outcome and the connection must be dropped.
     ///
-    /// Checks made without asking the server (synthesised replies end in "(local)"):
-    /// SMTPUTF8 needed but not offered → 553 5.6.7 (RFC 6531 3.2); 8-bit content and no
-    /// 8BITMIME → 554 5.6.3 (RFC 6152 3: we never downgrade); larger than the announced
-    /// SIZE → 552 5.3.4 (RFC 1870 6); an address with control characters → 553.
+    /// Checks made without asking the server (synthesised replies end in "(local)"): the
+    /// ones of [`Connection::refusal`], which depend on this server, and an address with
+    /// control characters → 553, which does not.
     pub async fn send(
         &mut self,
         message: &OutboundMessage<'_>,
@@ -1014,6 +1020,7 @@ impl Connection {
             ));
         }
         let mut results: Vec<Option<RcptResult>> = vec![None; message.recipients.len()];
+        self.took_message = vec![false; message.recipients.len()];
         if let Some(reply) = self.refuse_locally(message) {
             return Ok(vec![RcptResult::Failed(reply); message.recipients.len()]);
         }
@@ -1034,16 +1041,28 @@ impl Connection {
         }
     }
 
-    /// A reply for every recipient when the message cannot go to this server at all.
+    /// A reply for every recipient when the message cannot go to any server.
     fn refuse_locally(&self, message: &OutboundMessage<'_>) -> Option<Reply> {
         if has_control(message.sender) {
             return Some(local::bad_sender());
         }
+        self.refusal(message)
+    }
+
+    /// Why *this* server cannot take the message as it is, decided from its EHLO
+    /// extensions without sending anything: another host of the same destination may
+    /// well take it, so the caller tries the next one. `None`: go ahead.
+    ///
+    /// SMTPUTF8 needed (a non-ASCII address or header field, RFC 6531 3.2) but not
+    /// offered → 553 5.6.7; octets above 127 and no 8BITMIME → 554 5.6.3 (RFC 6152 3: we
+    /// never downgrade); larger than the announced SIZE → 552 5.3.4 (RFC 1870 6). What
+    /// the client merely declared (`smtputf8`, `eight_bit`) never causes a refusal.
+    pub fn refusal(&self, message: &OutboundMessage<'_>) -> Option<Reply> {
         let ext = &self.extensions;
         if needs_smtputf8(message) && !ext.smtputf8 {
             return Some(local::no_smtputf8(&self.server_name));
         }
-        if message.eight_bit && !ext.eight_bit_mime {
+        if needs_8bitmime(message) && !ext.eight_bit_mime {
             return Some(local::no_8bitmime(&self.server_name));
         }
         let size = wire_size(message.body);
@@ -1165,6 +1184,9 @@ impl Connection {
         // The message, then the final dot's reply (RFC 5321 4.1.1.4): it decides for
         // every recipient accepted at RCPT.
         self.send_body(message.body).await?;
+        for &i in &accepted {
+            self.took_message[i] = true;
+        }
         let final_reply = self.io.read_reply(self.data_timeout, "final dot").await?;
         match final_reply.code {
             200..=299 | 400..=599 => {
@@ -1190,10 +1212,13 @@ impl Connection {
         if self.extensions.size.is_some() {
             mail.push_str(&format!(" SIZE={}", wire_size(message.body)));
         }
-        if message.eight_bit {
+        // RFC 6152 2: declare what the content is, not what the client said it was.
+        if needs_8bitmime(message) {
             mail.push_str(" BODY=8BITMIME");
         }
-        if needs_smtputf8(message) {
+        // A declared SMTPUTF8 is kept where the server offers it (the next hop may care
+        // for other reasons), and dropped where it does not but nothing needs it.
+        if needs_smtputf8(message) || (message.smtputf8 && self.extensions.smtputf8) {
             mail.push_str(" SMTPUTF8");
         }
         mail
@@ -1268,6 +1293,14 @@ impl Connection {
         matches!(self.io.stream, Stream::Tls(_))
     }
 
+    /// Per recipient of the last [`Connection::send`], in the order of its recipients:
+    /// true when the message body was sent for it, so its result is the final dot's
+    /// reply. A deferred recipient with `false` was refused before any data (4xx or 421
+    /// at MAIL, RCPT or DATA), so another host may be tried for it at once.
+    pub fn took_message(&self) -> &[bool] {
+        &self.took_message
+    }
+
     /// False when the connection must not be used for another `send` (a failed RSET, a
     /// 421, an error); the caller then drops it.
     pub fn is_reusable(&self) -> bool {
@@ -1312,11 +1345,31 @@ fn has_control(address: &str) -> bool {
     address.bytes().any(|b| b < b' ' || b == 0x7f)
 }
 
-/// SMTPUTF8 is needed when asked for, and for any non-ASCII address (RFC 6531 3.4).
+/// SMTPUTF8 is needed for a non-ASCII address (RFC 6531 3.2, 3.4) or a header field in
+/// UTF-8 (RFC 6532 3). What the client declared does not matter here.
 fn needs_smtputf8(message: &OutboundMessage<'_>) -> bool {
-    message.smtputf8
-        || !message.sender.is_ascii()
+    !message.sender.is_ascii()
         || message.recipients.iter().any(|r| !r.is_ascii())
+        || utf8_in_header(message.body)
+}
+
+/// 8BITMIME is needed when the content has an octet above 127 (RFC 6152 2), whatever
+/// BODY= the client declared.
+fn needs_8bitmime(message: &OutboundMessage<'_>) -> bool {
+    !message.body.is_ascii()
+}
+
+/// Whether the header section (up to the first empty line) holds non-ASCII text that is
+/// valid UTF-8: an internationalised header (RFC 6532). Other 8-bit octets there are
+/// legacy raw 8-bit and need only 8BITMIME.
+fn utf8_in_header(body: &[u8]) -> bool {
+    let end = if body.starts_with(b"\r\n") {
+        0 // no header section at all
+    } else {
+        memchr::memmem::find(body, b"\r\n\r\n").map_or(body.len(), |i| i + 2)
+    };
+    let header = &body[..end];
+    !header.is_ascii() && std::str::from_utf8(header).is_ok()
 }
 
 /// The name to verify and send as SNI: a DNS name, or an IP address (an address literal
@@ -1675,6 +1728,9 @@ mod conversations {
         assert_eq!(codes(&results), [('D', 250), ('F', 550), ('T', 451)]);
         assert_eq!(results[1].reply().status, Some(Status(5, 1, 1)));
         assert_eq!(results[1].reply().lines, ["No such user"]);
+        // Only the accepted recipient had the message sent for it; the 451 one may go to
+        // another host at once.
+        assert_eq!(conn.took_message(), [true, false, false]);
         assert!(conn.is_reusable());
         conn.quit().await;
 
@@ -1820,10 +1876,16 @@ mod conversations {
         assert_eq!(results[0].reply().status, Some(Status(5, 6, 3)));
         assert!(results[0].reply().one_line().ends_with("(local)"));
         assert!(!sent_mail(&sink));
-        // The connection is untouched and still good for 7-bit mail.
-        let results = conn.send(&message(&to, b"plain\r\n")).await.unwrap();
+        // The connection is untouched and still good for 7-bit mail, even when the
+        // client declared it 8-bit: the bytes decide (RFC 6152 2).
+        let mut msg = message(&to, b"plain\r\n");
+        msg.eight_bit = true;
+        assert!(conn.refusal(&msg).is_none());
+        let results = conn.send(&msg).await.unwrap();
         assert_eq!(codes(&results), [('D', 250), ('D', 250)]);
+        assert_eq!(conn.took_message(), [true, true]);
         conn.quit().await;
+        assert_eq!(sink.wait_for(1, WAIT)[0].mail_params, Vec::<String>::new());
     }
 
     #[tokio::test]
@@ -1856,17 +1918,43 @@ mod conversations {
             ..SinkConfig::default()
         });
         let mut conn = connect(&sink, &config(TlsPolicy::None)).await;
-        let to = rcpts(&["a@dest.test"]);
-        let mut msg = message(&to, b"x\r\n");
-        msg.smtputf8 = true;
-        let results = conn.send(&msg).await.unwrap();
-        assert_eq!(codes(&results), [('F', 553)]);
-        assert_eq!(results[0].reply().status, Some(Status(5, 6, 7)));
         let to = rcpts(&["\u{fc}ser@dest.test"]);
         let results = conn.send(&message(&to, b"x\r\n")).await.unwrap();
         assert_eq!(codes(&results), [('F', 553)]);
+        assert_eq!(results[0].reply().status, Some(Status(5, 6, 7)));
+        // A UTF-8 header field needs it too (RFC 6532), ...
+        let to = rcpts(&["a@dest.test"]);
+        let header = "Subject: \u{e9}t\u{e9}\r\n\r\nbody\r\n";
+        let results = conn.send(&message(&to, header.as_bytes())).await.unwrap();
+        assert_eq!(codes(&results), [('F', 553)]);
         assert!(!sent_mail(&sink));
+        // ... a UTF-8 body does not (that is 8BITMIME's business), and neither does a
+        // declared SMTPUTF8 that nothing needs (RFC 6531 3.2): sent without it.
+        let mut msg = message(&to, "Subject: x\r\n\r\n\u{e9}t\u{e9}\r\n".as_bytes());
+        msg.smtputf8 = true;
+        assert!(conn.refusal(&msg).is_none());
+        let results = conn.send(&msg).await.unwrap();
+        assert_eq!(codes(&results), [('D', 250)]);
         conn.quit().await;
+        assert_eq!(sink.wait_for(1, WAIT)[0].mail_params, ["BODY=8BITMIME"]);
+    }
+
+    #[test]
+    fn utf8_header_detection() {
+        assert!(utf8_in_header("Subject: \u{e9}\r\n\r\nx\r\n".as_bytes()));
+        assert!(!utf8_in_header("Subject: x\r\n\r\n\u{e9}\r\n".as_bytes()));
+        assert!(
+            !utf8_in_header(b"Subject: \xe9t\xe9\r\n\r\n"),
+            "Latin-1 is not UTF-8"
+        );
+        assert!(
+            !utf8_in_header("\r\n\u{e9}\r\n".as_bytes()),
+            "no header section"
+        );
+        assert!(
+            utf8_in_header("Subject: \u{e9}".as_bytes()),
+            "header only, no body"
+        );
     }
 
     #[tokio::test]

@@ -34,6 +34,10 @@ pub enum DsnKind {
     Failure,
     /// Delivery is delayed; the queue keeps trying (warning).
     Delay,
+    /// A message with the null sender (itself a bounce or another notification) failed:
+    /// there is nobody to return it to, so the postmaster gets this notice instead (like
+    /// Postfix's "2bounce" notice). The report has the same parts as a bounce.
+    PostmasterNotice,
 }
 
 /// RFC 3464 section 2.3.3 action for one recipient.
@@ -57,8 +61,13 @@ pub struct RecipientStatus {
     pub status: String,
     /// The host that gave the reply, when one did (`Remote-MTA: dns; host`).
     pub remote_mta: Option<String>,
-    /// The remote reply, e.g. `"550 5.1.1 <x@y>: user unknown"` (`Diagnostic-Code: smtp; ...`).
+    /// The remote reply as it was received, e.g. `"550 5.1.1 <x@y>: user unknown"`
+    /// (`Diagnostic-Code: smtp; ...`, RFC 3464 2.3.6). Only a remote server's reply:
+    /// a reason of our own goes in `explanation`.
     pub diagnostic: Option<String>,
+    /// Our own explanation for the people reading the report ("delivery time expired
+    /// after 5d", "domain publishes a null MX"), shown in the text part before the reply.
+    pub explanation: Option<String>,
     /// Last delivery attempt, unix seconds.
     pub last_attempt: Option<i64>,
 }
@@ -72,7 +81,8 @@ pub struct DsnRequest<'a> {
     pub reporting_mta: &'a str,
     /// The queue id of the original message (`X-Postern-Queue-ID`, boundary seed).
     pub queue_id: &'a str,
-    /// Original envelope sender, the DSN's recipient. Never empty: the caller never bounces
+    /// The report's recipient: the original envelope sender, or for a
+    /// [`DsnKind::PostmasterNotice`] the postmaster. Never empty: the caller never bounces
     /// a bounce (RFC 3461 section 6.1 / RFC 5321 section 4.5.5).
     pub sender: &'a str,
     /// When the original arrived, unix seconds.
@@ -113,6 +123,7 @@ pub fn build(req: &DsnRequest) -> Vec<u8> {
     let subject = match req.kind {
         DsnKind::Failure => "Undelivered Mail Returned to Sender",
         DsnKind::Delay => "Delayed Mail (still being retried)",
+        DsnKind::PostmasterNotice => "Postmaster Notice: Undelivered Mail Without a Return Address",
     };
     let message_id = {
         let id = clean(&req.message_id).replace(' ', "");
@@ -134,8 +145,13 @@ pub fn build(req: &DsnRequest) -> Vec<u8> {
     push_field(&mut out, "Date", &rfc5322_date(req.now));
     push_field(&mut out, "Message-ID", &message_id);
     push_field(&mut out, "MIME-Version", "1.0");
-    // RFC 3834 section 5: a DSN is a response to a message, hence "auto-replied".
-    push_field(&mut out, "Auto-Submitted", "auto-replied");
+    // RFC 3834 section 5: a DSN is a response to a message, hence "auto-replied"; the
+    // postmaster's notice answers nobody: "auto-generated".
+    let auto = match req.kind {
+        DsnKind::PostmasterNotice => "auto-generated",
+        DsnKind::Failure | DsnKind::Delay => "auto-replied",
+    };
+    push_field(&mut out, "Auto-Submitted", auto);
     push_field(
         &mut out,
         "Content-Type",
@@ -213,12 +229,35 @@ fn human_part(req: &DsnRequest) -> String {
             clean(req.queue_id),
             rfc5322_date(req.arrival)
         ),
+        DsnKind::PostmasterNotice => format!(
+            "A message with the null sender <> (a bounce or another notification), queue \
+             id {}, received {}, could not be delivered to the recipients listed below. It \
+             has no return address, so it was not returned to anyone; this copy of the \
+             report is for the postmaster.",
+            clean(req.queue_id),
+            rfc5322_date(req.arrival)
+        ),
     };
     paras.push(wrap("", "", &intro, FOLD_WIDTH));
 
     for r in req.recipients {
         let mut lines = Vec::new();
         let address = clean(&r.address);
+        if let Some(why) = &r.explanation {
+            // Our reason first, then the last thing a server said, if one did.
+            let head = format!("<{address}>: {}", cap_chars(&clean(why), DIAGNOSTIC_CAP));
+            lines.extend(wrap("", "    ", &head, FOLD_WIDTH));
+            if let Some(d) = &r.diagnostic {
+                let said = match &r.remote_mta {
+                    Some(mta) => format!("host {} said: ", clean(mta)),
+                    None => String::new(),
+                };
+                let detail = format!("{said}{}", cap_chars(&clean(d), DIAGNOSTIC_CAP));
+                lines.extend(wrap("    ", "    ", &detail, FOLD_WIDTH));
+            }
+            paras.push(lines);
+            continue;
+        }
         let head = match (&r.remote_mta, &r.diagnostic) {
             (Some(mta), Some(_)) => format!("<{address}>: host {} said:", clean(mta)),
             (Some(mta), None) => format!("<{address}>: delivery to host {} failed", clean(mta)),
@@ -538,6 +577,7 @@ mod tests {
             status: "5.1.1".to_string(),
             remote_mta: Some("mx.remote.example".to_string()),
             diagnostic: Some("550 5.1.1 <bob@remote.example>: user unknown".to_string()),
+            explanation: None,
             last_attempt: Some(1_767_225_700),
         }
     }
@@ -720,6 +760,7 @@ mod tests {
                 status: "4.4.1".into(),
                 remote_mta: None,
                 diagnostic: None,
+                explanation: None,
                 last_attempt: None,
             },
             RecipientStatus {
@@ -728,6 +769,7 @@ mod tests {
                 status: "bogus".into(),
                 remote_mta: Some("mx.slow.example".into()),
                 diagnostic: Some("421 4.3.2 try later".into()),
+                explanation: None,
                 last_attempt: Some(1_767_225_800),
             },
         ];
@@ -895,5 +937,76 @@ mod tests {
         req.message_id = "abc@host".into();
         let p = parse(&build(&req));
         assert_eq!(get(&p.headers, "Message-ID"), Some("<abc@host>"));
+    }
+
+    #[test]
+    fn expired_message_keeps_the_status_and_the_reply_consistent() {
+        // RFC 3463 4.4.7 with action failed (as Postfix sends for "delivery time
+        // expired"); the Diagnostic-Code is the last remote reply as it was.
+        let rcpts = [RecipientStatus {
+            address: "bob@remote.example".into(),
+            action: Action::Failed,
+            status: "4.4.7".into(),
+            remote_mta: Some("mx.remote.example".into()),
+            diagnostic: Some("451 4.3.0 try again later".into()),
+            explanation: Some("delivery time expired: not delivered within 5d".into()),
+            last_attempt: Some(1_767_225_700),
+        }];
+        let msg = build(&request(&rcpts, ORIGINAL));
+        assert_wire_clean(&msg);
+        let text = String::from_utf8_lossy(&msg).into_owned();
+        assert!(text.contains("Status: 4.4.7\r\n"), "{text}");
+        assert!(text.contains("Action: failed\r\n"), "{text}");
+        assert!(
+            text.contains("Diagnostic-Code: smtp; 451 4.3.0 try again later\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("550 4.4.7"), "{text}");
+        assert!(
+            text.contains("<bob@remote.example>: delivery time expired"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host mx.remote.example said: 451 4.3.0"),
+            "{text}"
+        );
+
+        // No remote reply at all: no Diagnostic-Code, the reason only in the text.
+        let rcpts = [RecipientStatus {
+            remote_mta: None,
+            diagnostic: None,
+            explanation: Some("delivery time expired; last problem: no host answered".into()),
+            ..rcpts[0].clone()
+        }];
+        let text = String::from_utf8_lossy(&build(&request(&rcpts, ORIGINAL))).into_owned();
+        assert!(!text.contains("Diagnostic-Code"), "{text}");
+        assert!(!text.contains("Remote-MTA"), "{text}");
+        assert!(text.contains("last problem: no host answered"), "{text}");
+    }
+
+    #[test]
+    fn postmaster_notice() {
+        let rcpts = [failed("bob@remote.example")];
+        let mut req = request(&rcpts, ORIGINAL);
+        req.kind = DsnKind::PostmasterNotice;
+        req.sender = "postmaster@mx.postern.test";
+        let msg = build(&req);
+        assert_wire_clean(&msg);
+        let text = String::from_utf8_lossy(&msg).into_owned();
+        assert!(
+            text.contains("To: <postmaster@mx.postern.test>\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Subject: Postmaster Notice"), "{text}");
+        assert!(
+            text.contains("Auto-Submitted: auto-generated\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("null sender"), "{text}");
+        assert!(text.contains("Status: 5.1.1"), "{text}");
+        assert!(
+            text.contains("Subject: lunch"),
+            "the original header is attached"
+        );
     }
 }

@@ -145,6 +145,11 @@ pub fn start(
         default_client: route_client(config, None)?,
         mx_port: config.delivery.mx_port,
         hostname: config.hostname.clone(),
+        postmaster: config.postmaster.clone(),
+        ourselves: crate::ourselves::Ourselves::from_config(config),
+        max_mx_addresses: config.delivery.max_mx_addresses,
+        max_mx_sessions: config.delivery.max_mx_sessions,
+        resolve_timeout: config.delivery.resolve_timeout,
         retry_schedule: config.delivery.retry_schedule.clone(),
         max_lifetime: config.delivery.max_queue_lifetime,
         global: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
@@ -196,7 +201,7 @@ fn route_client(config: &Config, route: Option<&Route>) -> Result<RouteClient, D
     };
     let base = |tls: TlsPolicy| ClientConfig {
         helo_name: config.hostname.clone(),
-        connect_timeout: Duration::from_secs(30),
+        connect_timeout: config.delivery.connect_timeout,
         command_timeout: Duration::from_secs(300),
         data_timeout: Duration::from_secs(600),
         tls,
