@@ -119,6 +119,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let budget = crate::budget::MemoryBudget::new(config.max_message_memory);
+    let ourselves = crate::ourselves::Ourselves::from_config(&config);
     let shared = Arc::new(Shared {
         config,
         policy,
@@ -130,6 +131,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         dnsbl,
         metrics: Arc::clone(&metrics),
         budget,
+        ourselves,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(socket) = metrics_socket {

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postern_smtp::server::{Message, Peer, SessionConfig};
-use postern_smtp::{Event, Reply, ReversePath, Session, catalogue};
+use postern_smtp::{Domain, Event, Reply, ReversePath, Session, catalogue};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -46,6 +46,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Message bodies held in memory by all sessions (`max_message_memory`).
     pub budget: Arc<MemoryBudget>,
+    /// Our own addresses, to refuse address literals that are us.
+    pub ourselves: crate::ourselves::Ourselves,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -401,6 +403,15 @@ fn recipient_decision(
         // RFC 5321 4.5.1: <Postmaster> must be accepted from anyone; the session has
         // already made it the configured postmaster address.
         return Decision::Accept(Rule::Postmaster);
+    }
+    // `user@[our address]`: we have no local delivery, so it would be sent back to us
+    // (RFC 5321 5.1's loop, by literal). Refused for every client, trusted ones too.
+    if let Domain::Literal(ip) = req.recipient.domain()
+        && shared
+            .ourselves
+            .is_us(SocketAddr::new(*ip, shared.config.delivery.mx_port))
+    {
+        return Decision::Refuse(Rule::LiteralIsUs, catalogue::literal_is_us());
     }
     shared.policy.decide(client, &req.recipient)
 }

@@ -52,6 +52,34 @@ fn a_message_with_too_many_received_fields_is_refused_as_a_loop() {
     assert_eq!(r.code, 250, "{}", r.text());
 }
 
+#[test]
+fn an_address_literal_that_is_us_is_refused_even_from_a_trusted_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    // mx_port = our own port: a delivery to [127.0.0.1] would come straight back here.
+    let text = common::base_config(
+        port,
+        &dir.path().join("spool"),
+        "",
+        &format!("[delivery]\nmx_port = {port}\n"),
+    );
+    let server = Server::start_with_config(dir, port, &text);
+    let mut c = server.client(INSIDE);
+    c.hello();
+    c.expect("MAIL FROM:<a@inside.test>", 250);
+    for literal in ["[127.0.0.1]", "[127.0.0.2]", "[IPv6:::ffff:127.0.0.1]"] {
+        let r = c.cmd(&format!("RCPT TO:<user@{literal}>"));
+        assert!(
+            r.lines[0].starts_with("550 5.4.6"),
+            "{literal}: {}",
+            r.text()
+        );
+    }
+    // Someone else's literal is relayed for a trusted client as before.
+    c.expect("RCPT TO:<user@[192.0.2.1]>", 250);
+    assert!(server.log().contains("literal_is_us"), "{}", server.log());
+}
+
 // --- item 2: memory under attack ------------------------------------------------------
 
 #[test]
@@ -377,4 +405,30 @@ fn idn_domains_match_in_either_form() {
 fn read_some(s: &mut TcpStream) -> usize {
     let mut b = [0u8; 16];
     s.read(&mut b).unwrap_or(0)
+}
+
+// --- item 15: backscatter ---------------------------------------------------------------
+
+#[test]
+fn check_config_warns_of_backscatter_without_a_recipients_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postern.toml");
+    let base = common::base_config(25, &dir.path().join("spool"), "", "");
+    std::fs::write(&config, &base).unwrap();
+    let (code, out, err) = common::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backscatter"), "{out}");
+    // With a recipients file there is nothing to warn about.
+    std::fs::write(dir.path().join("r.txt"), "user@accepted.test\n").unwrap();
+    let with_list = base.replace(
+        "[relay]\n",
+        &format!(
+            "[relay]\nrecipients_file = \"{}\"\n",
+            dir.path().join("r.txt").display()
+        ),
+    );
+    std::fs::write(&config, with_list).unwrap();
+    let (code, out, err) = common::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("backscatter"), "{out}");
 }

@@ -66,7 +66,15 @@ pub(crate) fn describe(c: &Config) -> String {
             "recipients checked against: {} (others in accepted domains get 550)",
             path.display()
         ),
-        None => "recipients checked against: nothing (any address in an accepted domain)".into(),
+        None if r.accepted_domains.is_empty() => {
+            "recipients checked against: nothing (no accepted domains)".into()
+        }
+        // Every address is taken, so mail the internal server refuses later is bounced
+        // to its sender, which spam forges: backscatter to innocent third parties.
+        None => "recipients checked against: nothing (any address in an accepted domain) -- \
+                 WARNING: mail for addresses the next hop refuses is bounced to its (often \
+                 forged) sender (backscatter); set relay.recipients_file"
+            .into(),
     });
     line(if r.dnsbl.is_empty() {
         "dnsbl: none".to_string()
@@ -156,12 +164,17 @@ pub(crate) fn describe(c: &Config) -> String {
     line(format!("spool: {}", c.spool_dir.display()));
     line(format!(
         "limits: messages up to {} ({} bytes), {} recipients per transaction, command \
-         timeout {}, {} protocol errors per session",
+         timeout {}, transfer timeout {}, {} protocol errors and {} junk commands per \
+         session, {} hops, {} of message bodies in memory",
         format_size(c.max_message_size),
         c.max_message_size,
         c.max_recipients,
         format_duration(c.command_timeout),
+        format_duration(c.data_timeout),
         c.max_errors,
+        c.max_junk_commands,
+        c.max_hops,
+        format_size(c.max_message_memory),
     ));
     let d = &c.delivery;
     let last = d.retry_schedule.last().copied().unwrap_or_default();
