@@ -420,15 +420,30 @@ impl Session {
     /// global budget before reading `more`. Zero outside a transfer and once the body
     /// is being dropped ([`Session::refuse_body`], a size refusal).
     pub fn body_bytes_after(&self, more: usize) -> usize {
-        match &self.state {
-            State::Data(reader) => reader.held_after(more),
-            State::Bdat { .. } if self.bdat_failure.is_none() => self
+        if let State::Data(reader) = &self.state {
+            return reader.held_after(more);
+        }
+        // BDAT chunks received so far stay held between chunks, too.
+        let Some(chunks) = self.transaction.as_ref().and_then(|t| t.chunks.as_ref()) else {
+            return 0;
+        };
+        match self.state {
+            State::Bdat { .. } if self.bdat_failure.is_none() => {
+                crate::data::capacity_after(&chunks.body, more)
+            }
+            _ => chunks.body.capacity(),
+        }
+    }
+
+    /// True from the start of a message's content (DATA's 354, or the first BDAT) until
+    /// it is answered: the span `data_timeout` bounds. Unlike [`Session::in_transfer`]
+    /// it stays true between BDAT chunks.
+    pub fn in_message(&self) -> bool {
+        self.in_transfer()
+            || self
                 .transaction
                 .as_ref()
-                .and_then(|t| t.chunks.as_ref())
-                .map_or(0, |c| crate::data::capacity_after(&c.body, more)),
-            _ => 0,
-        }
+                .is_some_and(|t| t.chunks.is_some())
     }
 
     // --- inputs ----------------------------------------------------------------------------

@@ -248,7 +248,7 @@ async fn drive(
                     continue;
                 }
                 let mut wait = timeout;
-                if session.in_transfer() {
+                if session.in_message() {
                     let deadline = *transfer_deadline
                         .get_or_insert_with(|| Instant::now() + shared.config.data_timeout);
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -497,8 +497,10 @@ async fn store(shared: &Shared, mut message: Message, reservation: &mut Reservat
     let now = chrono::Local::now();
     let received = message.received_header(&shared.config.hostname, &id_text, &now.to_rfc2822());
     let note = redirect_note.unwrap_or_default();
-    // Our trace fields go in front of the body in place: no second copy of the message.
+    // Our trace fields go in front of the body in place: no second copy of the message
+    // (and exactly the room they need, not a doubled buffer).
     let mut data = body;
+    data.reserve_exact(received.len() + note.len());
     data.splice(0..0, received.bytes().chain(note.bytes()));
 
     let envelope = Envelope {

@@ -130,43 +130,66 @@ fn message_bodies_share_one_memory_budget() {
     );
 }
 
-#[test]
-fn a_dripping_transfer_is_cut_off_at_data_timeout() {
-    let server = Server::start("data_timeout = \"2s\"", "");
+/// Opens a session, sends `start`, waits for `ready`, then sends `drip` every 300 ms;
+/// returns the first reply line that came and how long after the first drip.
+fn drip(server: &Server, start: &[u8], ready: &str, drip: &[u8]) -> (String, Duration) {
     let mut s = TcpStream::connect(server.addr()).unwrap();
-    s.write_all(
-        b"EHLO c.test\r\nMAIL FROM:<a@outside.test>\r\nRCPT TO:<user@accepted.test>\r\nDATA\r\n",
-    )
-    .unwrap();
+    s.write_all(start).unwrap();
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    while !seen.contains("354 ") {
+    while !seen.contains(ready) {
         let n = s.read(&mut buf).unwrap();
         assert!(n > 0, "{seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    let start = Instant::now();
-    // One line every 300 ms: every read is well inside command_timeout (5 min), but the
-    // transfer as a whole is not inside data_timeout.
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let begin = Instant::now();
+    // Every read is well inside command_timeout (5 min); the transfer as a whole is not
+    // inside data_timeout.
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let mut reply = String::new();
-    while start.elapsed() < Duration::from_secs(8) {
-        if s.write_all(b"Subject: slow\r\n").is_err() {
-            break;
-        }
+    while begin.elapsed() < Duration::from_secs(8) && !reply.contains("421 ") {
+        let sent = s.write_all(drip).is_ok();
+        let mut closed = false;
         match s.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => closed = true,
             Ok(n) => reply.push_str(&String::from_utf8_lossy(&buf[..n])),
             Err(_) => {}
         }
-        if reply.contains("\r\n") {
+        if closed || !sent {
             break;
         }
+        std::thread::sleep(Duration::from_millis(250));
     }
+    // Only the end matters to the assertions (BDAT gets a reply per chunk).
+    let tail = reply.len().saturating_sub(200);
+    let reply = reply[tail..].to_string();
+    (reply, begin.elapsed())
+}
+
+#[test]
+fn a_dripping_transfer_is_cut_off_at_data_timeout() {
+    let server = Server::start("data_timeout = \"2s\"", "");
+    let envelope = "EHLO c.test\r\nMAIL FROM:<a@outside.test>\r\nRCPT TO:<user@accepted.test>\r\n";
+    let (reply, after) = drip(
+        &server,
+        format!("{envelope}DATA\r\n").as_bytes(),
+        "354 ",
+        b"Subject: slow\r\n",
+    );
     assert!(reply.starts_with("421 4.4.2"), "{reply:?}");
-    assert!(start.elapsed() < Duration::from_secs(6));
+    assert!(after < Duration::from_secs(6));
+    // BDAT: one small chunk at a time, each answered at once; the message as a whole is
+    // still bounded.
+    let (reply, after) = drip(
+        &server,
+        format!("{envelope}BDAT 3\r\na\r\n").as_bytes(),
+        "250 2.0.0 3 octets",
+        b"BDAT 3\r\nb\r\n",
+    );
+    assert!(reply.contains(" octets received"), "{reply:?}");
+    assert!(reply.contains("421 4.4.2"), "{reply:?}");
+    assert!(after < Duration::from_secs(6));
 }
 
 #[test]

@@ -519,3 +519,19 @@ fn body_buffers_grow_in_bounded_steps() {
     }
     assert_eq!(v.capacity(), 3 << 20);
 }
+
+#[test]
+fn bdat_chunks_stay_counted_between_chunks() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100_000, 10), false);
+    d.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\n");
+    assert!(!d.session.in_message());
+    let lines = format!("{}\r\n", "x".repeat(998)).repeat(3);
+    assert_eq!(d.codes(&format!("BDAT 3000\r\n{lines}")), ["250 2.0.0"]);
+    // Between chunks: nothing being read, but 3000 octets held and the message open.
+    assert!(!d.session.in_transfer());
+    assert!(d.session.in_message());
+    assert!(d.session.body_bytes_after(0) >= 3000);
+    assert_eq!(d.codes("BDAT 2 LAST\r\nyy"), ["250 2.0.0"]);
+    assert!(!d.session.in_message());
+    assert_eq!(d.session.body_bytes_after(0), 0);
+}
