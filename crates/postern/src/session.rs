@@ -379,6 +379,7 @@ fn reserve_for_read(
         return;
     }
     maillog::memory_refused(session.peer(), want, shared.budget.used());
+    shared.metrics.message_rejected(Rejection::Memory);
     session.refuse_body(catalogue::insufficient_storage());
     reservation.resize(session.body_bytes_after(0) as u64);
 }
