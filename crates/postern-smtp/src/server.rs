@@ -63,8 +63,9 @@ pub struct SessionConfig {
     /// RFC 5321 6.3: a message whose header already holds this many `Received:` (and
     /// `Delivered-To:`) fields is looping; it is refused with 554 5.4.6.
     pub max_hops: usize,
-    /// Where `<Postmaster>` and `postmaster@hostname` go (RFC 5321 4.5.1); `None`:
-    /// `postmaster@hostname` itself.
+    /// Where `<Postmaster>` and `postmaster@hostname` go (RFC 5321 4.5.1): they are then
+    /// accepted from anyone. `None`: there is no deliverable postmaster mailbox; a bare
+    /// `<Postmaster>` becomes `postmaster@hostname` and is decided like any recipient.
     pub postmaster: Option<Address>,
 }
 
@@ -888,13 +889,15 @@ impl Session {
         }
         // RFC 5321 4.5.1: <Postmaster> (bare, any case) and postmaster@ our own name
         // must be accepted; they go to the configured postmaster.
-        let postmaster = to.domain().name() == Some(POSTMASTER_MARKER)
+        let bare = to.domain().name() == Some(POSTMASTER_MARKER);
+        let ours = bare
             || (to.local().eq_ignore_ascii_case("postmaster")
-                && to.domain().name() == Some(self.config.hostname.as_str()));
-        let to = match (postmaster, &self.config.postmaster) {
-            (true, Some(address)) => address.clone(),
-            (true, None) => Address::postmaster(&self.config.hostname),
-            (false, _) => to,
+                && to.domain().ascii_name().as_deref()
+                    == Some(crate::address::ascii_domain(&self.config.hostname).as_ref()));
+        let (to, postmaster) = match (ours, &self.config.postmaster) {
+            (true, Some(address)) => (address.clone(), true),
+            (_, None) if bare => (Address::postmaster(&self.config.hostname), false),
+            _ => (to, false),
         };
         // Compared as mailboxes: `<"a"@x>`, `<a@x>` and `<@r:a@x>` are one recipient.
         if t.recipients.iter().any(|r| r.same_mailbox(&to)) {

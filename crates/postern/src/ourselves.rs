@@ -32,13 +32,17 @@ pub struct Ourselves {
     listeners: Vec<SocketAddr>,
     /// The local interface addresses and when they were read (`None`: not yet).
     interfaces: Mutex<Option<(Instant, Vec<IpAddr>)>>,
+    /// `own_addresses`: ours on any port (NAT, port forwarding).
+    extra: Vec<IpAddr>,
 }
 
 impl Ourselves {
     /// From the configuration: `hostname` and every `[[listener]]` address. A listener on
     /// port 0 (an ephemeral port, used in tests only) matches no address.
     pub fn from_config(config: &Config) -> Ourselves {
-        Ourselves::new(&config.hostname, config.listeners.iter().map(|l| l.address))
+        let mut us = Ourselves::new(&config.hostname, config.listeners.iter().map(|l| l.address));
+        us.extra = config.own_addresses.clone();
+        us
     }
 
     /// From a host name and listener addresses (what [`Ourselves::from_config`] uses).
@@ -50,6 +54,7 @@ impl Ourselves {
                 .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
                 .collect(),
             interfaces: Mutex::new(None),
+            extra: Vec::new(),
         }
     }
 
@@ -59,6 +64,7 @@ impl Ourselves {
     }
 
     /// True when a connection to `addr` would reach one of our own listeners:
+    /// - an address in `own_addresses` (NAT, port forwarding), on any port;
     /// - a listener bound to exactly that address and port;
     /// - a listener on the unspecified address (`0.0.0.0` or `[::]`, same family) on that
     ///   port, when the IP is loopback, unspecified, or the address of a local interface;
@@ -69,6 +75,10 @@ impl Ourselves {
     /// reaches the local host).
     pub fn is_us(&self, addr: SocketAddr) -> bool {
         let ip = addr.ip().to_canonical();
+        // Addresses forwarded to us (NAT): the outside port need not be ours.
+        if self.extra.contains(&ip) {
+            return true;
+        }
         let loopback = ip.is_loopback() || ip.is_unspecified();
         let mut local_checked = None;
         for l in self.listeners.iter().filter(|l| l.port() == addr.port()) {

@@ -126,8 +126,12 @@ fn session_config(shared: &Shared, listener: &Listener) -> SessionConfig {
         allow_plaintext_auth: listener.allow_plaintext_auth,
         max_junk_commands: shared.config.max_junk_commands,
         max_hops: shared.config.max_hops,
-        // Validated at load; a failure here would only mean postmaster@hostname.
-        postmaster: postern_smtp::address::parse_mailbox(&shared.config.postmaster).ok(),
+        // Validated at load.
+        postmaster: shared
+            .config
+            .postmaster
+            .as_deref()
+            .and_then(|p| postern_smtp::address::parse_mailbox(p).ok()),
     }
 }
 

@@ -350,6 +350,52 @@ fn a_host_that_cannot_take_the_message_passes_it_to_the_next_mx() {
     assert!(home.messages().is_empty(), "bounced: {:?}", home.messages());
 }
 
+/// A refusal is final only when every host of the destination refused: with a backup MX
+/// whose name does not resolve right now (SERVFAIL), the message is deferred, not
+/// bounced (the backup may take it at the next attempt).
+#[test]
+fn a_refusal_is_not_final_while_a_host_could_not_be_looked_up() {
+    let dns = DnsServer::start();
+    let port = shared_port(62..63);
+    dns.add_mx("eight.test", 10, "old.eight.test");
+    dns.add_mx("eight.test", 20, "backup.eight.test");
+    dns.add_a("old.eight.test", Ipv4Addr::new(127, 0, 0, 62));
+    dns.servfail("backup.eight.test");
+    let old = sink_on(
+        [127, 0, 0, 62],
+        port,
+        SinkConfig {
+            eight_bit_mime: false,
+            ..SinkConfig::default()
+        },
+    );
+    let home = Sink::start(SinkConfig::default());
+    let extra = route_to(&["company.test"], &home) + &delivery(&dns, port, "1h", "");
+    let server = Server::start("", &extra);
+    let id = submit_raw(
+        &server,
+        "MAIL FROM:<a@company.test> BODY=8BITMIME",
+        &["x@eight.test"],
+        &message("eightbit", "caf\u{e9}"),
+    );
+    let start = std::time::Instant::now();
+    while old.connections() == 0 && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(old.messages().is_empty());
+    assert!(home.messages().is_empty(), "bounced: {:?}", home.messages());
+    let (code, out, _) = run_cli(&[
+        "queue",
+        "show",
+        &id,
+        "--config",
+        server.config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("4.4."), "{out}");
+}
+
 /// What the client declared is not what decides: 7-bit mail declared BODY=8BITMIME, and
 /// ASCII mail declared SMTPUTF8, go to a host that offers neither, without them.
 #[test]

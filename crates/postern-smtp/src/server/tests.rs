@@ -469,7 +469,7 @@ fn postmaster_goes_to_the_configured_address() {
     };
     let mut d = Driver::new(config, false);
     d.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\n");
-    d.send("RCPT TO:<Postmaster>\r\nRCPT TO:<POSTMASTER@mx.test>\r\nRCPT TO:<postmaster@other.test>\r\n");
+    d.send("RCPT TO:<Postmaster>\r\nRCPT TO:<POSTMASTER@MX.test>\r\nRCPT TO:<postmaster@other.test>\r\n");
     let asked: Vec<(String, bool)> = d
         .recipients
         .iter()
@@ -482,6 +482,11 @@ fn postmaster_goes_to_the_configured_address() {
             ("postmaster@other.test".to_string(), false)
         ]
     );
+    // Without a deliverable postmaster, <Postmaster> is an ordinary recipient.
+    let mut d = Driver::new(SessionConfig::new("mx.test", 100_000, 10), false);
+    d.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<Postmaster>\r\n");
+    assert_eq!(d.recipients[0].recipient.to_string(), "postmaster@mx.test");
+    assert!(!d.recipients[0].postmaster);
 }
 
 #[test]

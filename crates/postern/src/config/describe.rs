@@ -76,6 +76,13 @@ pub(crate) fn describe(c: &Config) -> String {
                  forged) sender (backscatter); set relay.recipients_file"
             .into(),
     });
+    line(match &c.postmaster {
+        Some(p) => format!("postmaster: <Postmaster> and double-bounce notices go to {p}"),
+        None => "postmaster: none -- <Postmaster> is treated like any recipient and \
+                 double-bounce notices are only logged; set postmaster (postmaster@hostname \
+                 would go by MX to this host and loop)"
+            .into(),
+    });
     line(if r.dnsbl.is_empty() {
         "dnsbl: none".to_string()
     } else {

@@ -26,7 +26,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,8 +57,14 @@ pub struct Config {
     /// limits, AUTH lockout): one site holds a whole /64.
     pub ipv6_prefix: u8,
     /// Where mail to `<Postmaster>` (RFC 5321 4.5.1) and double-bounce notices go.
-    /// Default `postmaster@` + `hostname`.
-    pub postmaster: String,
+    /// Unset: `postmaster@` + `hostname` when a route takes `hostname` to another host;
+    /// otherwise `None` (it would go by MX to this very host and bounce as a loop, so
+    /// `<Postmaster>` is then left to the relay policy and notices are only logged).
+    pub postmaster: Option<String>,
+    /// Addresses that reach this server from outside though no interface has them (NAT,
+    /// a load balancer, port forwarding): an MX host or an address literal with one of
+    /// them is us, whatever the port (Postfix's proxy_interfaces).
+    pub own_addresses: Vec<IpAddr>,
     /// RFC 5321 6.3: a message already carrying this many `Received:`/`Delivered-To:`
     /// fields is refused (554 5.4.6).
     pub max_hops: usize,
@@ -331,7 +337,8 @@ impl Config {
             command_timeout: validate::DEFAULT_COMMAND_TIMEOUT,
             max_errors: validate::DEFAULT_MAX_ERRORS,
             ipv6_prefix: crate::policy::DEFAULT_IPV6_PREFIX,
-            postmaster: String::new(),
+            postmaster: None,
+            own_addresses: Vec::new(),
             max_hops: postern_smtp::server::DEFAULT_MAX_HOPS,
             max_junk_commands: postern_smtp::server::DEFAULT_MAX_JUNK_COMMANDS,
             data_timeout: validate::DEFAULT_DATA_TIMEOUT,
@@ -345,14 +352,6 @@ impl Config {
             filters: Vec::new(),
             metrics: None,
         }
-        .with_default_postmaster()
-    }
-
-    fn with_default_postmaster(mut self) -> Config {
-        if self.postmaster.is_empty() {
-            self.postmaster = format!("postmaster@{}", self.hostname);
-        }
-        self
     }
 
     /// Read and validate `path`.

@@ -29,6 +29,7 @@ pub(crate) struct RawConfig {
     pub data_timeout: Option<S<String>>,
     pub max_message_memory: Option<S<RawSize>>,
     pub postmaster: Option<S<String>>,
+    pub own_addresses: Option<Vec<S<String>>>,
     #[serde(default)]
     pub listener: Vec<S<RawListener>>,
     pub tls: Option<S<RawTls>>,

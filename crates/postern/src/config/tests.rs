@@ -680,3 +680,23 @@ fn config_docs_examples_parse() {
     }
     assert!(blocks >= 1, "no ```toml example in {}", path.display());
 }
+
+#[test]
+fn config_postmaster_defaults_only_when_deliverable() {
+    let base = "hostname = \"relay.example.net\"\n";
+    // By MX, postmaster@hostname would come back to this host: no default.
+    assert_eq!(parse(base).unwrap().postmaster, None);
+    let mx = format!("{base}[[route]]\ndomains = [\"*\"]\nnext_hop = \"mx\"\n");
+    assert_eq!(parse(&mx).unwrap().postmaster, None);
+    // A route taking our own name to a fixed host makes the default usable.
+    let routed = format!("{base}[[route]]\ndomains = [\"*\"]\nnext_hop = \"10.0.0.5:25\"\n");
+    assert_eq!(
+        parse(&routed).unwrap().postmaster.as_deref(),
+        Some("postmaster@relay.example.net")
+    );
+    let given = format!("postmaster = \"Admin@Company.COM\"\n{base}");
+    assert_eq!(
+        parse(&given).unwrap().postmaster.as_deref(),
+        Some("Admin@company.com")
+    );
+}

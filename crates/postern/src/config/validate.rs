@@ -339,6 +339,13 @@ impl Validator<'_> {
 /// Usize maximum as the i64 bound for counts; configuration counts never get near it.
 const MAX_COUNT: i64 = i64::MAX;
 
+/// The memory budget one message of `size` bytes can need while it is stored: its buffer
+/// (the size rounded up to the 1 MiB growth step, plus one 64 KiB read reserved ahead),
+/// the spool record's copy and the screener's decoded parts.
+fn memory_for(size: u64) -> u64 {
+    size.saturating_mul(3).saturating_add(2 << 20)
+}
+
 pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Config> {
     let v = Validator {
         text,
@@ -366,7 +373,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         "max_message_memory",
         MIN_MESSAGE_SIZE,
         // Unset: room for a largest-size message whatever max_message_size is.
-        DEFAULT_MAX_MESSAGE_MEMORY.max(max_message_size.saturating_mul(3)),
+        DEFAULT_MAX_MESSAGE_MEMORY.max(memory_for(max_message_size)),
     )?;
     let max_recipients = v.int(
         raw.max_recipients.as_ref(),
@@ -397,16 +404,16 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     )?;
     // A message being stored is held up to three times (the body, the spool record, the
     // screener's decoded parts): the budget must fit one message of the largest size.
-    if max_message_memory < max_message_size.saturating_mul(3)
+    if max_message_memory < memory_for(max_message_size)
         && let Some(m) = &raw.max_message_memory
     {
         return v.err(
             m.span(),
             "max_message_memory",
             format!(
-                "must be at least 3 x max_message_size ({}): storing a message of the \
-                 largest size needs that much",
-                format_size(max_message_size.saturating_mul(3))
+                "must be at least 3 x max_message_size + 2MB ({}): storing a message of \
+                 the largest size needs that much",
+                format_size(memory_for(max_message_size))
             ),
         );
     }
@@ -429,9 +436,18 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         "data_timeout",
         DEFAULT_DATA_TIMEOUT,
     )?;
-    let postmaster = match &raw.postmaster {
-        Some(p) => v.parse(p, "postmaster", check_address)?,
-        None => format!("postmaster@{hostname}"),
+    let mut own_addresses = Vec::new();
+    for a in raw.own_addresses.iter().flatten() {
+        let ip: IpAddr = v.parse(a, "own_addresses", |s| {
+            s.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("`{s}` is not an IP address"))
+        })?;
+        own_addresses.push(ip.to_canonical());
+    }
+    let postmaster_given = match &raw.postmaster {
+        Some(p) => Some(v.parse(p, "postmaster", check_address)?),
+        None => None,
     };
 
     let tls = raw.tls.as_ref().map(|t| tls_section(&v, t)).transpose()?;
@@ -445,6 +461,15 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         None => Relay::default_relay(),
     };
     let routes = routes(&v, &raw.route)?;
+    // postmaster@hostname is a usable default only when a route takes our own name to
+    // another host: by MX it would come back here and bounce as a loop.
+    let postmaster = postmaster_given.or_else(|| {
+        routes
+            .iter()
+            .find(|r| r.matches(&hostname))
+            .filter(|r| r.next_hop != NextHop::Mx)
+            .map(|_| format!("postmaster@{hostname}"))
+    });
     let delivery = match &raw.delivery {
         Some(d) => delivery_section(&v, d)?,
         None => Delivery::default_delivery(),
@@ -475,6 +500,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         max_errors,
         ipv6_prefix,
         postmaster,
+        own_addresses,
         max_hops,
         max_junk_commands,
         data_timeout,

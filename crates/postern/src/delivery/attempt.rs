@@ -53,7 +53,8 @@ pub(crate) struct Context {
     pub(crate) mx_port: u16,
     pub(crate) hostname: String,
     /// Where reports on failed null-sender messages go.
-    pub(crate) postmaster: String,
+    /// `None`: no deliverable postmaster address is configured; notices are logged only.
+    pub(crate) postmaster: Option<String>,
     /// Our name and listeners: an MX that is us is never used (RFC 5321 5.1).
     pub(crate) ourselves: Ourselves,
     /// Addresses tried per destination and attempt (a failed host lookup counts as one).
@@ -385,12 +386,16 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
         tracing::warn!(target: "maillog", id = %env.id,
             "no bounce for a null-sender message: a postmaster notice could not be delivered; dropped");
         return true;
-    } else {
+    } else if let Some(postmaster) = &ctx.postmaster {
         (
             dsn::DsnKind::PostmasterNotice,
-            ctx.postmaster.as_str(),
+            postmaster.as_str(),
             NOTICE_CLIENT,
         )
+    } else {
+        tracing::warn!(target: "maillog", id = %env.id,
+            "no bounce for a null-sender message, and no postmaster address to notify (set postmaster)");
+        return true;
     };
     let now = unix_now();
     let recipients: Vec<dsn::RecipientStatus> = failed
@@ -487,10 +492,14 @@ async fn deliver_group(
         .destination_slots(&key.destination)
         .acquire_owned()
         .await;
-    let targets = match resolve(ctx, key).await {
+    let Targets {
+        hosts: targets,
+        complete,
+    } = match resolve(ctx, key).await {
         Ok(t) => t,
         Err(o) => return all(o),
     };
+    let total_targets = targets.len();
     let _slot = Arc::clone(&ctx.global).acquire_owned().await;
     let body = match body.get(ctx, msg).await {
         Ok(b) => b,
@@ -516,10 +525,13 @@ async fn deliver_group(
     let mut unreachable = 0usize;
     let mut refusal: Option<Outcome> = None;
     let mut sessions = 0usize;
+    // Hosts this attempt got to (a host left out by the session cap might take it).
+    let mut tried = 0usize;
     'hosts: for (addr, name) in targets {
         if open.is_empty() || sessions >= ctx.max_mx_sessions {
             break;
         }
+        tried += 1;
         let pool_key = PoolKey {
             addr,
             server_name: name.clone(),
@@ -590,8 +602,10 @@ async fn deliver_group(
                     continue 'hosts;
                 }
                 // A cached connection may have been closed by the server while idle: one
-                // fresh connection, then the error counts.
-                Err(_) if reused => {
+                // fresh connection, then the error counts. Only if no message data went
+                // out on it: after the body the host may have taken the message, and
+                // sending it again would deliver it twice.
+                Err(_) if reused && !conn.took_message().iter().any(|&t| t) => {
                     reused = false;
                     conn = match connect(client, addr, &name).await {
                         Ok(c) => c,
@@ -621,9 +635,11 @@ async fn deliver_group(
     for p in open {
         outcomes[p] = Some(match (refused_before_data[p].take(), &refusal) {
             (Some(o), _) => o,
-            // Every host tried said it cannot take the message (RFC 6152 3, RFC 6531
-            // 3.2, RFC 1870 6): that is final.
-            (None, Some(r)) if unreachable == 0 => r.clone(),
+            // Every host of the destination said it cannot take the message (RFC 6152
+            // 3, RFC 6531 3.2, RFC 1870 6): that is final. Only every host: one that
+            // could not be looked up, was left out by a cap or not reached may take it
+            // at the next attempt.
+            (None, Some(r)) if unreachable == 0 && complete && tried == total_targets => r.clone(),
             (None, Some(r)) => Outcome::local(
                 Kind::Deferred,
                 "4.4.1",
@@ -669,9 +685,18 @@ async fn connect(
     }
 }
 
+/// The addresses to try for one destination.
+struct Targets {
+    /// In order, each with the name its certificate must carry.
+    hosts: Vec<(SocketAddr, String)>,
+    /// Every host of the destination is in `hosts`: none failed to resolve, timed out or
+    /// was left out by `max_mx_addresses`.
+    complete: bool,
+}
+
 /// The addresses to try, in order, each with the name its certificate must carry; all
 /// lookups of one destination within `resolve_timeout`.
-async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Vec<(SocketAddr, String)>, Outcome> {
+async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Targets, Outcome> {
     let deadline = tokio::time::Instant::now() + ctx.resolve_timeout;
     let timed_out = |what: &str| {
         Outcome::local(
@@ -688,13 +713,17 @@ async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Vec<(SocketAddr, Str
             if ctx.ourselves.is_us(*addr) {
                 return Err(self_destination(&key.destination.to_string(), key.route));
             }
-            Ok(vec![(*addr, addr.ip().to_string())])
+            Ok(Targets {
+                hosts: vec![(*addr, addr.ip().to_string())],
+                complete: true,
+            })
         }
         Destination::Host(host, port) => {
             let lookup = tokio::time::timeout_at(deadline, ctx.resolver.host_addresses(host));
             match lookup.await {
                 Err(_) => Err(timed_out(host)),
                 Ok(Ok(addrs)) if !addrs.is_empty() => {
+                    let complete = addrs.len() <= ctx.max_mx_addresses;
                     let addrs: Vec<SocketAddr> = interleave(addrs)
                         .into_iter()
                         .take(ctx.max_mx_addresses)
@@ -703,7 +732,10 @@ async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Vec<(SocketAddr, Str
                     if addrs.iter().any(|a| ctx.ourselves.is_us(*a)) {
                         return Err(self_destination(&format!("{host}:{port}"), key.route));
                     }
-                    Ok(addrs.into_iter().map(|a| (a, host.clone())).collect())
+                    Ok(Targets {
+                        hosts: addrs.into_iter().map(|a| (a, host.clone())).collect(),
+                        complete,
+                    })
                 }
                 Ok(Ok(_)) => Err(Outcome::local(
                     Kind::Deferred,
@@ -752,7 +784,7 @@ async fn mx_targets(
     domain: &str,
     hosts: &[MailHost],
     deadline: tokio::time::Instant,
-) -> Result<Vec<(SocketAddr, String)>, Outcome> {
+) -> Result<Targets, Outcome> {
     // Names need no lookup: cut at the first one that is ours.
     let mut cut: Option<u16> = hosts
         .iter()
@@ -761,8 +793,13 @@ async fn mx_targets(
     let mut targets: Vec<(SocketAddr, String, u16)> = Vec::new();
     let mut budget = ctx.max_mx_addresses;
     let mut last_error: Option<String> = None;
+    let mut complete = true;
     for h in hosts {
-        if budget == 0 || cut.is_some_and(|c| h.preference >= c) {
+        if cut.is_some_and(|c| h.preference >= c) {
+            break;
+        }
+        if budget == 0 {
+            complete = false;
             break;
         }
         let addrs =
@@ -772,6 +809,7 @@ async fn mx_targets(
                         "{}: DNS lookups took longer than resolve_timeout",
                         h.name
                     ));
+                    complete = false;
                     break;
                 }
                 Ok(Err(e)) => {
@@ -785,6 +823,10 @@ async fn mx_targets(
                     }
                     budget -= 1;
                     last_error = Some(host_error(&h.name, &e));
+                    // A host that may resolve next time might take what others refuse.
+                    if !e.is_permanent() {
+                        complete = false;
+                    }
                     continue;
                 }
                 Ok(Ok(addrs)) => addrs,
@@ -798,6 +840,9 @@ async fn mx_targets(
             cut = Some(h.preference);
             targets.retain(|t| t.2 < h.preference);
             break;
+        }
+        if addrs.len() > budget {
+            complete = false;
         }
         for ip in interleave(addrs).into_iter().take(budget) {
             targets.push((
@@ -826,7 +871,10 @@ async fn mx_targets(
             format!("no address for the mail hosts of {domain}: {why}"),
         ));
     }
-    Ok(targets.into_iter().map(|(a, n, _)| (a, n)).collect())
+    Ok(Targets {
+        hosts: targets.into_iter().map(|(a, n, _)| (a, n)).collect(),
+        complete,
+    })
 }
 
 fn host_error(host: &str, e: &ResolveError) -> String {
