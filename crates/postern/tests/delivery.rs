@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{INSIDE, Server, message, run_cli};
+use common::{INSIDE, Server, message, route_to, run_cli, sink_on};
 use postern_testkit::ca::TestCa;
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
@@ -34,20 +34,6 @@ fn relay(dns: &DnsServer, mx_port: u16, top: &str, extra: &str) -> Server {
         dns.addr()
     );
     Server::start(top, &extra)
-}
-
-/// A `[[route]]` sending `domains` to `sink` (no MX lookup).
-fn route_to(domains: &[&str], sink: &Sink) -> String {
-    let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
-    format!(
-        "\n[[route]]\ndomains = [{}]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        list.join(", "),
-        sink.addr().port()
-    )
-}
-
-fn sink_on(ip: [u8; 4], port: u16, config: SinkConfig) -> Sink {
-    Sink::start_on(SocketAddr::from((ip, port)), config).expect("sink bind")
 }
 
 /// Sends one message from the trusted side (relays anywhere); returns its queue id.

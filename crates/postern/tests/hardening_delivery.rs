@@ -13,10 +13,10 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::{INSIDE, Server, run_cli};
+use common::{INSIDE, Server, route_to, run_cli, sink_on};
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
 
@@ -41,20 +41,6 @@ fn delivery(dns: &DnsServer, mx_port: u16, retry: &str, more: &str) -> String {
         "\n[delivery]\ndns_servers = [\"{}\"]\nmx_port = {mx_port}\nretry_schedule = [\"{retry}\"]\n{more}\n",
         dns.addr()
     )
-}
-
-/// A `[[route]]` sending `domains` to `sink` (no MX lookup).
-fn route_to(domains: &[&str], sink: &Sink) -> String {
-    let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
-    format!(
-        "\n[[route]]\ndomains = [{}]\nnext_hop = \"[127.0.0.1]:{}\"\n",
-        list.join(", "),
-        sink.addr().port()
-    )
-}
-
-fn sink_on(ip: [u8; 4], port: u16, config: SinkConfig) -> Sink {
-    Sink::start_on(SocketAddr::from((ip, port)), config).expect("sink bind")
 }
 
 fn message(subject: &str, body: &str) -> String {

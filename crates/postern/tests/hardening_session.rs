@@ -7,18 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{INSIDE, OUTSIDE, Server, message};
+use common::{INSIDE, OUTSIDE, Server, message, route_to};
 use postern_testkit::sink::{Sink, SinkConfig};
-
-/// A `[[route]]` sending `domains` to `sink`.
-fn route_to(domains: &[&str], sink: &Sink) -> String {
-    let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
-    format!(
-        "\n[[route]]\ndomains = [{}]\nnext_hop = \"[127.0.0.1]:{}\"\ntls = \"none\"\n",
-        list.join(", "),
-        sink.addr().port()
-    )
-}
 
 /// The postern process's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -327,10 +317,7 @@ fn postmaster_is_accepted_from_anyone() {
     // Only the plain local part: a routed form is still a relay trick.
     let r = c.cmd("RCPT TO:<postmaster%evil.test@accepted.test>");
     assert!(r.code >= 500, "{}", r.text());
-    c.expect("DATA", 354);
-    c.send(message("to postmaster").as_bytes());
-    c.send(b".\r\n");
-    assert_eq!(c.reply().code, 250);
+    assert_eq!(c.data(&message("to postmaster")).code, 250);
     let got = sink.wait_for(1, Duration::from_secs(20));
     let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpt_to.clone()).collect();
     rcpts.sort();
@@ -372,10 +359,7 @@ fn duplicate_recipients_are_delivered_once() {
     ] {
         c.expect(&format!("RCPT TO:{to}"), 250);
     }
-    c.expect("DATA", 354);
-    c.send(message("dups").as_bytes());
-    c.send(b".\r\n");
-    assert_eq!(c.reply().code, 250);
+    assert_eq!(c.data(&message("dups")).code, 250);
     let got = sink.wait_for(1, Duration::from_secs(20));
     assert_eq!(got[0].rcpt_to.len(), 1, "{:?}", got[0].rcpt_to);
 }
@@ -408,10 +392,7 @@ fn idn_domains_match_in_either_form() {
     c.expect("RCPT TO:<u@xn--bcher-kva.test>", 250);
     c.expect("RCPT TO:<v@BÜCHER.test>", 250);
     c.expect("RCPT TO:<w@other.test>", 554);
-    c.expect("DATA", 354);
-    c.send(message("idn").as_bytes());
-    c.send(b".\r\n");
-    assert_eq!(c.reply().code, 250);
+    assert_eq!(c.data(&message("idn")).code, 250);
     // A route configured as a U-label takes the A-label form of the domain.
     let mut c = server.client(INSIDE);
     c.hello();

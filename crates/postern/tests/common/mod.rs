@@ -439,6 +439,11 @@ impl Client {
         for t in to {
             self.expect(&format!("RCPT TO:<{t}>"), 250);
         }
+        self.data(body)
+    }
+
+    /// DATA, the body (whole CRLF lines, not dot-stuffed), the dot; returns the reply.
+    pub fn data(&mut self, body: &str) -> Reply {
         self.expect("DATA", 354);
         self.send(body.as_bytes());
         self.send(b".\r\n");
@@ -471,4 +476,24 @@ pub fn add_user(config: &Path, name: &str, password: &str) {
         "user add {name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A `[[route]]` sending `domains` to `sink` (no MX lookup; the route's default TLS,
+/// opportunistic: plaintext unless the sink offers STARTTLS).
+pub fn route_to(domains: &[&str], sink: &postern_testkit::sink::Sink) -> String {
+    let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    format!(
+        "\n[[route]]\ndomains = [{}]\nnext_hop = \"[127.0.0.1]:{}\"\n",
+        list.join(", "),
+        sink.addr().port()
+    )
+}
+
+/// An SMTP sink on `ip:port` (MX hosts share the relay's `mx_port`).
+pub fn sink_on(
+    ip: [u8; 4],
+    port: u16,
+    config: postern_testkit::sink::SinkConfig,
+) -> postern_testkit::sink::Sink {
+    postern_testkit::sink::Sink::start_on(SocketAddr::from((ip, port)), config).expect("sink bind")
 }
