@@ -3,6 +3,8 @@
 # Runs every case RUNS times (default 3), alternating Postfix and Postern, and prints one
 # line per run: "relay case accepted/s delivered/s drain_s peak_rss_kb peak_pss_kb".
 # Needs root (Postfix setup) and the postfix package (smtp-source, smtp-sink).
+# CASES="4k-50s 100k-10s" runs only those cases; BASE_BIN=/path/to/older/postern also
+# runs that binary (as "postern-base") in the same rotation, for before/after figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -32,6 +34,7 @@ summ() { # extract numbers from the harness output
 for run in $(seq "$RUNS"); do
   for c in "${cases[@]}"; do
     read -r name size conc count rcpts <<<"$c"
+    if [[ -n ${CASES:-} && " $CASES " != *" $name "* ]]; then continue; fi
     expect=$count
     (( rcpts > 50 )) && expect=$(( count * 2 ))   # both split 100 recipients into 2 transactions of 50
     out=$("$H" -r "$rcpts" -e "$expect" -Q 'test -z "$(postqueue -j)"' -w "$(master_pid)" \
@@ -43,6 +46,12 @@ for run in $(seq "$RUNS"); do
     echo "$out" >"$LOGDIR/postern-$name-$run.txt"
     echo "postern $name $(summ <<<"$out")"
     sleep 3
+    if [[ -n ${BASE_BIN:-} ]]; then
+      out=$(BIN=$BASE_BIN PORT=2527 bench/relay.sh "$size" "$conc" "$count" "$rcpts" -e "$expect" 2>&1)
+      echo "$out" >"$LOGDIR/postern-base-$name-$run.txt"
+      echo "postern-base $name $(summ <<<"$out")"
+      sleep 3
+    fi
   done
 done
 postfix stop >/dev/null 2>&1
