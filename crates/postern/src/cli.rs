@@ -174,7 +174,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(crate::server::serve(config));
+    let result = runtime.block_on(crate::serve::serve(config));
     // Tasks still running (sessions past the grace period, a blocking password check)
     // are abandoned, not waited for: everything durable is already on disk.
     runtime.shutdown_timeout(Duration::from_millis(200));

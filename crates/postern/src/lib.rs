@@ -1,33 +1,40 @@
 //! Postern, an SMTP relay. The modules follow the mail's path:
 //!
-//! listener → session → policy → queue → delivery
+//! listener → session → policy → filter → queue → delivery
 //!
 //! - [`listener`]: binds sockets, enforces connection limits, spawns sessions.
 //! - [`session`]: drives the sans-IO protocol core (`postern_smtp`) over a socket.
-//! - [`policy`]: the relay decision per recipient, a pure function.
+//! - [`policy`]: the relay decision per recipient, a pure function (and its DNS
+//!   blocklist lookups).
+//! - [`filter`]: the message screener, pure.
 //! - [`queue`]: the durable spool (group-committed segment log).
-//! - [`delivery`]: the queue runner, routing, MX, the SMTP client, bounces.
-//! - [`control`]: the control socket behind `postern queue ...`.
-//! - [`tls`]: the server certificate; [`auth`]: SMTP AUTH users and brute-force defence.
-//! - [`config`]: the configuration file, validated; [`maillog`]: the decision log;
-//!   [`metrics`]: counters and the Prometheus endpoint; [`ourselves`]: our own name and
-//!   addresses (mail loops);
-//!   [`server`]: start-up and shutdown; [`cli`]: the command line.
+//! - [`delivery`]: the queue runner, routing, the SMTP client, bounces.
+//!
+//! Beside the path: [`auth`] (SMTP AUTH users and brute-force defence), [`tls`] (the
+//! server certificate), [`dns`] (the resolver: MX, addresses, blocklists), [`budget`]
+//! (memory for message bodies), [`ourselves`] (our own name and addresses, against mail
+//! loops), [`config`] (the configuration file, validated), [`maillog`] (the decision
+//! log), [`metrics`] (counters and the Prometheus endpoint), [`control`] (the control
+//! socket behind `postern queue ...`), [`serve`] (start-up and shutdown) and [`cli`]
+//! (the command line).
 
+// The mail's path.
+pub mod listener;
+pub mod session;
+pub mod policy;
+pub mod filter;
+pub mod queue;
+pub mod delivery;
+
+// Beside it.
 pub mod auth;
 pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod delivery;
-pub mod dnsbl;
-pub mod filter;
-pub mod listener;
+pub mod dns;
 pub mod maillog;
 pub mod metrics;
 pub mod ourselves;
-pub mod policy;
-pub mod queue;
-pub mod server;
-pub mod session;
+pub mod serve;
 pub mod tls;

@@ -18,7 +18,6 @@
 mod attempt;
 pub mod client;
 pub mod dsn;
-pub mod mx;
 mod pool;
 pub mod retry;
 pub mod route;
@@ -42,7 +41,7 @@ use client::{ClientConfig, Credentials, TlsPolicy};
 pub enum DeliveryError {
     /// The DNS resolver could not be set up.
     #[error("DNS resolver: {0}")]
-    Resolver(#[from] mx::ResolveError),
+    Resolver(#[from] crate::dns::ResolveError),
     /// A route's TLS settings could not be loaded (bad ca_file, ...).
     #[error("route for {domains}: {error}")]
     RouteTls { domains: String, error: String },
@@ -129,7 +128,7 @@ pub fn start(
     live: Vec<StoredMessage>,
     metrics: Arc<Metrics>,
 ) -> Result<Handle, DeliveryError> {
-    let resolver = mx::Resolver::new(&config.delivery.dns_servers)?;
+    let resolver = crate::dns::Resolver::new(&config.delivery.dns_servers)?;
     let route_clients = config
         .routes
         .iter()

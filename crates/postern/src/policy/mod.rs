@@ -11,6 +11,7 @@
 //! source route dropped, routing characters flagged). The client address comes from
 //! the socket; the authenticated identity from a successful SMTP AUTH.
 
+pub mod dnsbl;
 mod recipients;
 
 use std::collections::HashSet;

@@ -17,10 +17,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::{AuthMode, Config, TlsMode};
-use crate::dnsbl::Dnsbl;
 use crate::filter::Screener;
 use crate::listener;
 use crate::metrics::{self, Metrics};
+use crate::policy::dnsbl::Dnsbl;
 use crate::policy::{RecipientList, RelayPolicy};
 use crate::queue::{Spool, SpoolOptions};
 use crate::session::Shared;
@@ -84,7 +84,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dnsbl = if config.relay.dnsbl.is_empty() {
         None
     } else {
-        let resolver = crate::delivery::mx::Resolver::new(&config.delivery.dns_servers)?;
+        let resolver = crate::dns::Resolver::new(&config.delivery.dns_servers)?;
         Some(Dnsbl::new(config.relay.dnsbl.clone(), resolver))
     };
     let config_filters = config.filters.clone();

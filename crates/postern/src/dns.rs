@@ -1,4 +1,5 @@
-//! Where to deliver a domain: MX lookup and host addresses (RFC 5321 section 5.1, RFC 7505).
+//! Where to deliver a domain, and the other DNS questions Postern asks: MX lookup and host
+//! addresses (RFC 5321 section 5.1, RFC 7505), and the A records of DNS blocklists (RFC 5782).
 //!
 //! [`Resolver::mail_hosts`] turns a recipient domain into the ordered list of hosts to try;
 //! [`Resolver::host_addresses`] turns one of those hosts into IP addresses. Trying the hosts in

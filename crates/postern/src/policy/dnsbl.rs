@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::delivery::mx::{ResolveError, Resolver};
+use crate::dns::{ResolveError, Resolver};
 use crate::policy::canonical_ip;
 
 /// The configured zones and the resolver to ask.
