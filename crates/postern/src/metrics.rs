@@ -68,34 +68,6 @@ const REJECTIONS: [(Rejection, &str); 7] = [
     (Rejection::Memory, "memory"),
 ];
 
-/// The policy rules that refuse recipients (`postern_recipients_refused_total{rule}`).
-const REFUSING_RULES: [Rule; 6] = [
-    Rule::RoutedAddress,
-    Rule::UnknownRecipient,
-    Rule::RelayDenied,
-    Rule::Dnsbl,
-    Rule::SenderNotOwned,
-    Rule::LiteralIsUs,
-];
-
-/// Index into `REFUSING_RULES`; a new rule must be placed here to compile.
-fn refusing_rule(rule: Rule) -> Option<usize> {
-    match rule {
-        Rule::RoutedAddress => Some(0),
-        Rule::UnknownRecipient => Some(1),
-        Rule::RelayDenied => Some(2),
-        Rule::Dnsbl => Some(3),
-        Rule::SenderNotOwned => Some(4),
-        Rule::LiteralIsUs => Some(5),
-        // These only ever accept.
-        Rule::AcceptedDomain
-        | Rule::TrustedNetwork
-        | Rule::Authenticated
-        | Rule::OpenRelay
-        | Rule::Postmaster => None,
-    }
-}
-
 /// The outcome of one delivery attempt for one recipient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryStatus {
@@ -105,7 +77,6 @@ pub enum DeliveryStatus {
 }
 
 const DELIVERY_STATUSES: [&str; 3] = ["delivered", "deferred", "failed"];
-const FILTER_ACTIONS: [&str; 4] = ["reject", "discard", "quarantine", "redirect"];
 /// The connection limits, as `listener::ConnectionLimits::acquire` names them.
 const LIMITS: [&str; 2] = ["max_connections", "per_ip_connections"];
 
@@ -124,13 +95,14 @@ pub struct Metrics {
     connections_open: AtomicU64,
     messages_accepted: AtomicU64,
     messages_rejected: [AtomicU64; REJECTIONS.len()],
-    recipients_refused: [AtomicU64; REFUSING_RULES.len()],
+    /// Indexed by `Rule as usize` (accepting rules stay at zero and are not shown).
+    recipients_refused: [AtomicU64; Rule::ALL.len()],
     auth_failures: AtomicU64,
     auth_successes: AtomicU64,
     deliveries: [AtomicU64; DELIVERY_STATUSES.len()],
     bounces: AtomicU64,
     queue_messages: AtomicU64,
-    filter_actions: [AtomicU64; FILTER_ACTIONS.len()],
+    filter_actions: [AtomicU64; FilterAction::NAMES.len()],
 }
 
 /// Held for the life of a session; `postern_connections_open` counts these.
@@ -227,8 +199,8 @@ impl Metrics {
 
     /// A recipient was refused by `rule`.
     pub fn recipient_refused(&self, rule: Rule) {
-        if let Some(i) = refusing_rule(rule) {
-            bump(&self.recipients_refused[i]);
+        if rule.refuses() {
+            bump(&self.recipients_refused[rule as usize]);
         }
     }
 
@@ -262,13 +234,7 @@ impl Metrics {
     }
 
     pub fn filter_action(&self, action: &FilterAction) {
-        let i = match action {
-            FilterAction::Reject => 0,
-            FilterAction::Discard => 1,
-            FilterAction::Quarantine => 2,
-            FilterAction::Redirect(_) => 3,
-        };
-        bump(&self.filter_actions[i]);
+        bump(&self.filter_actions[action.index()]);
     }
 
     /// The text exposition format, version 0.0.4. `spool_fsyncs` comes from the spool
@@ -333,9 +299,10 @@ impl Metrics {
             "postern_recipients_refused_total",
             "counter",
             "RCPT TO refused by the relay policy, by the rule that refused.",
-            REFUSING_RULES
+            Rule::ALL
                 .iter()
                 .zip(&self.recipients_refused)
+                .filter(|(rule, _)| rule.refuses())
                 .map(|(rule, n)| (labels(&[("rule", rule.as_str())]), get(n))),
         );
         single(
@@ -388,7 +355,7 @@ impl Metrics {
             "postern_filter_actions_total",
             "counter",
             "Messages a [[filter]] matched, by its action.",
-            FILTER_ACTIONS
+            FilterAction::NAMES
                 .iter()
                 .zip(&self.filter_actions)
                 .map(|(action, n)| (labels(&[("action", action)]), get(n))),
@@ -662,9 +629,9 @@ mod tests {
     }
 
     #[test]
-    fn refusing_rules_match_their_index() {
-        for (i, rule) in REFUSING_RULES.iter().enumerate() {
-            assert_eq!(refusing_rule(*rule), Some(i), "{rule}");
+    fn rules_are_listed_at_their_index() {
+        for (i, rule) in Rule::ALL.iter().enumerate() {
+            assert_eq!(*rule as usize, i, "{rule}");
         }
     }
 

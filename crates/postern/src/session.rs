@@ -482,7 +482,7 @@ async fn store(shared: &Shared, mut message: Message, reservation: &mut Reservat
             &id_text,
             message.peer,
             &v.rule,
-            action_word(&v.action),
+            v.action.as_str(),
             &v.reason,
             &message.sender,
             &message.recipients,
@@ -589,14 +589,6 @@ async fn screen(
     .ok()
 }
 
-fn action_word(a: &FilterAction) -> &'static str {
-    match a {
-        FilterAction::Reject => "reject",
-        FilterAction::Discard => "discard",
-        FilterAction::Quarantine => "quarantine",
-        FilterAction::Redirect(_) => "redirect",
-    }
-}
 
 /// `X-Postern-Redirected:` naming the rule and the original recipients, folded one
 /// address per line (RFC 5322 2.2.3) so no line nears the 998-octet limit; at most 50

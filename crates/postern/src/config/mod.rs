@@ -318,6 +318,26 @@ pub enum FilterAction {
     Redirect(String),
 }
 
+impl FilterAction {
+    /// Every action's name, in [`FilterAction::index`] order: the words of the
+    /// configuration file, the decision log and the metrics' `action` label.
+    pub const NAMES: [&'static str; 4] = ["reject", "discard", "quarantine", "redirect"];
+
+    /// The position of this action's name in [`FilterAction::NAMES`].
+    pub fn index(&self) -> usize {
+        match self {
+            FilterAction::Reject => 0,
+            FilterAction::Discard => 1,
+            FilterAction::Quarantine => 2,
+            FilterAction::Redirect(_) => 3,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+}
+
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metrics {

@@ -74,33 +74,12 @@ pub(crate) fn default_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// Validate a domain name: letters (any script), digits, hyphens, dots. Returns it in lower
-/// case without a trailing dot.
+/// Validate a domain name. Returns it in lower case without a trailing dot, in A-label
+/// form. The grammar is the wire parser's (`postern_smtp::address::parse_domain`, RFC 5321
+/// 4.1.2 with RFC 6531 U-labels): one definition of a domain for the file and the
+/// network, so nothing configured can fail to match what a client may send.
 pub(crate) fn normalize_domain(name: &str) -> Result<String, String> {
-    let trimmed = name.strip_suffix('.').unwrap_or(name);
-    if trimmed.is_empty() {
-        return Err("empty domain name".to_string());
-    }
-    if trimmed.len() > 253 {
-        return Err("longer than 253 characters".to_string());
-    }
-    let lower = trimmed.to_lowercase();
-    for label in lower.split('.') {
-        if label.is_empty() {
-            return Err("empty label (leading dot or two dots in a row)".to_string());
-        }
-        if label.chars().count() > 63 {
-            return Err(format!("label `{label}` is longer than 63 characters"));
-        }
-        if let Some(c) = label.chars().find(|&c| !(c.is_alphanumeric() || c == '-')) {
-            return Err(format!(
-                "`{c}` is not allowed (letters, digits, hyphens and dots only)"
-            ));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("label `{label}` starts or ends with a hyphen"));
-        }
-    }
+    let lower = postern_smtp::address::parse_domain(name).map_err(|_| explain_bad_domain(name))?;
     // An all-numeric last label means an IP address was written where a name belongs;
     // no top-level domain is numeric, and accepting it would let "10.0.0.5" pass as a domain.
     if lower
@@ -117,6 +96,35 @@ pub(crate) fn normalize_domain(name: &str) -> Result<String, String> {
         Ok(ascii) if !ascii.is_empty() => Ok(ascii),
         _ => Err("is not a valid internationalised domain name (IDNA)".to_string()),
     }
+}
+
+/// Why the wire parser refused `name`, in words for the configuration's error message.
+fn explain_bad_domain(name: &str) -> String {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    if trimmed.is_empty() {
+        return "empty domain name".to_string();
+    }
+    if trimmed.len() > postern_smtp::address::MAX_DOMAIN {
+        return "longer than 255 characters".to_string();
+    }
+    for label in trimmed.split('.') {
+        if label.is_empty() {
+            return "empty label (leading dot or two dots in a row)".to_string();
+        }
+        if label.len() > 63 {
+            return format!("label `{label}` is longer than 63 octets");
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii()))
+        {
+            return format!("`{c}` is not allowed (letters, digits, hyphens and dots only)");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return format!("label `{label}` starts or ends with a hyphen");
+        }
+    }
+    "is not a domain name".to_string()
 }
 
 /// A domain name that goes on the wire before any SMTPUTF8 negotiation: ASCII only.

@@ -68,6 +68,39 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// Every rule, in declaration order (`rule as usize` is its index here): what the
+    /// metrics, the decision log and `check-config` name.
+    pub const ALL: [Rule; 11] = [
+        Rule::AcceptedDomain,
+        Rule::TrustedNetwork,
+        Rule::Authenticated,
+        Rule::OpenRelay,
+        Rule::RoutedAddress,
+        Rule::UnknownRecipient,
+        Rule::RelayDenied,
+        Rule::Dnsbl,
+        Rule::SenderNotOwned,
+        Rule::Postmaster,
+        Rule::LiteralIsUs,
+    ];
+
+    /// True for the rules that refuse a recipient, false for those that accept one.
+    pub fn refuses(self) -> bool {
+        match self {
+            Rule::RoutedAddress
+            | Rule::UnknownRecipient
+            | Rule::RelayDenied
+            | Rule::Dnsbl
+            | Rule::SenderNotOwned
+            | Rule::LiteralIsUs => true,
+            Rule::AcceptedDomain
+            | Rule::TrustedNetwork
+            | Rule::Authenticated
+            | Rule::OpenRelay
+            | Rule::Postmaster => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Rule::AcceptedDomain => "accepted_domain",
