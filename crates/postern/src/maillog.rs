@@ -6,7 +6,8 @@
 //!
 //! Nothing secret is ever passed here: no passwords, no message content.
 
-use std::net::SocketAddr;
+use std::fmt::Display;
+use std::net::{IpAddr, SocketAddr};
 
 use postern_smtp::{Address, Reply, ReversePath};
 
@@ -132,4 +133,43 @@ impl std::fmt::Display for RecipientList<'_> {
         }
         Ok(())
     }
+}
+
+// --- SMTP AUTH ----------------------------------------------------------------------------
+// `user` is the name as the client gave it, already made safe for a log line by the
+// caller (auth::LogName); `until` says how long a lockout lasts.
+
+/// AUTH succeeded (235).
+pub fn auth_ok(client: IpAddr, user: &dyn Display, mechanism: &str) {
+    tracing::info!(target: "maillog", client = %client, user = %user, mechanism = %mechanism, "auth ok");
+}
+
+/// AUTH failed (535); `reason` is "unknown user" or "wrong password".
+pub fn auth_failed(client: IpAddr, user: &dyn Display, reason: &str) {
+    tracing::warn!(target: "maillog", client = %client, user = %user, reason = %reason, "auth failed");
+}
+
+/// A failure started a lockout of `scope` ("ip" or "user").
+pub fn auth_lockout(client: IpAddr, user: &dyn Display, scope: &str, until: &dyn Display) {
+    tracing::warn!(target: "maillog", client = %client, user = %user, scope = %scope,
+        until = %until, "auth lockout");
+}
+
+/// AUTH answered 454 because of a lockout in force.
+pub fn auth_refused(client: IpAddr, user: &dyn Display, scope: &str, until: &dyn Display) {
+    tracing::info!(target: "maillog", client = %client, user = %user, scope = %scope,
+        until = %until, "auth refused: locked out");
+}
+
+// --- the spool ------------------------------------------------------------------------------
+
+/// Replay skipped damaged bytes of a segment.
+pub fn spool_corruption(segment: &str, offset: u64, skipped: u64) {
+    tracing::warn!(target: "maillog", segment = %segment, offset, bytes_skipped = skipped,
+        "spool corruption: {skipped} bytes skipped in segment {segment}");
+}
+
+/// `postern queue delete` removed a message.
+pub fn message_deleted(id: &dyn Display) {
+    tracing::info!(target: "maillog", id = %id, "message deleted by the operator");
 }

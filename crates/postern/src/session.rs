@@ -589,7 +589,6 @@ async fn screen(
     .ok()
 }
 
-
 /// `X-Postern-Redirected:` naming the rule and the original recipients, folded one
 /// address per line (RFC 5322 2.2.3) so no line nears the 998-octet limit; at most 50
 /// addresses are listed (the log line has them all).

@@ -24,6 +24,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::maillog;
+
 use postern_smtp::{AuthRequest, Reply, catalogue};
 use tokio::sync::Semaphore;
 
@@ -178,17 +180,19 @@ impl Authenticator {
                 return Err(catalogue::auth_temporarily_refused());
             }
             Settled::Granted => {
-                tracing::info!(target: "maillog", client = %client, user = %LogName(name),
-                    mechanism = %request.mechanism, "auth ok");
+                maillog::auth_ok(client, &LogName(name), request.mechanism);
                 return Ok(name.to_string());
             }
             Settled::Failed(outcome) => outcome,
         };
-        tracing::warn!(target: "maillog", client = %client, user = %LogName(name),
-            reason = %check.reason(), "auth failed");
+        maillog::auth_failed(client, &LogName(name), check.reason());
         for lock in &outcome.started {
-            tracing::warn!(target: "maillog", client = %client, user = %LogName(name),
-                scope = %lock.scope.as_str(), until = %Until(lock.remaining), "auth lockout");
+            maillog::auth_lockout(
+                client,
+                &LogName(name),
+                lock.scope.as_str(),
+                &Until(lock.remaining),
+            );
         }
         tokio::time::sleep(tarpit(outcome.ip_failures)).await;
         Err(catalogue::auth_failed())
@@ -279,9 +283,12 @@ pub fn tarpit(ip_failures: u32) -> Duration {
 }
 
 fn log_refused(client: IpAddr, name: &str, lock: Lockout) {
-    tracing::info!(target: "maillog", client = %client, user = %LogName(name),
-        scope = %lock.scope.as_str(), until = %Until(lock.remaining),
-        "auth refused: locked out");
+    maillog::auth_refused(
+        client,
+        &LogName(name),
+        lock.scope.as_str(),
+        &Until(lock.remaining),
+    );
 }
 
 /// A client's user name in a log line. Names made of letters, digits and `.@_+-` are

@@ -436,7 +436,7 @@ impl Runner {
         tokio::spawn(async move {
             let ok = match spool.finish(id, place).await {
                 Ok(()) => {
-                    tracing::info!(target: "maillog", id = %id, "message deleted by the operator");
+                    crate::maillog::message_deleted(&id);
                     true
                 }
                 Err(e) => {

@@ -150,8 +150,7 @@ fn replay_records(
                 resumed_at = next,
                 "corrupt spool record skipped; replay resumes at the next valid record");
             if mode == Mode::Owner {
-                warn!(target: "maillog", segment = %name, offset, bytes_skipped = skipped,
-                    "spool corruption: {skipped} bytes skipped in segment {name}");
+                crate::maillog::spool_corruption(name, offset, skipped);
             }
             continue;
         }
@@ -160,8 +159,7 @@ fn replay_records(
             error!(segment = %name, offset, reason = %reason, bytes_skipped = left,
                 "corrupt spool record with no valid record after it; rest of segment skipped");
             if mode == Mode::Owner {
-                warn!(target: "maillog", segment = %name, offset, bytes_skipped = left,
-                    "spool corruption: {left} bytes skipped in segment {name}");
+                crate::maillog::spool_corruption(name, offset, left);
             }
             return Ok((Tail::Corrupt, true));
         }
