@@ -63,11 +63,33 @@ pub(crate) struct Replayed {
     pub(crate) max_id: u64,
 }
 
+/// What replay has found so far, record by record.
+#[derive(Default)]
+struct Found {
+    live: HashMap<QueueId, StoredMessage>,
+    /// The highest queue id of any MESSAGE record, live or not.
+    max_id: u64,
+}
+
+/// Where a record was read: its segment's sequence number and file name, and its offset.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    seq: u64,
+    segment: &'a str,
+    offset: u64,
+}
+
+/// One record as framed on disk.
+struct Record<'a> {
+    rtype: u8,
+    version: u8,
+    payload: &'a [u8],
+}
+
 pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError> {
     let seqs = segment::list_segments(log_dir)?;
-    let mut live: HashMap<QueueId, StoredMessage> = HashMap::new();
+    let mut found = Found::default();
     let mut segments = Vec::with_capacity(seqs.len());
-    let mut max_id = 0;
     for (i, &seq) in seqs.iter().enumerate() {
         let newest = i + 1 == seqs.len();
         let name = segment::segment_name(seq);
@@ -77,15 +99,7 @@ pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError>
             continue;
         };
         let (tail, corrupt) = match reader.read_header()? {
-            HeaderState::Good => replay_records(
-                &mut reader,
-                seq,
-                &name,
-                newest,
-                mode,
-                &mut live,
-                &mut max_id,
-            )?,
+            HeaderState::Good => replay_records(&mut reader, seq, &name, newest, mode, &mut found)?,
             HeaderState::Torn if newest => {
                 if mode == Mode::Owner {
                     warn!(segment = %name, "newest segment is shorter than its header (crash while creating it)");
@@ -104,12 +118,12 @@ pub(crate) fn replay(log_dir: &Path, mode: Mode) -> Result<Replayed, SpoolError>
             corrupt,
         });
     }
-    let mut live: Vec<StoredMessage> = live.into_values().collect();
+    let mut live: Vec<StoredMessage> = found.live.into_values().collect();
     live.sort_by_key(|m| m.envelope.id);
     Ok(Replayed {
         live,
         segments,
-        max_id,
+        max_id: found.max_id,
     })
 }
 
@@ -121,8 +135,7 @@ fn replay_records(
     name: &str,
     newest: bool,
     mode: Mode,
-    live: &mut HashMap<QueueId, StoredMessage>,
-    max_id: &mut u64,
+    found: &mut Found,
 ) -> Result<(Tail, bool), SpoolError> {
     let mut corrupt = false;
     loop {
@@ -134,7 +147,19 @@ fn replay_records(
                 version,
                 payload,
             } => {
-                apply(seq, name, offset, rtype, version, payload, live, max_id);
+                let at = At {
+                    seq,
+                    segment: name,
+                    offset,
+                };
+                found.apply(
+                    at,
+                    Record {
+                        rtype,
+                        version,
+                        payload,
+                    },
+                );
                 continue;
             }
             Item::Bad { offset, reason } => (offset, reason),
@@ -180,70 +205,75 @@ fn replay_records(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn apply(
-    seq: u64,
-    name: &str,
-    offset: u64,
-    rtype: u8,
-    version: u8,
-    payload: &[u8],
-    live: &mut HashMap<QueueId, StoredMessage>,
-    max_id: &mut u64,
-) {
-    let decoded = match record::decode(rtype, version, payload) {
-        Ok(d) => d,
-        Err(reason) => {
-            error!(segment = %name, offset, reason = %reason,
+impl Found {
+    /// Applies one record whose CRC matched.
+    fn apply(&mut self, at: At<'_>, record: Record<'_>) {
+        let At {
+            seq,
+            segment: name,
+            offset,
+        } = at;
+        let Record {
+            rtype,
+            version,
+            payload,
+        } = record;
+        let (live, max_id) = (&mut self.live, &mut self.max_id);
+        let decoded = match record::decode(rtype, version, payload) {
+            Ok(d) => d,
+            Err(reason) => {
+                error!(segment = %name, offset, reason = %reason,
                 "spool record passed its CRC but does not decode; skipped (corruption or a newer format)");
-            return;
-        }
-    };
-    match decoded {
-        Decoded::Message { envelope, size, .. } => {
-            let id = envelope.id;
-            *max_id = (*max_id).max(id.as_u64());
-            if live.contains_key(&id) {
-                // Only a caller retrying store() after an error it got although the write
-                // landed can produce this; both copies are the same message.
-                warn!(segment = %name, offset, %id, "second MESSAGE record for a live id; ignored");
                 return;
             }
-            let states = vec![RcptState::Pending; envelope.recipients.len()];
-            let location = Location {
-                segment: seq,
-                offset,
-                len: (FRAME_LEN + payload.len()) as u64,
-            };
-            live.insert(
-                id,
-                StoredMessage {
-                    envelope,
-                    states,
-                    place: super::Place::Log(location),
-                    size,
-                },
-            );
-        }
-        Decoded::Rcpt {
-            id,
-            index,
-            delivered,
-        } => {
-            let Some(msg) = live.get_mut(&id) else { return };
-            match msg.states.get_mut(index) {
-                Some(state) => {
-                    *state = if delivered {
-                        RcptState::Delivered
-                    } else {
-                        RcptState::Failed
-                    }
+        };
+        match decoded {
+            Decoded::Message { envelope, size, .. } => {
+                let id = envelope.id;
+                *max_id = (*max_id).max(id.as_u64());
+                if live.contains_key(&id) {
+                    // Only a caller retrying store() after an error it got although the write
+                    // landed can produce this; both copies are the same message.
+                    warn!(segment = %name, offset, %id, "second MESSAGE record for a live id; ignored");
+                    return;
                 }
-                None => warn!(segment = %name, offset, %id, index,
-                    "RCPT record for a recipient index the message does not have; ignored"),
+                let states = vec![RcptState::Pending; envelope.recipients.len()];
+                let location = Location {
+                    segment: seq,
+                    offset,
+                    len: (FRAME_LEN + payload.len()) as u64,
+                };
+                live.insert(
+                    id,
+                    StoredMessage {
+                        envelope,
+                        states,
+                        place: super::Place::Log(location),
+                        size,
+                    },
+                );
             }
-        }
-        Decoded::Done(id) | Decoded::Moved(id) => {
-            live.remove(&id);
+            Decoded::Rcpt {
+                id,
+                index,
+                delivered,
+            } => {
+                let Some(msg) = live.get_mut(&id) else { return };
+                match msg.states.get_mut(index) {
+                    Some(state) => {
+                        *state = if delivered {
+                            RcptState::Delivered
+                        } else {
+                            RcptState::Failed
+                        }
+                    }
+                    None => warn!(segment = %name, offset, %id, index,
+                    "RCPT record for a recipient index the message does not have; ignored"),
+                }
+            }
+            Decoded::Done(id) | Decoded::Moved(id) => {
+                live.remove(&id);
+            }
         }
     }
 }
