@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod delivery;
 pub mod dnsbl;
+pub mod durable;
 pub mod filter;
 pub mod listener;
 pub mod maillog;
