@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod dnsbl;
 pub mod durable;
 pub mod filter;
+pub mod intake;
 pub mod listener;
 pub mod maillog;
 pub mod metrics;
