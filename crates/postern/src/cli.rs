@@ -442,7 +442,7 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                runtime.block_on(spool.store(&q.envelope, &body))?;
+                runtime.block_on(spool.store_message(q.envelope, &body))?;
                 queue::quarantine::remove(dir, id)?;
                 spool.close();
                 format!("OK {id} released to the queue (delivered when postern starts)\n")

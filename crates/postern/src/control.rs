@@ -23,7 +23,7 @@ use tokio::net::UnixListener;
 
 use crate::delivery::{self, QueueItem};
 use crate::queue::quarantine::{self, Quarantined};
-use crate::queue::{Place, QueueId, RcptState, Spool, StoredMessage, read_body_in};
+use crate::queue::{QueueId, Spool, StoredMessage, read_body_in};
 
 pub const SOCKET: &str = "control.sock";
 
@@ -119,19 +119,14 @@ pub async fn release(
         .map_err(|_| crate::queue::SpoolError::Closed)??;
     // Its queue lifetime starts now: time spent in quarantine must not expire it.
     q.envelope.arrived = crate::queue::unix_now();
-    let location = spool.store(&q.envelope, &body).await?;
+    let stored = spool.store_message(q.envelope, &body).await?;
     let d = dir.clone();
     tokio::task::spawn_blocking(move || quarantine::remove(&d, id))
         .await
         .map_err(|_| crate::queue::SpoolError::Closed)??;
-    tracing::info!(target: "maillog", id = %id, rule = %q.rule, from = %format_args!("<{}>", q.envelope.sender),
-        nrcpt = q.envelope.recipients.len(), "released from quarantine");
-    handle.enqueue(StoredMessage {
-        states: vec![RcptState::Pending; q.envelope.recipients.len()],
-        size: body.len() as u64,
-        envelope: q.envelope,
-        place: Place::Log(location),
-    });
+    tracing::info!(target: "maillog", id = %id, rule = %q.rule, from = %format_args!("<{}>", stored.envelope.sender),
+        nrcpt = stored.envelope.recipients.len(), "released from quarantine");
+    handle.enqueue(stored);
     Ok(())
 }
 

@@ -1,18 +1,20 @@
 //! Postern, an SMTP relay. The modules follow the mail's path:
 //!
-//! listener → session → policy → filter → queue → delivery
+//! listener → session → policy → filter → intake → queue → delivery
 //!
 //! - [`listener`]: binds sockets, enforces connection limits, spawns sessions.
 //! - [`session`]: drives the sans-IO protocol core (`postern_smtp`) over a socket.
 //! - [`policy`]: the relay decision per recipient, a pure function (and its DNS
 //!   blocklist lookups).
 //! - [`filter`]: the message screener, pure.
+//! - [`intake`]: end of DATA to the spool, in ordered steps; one outcome per message.
 //! - [`queue`]: the durable spool (group-committed segment log).
 //! - [`delivery`]: the queue runner, routing, the SMTP client, bounces.
 //!
 //! Beside the path: [`auth`] (SMTP AUTH users and brute-force defence), [`tls`] (the
 //! server certificate), [`dns`] (the resolver: MX, addresses, blocklists), [`budget`]
-//! (memory for message bodies), [`ourselves`] (our own name and addresses, against mail
+//! (memory for message bodies), [`durable`] (whole-file writes that survive a crash:
+//! spool files, users, keys), [`ourselves`] (our own name and addresses, against mail
 //! loops), [`config`] (the configuration file, validated), [`maillog`] (the decision
 //! log), [`metrics`] (counters and the Prometheus endpoint), [`control`] (the control
 //! socket behind `postern queue ...`), [`serve`] (start-up and shutdown) and [`cli`]
@@ -23,6 +25,7 @@ pub mod listener;
 pub mod session;
 pub mod policy;
 pub mod filter;
+pub mod intake;
 pub mod queue;
 pub mod delivery;
 
@@ -33,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod durable;
 pub mod maillog;
 pub mod metrics;
 pub mod ourselves;

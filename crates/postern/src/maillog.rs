@@ -76,12 +76,12 @@ pub fn recipient_accepted(client: SocketAddr, rcpt: &Address, rule: Rule) {
 }
 
 /// A message is durably queued.
-pub fn message_accepted(
+pub fn message_accepted<R: std::fmt::Display>(
     id: &str,
     client: SocketAddr,
     auth: Option<&str>,
     sender: &ReversePath,
-    recipients: &[String],
+    recipients: &[R],
     size: usize,
 ) {
     let to = recipients

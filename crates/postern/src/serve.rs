@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::{AuthMode, Config, TlsMode};
 use crate::filter::Screener;
+use crate::intake::Intake;
 use crate::listener;
 use crate::metrics::{self, Metrics};
 use crate::policy::dnsbl::Dnsbl;
@@ -120,14 +121,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let budget = crate::budget::MemoryBudget::new(config.max_message_memory);
     let ourselves = crate::ourselves::Ourselves::from_config(&config);
+    let intake = Intake::new(
+        spool.clone(),
+        delivery.clone(),
+        Arc::new(Screener::new(&config_filters)),
+        Arc::clone(&metrics),
+        Arc::clone(&budget),
+        config.hostname.clone(),
+    );
     let shared = Arc::new(Shared {
         config,
         policy,
-        spool: spool.clone(),
-        delivery: delivery.clone(),
+        intake,
         tls,
         auth,
-        screener: Arc::new(Screener::new(&config_filters)),
         dnsbl,
         metrics: Arc::clone(&metrics),
         budget,

@@ -1,7 +1,7 @@
 //! Drives one SMTP session: moves bytes between the socket and the sans-IO
 //! `postern_smtp::Session`, performs the TLS handshakes it asks for (STARTTLS, RFC 3207;
 //! implicit TLS, RFC 8314), and answers its questions: credentials for AUTH, the relay
-//! policy for each recipient, the spool for each message.
+//! policy for each recipient, the intake (`crate::intake`) for each message.
 //!
 //! Trust: the socket is the network. The protocol core bounds what it buffers; this
 //! driver bounds time: every read and every write waits at most `command_timeout`
@@ -10,10 +10,10 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use postern_smtp::server::{Message, Peer, SessionConfig};
-use postern_smtp::{Domain, Event, Reply, ReversePath, Session, catalogue};
+use postern_smtp::server::{Peer, SessionConfig};
+use postern_smtp::{Domain, Event, ReversePath, Session, catalogue};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -21,27 +21,25 @@ use tokio_rustls::server::TlsStream;
 
 use crate::auth::Authenticator;
 use crate::budget::{MemoryBudget, Reservation};
-use crate::config::{AuthMode, Config, FilterAction, Listener, TlsMode};
-use crate::delivery;
-use crate::filter::{Screener, Verdict};
+use crate::config::{AuthMode, Config, Listener, TlsMode};
+use crate::intake::Intake;
 use crate::maillog;
 use crate::metrics::{Metrics, Rejection};
 use crate::policy::dnsbl::Dnsbl;
 use crate::policy::{Client, Decision, RelayPolicy, Rule};
-use crate::queue::{Envelope, Place, RcptState, Spool, StoredMessage};
 use crate::tls::ServerTls;
 use std::sync::Arc;
 
-/// What every session shares: read-only configuration and policy, the spool, delivery,
-/// the metrics, and (when some listener uses them) TLS and the authenticator.
+/// What every session shares: read-only configuration and policy, the intake (screener,
+/// spool, delivery), the metrics, and (when some listener uses them) TLS and the
+/// authenticator.
 pub struct Shared {
     pub config: Config,
     pub policy: RelayPolicy,
-    pub spool: Spool,
-    pub delivery: delivery::Handle,
+    /// Where a message goes at the end of its transfer.
+    pub intake: Intake,
     pub tls: Option<ServerTls>,
     pub auth: Option<Authenticator>,
-    pub screener: Arc<Screener>,
     pub dnsbl: Option<Dnsbl>,
     pub metrics: Arc<Metrics>,
     /// Message bodies held in memory by all sessions (`max_message_memory`).
@@ -336,17 +334,10 @@ async fn drive(
             }
             Event::Message(message) => {
                 transfer_deadline = None;
-                let reply = store(shared, *message, &mut reservation).await;
+                // The intake counts and logs what became of it.
+                let outcome = shared.intake.accept(*message, &mut reservation).await;
                 reservation.resize(0);
-                // `store` answers 250, 550 (a filter's reject), 452 (no memory to
-                // store it now) or 451 (screening or storing failed).
-                match reply.code {
-                    250 => shared.metrics.message_accepted(),
-                    550 => shared.metrics.message_rejected(Rejection::Filter),
-                    452 => shared.metrics.message_rejected(Rejection::Memory),
-                    _ => shared.metrics.message_rejected(Rejection::StoreFailed),
-                }
-                session.answer_message(reply);
+                session.answer_message(outcome.into_reply());
             }
             Event::StartTls => {
                 // The 220 must reach the client before the handshake starts.
@@ -447,177 +438,5 @@ async fn flush(stream: &mut Stream, session: &mut Session, timeout: Duration) ->
     match tokio::time::timeout(timeout, stream.write_all(&out)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
-    }
-}
-
-/// Screens the message, prepends our Received: header and stores it durably (queue or
-/// quarantine); the reply is 250 only once it is on disk.
-async fn store(shared: &Shared, mut message: Message, reservation: &mut Reservation) -> Reply {
-    let spool = &shared.spool;
-    // The body is held (and reserved) already; storing needs one more copy (the spool
-    // record), screening up to about one more (decoded parts). Reserve both first.
-    let size = message.body.len() as u64;
-    let copies = if shared.screener.is_empty() { 1 } else { 2 };
-    if !reservation.resize(reservation.held() + copies * size) {
-        maillog::memory_refused(message.peer, copies * size, shared.budget.used());
-        return catalogue::insufficient_storage();
-    }
-    let id = spool.new_id();
-    let id_text = id.to_string();
-    let sender = match &message.sender {
-        ReversePath::Null => String::new(),
-        ReversePath::Mailbox(a) => a.to_string(),
-    };
-    let mut recipients: Vec<String> = message.recipients.iter().map(|a| a.to_string()).collect();
-
-    // The screener sees the message as the client sent it. Policy never reads content;
-    // filters never grant relay: they can only refuse, drop, hold or narrow delivery.
-    let body = std::mem::take(&mut message.body);
-    let Some((verdict, body)) = screen(shared, &sender, body).await else {
-        return catalogue::local_error();
-    };
-    let mut redirect_note = None;
-    if let Some(v) = &verdict {
-        maillog::filtered(
-            &id_text,
-            message.peer,
-            &v.rule,
-            v.action.as_str(),
-            &v.reason,
-            &message.sender,
-            &message.recipients,
-        );
-        shared.metrics.filter_action(&v.action);
-        match &v.action {
-            FilterAction::Reject => return catalogue::filter_rejected(),
-            FilterAction::Discard => return catalogue::queued(&id_text),
-            FilterAction::Quarantine | FilterAction::Redirect(_) => {}
-        }
-        if let FilterAction::Redirect(to) = &v.action {
-            redirect_note = Some(redirect_header(&v.rule, &recipients));
-            recipients = vec![to.clone()];
-        }
-    }
-
-    let now = chrono::Local::now();
-    let received = message.received_header(&shared.config.hostname, &id_text, &now.to_rfc2822());
-    let note = redirect_note.unwrap_or_default();
-    // Our trace fields go in front of the body in place: no second copy of the message
-    // (and exactly the room they need, not a doubled buffer).
-    let mut data = body;
-    data.reserve_exact(received.len() + note.len());
-    data.splice(0..0, received.bytes().chain(note.bytes()));
-
-    let envelope = Envelope {
-        id,
-        arrived: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64),
-        client: message.peer.to_string(),
-        helo: message.helo.clone(),
-        auth: message.authenticated.clone(),
-        sender,
-        params: message.params.iter().map(|p| p.to_wire()).collect(),
-        smtputf8: message.smtputf8,
-        recipients,
-    };
-    if let Some(v) = verdict
-        && v.action == FilterAction::Quarantine
-    {
-        let dir = spool.dir().to_path_buf();
-        let (rule, reason) = (v.rule.clone(), v.reason.clone());
-        let put = tokio::task::spawn_blocking(move || {
-            crate::queue::quarantine::put(&dir, &envelope, &data, &rule, &reason)
-        })
-        .await;
-        return match put {
-            Ok(Ok(())) => catalogue::queued(&id_text),
-            Ok(Err(e)) => {
-                maillog::message_store_failed(message.peer, &message.sender, &e);
-                catalogue::local_error()
-            }
-            Err(e) => {
-                maillog::message_store_failed(message.peer, &message.sender, &e);
-                catalogue::local_error()
-            }
-        };
-    }
-    match spool.store(&envelope, &data).await {
-        Ok(location) => {
-            maillog::message_accepted(
-                &id_text,
-                message.peer,
-                message.authenticated.as_deref(),
-                &message.sender,
-                &envelope.recipients,
-                data.len(),
-            );
-            shared.delivery.enqueue(StoredMessage {
-                states: vec![RcptState::Pending; envelope.recipients.len()],
-                size: data.len() as u64,
-                envelope,
-                place: Place::Log(location),
-            });
-            catalogue::queued(&id_text)
-        }
-        Err(e) => {
-            maillog::message_store_failed(message.peer, &message.sender, &e);
-            catalogue::local_error()
-        }
-    }
-}
-
-/// Runs the screener off the async executor (MIME parsing of a large message is real
-/// work); returns its verdict and the body back, or None if screening itself failed
-/// (then the message is refused with 451: unscreened mail is never accepted).
-async fn screen(
-    shared: &Shared,
-    sender: &str,
-    body: Vec<u8>,
-) -> Option<(Option<Verdict>, Vec<u8>)> {
-    if shared.screener.is_empty() {
-        return Some((None, body));
-    }
-    let screener = Arc::clone(&shared.screener);
-    let sender = sender.to_string();
-    tokio::task::spawn_blocking(move || {
-        let verdict = screener.screen(&sender, &body);
-        (verdict, body)
-    })
-    .await
-    .map_err(|e| tracing::error!(error = %e, "screener failed; message refused with 451"))
-    .ok()
-}
-
-/// `X-Postern-Redirected:` naming the rule and the original recipients, folded one
-/// address per line (RFC 5322 2.2.3) so no line nears the 998-octet limit; at most 50
-/// addresses are listed (the log line has them all).
-fn redirect_header(rule: &str, recipients: &[String]) -> String {
-    let mut h = format!("X-Postern-Redirected: by filter {rule}; original recipients:");
-    for r in recipients.iter().take(50) {
-        h.push_str(&format!("\r\n <{r}>"));
-    }
-    if recipients.len() > 50 {
-        h.push_str(&format!("\r\n and {} more", recipients.len() - 50));
-    }
-    h.push_str("\r\n");
-    h
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirect_header_is_folded_and_capped() {
-        let rcpts: Vec<String> = (0..60).map(|i| format!("user{i}@company.test")).collect();
-        let h = redirect_header("project-x", &rcpts);
-        assert!(h.ends_with("\r\n"));
-        assert!(h.split("\r\n").all(|line| line.len() <= 78), "{h}");
-        assert!(
-            h.contains("\r\n <user49@company.test>\r\n and 10 more\r\n"),
-            "{h}"
-        );
-        assert!(!h.contains("user50@"));
     }
 }

@@ -12,8 +12,7 @@
 //! match its certificate is refused.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -211,20 +210,11 @@ fn self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), TlsErro
 
 /// Writes a file durably and atomically, readable by the owner only.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    let options = crate::durable::Options {
+        replace: crate::durable::Replace::Yes,
+        mode: crate::durable::Mode::PRIVATE,
+    };
+    crate::durable::write(path, bytes, options).map_err(|e| e.source)
 }
 
 /// The negotiated protocol and cipher, for the Received: header (RFC 8314 4.3).

@@ -19,8 +19,7 @@
 //! users it had.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -263,57 +262,21 @@ impl UsersFile {
         Ok(())
     }
 
-    /// Write the file atomically to `path` with mode 0600 (see [`write_atomic`]).
+    /// Replace `path` with this file so that a reader sees the old file or the new one,
+    /// never a mix, and a crash leaves one of them on disk (`crate::durable::write`: temp
+    /// file, fsync, rename, fsync the directory), with mode 0600 exactly (hashes are
+    /// secrets too). A symbolic link at `path` is followed: the file it points to is
+    /// replaced, the link kept.
     pub fn save(&self, path: &Path) -> Result<(), AuthError> {
-        write_atomic(path, self.to_text().as_bytes()).map_err(|source| AuthError::Io {
+        let options = crate::durable::Options {
+            replace: crate::durable::Replace::Yes,
+            mode: crate::durable::Mode::PRIVATE,
+        };
+        crate::durable::write(path, self.to_text().as_bytes(), options).map_err(|e| AuthError::Io {
             path: path.to_path_buf(),
-            source,
+            source: e.source,
         })
     }
-}
-
-/// Replace `path` with `contents` so that a reader sees the old file or the new one, never
-/// a mix, and a crash leaves one of them on disk: a temporary file in the same directory,
-/// created with mode 0600 (hashes are secrets too), written and fsynced, renamed over
-/// `path`, then the directory fsynced so the rename itself is durable. A symbolic link at
-/// `path` is followed: the file it points to is replaced, the link kept.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let target = match std::fs::canonicalize(path) {
-        Ok(real) => real,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
-        Err(e) => return Err(e),
-    };
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("the users file path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-
-    let write = || -> std::io::Result<()> {
-        // A leftover from a crashed run of the same pid is ours to replace.
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // The umask can only clear bits of 0600; setting it again makes the mode exact.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, &target)?;
-        std::fs::File::open(&dir)?.sync_all()
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 /// The users the server knows, by name.
@@ -461,6 +424,7 @@ impl UsersSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn hash(pw: &str) -> String {
         password::hash_cheap(pw)

@@ -438,8 +438,8 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
         smtputf8: !to.is_ascii(),
         recipients: vec![to.to_string()],
     };
-    match ctx.spool.store(&envelope, &text).await {
-        Ok(loc) => {
+    match ctx.spool.store_message(envelope, &text).await {
+        Ok(stored) => {
             if kind == dsn::DsnKind::PostmasterNotice {
                 tracing::info!(target: "maillog", id = %id, original = %env.id,
                     to = %format_args!("<{to}>"),
@@ -449,12 +449,7 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
                     to = %format_args!("<{to}>"), "bounce queued");
             }
             ctx.metrics.bounce();
-            ctx.handle.enqueue(StoredMessage {
-                states: vec![RcptState::Pending],
-                size: text.len() as u64,
-                envelope,
-                place: Place::Log(loc),
-            });
+            ctx.handle.enqueue(stored);
             true
         }
         Err(e) => {

@@ -81,6 +81,28 @@ pub struct Handle {
     tx: mpsc::UnboundedSender<Command>,
 }
 
+/// Test-only: a handle with no runner behind it, and what was enqueued through it.
+#[cfg(test)]
+pub(crate) fn detached() -> (Handle, Enqueued) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Handle { tx }, Enqueued(rx))
+}
+
+/// Test-only: the messages enqueued through a [`detached`] handle.
+#[cfg(test)]
+pub(crate) struct Enqueued(mpsc::UnboundedReceiver<Command>);
+
+#[cfg(test)]
+impl Enqueued {
+    /// The next message enqueued so far, if any.
+    pub(crate) fn next(&mut self) -> Option<StoredMessage> {
+        match self.0.try_recv().ok()? {
+            Command::New(m) => Some(*m),
+            _ => None,
+        }
+    }
+}
+
 impl Handle {
     /// A message was just stored: try it now.
     pub fn enqueue(&self, message: StoredMessage) {

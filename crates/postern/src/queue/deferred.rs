@@ -59,38 +59,19 @@ pub(crate) fn write(
             )?);
         }
     }
-    let final_path = path(dir, envelope.id);
-    let tmp = final_path.with_extension("tmp");
-    // Never replace a file: `create_new` for the temp file, and a no-replace rename (see
-    // `durable.rs`) to the final name. A name already taken (a queue id clash, or a
+    // Never replace a file (`SPOOL_FILE`): a name already taken (a queue id clash, or a
     // leftover) is an error: the message then simply stays in the log, where it is safe.
-    let mut file = durable::create_new(&tmp).map_err(SpoolError::io("create", &tmp))?;
-    let made = file
-        .write_all(&bytes)
-        .map_err(SpoolError::io("write", &tmp))
-        .and_then(|()| file.sync_all().map_err(SpoolError::io("fsync", &tmp)))
-        .and_then(|()| {
-            durable::link_noreplace(&tmp, &final_path)
-                .map_err(SpoolError::io("rename (no replace)", &final_path))
-        });
-    if let Err(e) = made {
-        // Nothing took the final name: the temp file is ours and useless.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // The file now has its final name. A crash before this unlink leaves `ID.tmp` as a
-    // second name of the same inode; `list` removes it at open, which only drops a name.
-    if let Err(e) = fs::remove_file(&tmp) {
-        tracing::warn!(file = %tmp.display(), error = %e,
-            "could not remove the temporary name of a deferred file; removed at next start");
-    }
-    match durable::sync_dir_retrying(dir) {
+    // A crash before the temporary name is removed leaves `ID.tmp` as a second name of
+    // the same inode; `list` removes it at open, which only drops a name.
+    let final_path = path(dir, envelope.id);
+    match crate::durable::write(&final_path, &bytes, durable::SPOOL_FILE) {
         Ok(()) => Ok(true),
-        Err(e) => {
+        Err(e) if e.named => {
             tracing::error!(file = %final_path.display(), error = %e,
                 "deferred file written but its directory entry may not be durable; the log copy is kept too");
             Ok(false)
         }
+        Err(e) => Err(e.into()),
     }
 }
 

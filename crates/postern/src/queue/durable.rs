@@ -1,83 +1,47 @@
-//! File-system steps shared by every part of the spool that creates, renames or removes
-//! files: directory fsync (with a bounded retry), create-or-fail, and a rename that never
-//! replaces an existing file.
-//!
-//! No-replace rename: `rename(2)` silently replaces its target (POSIX: "If the link named
-//! by the new argument exists, it shall be removed and old renamed to new"), which is how
-//! a queue-id clash used to overwrite another message's file. `link(2)` instead fails with
-//! `EEXIST` when the new name exists (POSIX `link`: "[EEXIST] The path2 argument resolves to
-//! an existing directory entry"), so a rename is done as `link(old, new)` then
-//! `unlink(old)`. Chosen over Linux `renameat2(RENAME_NOREPLACE)` because it needs no new
-//! dependency and no `unsafe`, works on every POSIX file system with hard links (tmpfs,
-//! ext4, xfs, btrfs...; `renameat2` flags are refused by some, e.g. older NFS), and its
-//! only intermediate state is easy to reason about: a crash between the two steps leaves
-//! both names on the same inode, never two different contents and never neither. Each
-//! caller documents why that state is harmless for it (a leftover `.tmp` name is removed
-//! at open; a leftover source of a set-aside is recognised by its inode and finished).
+//! The spool's file-system steps, on top of the crate's durable writes
+//! (`crate::durable`, which also explains the no-replace rename): directory fsync as a
+//! `SpoolError`, the options every whole spool file is written with ([`SPOOL_FILE`]:
+//! never replacing), moving a file aside, and reading the ids in file names.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, ErrorKind};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use crate::durable::{Mode, Options, Replace};
+use crate::durable::{link_noreplace, same_file};
+
+#[cfg(test)]
+pub(crate) use crate::durable::fault;
 
 use super::error::SpoolError;
 
-/// How many times a failed directory fsync is tried again before giving up.
-const DIR_SYNC_RETRIES: u32 = 2;
+/// How the spool writes a whole file (a deferred or a quarantined message): never over
+/// an existing file (a queue-id clash must not overwrite another message), with the
+/// umask's say over the mode, as for the segments.
+pub(crate) const SPOOL_FILE: Options = Options {
+    replace: Replace::No,
+    mode: Mode::Umask(0o666),
+};
 
-/// Makes the directory's entries (created, renamed or removed files) durable: POSIX
-/// `fsync` on the directory (Linux commits its entries; a new or removed name is not
-/// durable before that).
+impl From<crate::durable::Error> for SpoolError {
+    fn from(e: crate::durable::Error) -> SpoolError {
+        SpoolError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
+/// Makes the directory's entries durable (`crate::durable::sync_dir`).
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(SpoolError::io("fsync directory", dir))
+    crate::durable::sync_dir(dir).map_err(SpoolError::io("fsync directory", dir))
 }
 
-/// `sync_dir`, tried again a couple of times when it fails (a transient error should not
-/// leave a name change undurable). The caller still has to decide what a final failure
-/// means: the name change may or may not survive a crash.
-///
-/// This is the fsync that follows a name change of a message's file or a segment, and the
-/// one tests make fail (`fault`).
+/// `sync_dir`, retried (`crate::durable::sync_dir_retrying`): the fsync that follows a
+/// name change of a message's file or a segment.
 pub(crate) fn sync_dir_retrying(dir: &Path) -> Result<(), SpoolError> {
-    let attempt = || {
-        #[cfg(test)]
-        if fault::take(dir) {
-            return Err(SpoolError::io("fsync directory", dir)(io::Error::other(
-                "injected test failure",
-            )));
-        }
-        sync_dir(dir)
-    };
-    let mut result = attempt();
-    for _ in 0..DIR_SYNC_RETRIES {
-        if result.is_ok() {
-            break;
-        }
-        result = attempt();
-    }
-    result
-}
-
-/// Creates a new file for writing; fails with `AlreadyExists` rather than truncate or
-/// reuse an existing one (`O_CREAT | O_EXCL`).
-pub(crate) fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).open(path)
-}
-
-/// First step of a no-replace rename: gives `from`'s file the name `to` too. Fails with
-/// `AlreadyExists` (nothing changed) if `to` exists. The caller then removes `from`.
-pub(crate) fn link_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    fs::hard_link(from, to)
-}
-
-/// Whether two paths name the same file (same device and inode).
-pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    crate::durable::sync_dir_retrying(dir).map_err(SpoolError::io("fsync directory", dir))
 }
 
 /// Moves `path` aside to `path` + `suffix` (or `suffix.2`, `suffix.3`, ... if that name
@@ -137,58 +101,9 @@ pub(crate) fn max_id_in_names(dir: &Path) -> Result<u64, SpoolError> {
     Ok(max)
 }
 
-/// Test-only fault injection: make the next directory fsyncs of a given directory (through
-/// `sync_dir_retrying`) fail, to check what the spool does when a name change may not be
-/// durable.
-#[cfg(test)]
-pub(crate) mod fault {
-    use std::path::{Path, PathBuf};
-    use std::sync::{Mutex, PoisonError};
-
-    static FAILING: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
-
-    /// The next `count` fsyncs of `dir` fail (tests use their own temporary directories,
-    /// so tests running in parallel do not see each other's faults).
-    pub(crate) fn fail_dir_syncs(dir: &Path, count: u32) {
-        let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
-        failing.retain(|(d, _)| d != dir);
-        failing.push((dir.to_path_buf(), count));
-    }
-
-    /// Stops injecting failures for `dir`.
-    pub(crate) fn clear(dir: &Path) {
-        let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
-        failing.retain(|(d, _)| d != dir);
-    }
-
-    pub(super) fn take(dir: &Path) -> bool {
-        let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
-        match failing.iter_mut().find(|(d, _)| d == dir) {
-            Some((_, n)) if *n > 0 => {
-                *n -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn link_noreplace_never_replaces() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-        fs::write(&a, "new").unwrap();
-        fs::write(&b, "old").unwrap();
-        let e = link_noreplace(&a, &b).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
-        assert_eq!(fs::read(&b).unwrap(), b"old");
-        assert!(create_new(&b).is_err());
-        assert_eq!(fs::read(&b).unwrap(), b"old");
-    }
 
     #[test]
     fn set_aside_picks_a_free_name_and_completes_an_interrupted_one() {
@@ -229,16 +144,5 @@ mod tests {
             fs::write(tmp.path().join(name), "").unwrap();
         }
         assert_eq!(max_id_in_names(tmp.path()).unwrap(), 0x30);
-    }
-
-    #[test]
-    fn injected_dir_sync_failures_are_retried() {
-        let tmp = tempfile::tempdir().unwrap();
-        fault::fail_dir_syncs(tmp.path(), DIR_SYNC_RETRIES);
-        assert!(sync_dir_retrying(tmp.path()).is_ok());
-        fault::fail_dir_syncs(tmp.path(), DIR_SYNC_RETRIES + 1);
-        assert!(sync_dir_retrying(tmp.path()).is_err());
-        fault::clear(tmp.path());
-        assert!(sync_dir(tmp.path()).is_ok());
     }
 }

@@ -389,6 +389,37 @@ impl Spool {
         self.submit(bytes, Effect::Add(envelope.id)).await
     }
 
+    /// Stores a new message ([`store`](Spool::store)) and returns it as the queue holds it:
+    /// in the log, every recipient pending. The one way a new message enters the queue
+    /// (accepted from a client, released from the quarantine, a bounce or a notice); the
+    /// caller hands the result to `delivery::Handle::enqueue` once it may be sent.
+    pub async fn store_message(
+        &self,
+        envelope: Envelope,
+        message: &[u8],
+    ) -> Result<StoredMessage, SpoolError> {
+        let location = self.store(&envelope, message).await?;
+        Ok(StoredMessage {
+            states: vec![RcptState::Pending; envelope.recipients.len()],
+            size: message.len() as u64,
+            envelope,
+            place: Place::Log(location),
+        })
+    }
+
+    /// Stores a message in the quarantine, durably (`quarantine::put`), off the async
+    /// executor. `Ok` only once it is on disk.
+    pub async fn quarantine(
+        &self,
+        envelope: Envelope,
+        message: Vec<u8>,
+        rule: String,
+        reason: String,
+    ) -> Result<(), SpoolError> {
+        let dir = self.inner.dir.clone();
+        blocking(move || quarantine::put(&dir, &envelope, &message, &rule, &reason)).await
+    }
+
     /// Records that recipient `rcpt_index` of message `id` reached a final state
     /// (`delivered` or failed), with the remote reply (made one line, cut to 1024 bytes).
     pub async fn record_outcome(

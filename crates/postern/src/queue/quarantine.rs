@@ -1,7 +1,7 @@
 //! The quarantine: messages a `[[filter]]` held back (the article's BADMAIL folder).
 //!
 //! One file per message, `SPOOL/quarantine/<ID>`, written like every durable thing in
-//! the spool: temp file, fsync, rename, fsync the directory, so a 250 for a quarantined
+//! the spool (`crate::durable::write`): temp file, fsync, rename, fsync the directory, so a 250 for a quarantined
 //! message means it is on disk. Format: the line `postern-quarantine 1`, then `rule`,
 //! `reason` and `time` lines, an empty line, and the MESSAGE record exactly as in a
 //! segment (framed, CRC-checked), possibly followed by a DONE record: the mark that the
@@ -59,31 +59,13 @@ pub fn put(
     )
     .into_bytes();
     bytes.extend(record::encode_message(envelope, message)?);
+    // Never replace a file (`SPOOL_FILE`): a name already taken is an error, the client
+    // gets 4xx and sends again, nothing is lost. A crash before the temporary name is
+    // removed leaves `ID.tmp` as a second name of the same file; `clean` removes it at
+    // the next open. 250 means on disk: the new name is durable before `Ok`.
     let path = dir.join(envelope.id.to_string());
-    let tmp = path.with_extension("tmp");
-    // Never replace a file (`create_new`, no-replace rename, see `durable.rs`): a name
-    // already taken is an error, the client gets 4xx and sends again, nothing is lost.
-    let mut f = durable::create_new(&tmp).map_err(SpoolError::io("create", &tmp))?;
-    let made = f
-        .write_all(&bytes)
-        .map_err(SpoolError::io("write", &tmp))
-        .and_then(|()| f.sync_all().map_err(SpoolError::io("fsync", &tmp)))
-        .and_then(|()| {
-            durable::link_noreplace(&tmp, &path)
-                .map_err(SpoolError::io("rename (no replace)", &path))
-        });
-    if let Err(e) = made {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // A crash before this unlink leaves `ID.tmp` as a second name of the same file;
-    // `clean` removes it at the next open.
-    if let Err(e) = fs::remove_file(&tmp) {
-        tracing::warn!(file = %tmp.display(), error = %e,
-            "could not remove the temporary name of a quarantine file; removed at next start");
-    }
-    // 250 means on disk: the new name must be durable before the reply.
-    durable::sync_dir_retrying(&dir)
+    crate::durable::write(&path, &bytes, durable::SPOOL_FILE)?;
+    Ok(())
 }
 
 /// Removes what a crash can leave in the quarantine directory (owner only, at open):
