@@ -23,10 +23,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Listener;
 use crate::maillog;
 use crate::policy::client_block;
-use crate::session::{self, Shared};
+use crate::session::{self, Settings, Shared};
 
 /// Binds a listening socket. IPv6 addresses are bound IPv6-only so that `[::]:25` and
 /// `0.0.0.0:25` can be configured side by side.
@@ -117,10 +116,21 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Accepts connections until shutdown; each session runs in its own task on `tracker`.
+/// What an accept loop enforces, from its `[[listener]]` (and `ipv6_prefix`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub address: SocketAddr,
+    pub max_connections: usize,
+    pub per_ip_connections: usize,
+    pub ipv6_prefix: u8,
+}
+
+/// Accepts connections until shutdown; each session runs in its own task on `tracker`
+/// with this listener's `settings`.
 pub async fn run(
     listener: TcpListener,
-    config: Listener,
+    config: Limits,
+    settings: Arc<Settings>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     tracker: TaskTracker,
@@ -129,7 +139,7 @@ pub async fn run(
     let limits = ConnectionLimits::new(
         config.max_connections,
         config.per_ip_connections,
-        shared.config.ipv6_prefix,
+        config.ipv6_prefix,
     );
     loop {
         let accepted = tokio::select! {
@@ -152,9 +162,9 @@ pub async fn run(
                 let open = shared.metrics.connection_opened(local);
                 let shared = Arc::clone(&shared);
                 let shutdown = shutdown.clone();
-                let config = config.clone();
+                let settings = Arc::clone(&settings);
                 tracker.spawn(async move {
-                    session::run(stream, peer, &config, &shared, shutdown).await;
+                    session::run(stream, peer, &settings, &shared, shutdown).await;
                     drop(slot);
                     drop(open);
                 });

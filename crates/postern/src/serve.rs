@@ -24,7 +24,7 @@ use crate::metrics::{self, Metrics};
 use crate::policy::dnsbl::Dnsbl;
 use crate::policy::{RecipientList, RelayPolicy};
 use crate::queue::{Spool, SpoolOptions};
-use crate::session::Shared;
+use crate::session::{Settings, Shared};
 use crate::tls::ServerTls;
 use crate::{control, delivery};
 
@@ -129,8 +129,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::clone(&budget),
         config.hostname.clone(),
     );
+    // Each listener's session settings, derived once: sessions never see the Config.
+    let settings: Vec<Arc<Settings>> = bound
+        .iter()
+        .map(|(_, l)| Arc::new(Settings::new(&config, l, tls.is_some(), auth.is_some())))
+        .collect();
+    let ipv6_prefix = config.ipv6_prefix;
     let shared = Arc::new(Shared {
-        config,
         policy,
         intake,
         tls,
@@ -151,16 +156,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let sessions = TaskTracker::new();
     let mut accept_loops = Vec::new();
-    for (socket, l) in bound {
+    for ((socket, l), settings) in bound.into_iter().zip(settings) {
         accept_loops.push(tokio::spawn(listener::run(
             socket,
-            l,
+            listener::Limits {
+                address: l.address,
+                max_connections: l.max_connections,
+                per_ip_connections: l.per_ip_connections,
+                ipv6_prefix,
+            },
+            settings,
             Arc::clone(&shared),
             stop_rx.clone(),
             sessions.clone(),
         )));
     }
-    tracing::info!(hostname = %shared.config.hostname, "postern started");
+    tracing::info!(hostname = %config.hostname, "postern started");
 
     wait_for_stop_signal().await?;
     tracing::info!("stopping: no new connections, closing sessions");
@@ -175,7 +186,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("sessions still open after the grace period; closing them");
     }
-    let socket = control::socket_path(&shared.config.spool_dir);
+    let socket = control::socket_path(&config.spool_dir);
     drop(shared);
     delivery.shutdown().await;
     let _ = std::fs::remove_file(socket);

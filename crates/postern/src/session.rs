@@ -26,7 +26,7 @@ use crate::intake::Intake;
 use crate::maillog;
 use crate::metrics::{Metrics, Rejection};
 use crate::policy::dnsbl::Dnsbl;
-use crate::policy::{Client, Decision, RelayPolicy, Rule};
+use crate::policy::{Client, Decision, Facts, RelayPolicy};
 use crate::tls::ServerTls;
 use std::sync::Arc;
 
@@ -34,7 +34,6 @@ use std::sync::Arc;
 /// spool, delivery), the metrics, and (when some listener uses them) TLS and the
 /// authenticator.
 pub struct Shared {
-    pub config: Config,
     pub policy: RelayPolicy,
     /// Where a message goes at the end of its transfer.
     pub intake: Intake,
@@ -99,37 +98,64 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// The protocol settings of one listener.
-fn session_config(shared: &Shared, listener: &Listener) -> SessionConfig {
-    let auth_mechanisms = if listener.auth == AuthMode::None || shared.auth.is_none() {
-        Vec::new()
-    } else {
-        shared
-            .config
-            .auth
-            .mechanisms
-            .iter()
-            .map(|m| m.name().to_string())
-            .collect()
-    };
-    SessionConfig {
-        hostname: shared.config.hostname.clone(),
-        max_message_size: shared.config.max_message_size,
-        max_recipients: shared.config.max_recipients,
-        max_errors: shared.config.max_errors,
-        starttls: listener.tls == TlsMode::StartTls && shared.tls.is_some(),
-        require_tls: listener.require_tls,
-        auth_mechanisms,
-        auth_required: listener.auth == AuthMode::Required,
-        allow_plaintext_auth: listener.allow_plaintext_auth,
-        max_junk_commands: shared.config.max_junk_commands,
-        max_hops: shared.config.max_hops,
-        // Validated at load.
-        postmaster: shared
-            .config
-            .postmaster
-            .as_deref()
-            .and_then(|p| postern_smtp::address::parse_mailbox(p).ok()),
+/// What a session on one listener needs, derived once at start from the configuration
+/// (as ripgrep derives its high-level arguments): sessions never reach the whole `Config`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The protocol core's settings (name, limits, STARTTLS, AUTH, postmaster).
+    pub protocol: SessionConfig,
+    /// Implicit TLS (RFC 8314): the handshake comes before the greeting.
+    pub implicit_tls: bool,
+    /// Every read and write waits at most this.
+    pub command_timeout: Duration,
+    /// A TLS handshake must complete within this.
+    pub handshake_timeout: Duration,
+    /// A whole DATA or BDAT message must arrive within this.
+    pub data_timeout: Duration,
+    /// The port a delivery to an address literal uses (to recognise ourselves).
+    pub mx_port: u16,
+}
+
+impl Settings {
+    /// The settings of `listener`; `tls` and `auth`: the server has a certificate and an
+    /// authenticator (without them STARTTLS and AUTH are not offered).
+    pub fn new(config: &Config, listener: &Listener, tls: bool, auth: bool) -> Settings {
+        let auth_mechanisms = if listener.auth == AuthMode::None || !auth {
+            Vec::new()
+        } else {
+            config
+                .auth
+                .mechanisms
+                .iter()
+                .map(|m| m.name().to_string())
+                .collect()
+        };
+        let protocol = SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: config.max_message_size,
+            max_recipients: config.max_recipients,
+            max_errors: config.max_errors,
+            starttls: listener.tls == TlsMode::StartTls && tls,
+            require_tls: listener.require_tls,
+            auth_mechanisms,
+            auth_required: listener.auth == AuthMode::Required,
+            allow_plaintext_auth: listener.allow_plaintext_auth,
+            max_junk_commands: config.max_junk_commands,
+            max_hops: config.max_hops,
+            // Validated at load.
+            postmaster: config
+                .postmaster
+                .as_deref()
+                .and_then(|p| postern_smtp::address::parse_mailbox(p).ok()),
+        };
+        Settings {
+            protocol,
+            implicit_tls: listener.tls == TlsMode::Implicit,
+            command_timeout: config.command_timeout,
+            handshake_timeout: HANDSHAKE_TIMEOUT.min(config.command_timeout),
+            data_timeout: config.data_timeout,
+            mx_port: config.delivery.mx_port,
+        }
     }
 }
 
@@ -137,16 +163,16 @@ fn session_config(shared: &Shared, listener: &Listener) -> SessionConfig {
 pub async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
-    listener: &Listener,
+    settings: &Settings,
     shared: &Shared,
     shutdown: watch::Receiver<bool>,
 ) {
     // Replies are written once per batch of pipelined commands, so Nagle would only
     // add delayed-ACK stalls (~40 ms per message).
     let _ = tcp.set_nodelay(true);
-    let handshake_timeout = HANDSHAKE_TIMEOUT.min(shared.config.command_timeout);
+    let handshake_timeout = settings.handshake_timeout;
     // Implicit TLS (RFC 8314): the handshake comes before the greeting.
-    let (mut stream, tls) = if listener.tls == TlsMode::Implicit {
+    let (mut stream, tls) = if settings.implicit_tls {
         let Some(server_tls) = &shared.tls else {
             maillog::disconnected(peer, "no TLS configured");
             return;
@@ -162,13 +188,14 @@ pub async fn run(
     } else {
         (Stream::Plain(tcp), None)
     };
-    let mut session = Session::new(session_config(shared, listener), Peer { addr: peer, tls });
+    let mut session = Session::new(settings.protocol.clone(), Peer { addr: peer, tls });
     // The DNSBL answer for this client, looked up at most once per connection.
     let mut dnsbl: Option<Option<String>> = None;
     let reason = loop {
         match drive(
             &mut stream,
             &mut session,
+            settings,
             shared,
             &mut dnsbl,
             shutdown.clone(),
@@ -222,11 +249,12 @@ enum Ended {
 async fn drive(
     stream: &mut Stream,
     session: &mut Session,
+    settings: &Settings,
     shared: &Shared,
     dnsbl: &mut Option<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
-    let timeout = shared.config.command_timeout;
+    let timeout = settings.command_timeout;
     let mut buf = vec![0u8; READ_BUFFER];
     // This session's share of the memory budget for message bodies.
     let mut reservation = shared.budget.reservation();
@@ -252,10 +280,10 @@ async fn drive(
                 let mut wait = timeout;
                 if session.in_message() {
                     let deadline = *transfer_deadline
-                        .get_or_insert_with(|| Instant::now() + shared.config.data_timeout);
+                        .get_or_insert_with(|| Instant::now() + settings.data_timeout);
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        maillog::transfer_timeout(session.peer(), shared.config.data_timeout);
+                        maillog::transfer_timeout(session.peer(), settings.data_timeout);
                         session.timeout();
                         continue;
                     }
@@ -297,7 +325,7 @@ async fn drive(
                     authenticated: req.authenticated.as_deref(),
                     dnsbl: dnsbl.as_ref().and_then(|d| d.as_deref()),
                 };
-                let decision = recipient_decision(shared, client, &req);
+                let decision = recipient_decision(settings, shared, client, &req);
                 match &decision {
                     Decision::Accept(rule) => {
                         maillog::recipient_accepted(session.peer(), &req.recipient, *rule)
@@ -379,37 +407,35 @@ fn reserve_for_read(
     reservation.resize(session.body_bytes_after(0) as u64);
 }
 
-/// The relay policy, plus the sender check for authenticated users when
-/// `[auth] restrict_senders` is on (Postfix's reject_sender_login_mismatch).
+/// Finds out what the policy cannot (it does no I/O), then asks it.
 fn recipient_decision(
+    settings: &Settings,
     shared: &Shared,
     client: Client<'_>,
     req: &postern_smtp::RecipientRequest,
 ) -> Decision {
-    if let (Some(identity), Some(auth)) = (client.authenticated, &shared.auth) {
-        let sender = match &req.sender {
-            ReversePath::Null => String::new(),
-            ReversePath::Mailbox(a) => a.to_string(),
-        };
-        if !auth.may_send_as(identity, &sender) {
-            return Decision::Refuse(Rule::SenderNotOwned, catalogue::sender_not_owned());
+    let sender_not_owned = match (client.authenticated, &shared.auth) {
+        (Some(identity), Some(auth)) => {
+            let sender = match &req.sender {
+                ReversePath::Null => String::new(),
+                ReversePath::Mailbox(a) => a.to_string(),
+            };
+            !auth.may_send_as(identity, &sender)
         }
-    }
-    if req.postmaster {
-        // RFC 5321 4.5.1: <Postmaster> must be accepted from anyone; the session has
-        // already made it the configured postmaster address.
-        return Decision::Accept(Rule::Postmaster);
-    }
-    // `user@[our address]`: we have no local delivery, so it would be sent back to us
-    // (RFC 5321 5.1's loop, by literal). Refused for every client, trusted ones too.
-    if let Domain::Literal(ip) = req.recipient.domain()
-        && shared
+        _ => false,
+    };
+    let literal_is_us = match req.recipient.domain() {
+        Domain::Literal(ip) => shared
             .ourselves
-            .is_us(SocketAddr::new(*ip, shared.config.delivery.mx_port))
-    {
-        return Decision::Refuse(Rule::LiteralIsUs, catalogue::literal_is_us());
-    }
-    shared.policy.decide(client, &req.recipient)
+            .is_us(SocketAddr::new(*ip, settings.mx_port)),
+        Domain::Name(_) => false,
+    };
+    let facts = Facts {
+        sender_not_owned,
+        postmaster: req.postmaster,
+        literal_is_us,
+    };
+    shared.policy.decide_with(client, &req.recipient, facts)
 }
 
 /// Closes our side, then reads and drops what the client still sends for a moment.

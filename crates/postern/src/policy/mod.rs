@@ -36,6 +36,20 @@ pub struct Client<'a> {
     pub dnsbl: Option<&'a str>,
 }
 
+/// What the caller found out about one RCPT beyond the address and the client (the
+/// policy does no I/O: these come from the authenticator, the session and `ourselves`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The authenticated client may not use this MAIL FROM (`[auth] restrict_senders`,
+    /// Postfix's reject_sender_login_mismatch).
+    pub sender_not_owned: bool,
+    /// The client wrote `<Postmaster>` or `postmaster@` our hostname, and the session made
+    /// it the configured postmaster address (RFC 5321 4.5.1).
+    pub postmaster: bool,
+    /// The recipient is an address literal that is this server.
+    pub literal_is_us: bool,
+}
+
 /// The rule that decided, named in the log line for every RCPT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rule {
@@ -198,6 +212,29 @@ impl RelayPolicy {
     ///    `authenticated_relay`, or `open_relay`;
     /// 4. otherwise 554 5.7.1.
     pub fn decide(&self, client: Client<'_>, recipient: &Address) -> Decision {
+        self.decide_with(client, recipient, Facts::default())
+    }
+
+    /// [`RelayPolicy::decide`], with what the caller found out first, in this order: a
+    /// sender the authenticated user does not own is refused (`sender_not_owned`); the
+    /// postmaster is accepted from anyone (RFC 5321 4.5.1); an address literal that is
+    /// this server is refused for every client, trusted ones too (`literal_is_us`: with no
+    /// local delivery it would loop back here, RFC 5321 5.1).
+    pub fn decide_with(&self, client: Client<'_>, recipient: &Address, facts: Facts) -> Decision {
+        if facts.sender_not_owned {
+            return Decision::Refuse(Rule::SenderNotOwned, catalogue::sender_not_owned());
+        }
+        if facts.postmaster {
+            return Decision::Accept(Rule::Postmaster);
+        }
+        if facts.literal_is_us {
+            return Decision::Refuse(Rule::LiteralIsUs, catalogue::literal_is_us());
+        }
+        self.relay(client, recipient)
+    }
+
+    /// The relay rules proper (see [`RelayPolicy::decide`]).
+    fn relay(&self, client: Client<'_>, recipient: &Address) -> Decision {
         let privileged = if self.is_trusted(client.ip) {
             Some(Rule::TrustedNetwork)
         } else if client.authenticated.is_some() && self.authenticated_relay {

@@ -132,3 +132,38 @@ fn client_block_keeps_ipv4_and_masks_ipv6() {
     assert_eq!(client_block(ip("2001:db8::1"), 128), ip("2001:db8::1"));
     assert_eq!(client_block(ip("2001:db8::1"), 0), ip("::"));
 }
+
+#[test]
+fn facts_come_first_in_their_order() {
+    let policy = policy_from(
+        "policy accepted=accepted.test trusted=10.0.0.0/8 auth_relay=yes open=no recipients=-",
+    );
+    let rcpt = postern_smtp::address::parse_path("<u@other.test>").unwrap();
+    let client = Client {
+        ip: "10.0.0.1".parse().unwrap(),
+        authenticated: Some("alice"),
+        dnsbl: None,
+    };
+    let rule = |facts: Facts| policy.decide_with(client, &rcpt, facts).rule();
+    assert_eq!(rule(Facts::default()), Rule::TrustedNetwork);
+    let all = Facts {
+        sender_not_owned: true,
+        postmaster: true,
+        literal_is_us: true,
+    };
+    assert_eq!(rule(all), Rule::SenderNotOwned);
+    assert_eq!(
+        rule(Facts {
+            sender_not_owned: false,
+            ..all
+        }),
+        Rule::Postmaster
+    );
+    assert_eq!(
+        rule(Facts {
+            literal_is_us: true,
+            ..Facts::default()
+        }),
+        Rule::LiteralIsUs
+    );
+}
