@@ -1,0 +1,231 @@
+//! The `[metrics]` endpoint: counters kept as atomics by the listener, the sessions and
+//! delivery, served in the Prometheus text exposition format (version 0.0.4) at
+//! `GET /metrics` over plain HTTP/1.1.
+//!
+//! The HTTP side is written here with tokio rather than with an HTTP crate: one GET on
+//! one fixed path needs a request line and nothing else, and a full HTTP stack would be
+//! more code to trust than the handful of lines in `http.rs`. A request is read up to the end
+//! of its headers, at most `MAX_REQUEST` octets within `READ_TIMEOUT`; the answer is one
+//! response with `Connection: close`. `GET /metrics` gets the metrics, anything else 404.
+//! At most `MAX_SCRAPES` connections are served at once; more are closed unanswered.
+//!
+//! Cardinality: every label value is fixed at start (the configured listener addresses,
+//! closed lists of reasons, rules, statuses and actions). Nothing a client sends becomes
+//! a label, so no client can grow the number of series (or the memory they take).
+//!
+//! Trust: the endpoint has no authentication and shows counts only, never addresses or
+//! names; bind it to loopback or a management network.
+//!
+//! Laid out in three parts: the counters (here), their rendering in the text format
+//! ([`render`]), and the HTTP endpoint ([`http`]).
+
+mod http;
+mod render;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::FilterAction;
+use crate::policy::Rule;
+
+pub use http::serve;
+
+/// Why a message got no 250 (`postern_messages_rejected_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// A `[[filter]]` with `action = "reject"` (550 5.7.1).
+    Filter,
+    /// Over `max_message_size` (552 5.3.4).
+    Size,
+    /// A bare CR or LF (554 5.6.0).
+    BareLineEnding,
+    /// A text line over 1000 octets (500 5.5.6).
+    LineTooLong,
+    /// It could not be screened or written to disk (451 4.3.0).
+    StoreFailed,
+    /// Too many `Received:` fields, a mail loop (554 5.4.6).
+    TooManyHops,
+    /// `max_message_memory` was in use (452 4.3.1).
+    Memory,
+}
+
+const REJECTIONS: [(Rejection, &str); 7] = [
+    (Rejection::Filter, "filter"),
+    (Rejection::Size, "size"),
+    (Rejection::BareLineEnding, "bare_line_ending"),
+    (Rejection::LineTooLong, "line_too_long"),
+    (Rejection::StoreFailed, "store_failed"),
+    (Rejection::TooManyHops, "too_many_hops"),
+    (Rejection::Memory, "memory"),
+];
+
+/// The outcome of one delivery attempt for one recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Delivered,
+    Deferred,
+    Failed,
+}
+
+const DELIVERY_STATUSES: [&str; 3] = ["delivered", "deferred", "failed"];
+/// The connection limits, as `listener::ConnectionLimits::acquire` names them.
+const LIMITS: [&str; 2] = ["max_connections", "per_ip_connections"];
+
+/// The counters of one listener address.
+#[derive(Debug)]
+struct ListenerCounters {
+    address: SocketAddr,
+    connections: AtomicU64,
+    refused: [AtomicU64; LIMITS.len()],
+}
+
+/// Every metric, shared (in an `Arc`) by the listeners, the sessions and delivery.
+#[derive(Debug)]
+pub struct Metrics {
+    listeners: Vec<ListenerCounters>,
+    connections_open: AtomicU64,
+    messages_accepted: AtomicU64,
+    messages_rejected: [AtomicU64; REJECTIONS.len()],
+    /// Indexed by `Rule as usize` (accepting rules stay at zero and are not shown).
+    recipients_refused: [AtomicU64; Rule::ALL.len()],
+    auth_failures: AtomicU64,
+    auth_successes: AtomicU64,
+    deliveries: [AtomicU64; DELIVERY_STATUSES.len()],
+    bounces: AtomicU64,
+    queue_messages: AtomicU64,
+    filter_actions: [AtomicU64; FilterAction::NAMES.len()],
+}
+
+/// Held for the life of a session; `postern_connections_open` counts these.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// All counters at zero, with one label value per listener address (listeners that
+    /// share an address, port 0 ones in tests, share their series).
+    pub fn new(listeners: impl IntoIterator<Item = SocketAddr>) -> Metrics {
+        let mut counters: Vec<ListenerCounters> = Vec::new();
+        for address in listeners {
+            if !counters.iter().any(|l| l.address == address) {
+                counters.push(ListenerCounters {
+                    address,
+                    connections: AtomicU64::new(0),
+                    refused: Default::default(),
+                });
+            }
+        }
+        Metrics {
+            listeners: counters,
+            connections_open: AtomicU64::new(0),
+            messages_accepted: AtomicU64::new(0),
+            messages_rejected: Default::default(),
+            recipients_refused: Default::default(),
+            auth_failures: AtomicU64::new(0),
+            auth_successes: AtomicU64::new(0),
+            deliveries: Default::default(),
+            bounces: AtomicU64::new(0),
+            queue_messages: AtomicU64::new(0),
+            filter_actions: Default::default(),
+        }
+    }
+
+    fn listener(&self, address: SocketAddr) -> Option<&ListenerCounters> {
+        self.listeners.iter().find(|l| l.address == address)
+    }
+
+    /// A connection on `listener` got a session; open until the guard is dropped.
+    pub fn connection_opened(self: &Arc<Self>, listener: SocketAddr) -> OpenConnection {
+        if let Some(l) = self.listener(listener) {
+            bump(&l.connections);
+        }
+        bump(&self.connections_open);
+        OpenConnection(Arc::clone(self))
+    }
+
+    /// A connection on `listener` was refused because `limit` was full.
+    pub fn connection_refused(&self, listener: SocketAddr, limit: &str) {
+        let i = LIMITS.iter().position(|l| *l == limit);
+        debug_assert!(i.is_some(), "unknown limit {limit}");
+        if let (Some(l), Some(i)) = (self.listener(listener), i) {
+            bump(&l.refused[i]);
+        }
+    }
+
+    /// A message was answered 250.
+    pub fn message_accepted(&self) {
+        bump(&self.messages_accepted);
+    }
+
+    pub fn message_rejected(&self, why: Rejection) {
+        if let Some(i) = REJECTIONS.iter().position(|(r, _)| *r == why) {
+            bump(&self.messages_rejected[i]);
+        }
+    }
+
+    /// Adds the refusals the protocol core made by itself (size, line endings).
+    pub fn core_refusals(&self, refusals: postern_smtp::Refusals) {
+        for (why, n) in [
+            (Rejection::Size, refusals.size),
+            (Rejection::BareLineEnding, refusals.bare_line_ending),
+            (Rejection::LineTooLong, refusals.line_too_long),
+            (Rejection::TooManyHops, refusals.too_many_hops),
+        ] {
+            if n > 0
+                && let Some(i) = REJECTIONS.iter().position(|(r, _)| *r == why)
+            {
+                self.messages_rejected[i].fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A recipient was refused by `rule`.
+    pub fn recipient_refused(&self, rule: Rule) {
+        if rule.refuses() {
+            bump(&self.recipients_refused[rule as usize]);
+        }
+    }
+
+    /// An AUTH was answered 235.
+    pub fn auth_succeeded(&self) {
+        bump(&self.auth_successes);
+    }
+
+    /// An AUTH was answered 535 (a 454 during a lockout is not a failure).
+    pub fn auth_failed(&self) {
+        bump(&self.auth_failures);
+    }
+
+    pub fn delivery(&self, status: DeliveryStatus) {
+        let i = match status {
+            DeliveryStatus::Delivered => 0,
+            DeliveryStatus::Deferred => 1,
+            DeliveryStatus::Failed => 2,
+        };
+        bump(&self.deliveries[i]);
+    }
+
+    /// A bounce was queued.
+    pub fn bounce(&self) {
+        bump(&self.bounces);
+    }
+
+    /// The delivery runner now holds `n` messages.
+    pub fn set_queue_messages(&self, n: usize) {
+        self.queue_messages.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn filter_action(&self, action: &FilterAction) {
+        bump(&self.filter_actions[action.index()]);
+    }
+}

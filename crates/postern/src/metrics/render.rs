@@ -1,0 +1,291 @@
+//! The counters in the Prometheus text exposition format, version 0.0.4.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{DELIVERY_STATUSES, LIMITS, ListenerCounters, Metrics, REJECTIONS};
+use crate::config::FilterAction;
+use crate::policy::Rule;
+
+impl Metrics {
+    /// The text exposition format, version 0.0.4. `spool_fsyncs` comes from the spool
+    /// ([`Spool::sync_count`]), which keeps its own count.
+    pub fn render(&self, spool_fsyncs: u64) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(4096);
+        let listener_label = |l: &ListenerCounters| l.address.to_string();
+
+        family(
+            &mut out,
+            "postern_connections_total",
+            "counter",
+            "SMTP connections given a session, per listener.",
+            self.listeners.iter().map(|l| {
+                (
+                    labels(&[("listener", &listener_label(l))]),
+                    get(&l.connections),
+                )
+            }),
+        );
+        family(
+            &mut out,
+            "postern_connections_refused_total",
+            "counter",
+            "SMTP connections refused with 421 because a connection limit was full.",
+            self.listeners.iter().flat_map(|l| {
+                LIMITS.iter().zip(&l.refused).map(move |(limit, n)| {
+                    (
+                        labels(&[("listener", &listener_label(l)), ("limit", limit)]),
+                        get(n),
+                    )
+                })
+            }),
+        );
+        single(
+            &mut out,
+            "postern_connections_open",
+            "gauge",
+            "SMTP connections open now, all listeners.",
+            get(&self.connections_open),
+        );
+        single(
+            &mut out,
+            "postern_messages_accepted_total",
+            "counter",
+            "Messages answered 250 (queued, quarantined or discarded by a filter).",
+            get(&self.messages_accepted),
+        );
+        family(
+            &mut out,
+            "postern_messages_rejected_total",
+            "counter",
+            "Messages refused at or before the end of DATA/BDAT, by reason.",
+            REJECTIONS
+                .iter()
+                .zip(&self.messages_rejected)
+                .map(|((_, name), n)| (labels(&[("reason", name)]), get(n))),
+        );
+        family(
+            &mut out,
+            "postern_recipients_refused_total",
+            "counter",
+            "RCPT TO refused by the relay policy, by the rule that refused.",
+            Rule::ALL
+                .iter()
+                .zip(&self.recipients_refused)
+                .filter(|(rule, _)| rule.refuses())
+                .map(|(rule, n)| (labels(&[("rule", rule.as_str())]), get(n))),
+        );
+        single(
+            &mut out,
+            "postern_auth_failures_total",
+            "counter",
+            "SMTP AUTH attempts answered 535 (wrong password or unknown user).",
+            get(&self.auth_failures),
+        );
+        single(
+            &mut out,
+            "postern_auth_successes_total",
+            "counter",
+            "SMTP AUTH attempts answered 235.",
+            get(&self.auth_successes),
+        );
+        family(
+            &mut out,
+            "postern_deliveries_total",
+            "counter",
+            "Delivery outcomes, one per recipient and attempt.",
+            DELIVERY_STATUSES
+                .iter()
+                .zip(&self.deliveries)
+                .map(|(status, n)| (labels(&[("status", status)]), get(n))),
+        );
+        single(
+            &mut out,
+            "postern_bounces_total",
+            "counter",
+            "Bounce messages (delivery status notifications) queued.",
+            get(&self.bounces),
+        );
+        single(
+            &mut out,
+            "postern_queue_messages",
+            "gauge",
+            "Messages the delivery runner holds (waiting, deferred or being delivered).",
+            get(&self.queue_messages),
+        );
+        single(
+            &mut out,
+            "postern_spool_fsyncs_total",
+            "counter",
+            "Spool fdatasyncs since start (one per group-committed batch).",
+            spool_fsyncs,
+        );
+        family(
+            &mut out,
+            "postern_filter_actions_total",
+            "counter",
+            "Messages a [[filter]] matched, by its action.",
+            FilterAction::NAMES
+                .iter()
+                .zip(&self.filter_actions)
+                .map(|(action, n)| (labels(&[("action", action)]), get(n))),
+        );
+        out
+    }
+}
+
+/// HELP, TYPE and one line per label set.
+fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    series: impl Iterator<Item = (String, u64)>,
+) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    for (labels, value) in series {
+        out.push_str(&format!("{name}{labels} {value}\n"));
+    }
+}
+
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    family(
+        out,
+        name,
+        kind,
+        help,
+        std::iter::once((String::new(), value)),
+    );
+}
+
+/// `{a="x",b="y"}`, values escaped as the format requires.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::metrics::{DeliveryStatus, Rejection};
+
+    fn sample() -> Arc<Metrics> {
+        let a: SocketAddr = "0.0.0.0:25".parse().unwrap();
+        let b: SocketAddr = "[::]:587".parse().unwrap();
+        Arc::new(Metrics::new([a, b, a]))
+    }
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let m = sample();
+        let a: SocketAddr = "0.0.0.0:25".parse().unwrap();
+        let open = m.connection_opened(a);
+        let _second = m.connection_opened(a);
+        drop(open);
+        m.connection_refused(a, "per_ip_connections");
+        m.message_accepted();
+        m.message_rejected(Rejection::Filter);
+        m.core_refusals(postern_smtp::Refusals {
+            size: 2,
+            bare_line_ending: 1,
+            line_too_long: 0,
+            too_many_hops: 0,
+        });
+        m.recipient_refused(Rule::RelayDenied);
+        m.recipient_refused(Rule::AcceptedDomain); // never a refusal: not counted
+        m.auth_failed();
+        m.auth_failed();
+        m.auth_succeeded();
+        m.delivery(DeliveryStatus::Deferred);
+        m.bounce();
+        m.set_queue_messages(7);
+        m.filter_action(&FilterAction::Redirect("x@y.test".into()));
+        let text = m.render(42);
+
+        for line in [
+            "# HELP postern_connections_total SMTP connections given a session, per listener.\n",
+            "# TYPE postern_connections_total counter\n",
+            "postern_connections_total{listener=\"0.0.0.0:25\"} 2\n",
+            "postern_connections_total{listener=\"[::]:587\"} 0\n",
+            "postern_connections_refused_total{listener=\"0.0.0.0:25\",limit=\"per_ip_connections\"} 1\n",
+            "postern_connections_refused_total{listener=\"0.0.0.0:25\",limit=\"max_connections\"} 0\n",
+            "# TYPE postern_connections_open gauge\npostern_connections_open 1\n",
+            "postern_messages_accepted_total 1\n",
+            "postern_messages_rejected_total{reason=\"filter\"} 1\n",
+            "postern_messages_rejected_total{reason=\"size\"} 2\n",
+            "postern_messages_rejected_total{reason=\"bare_line_ending\"} 1\n",
+            "postern_messages_rejected_total{reason=\"line_too_long\"} 0\n",
+            "postern_messages_rejected_total{reason=\"store_failed\"} 0\n",
+            "postern_recipients_refused_total{rule=\"relay_denied\"} 1\n",
+            "postern_recipients_refused_total{rule=\"unknown_recipient\"} 0\n",
+            "postern_auth_failures_total 2\n",
+            "postern_auth_successes_total 1\n",
+            "postern_deliveries_total{status=\"deferred\"} 1\n",
+            "postern_deliveries_total{status=\"delivered\"} 0\n",
+            "postern_bounces_total 1\n",
+            "# TYPE postern_queue_messages gauge\npostern_queue_messages 7\n",
+            "postern_spool_fsyncs_total 42\n",
+            "postern_filter_actions_total{action=\"redirect\"} 1\n",
+            "postern_filter_actions_total{action=\"reject\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(!text.contains("accepted_domain"), "{text}");
+        // A shared address is one series, not two.
+        assert_eq!(text.matches("postern_connections_total{").count(), 2);
+
+        // Every sample line belongs to a family announced just before, with HELP and
+        // TYPE once each, and every value is an integer.
+        let mut families = Vec::new();
+        let mut current = "";
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                current = rest.split(' ').next().unwrap();
+                families.push(current);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(name, current);
+                assert!(kind == "counter" || kind == "gauge", "{line}");
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            } else {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                assert!(
+                    series == current || series.starts_with(&format!("{current}{{")),
+                    "{line} outside {current}"
+                );
+                value.parse::<u64>().unwrap();
+            }
+        }
+        assert_eq!(families.len(), 13, "{families:?}");
+        let mut unique = families.clone();
+        unique.dedup();
+        assert_eq!(unique, families);
+    }
+
+    #[test]
+    fn rules_are_listed_at_their_index() {
+        for (i, rule) in Rule::ALL.iter().enumerate() {
+            assert_eq!(*rule as usize, i, "{rule}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            labels(&[("a", "x\"y\\z\nw"), ("b", "c")]),
+            r#"{a="x\"y\\z\nw",b="c"}"#
+        );
+    }
+}
