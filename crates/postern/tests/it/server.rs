@@ -1,11 +1,9 @@
 //! End-to-end tests of `postern serve`: the real binary on loopback ports, real
 //! sockets, the real spool on disk.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Client, INSIDE, OUTSIDE, Server, message, run_cli};
+use crate::common::{Client, INSIDE, OUTSIDE, Server, message, run_cli};
 
 /// Live messages in a spool, read the way `postern queue list` will.
 fn spooled(server: &Server) -> Vec<postern::queue::StoredMessage> {
@@ -159,8 +157,8 @@ fn sigterm_answers_421_and_exits_zero() {
 #[test]
 fn per_ip_connection_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let text = common::base_config(port, &dir.path().join("spool"), "", "")
+    let port = crate::common::free_port();
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", "")
         .replace("per_ip_connections = 500", "per_ip_connections = 3");
     let server = Server::start_with_config(dir, port, &text);
     let mut held: Vec<_> = (0..3)
@@ -210,9 +208,9 @@ fn ipv6_listener() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let port6 = common::free_port();
-    let text = common::base_config(port, &dir.path().join("spool"), "", "").replace(
+    let port = crate::common::free_port();
+    let port6 = crate::common::free_port();
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", "").replace(
         "[relay]",
         &format!("[[listener]]\naddress = \"[::1]:{port6}\"\n\n[relay]"),
     );
@@ -349,7 +347,7 @@ fn http_get(port: u16, path: &str) -> (String, String, String) {
 
 #[test]
 fn metrics_endpoint_counts_sessions() {
-    let metrics_port = common::free_port();
+    let metrics_port = crate::common::free_port();
     let server = Server::start(
         "",
         &format!("\n[metrics]\naddress = \"127.0.0.1:{metrics_port}\"\n"),

@@ -3,14 +3,12 @@
 //! LOGIN, required AUTH, authenticated relay, brute-force lockout per IP and per user,
 //! and interop with real clients (swaks, openssl s_client).
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{Client, OUTSIDE, Server, message, run_cli};
 use base64::Engine;
-use common::{Client, OUTSIDE, Server, message, run_cli};
 use postern_testkit::ca::TestCa;
 
 fn b64(s: &str) -> String {
@@ -67,9 +65,9 @@ fn start_with_users(auth_extra: &str, extra_users: &[(&str, &str, &[&str])]) -> 
     let ca = TestCa::new();
     let (cert, key) = ca.issue(&["relay.test", "127.0.0.1"]).write_to(dir.path());
     let (smtp, submission, smtps) = (
-        common::free_port(),
-        common::free_port(),
-        common::free_port(),
+        crate::common::free_port(),
+        crate::common::free_port(),
+        crate::common::free_port(),
     );
     let users = dir.path().join("users");
     let text = format!(
@@ -142,7 +140,7 @@ fn add_user(config: &std::path::Path, name: &str, password: &str, addresses: &[&
     for a in addresses {
         args.extend([OsStr::new("--address"), OsStr::new(a)]);
     }
-    let out = common::run_cli_stdin(&args, &format!("{password}\n"));
+    let out = crate::common::run_cli_stdin(&args, &format!("{password}\n"));
     assert!(
         out.status.success(),
         "{}",

@@ -8,8 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-mod common;
-
 use postern::auth::password;
 
 /// A configuration naming `users` (next to it) as the users file.
@@ -26,7 +24,7 @@ fn user(config: &Path, args: &[&str], stdin: &str) -> Output {
     let mut all: Vec<&OsStr> = vec![OsStr::new("user")];
     all.extend(args.iter().map(OsStr::new));
     all.extend([OsStr::new("--config"), config.as_os_str()]);
-    common::run_cli_stdin(&all, stdin)
+    crate::common::run_cli_stdin(&all, stdin)
 }
 
 fn ok(out: &Output) -> String {

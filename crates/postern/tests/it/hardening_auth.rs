@@ -9,13 +9,11 @@
 //! AUTH runs on a plain-text listener (`allow_plaintext_auth`) to keep the tests short:
 //! TLS has its own tests in tls_auth.rs.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
+use crate::common::{OUTSIDE, Server, run_cli};
 use base64::Engine;
-use common::{OUTSIDE, Server, run_cli};
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -25,7 +23,7 @@ fn b64(s: &str) -> String {
 /// ("battery staple"), and `auth` appended to its `[auth]` section. 127.0.0.1 is trusted.
 fn start(auth: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = crate::common::free_port();
     let users = dir.path().join("users");
     let text = format!(
         r#"hostname = "relay.test"
@@ -54,8 +52,8 @@ next_hop = "[127.0.0.1]:1"
     );
     let config = dir.path().join("postern.toml");
     std::fs::write(&config, &text).unwrap();
-    common::add_user(&config, "alice", "correct horse");
-    common::add_user(&config, "bob", "battery staple");
+    crate::common::add_user(&config, "alice", "correct horse");
+    crate::common::add_user(&config, "bob", "battery staple");
     Server::start_with_config(dir, port, &text)
 }
 
@@ -187,8 +185,8 @@ fn check_config_calls_split_everything_networks_an_open_relay() {
 #[test]
 fn serve_warns_when_split_networks_trust_everyone() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let text = common::base_config(port, &dir.path().join("spool"), "", "").replace(
+    let port = crate::common::free_port();
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", "").replace(
         r#"trusted_networks = ["127.0.0.1/32"]"#,
         r#"trusted_networks = ["0.0.0.0/1", "128.0.0.0/1"]"#,
     );
@@ -213,7 +211,7 @@ fn user(config: &std::path::Path, args: &[&str], stdin: &str) -> std::process::O
         config.as_os_str(),
     ];
     all.extend(args.iter().map(OsStr::new));
-    common::run_cli_stdin(&all, stdin)
+    crate::common::run_cli_stdin(&all, stdin)
 }
 
 #[test]

@@ -2,14 +2,12 @@
 //! (`postern-testkit`). Postern's `mx_port` is shared by every MX host, so MX sinks
 //! listen on the same port at different loopback addresses (127.0.0.10, .11, ...).
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{INSIDE, Server, message, route_to, run_cli, sink_on};
+use crate::common::{INSIDE, Server, message, route_to, run_cli, sink_on};
 use postern_testkit::ca::TestCa;
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
@@ -17,7 +15,7 @@ use postern_testkit::sink::{Sink, SinkConfig};
 /// A port free on the whole loopback net (checked on 127.0.0.1 and the MX addresses).
 fn shared_port() -> u16 {
     loop {
-        let p = common::free_port();
+        let p = crate::common::free_port();
         let ok =
             (10..16).all(|i| std::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, i), p)).is_ok());
         if ok {
@@ -256,8 +254,8 @@ fn kill_9_with_pending_deliveries_is_exactly_once_per_recipient() {
     });
     let routes = route_to(&["accepted.test"], &good) + &route_to(&["company.test"], &flaky);
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let text = common::base_config(port, &dir.path().join("spool"), "", &routes)
+    let port = crate::common::free_port();
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", &routes)
         + &format!(
             "\n[delivery]\ndns_servers = [\"{}\"]\nretry_schedule = [\"1h\"]\n",
             dns.addr()
@@ -429,8 +427,8 @@ fn queue_list_flush_and_delete() {
     });
     let route = route_to(&["accepted.test"], &sink);
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let text = common::base_config(port, &dir.path().join("spool"), "", &route)
+    let port = crate::common::free_port();
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", &route)
         + &format!(
             "\n[delivery]\ndns_servers = [\"{}\"]\nretry_schedule = [\"1h\"]\n",
             dns.addr()

@@ -11,12 +11,10 @@
 //! In text, `\r` `\n` `\\` `\xHH` are escapes and `{N*TEXT}` repeats TEXT N times.
 //! Other `#` lines are comments.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::{Client, Server, base_config};
+use crate::common::{Client, Server, base_config};
 use postern::config::Config;
 use postern::policy::{Client as PolicyClient, RelayPolicy};
 use postern_smtp::server::{Peer, SessionConfig};
@@ -86,7 +84,7 @@ fn load(path: &Path) -> Transcript {
     let text = std::fs::read_to_string(path).unwrap();
     let mut t = Transcript {
         name: path.file_name().unwrap().to_string_lossy().into_owned(),
-        client: common::OUTSIDE.to_string(),
+        client: crate::common::OUTSIDE.to_string(),
         steps: Vec::new(),
     };
     for line in text.lines() {

@@ -1,13 +1,11 @@
 //! Issue 8 (hardening), the receiving side: each test starts the real binary and shows
 //! one defect of the review fixed. Names say what must hold.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{INSIDE, OUTSIDE, Server, message, route_to};
+use crate::common::{INSIDE, OUTSIDE, Server, message, route_to};
 use postern_testkit::sink::{Sink, SinkConfig};
 
 /// The postern process's resident memory, in KiB.
@@ -45,9 +43,9 @@ fn a_message_with_too_many_received_fields_is_refused_as_a_loop() {
 #[test]
 fn an_address_literal_that_is_us_is_refused_even_from_a_trusted_client() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = crate::common::free_port();
     // mx_port = our own port: a delivery to [127.0.0.1] would come straight back here.
-    let text = common::base_config(
+    let text = crate::common::base_config(
         port,
         &dir.path().join("spool"),
         "",
@@ -87,8 +85,8 @@ fn message_bodies_share_one_memory_budget() {
     // of eight sessions that each hold an unfinished 900 KB message, several must be
     // told 452 4.3.1 instead of being held.
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let text = common::base_config(port, &dir.path().join("spool"), "", "").replace(
+    let port = crate::common::free_port();
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", "").replace(
         "max_message_size = \"64KB\"",
         "max_message_size = \"1MB\"\nmax_message_memory = \"5MB\"",
     );
@@ -368,8 +366,8 @@ fn duplicate_recipients_are_delivered_once() {
 fn idn_domains_match_in_either_form() {
     let sink = Sink::start(SinkConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let text = common::base_config(
+    let port = crate::common::free_port();
+    let text = crate::common::base_config(
         port,
         &dir.path().join("spool"),
         "",
@@ -428,9 +426,10 @@ fn read_some(s: &mut TcpStream) -> usize {
 fn check_config_warns_of_backscatter_without_a_recipients_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("postern.toml");
-    let base = common::base_config(25, &dir.path().join("spool"), "", "");
+    let base = crate::common::base_config(25, &dir.path().join("spool"), "", "");
     std::fs::write(&config, &base).unwrap();
-    let (code, out, err) = common::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    let (code, out, err) =
+        crate::common::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("backscatter"), "{out}");
     // With a recipients file there is nothing to warn about.
@@ -443,7 +442,8 @@ fn check_config_warns_of_backscatter_without_a_recipients_file() {
         ),
     );
     std::fs::write(&config, with_list).unwrap();
-    let (code, out, err) = common::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    let (code, out, err) =
+        crate::common::run_cli(&["check-config", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(!out.contains("backscatter"), "{out}");
 }

@@ -2,12 +2,10 @@
 //! BDAT, the quarantine round trip through `postern quarantine`, a renamed executable,
 //! and DNS blocklists against a DNS responder on loopback.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{Client, INSIDE, OUTSIDE, Server, run_cli};
 use base64::Engine;
-use common::{Client, INSIDE, OUTSIDE, Server, run_cli};
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
 
@@ -73,7 +71,7 @@ fn filtering_relay(sink: &Sink) -> Server {
     Server::start("", &extra)
 }
 
-fn send(server: &Server, body: &str) -> common::Reply {
+fn send(server: &Server, body: &str) -> crate::common::Reply {
     let mut c = server.client(OUTSIDE);
     c.hello();
     c.send_mail("sender@outside.test", &["user@accepted.test"], body)

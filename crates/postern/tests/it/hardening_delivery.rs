@@ -11,12 +11,10 @@
 //! - a failed null-sender message is reported to the postmaster, a failed report is not;
 //! - an expired message reports 4.4.7 with the last remote reply as it was.
 
-mod common;
-
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use common::{INSIDE, Server, route_to, run_cli, sink_on};
+use crate::common::{INSIDE, Server, route_to, run_cli, sink_on};
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
 
@@ -25,7 +23,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// A port free on 127.0.0.1 and on 127.0.0.`ips`.
 fn shared_port(ips: std::ops::Range<u8>) -> u16 {
     loop {
-        let p = common::free_port();
+        let p = crate::common::free_port();
         let ok = ips
             .clone()
             .all(|i| std::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, i), p)).is_ok());
@@ -116,7 +114,7 @@ fn a_mail_loop_through_our_own_mx_bounces_with_5_4_6() {
     let dir = tempfile::tempdir().unwrap();
     // mx_port is postern's own listener port: every MX on loopback would reach us.
     let extra = route_to(&["company.test"], &home) + &delivery(&dns, port, "1s", "");
-    let text = common::base_config(port, &dir.path().join("spool"), "", &extra);
+    let text = crate::common::base_config(port, &dir.path().join("spool"), "", &extra);
     let server = Server::start_with_config(dir, port, &text);
     let id = submit(
         &server,
@@ -260,7 +258,7 @@ fn route_credentials_without_required_tls_are_a_config_error() {
              [[route]]\ndomains = [\"*\"]\nnext_hop = \"smarthost.test:587\"\n{tls}\
              auth_password_file = \"pass\"\n\nauth_user = \"relay\"\n",
             spool.display(),
-            common::free_port()
+            crate::common::free_port()
         );
         let path = dir.path().join("postern.toml");
         std::fs::write(&path, &text).unwrap();

@@ -1,13 +1,11 @@
 //! Spool hardening (issue 8), black-box: the real binary on loopback, its spool files
 //! inspected and damaged between runs the way a clock step, a crash or disk rot would.
 
-mod common;
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{INSIDE, Server, message, run_cli};
+use crate::common::{INSIDE, Server, message, run_cli};
 
 /// Record frame: magic, type, version, payload length (LE), payload CRC-32 (LE).
 const FRAME_LEN: usize = 12;
@@ -230,7 +228,7 @@ fn a_damaged_record_hides_nothing_after_it() {
 
     // Restart with a next hop that works: the two good messages are delivered.
     let sink = postern_testkit::sink::Sink::start(postern_testkit::sink::SinkConfig::default());
-    let text = common::base_config(
+    let text = crate::common::base_config(
         server.port,
         &server.spool(),
         "",
