@@ -124,8 +124,12 @@ pub async fn release(
     tokio::task::spawn_blocking(move || quarantine::remove(&d, id))
         .await
         .map_err(|_| crate::queue::SpoolError::Closed)??;
-    tracing::info!(target: "maillog", id = %id, rule = %q.rule, from = %format_args!("<{}>", stored.envelope.sender),
-        nrcpt = stored.envelope.recipients.len(), "released from quarantine");
+    crate::maillog::released(
+        &id,
+        &q.rule,
+        &stored.envelope.sender,
+        stored.envelope.recipients.len(),
+    );
     handle.enqueue(stored);
     Ok(())
 }

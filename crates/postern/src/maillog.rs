@@ -169,6 +169,12 @@ pub fn spool_corruption(segment: &str, offset: u64, skipped: u64) {
         "spool corruption: {skipped} bytes skipped in segment {segment}");
 }
 
+/// `postern quarantine release` put a held message back in the queue.
+pub fn released(id: &dyn Display, rule: &str, sender: &str, nrcpt: usize) {
+    tracing::info!(target: "maillog", id = %id, rule = %rule, from = %format_args!("<{sender}>"),
+        nrcpt, "released from quarantine");
+}
+
 /// `postern queue delete` removed a message.
 pub fn message_deleted(id: &dyn Display) {
     tracing::info!(target: "maillog", id = %id, "message deleted by the operator");
