@@ -246,8 +246,8 @@ enum Ended {
 }
 
 /// The event loop; returns when the session ends or TLS must start.
-async fn drive(
-    stream: &mut Stream,
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     session: &mut Session,
     settings: &Settings,
     shared: &Shared,
@@ -258,8 +258,9 @@ async fn drive(
     let mut buf = vec![0u8; READ_BUFFER];
     // This session's share of the memory budget for message bodies.
     let mut reservation = shared.budget.reservation();
-    // When the transfer in progress (DATA or BDAT) must be over.
-    let mut transfer_deadline: Option<Instant> = None;
+    // When the transfer in progress (DATA or BDAT) must be over (tokio's clock, so that
+    // tests can run it paused).
+    let mut transfer_deadline: Option<tokio::time::Instant> = None;
     loop {
         let event = session.poll();
         shared.metrics.core_refusals(session.take_refusals());
@@ -280,8 +281,8 @@ async fn drive(
                 let mut wait = timeout;
                 if session.in_message() {
                     let deadline = *transfer_deadline
-                        .get_or_insert_with(|| Instant::now() + settings.data_timeout);
-                    let left = deadline.saturating_duration_since(Instant::now());
+                        .get_or_insert_with(|| tokio::time::Instant::now() + settings.data_timeout);
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         maillog::transfer_timeout(session.peer(), settings.data_timeout);
                         session.timeout();
@@ -441,7 +442,7 @@ fn recipient_decision(
 /// Closes our side, then reads and drops what the client still sends for a moment.
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy
 /// our last reply (the 421 or 221) before the client reads it.
-async fn linger(stream: &mut Stream, buf: &mut [u8]) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut [u8]) {
     let _ = stream.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let mut budget = 256 * 1024usize;
@@ -456,7 +457,11 @@ async fn linger(stream: &mut Stream, buf: &mut [u8]) {
 }
 
 /// Sends whatever replies are pending, within the timeout.
-async fn flush(stream: &mut Stream, session: &mut Session, timeout: Duration) -> Result<(), ()> {
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut Session,
+    timeout: Duration,
+) -> Result<(), ()> {
     if !session.has_output() {
         return Ok(());
     }
@@ -464,5 +469,196 @@ async fn flush(stream: &mut Stream, session: &mut Session, timeout: Duration) ->
     match tokio::time::timeout(timeout, stream.write_all(&out)).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
+    }
+}
+
+/// The driver over scripted I/O: an in-memory duplex stream instead of a socket, and
+/// tokio's paused clock (it jumps ahead whenever every task waits), so time limits are
+/// tested exactly and at once.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::filter::Screener;
+    use crate::ourselves::Ourselves;
+    use crate::queue::{Spool, SpoolOptions};
+    use tokio::io::{DuplexStream, duplex};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        shared: Shared,
+        settings: Settings,
+        _enqueued: crate::delivery::Enqueued,
+    }
+
+    /// A server with `config` (built-in defaults changed by the caller), loopback
+    /// trusted, a spool in a temp directory, delivery detached.
+    fn fixture(change: impl FnOnce(&mut Config)) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::builtin_defaults();
+        config.hostname = "relay.test".into();
+        change(&mut config);
+        let (spool, _) = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let (handle, enqueued) = crate::delivery::detached();
+        let metrics = Arc::new(Metrics::new([]));
+        let budget = MemoryBudget::new(config.max_message_memory);
+        let intake = Intake::new(
+            spool,
+            handle,
+            Arc::new(Screener::new(&[])),
+            Arc::clone(&metrics),
+            Arc::clone(&budget),
+            config.hostname.clone(),
+        );
+        let listener = config.listeners[0].clone();
+        let settings = Settings::new(&config, &listener, false, false);
+        let shared = Shared {
+            policy: RelayPolicy::new(&config.relay, None),
+            intake,
+            tls: None,
+            auth: None,
+            dnsbl: None,
+            metrics,
+            budget,
+            ourselves: Ourselves::from_config(&config),
+        };
+        Fixture {
+            _dir: dir,
+            shared,
+            settings,
+            _enqueued: enqueued,
+        }
+    }
+
+    /// Runs the driver on one end of a duplex stream until the session ends; returns the
+    /// client's end.
+    fn start(f: Fixture) -> (DuplexStream, tokio::task::JoinHandle<&'static str>) {
+        let (client, mut server) = duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+            let mut session = Session::new(
+                f.settings.protocol.clone(),
+                Peer {
+                    addr: peer,
+                    tls: None,
+                },
+            );
+            let (_stop, shutdown) = watch::channel(false);
+            let mut dnsbl = None;
+            match drive(
+                &mut server,
+                &mut session,
+                &f.settings,
+                &f.shared,
+                &mut dnsbl,
+                shutdown,
+            )
+            .await
+            {
+                Ended::Done(why) => why,
+                Ended::StartTls => "starttls",
+            }
+        });
+        (client, task)
+    }
+
+    /// Reads until `pattern` has arrived (or the stream ends); returns all that came.
+    async fn read_until(client: &mut DuplexStream, pattern: &str) -> String {
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while !seen.contains(pattern) {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        seen
+    }
+
+    const ENVELOPE: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn data_timeout_bounds_a_dripping_message_not_each_read() {
+        let f = fixture(|c| {
+            c.command_timeout = Duration::from_secs(300);
+            c.data_timeout = Duration::from_secs(60);
+        });
+        let (mut client, task) = start(f);
+        client.write_all(ENVELOPE).await.unwrap();
+        client.write_all(b"DATA\r\n").await.unwrap();
+        read_until(&mut client, "354 ").await;
+        let started = tokio::time::Instant::now();
+        // A line every 50 s: each read well inside command_timeout.
+        let mut got = String::new();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            if client.write_all(b"Subject: slow\r\n").await.is_err() {
+                break;
+            }
+            let mut probe = [0u8; 256];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(1), client.read(&mut probe)).await
+            {
+                got.push_str(&String::from_utf8_lossy(&probe[..n]));
+                break;
+            }
+        }
+        let rest = got + &read_until(&mut client, "\r\n").await;
+        assert!(rest.contains("421 4.4.2"), "{rest}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(60) && elapsed < Duration::from_secs(110),
+            "{elapsed:?}"
+        );
+        assert_eq!(task.await.unwrap(), "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_client_is_closed_after_command_timeout() {
+        let f = fixture(|c| c.command_timeout = Duration::from_secs(300));
+        let (mut client, task) = start(f);
+        let started = tokio::time::Instant::now();
+        let all = read_until(&mut client, "421 ").await;
+        assert!(all.starts_with("220 relay.test"), "{all}");
+        assert!(all.contains("421 4.4.2"), "{all}");
+        assert_eq!(started.elapsed(), Duration::from_secs(300));
+        assert_eq!(task.await.unwrap(), "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_over_the_memory_budget_is_answered_452_and_the_next_fits() {
+        // 3 x 64 KB + 2 MB is the least the configuration allows for 64 KB messages;
+        // here the budget is set lower directly, to make one message not fit.
+        let f = fixture(|c| {
+            c.max_message_size = 64 * 1024;
+            c.max_message_memory = 16 * 1024;
+        });
+        let metrics = Arc::clone(&f.shared.metrics);
+        let (mut client, _task) = start(f);
+        client.write_all(ENVELOPE).await.unwrap();
+        client.write_all(b"DATA\r\n").await.unwrap();
+        read_until(&mut client, "354 ").await;
+        let line = format!("{}\r\n", "x".repeat(70));
+        client.write_all(line.repeat(400).as_bytes()).await.unwrap();
+        client.write_all(b".\r\n").await.unwrap();
+        let got = read_until(&mut client, "452 ").await;
+        assert!(got.contains("452 4.3.1"), "{got}");
+        // A small one fits.
+        client
+            .write_all(b"MAIL FROM:<a@c.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, "354 ").await;
+        client
+            .write_all(b"Subject: small\r\n\r\nhi\r\n.\r\n")
+            .await
+            .unwrap();
+        let got = read_until(&mut client, "250 2.0.0 Ok").await;
+        assert!(got.contains("250 2.0.0 Ok: queued as"), "{got}");
+        assert!(
+            metrics
+                .render(0)
+                .contains("postern_messages_rejected_total{reason=\"memory\"} 1")
+        );
     }
 }
