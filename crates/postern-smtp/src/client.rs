@@ -20,6 +20,7 @@ pub mod stuff;
 pub use command::{ClientCommand, MailParams};
 pub use ehlo::Extensions;
 pub use reply::{
-    MAX_REPLY_LINE, MAX_REPLY_LINES, ParsedReply, ReplyError, ReplyParser, parse_reply,
+    MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_SIZE, ParsedReply, ReplyError, ReplyParser,
+    parse_reply,
 };
 pub use stuff::{DotStuffer, wire_size};

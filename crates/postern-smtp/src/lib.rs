@@ -4,9 +4,9 @@
 //! clock, no file and no async runtime (its Cargo.toml has no such dependency, so it
 //! cannot grow one by accident). The daemon (`postern`) drives it.
 //!
+//! - [`address`]: envelope addresses, canonicalised, with their relay-trick flags.
 //! - [`client`]: the client's side: reply parser, EHLO capabilities, command lines,
 //!   dot-stuffing (driven by the daemon's outbound client).
-//! - [`address`]: envelope addresses, canonicalised, with their relay-trick flags.
 //! - [`command`]: command lines → [`command::Command`].
 //! - [`data`]: the DATA/BDAT body readers (dot-unstuffing, smuggling-safe end detection).
 //! - [`reply`]: replies and the one catalogue of every reply we send.
