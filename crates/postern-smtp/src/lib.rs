@@ -5,18 +5,24 @@
 //! cannot grow one by accident). The daemon (`postern`) drives it.
 //!
 //! - [`address`]: envelope addresses, canonicalised, with their relay-trick flags.
+//! - [`client`]: the client's side: reply parser, EHLO capabilities, command lines,
+//!   dot-stuffing (driven by the daemon's outbound client).
 //! - [`command`]: command lines → [`command::Command`].
 //! - [`data`]: the DATA/BDAT body readers (dot-unstuffing, smuggling-safe end detection).
 //! - [`reply`]: replies and the one catalogue of every reply we send.
 //! - [`server`]: the server session state machine.
 
 pub mod address;
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod reply;
 pub mod server;
 
 pub use address::{Address, Domain, ReversePath};
+pub use client::{
+    ClientCommand, DotStuffer, Extensions, MailParams, ParsedReply, ReplyError, ReplyParser,
+};
 pub use reply::{Reply, Status, catalogue};
 pub use server::{
     AuthRequest, Event, Message, Peer, RecipientRequest, Refusals, Session, SessionConfig, TlsInfo,

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postern_smtp::server::{Peer, SessionConfig};
 use postern_smtp::{Domain, Event, ReversePath, Session, catalogue};
