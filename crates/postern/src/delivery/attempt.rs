@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 use postern_smtp::Reply;
 use tokio::sync::Semaphore;
 
+use super::DeliveryStatus;
 use super::Handle;
-use super::client::{ClientConfig, ConnectError, Connection, OutboundMessage, RcptResult};
+use super::client::{ClientConfig, ConnectError, Connection, OutboundMessage};
 use super::dsn;
 use super::pool::{Pool, PoolKey};
 use super::retry;
 use super::route::{self, Destination, NextHopKey};
 use crate::config::Route;
 use crate::dns::{MailHost, ResolveError, Resolver};
-use crate::metrics::{DeliveryStatus, Metrics};
+use crate::metrics::Metrics;
 use crate::ourselves::Ourselves;
 use crate::queue::{Envelope, Place, QueueId, RcptState, Spool, StoredMessage, unix_now};
 
@@ -100,7 +101,7 @@ impl Context {
 /// The result for one recipient in this attempt.
 #[derive(Clone, Debug)]
 pub(crate) struct Outcome {
-    pub(crate) kind: Kind,
+    pub(crate) kind: DeliveryStatus,
     /// One line: the remote reply ("550 5.1.1 ...") or our own explanation.
     pub(crate) reply: String,
     /// Enhanced status code for the DSN.
@@ -114,19 +115,12 @@ pub(crate) struct Outcome {
     pub(crate) explanation: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    Delivered,
-    Deferred,
-    Failed,
-}
-
 impl Outcome {
-    fn local(kind: Kind, status: &str, text: String) -> Outcome {
+    fn local(kind: DeliveryStatus, status: &str, text: String) -> Outcome {
         let code = match kind {
-            Kind::Delivered => 250,
-            Kind::Deferred => 451,
-            Kind::Failed => 550,
+            DeliveryStatus::Delivered => 250,
+            DeliveryStatus::Deferred => 451,
+            DeliveryStatus::Failed => 550,
         };
         Outcome {
             kind,
@@ -160,7 +154,7 @@ impl Outcome {
             _ => format!("4.4.7 {explanation}"),
         };
         Outcome {
-            kind: Kind::Failed,
+            kind: DeliveryStatus::Failed,
             reply,
             status: "4.4.7".to_string(),
             remote,
@@ -169,7 +163,7 @@ impl Outcome {
         }
     }
 
-    fn from_reply(kind: Kind, reply: &Reply, remote: &str) -> Outcome {
+    fn from_reply(kind: DeliveryStatus, reply: &Reply, remote: &str) -> Outcome {
         let status = reply
             .status
             .map_or_else(|| format!("{}.0.0", reply.code / 100), |s| s.to_string());
@@ -258,12 +252,12 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
             for (index, outcome) in chunk.iter().copied().zip(outcomes) {
                 log_outcome(&ctx, &msg.envelope, index, &key, &outcome);
                 match outcome.kind {
-                    Kind::Delivered => {
+                    DeliveryStatus::Delivered => {
                         record(&ctx, &msg, index, true, &outcome.reply).await;
                         msg.states[index] = RcptState::Delivered;
                     }
-                    Kind::Failed => failed_now.push((index, outcome)),
-                    Kind::Deferred => {
+                    DeliveryStatus::Failed => failed_now.push((index, outcome)),
+                    DeliveryStatus::Deferred => {
                         errors[index] = Some(outcome.reply.clone());
                         last[index] = Some(outcome);
                     }
@@ -363,12 +357,8 @@ async fn record(ctx: &Context, msg: &StoredMessage, index: usize, delivered: boo
 }
 
 fn log_outcome(ctx: &Context, env: &Envelope, index: usize, key: &NextHopKey, o: &Outcome) {
-    let (status, counted) = match o.kind {
-        Kind::Delivered => ("delivered", DeliveryStatus::Delivered),
-        Kind::Deferred => ("deferred", DeliveryStatus::Deferred),
-        Kind::Failed => ("failed", DeliveryStatus::Failed),
-    };
-    ctx.metrics.delivery(counted);
+    let status = o.kind.as_str();
+    ctx.metrics.delivery(o.kind);
     tracing::info!(target: "maillog", id = %env.id,
         to = %format_args!("<{}>", env.recipients[index]), relay = %key.destination,
         host = %o.remote.as_deref().unwrap_or("-"), status, reply = %o.reply, "delivery");
@@ -500,7 +490,7 @@ async fn deliver_group(
         Ok(b) => b,
         Err(why) => {
             return all(Outcome::local(
-                Kind::Deferred,
+                DeliveryStatus::Deferred,
                 "4.3.0",
                 format!("cannot read the message from the spool: {why}"),
             ));
@@ -558,7 +548,7 @@ async fn deliver_group(
         if let Some(reply) = conn.refusal(&message) {
             tracing::info!(target: "maillog", id = %env.id, host = %name, %addr,
                 reply = %reply.one_line(), "host cannot take this message; trying the next");
-            refusal = Some(Outcome::from_reply(Kind::Failed, &reply, &name));
+            refusal = Some(Outcome::from_reply(DeliveryStatus::Failed, &reply, &name));
             // Nothing was sent: the connection is as good as before.
             ctx.pool.put(pool_key, conn);
             continue 'hosts;
@@ -574,23 +564,14 @@ async fn deliver_group(
                     }
                     let mut still_open = Vec::new();
                     for (n, (&p, result)) in open.iter().zip(results).enumerate() {
-                        let outcome = match &result {
-                            RcptResult::Delivered(rep) => {
-                                Outcome::from_reply(Kind::Delivered, rep, &name)
-                            }
-                            RcptResult::Failed(rep) => {
-                                Outcome::from_reply(Kind::Failed, rep, &name)
-                            }
-                            RcptResult::Deferred(rep) => {
-                                let o = Outcome::from_reply(Kind::Deferred, rep, &name);
-                                if !took.get(n).copied().unwrap_or(true) {
-                                    refused_before_data[p] = Some(o);
-                                    still_open.push(p);
-                                    continue;
-                                }
-                                o
-                            }
-                        };
+                        let outcome = Outcome::from_reply(result.status, &result.reply, &name);
+                        if result.status == DeliveryStatus::Deferred
+                            && !took.get(n).copied().unwrap_or(true)
+                        {
+                            refused_before_data[p] = Some(outcome);
+                            still_open.push(p);
+                            continue;
+                        }
                         outcomes[p] = Some(outcome);
                     }
                     open = still_open;
@@ -615,7 +596,7 @@ async fn deliver_group(
                     // The message may have reached the host before the break: no other
                     // host this attempt (a duplicate is worse than a wait).
                     let broke = Outcome::local(
-                        Kind::Deferred,
+                        DeliveryStatus::Deferred,
                         "4.4.2",
                         format!("connection to {name}[{addr}] broke: {e}"),
                     );
@@ -636,19 +617,23 @@ async fn deliver_group(
             // at the next attempt.
             (None, Some(r)) if unreachable == 0 && complete && tried == total_targets => r.clone(),
             (None, Some(r)) => Outcome::local(
-                Kind::Deferred,
+                DeliveryStatus::Deferred,
                 "4.4.1",
                 format!(
                     "{problem}; the hosts reached cannot take the message: {}",
                     r.reply
                 ),
             ),
-            (None, None) => Outcome::local(Kind::Deferred, "4.4.1", problem.clone()),
+            (None, None) => Outcome::local(DeliveryStatus::Deferred, "4.4.1", problem.clone()),
         });
     }
     outcomes
         .into_iter()
-        .map(|o| o.unwrap_or_else(|| Outcome::local(Kind::Deferred, "4.3.0", "no outcome".into())))
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Outcome::local(DeliveryStatus::Deferred, "4.3.0", "no outcome".into())
+            })
+        })
         .collect()
 }
 
@@ -695,7 +680,7 @@ async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Targets, Outcome> {
     let deadline = tokio::time::Instant::now() + ctx.resolve_timeout;
     let timed_out = |what: &str| {
         Outcome::local(
-            Kind::Deferred,
+            DeliveryStatus::Deferred,
             "4.4.3",
             format!(
                 "{what}: DNS lookups took longer than resolve_timeout ({})",
@@ -733,14 +718,14 @@ async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Targets, Outcome> {
                     })
                 }
                 Ok(Ok(_)) => Err(Outcome::local(
-                    Kind::Deferred,
+                    DeliveryStatus::Deferred,
                     "4.4.3",
                     format!("next hop {host} has no address"),
                 )),
                 // A configured next hop that does not resolve is our problem, never the
                 // sender's: defer.
                 Ok(Err(e)) => Err(Outcome::local(
-                    Kind::Deferred,
+                    DeliveryStatus::Deferred,
                     "4.4.3",
                     format!("next hop {host}: {e}"),
                 )),
@@ -753,9 +738,9 @@ async fn resolve(ctx: &Context, key: &NextHopKey) -> Result<Targets, Outcome> {
                     Ok(Ok(h)) => h,
                     Ok(Err(e)) => {
                         let kind = if e.is_permanent() {
-                            Kind::Failed
+                            DeliveryStatus::Failed
                         } else {
-                            Kind::Deferred
+                            DeliveryStatus::Deferred
                         };
                         return Err(Outcome::local(kind, e.status(), format!("{domain}: {e}")));
                     }
@@ -811,7 +796,7 @@ async fn mx_targets(
                     // RFC 5321 5.1: no MX and no address means no mail for it.
                     if h.implicit && e.is_permanent() {
                         return Err(Outcome::local(
-                            Kind::Failed,
+                            DeliveryStatus::Failed,
                             e.status(),
                             format!("{domain}: {e}"),
                         ));
@@ -854,14 +839,14 @@ async fn mx_targets(
             tracing::warn!(target: "maillog", domain,
                 "mail for the domain loops back to this server (best MX is us)");
             return Err(Outcome::local(
-                Kind::Failed,
+                DeliveryStatus::Failed,
                 "5.4.6",
                 format!("mail for {domain} loops back to myself"),
             ));
         }
         let why = last_error.unwrap_or_else(|| "no address".to_string());
         return Err(Outcome::local(
-            Kind::Deferred,
+            DeliveryStatus::Deferred,
             "4.4.3",
             format!("no address for the mail hosts of {domain}: {why}"),
         ));
@@ -882,7 +867,7 @@ fn host_error(host: &str, e: &ResolveError) -> String {
 fn self_destination(what: &str, route: Option<usize>) -> Outcome {
     match route {
         None => Outcome::local(
-            Kind::Failed,
+            DeliveryStatus::Failed,
             "5.4.6",
             format!("mail for {what} loops back to myself"),
         ),
@@ -892,7 +877,7 @@ fn self_destination(what: &str, route: Option<usize>) -> Outcome {
                 "a route's next hop is this server itself: mail would loop; check [[route]] next_hop"
             );
             Outcome::local(
-                Kind::Deferred,
+                DeliveryStatus::Deferred,
                 "4.4.6",
                 format!("the route's next hop {what} is this server (mail loop)"),
             )
@@ -933,17 +918,24 @@ mod tests {
     fn expired_outcomes_never_mix_classes() {
         let day = Duration::from_secs(86_400);
         let remote = Outcome::from_reply(
-            Kind::Deferred,
+            DeliveryStatus::Deferred,
             &Reply::new(451, Some(postern_smtp::Status(4, 3, 0)), "not now"),
             "mx.example",
         );
         let o = Outcome::expired(day, Some(remote));
-        assert_eq!((o.kind, o.status.as_str()), (Kind::Failed, "4.4.7"));
+        assert_eq!(
+            (o.kind, o.status.as_str()),
+            (DeliveryStatus::Failed, "4.4.7")
+        );
         assert_eq!(o.diagnostic.as_deref(), Some("451 4.3.0 not now"));
         assert_eq!(o.remote.as_deref(), Some("mx.example"));
         assert!(!o.reply.starts_with("550"), "{}", o.reply);
 
-        let local = Outcome::local(Kind::Deferred, "4.4.1", "no host could be reached".into());
+        let local = Outcome::local(
+            DeliveryStatus::Deferred,
+            "4.4.1",
+            "no host could be reached".into(),
+        );
         let o = Outcome::expired(day, Some(local));
         assert_eq!(o.diagnostic, None);
         assert_eq!(o.remote, None);

@@ -23,6 +23,36 @@ pub mod retry;
 pub mod route;
 pub mod tls;
 
+/// What became of one recipient in one attempt: the one vocabulary of the SMTP client,
+/// the attempt, the spool's record, the decision log and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// 2xx to the final dot: the next hop has it.
+    Delivered,
+    /// 4xx somewhere (or a failure of ours): try again later.
+    Deferred,
+    /// 5xx somewhere, or a permanent failure of ours: bounce.
+    Failed,
+}
+
+impl DeliveryStatus {
+    /// Every status, in declaration order (`status as usize` is its index here).
+    pub const ALL: [DeliveryStatus; 3] = [
+        DeliveryStatus::Delivered,
+        DeliveryStatus::Deferred,
+        DeliveryStatus::Failed,
+    ];
+
+    /// The word in the decision log (`status=`) and the metrics' label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Deferred => "deferred",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+}
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::FilterAction;
+pub use crate::delivery::DeliveryStatus;
 use crate::policy::Rule;
 
 pub use http::serve;
@@ -60,15 +61,6 @@ const REJECTIONS: [(Rejection, &str); 7] = [
     (Rejection::Memory, "memory"),
 ];
 
-/// The outcome of one delivery attempt for one recipient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeliveryStatus {
-    Delivered,
-    Deferred,
-    Failed,
-}
-
-const DELIVERY_STATUSES: [&str; 3] = ["delivered", "deferred", "failed"];
 /// The connection limits, as `listener::ConnectionLimits::acquire` names them.
 const LIMITS: [&str; 2] = ["max_connections", "per_ip_connections"];
 
@@ -91,7 +83,7 @@ pub struct Metrics {
     recipients_refused: [AtomicU64; Rule::ALL.len()],
     auth_failures: AtomicU64,
     auth_successes: AtomicU64,
-    deliveries: [AtomicU64; DELIVERY_STATUSES.len()],
+    deliveries: [AtomicU64; DeliveryStatus::ALL.len()],
     bounces: AtomicU64,
     queue_messages: AtomicU64,
     filter_actions: [AtomicU64; FilterAction::NAMES.len()],
@@ -207,12 +199,7 @@ impl Metrics {
     }
 
     pub fn delivery(&self, status: DeliveryStatus) {
-        let i = match status {
-            DeliveryStatus::Delivered => 0,
-            DeliveryStatus::Deferred => 1,
-            DeliveryStatus::Failed => 2,
-        };
-        bump(&self.deliveries[i]);
+        bump(&self.deliveries[status as usize]);
     }
 
     /// A bounce was queued.

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{DELIVERY_STATUSES, LIMITS, ListenerCounters, Metrics, REJECTIONS};
+use super::{DeliveryStatus, LIMITS, ListenerCounters, Metrics, REJECTIONS};
 use crate::config::FilterAction;
 use crate::policy::Rule;
 
@@ -94,10 +94,10 @@ impl Metrics {
             "postern_deliveries_total",
             "counter",
             "Delivery outcomes, one per recipient and attempt.",
-            DELIVERY_STATUSES
+            DeliveryStatus::ALL
                 .iter()
                 .zip(&self.deliveries)
-                .map(|(status, n)| (labels(&[("status", status)]), get(n))),
+                .map(|(status, n)| (labels(&[("status", status.as_str())]), get(n))),
         );
         single(
             &mut out,

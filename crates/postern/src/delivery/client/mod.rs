@@ -41,6 +41,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::DeliveryStatus;
 use super::tls;
 use io::{Failure, Io};
 
@@ -140,20 +141,33 @@ pub struct OutboundMessage<'a> {
 /// The outcome for one recipient: the remote's reply, or one we made up (its text then
 /// ends in "(local)").
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RcptResult {
-    /// 2xx to the final dot: the next hop has it.
-    Delivered(Reply),
-    /// 4xx somewhere: try again later.
-    Deferred(Reply),
-    /// 5xx somewhere: bounce.
-    Failed(Reply),
+pub struct RcptResult {
+    pub status: DeliveryStatus,
+    pub reply: Reply,
 }
 
 impl RcptResult {
-    pub fn reply(&self) -> &Reply {
-        match self {
-            RcptResult::Delivered(r) | RcptResult::Deferred(r) | RcptResult::Failed(r) => r,
+    fn delivered(reply: Reply) -> RcptResult {
+        RcptResult {
+            status: DeliveryStatus::Delivered,
+            reply,
         }
+    }
+    fn deferred(reply: Reply) -> RcptResult {
+        RcptResult {
+            status: DeliveryStatus::Deferred,
+            reply,
+        }
+    }
+    fn failed(reply: Reply) -> RcptResult {
+        RcptResult {
+            status: DeliveryStatus::Failed,
+            reply,
+        }
+    }
+
+    pub fn reply(&self) -> &Reply {
+        &self.reply
     }
 }
 
@@ -535,11 +549,11 @@ impl Connection {
         let mut results: Vec<Option<RcptResult>> = vec![None; message.recipients.len()];
         self.took_message = vec![false; message.recipients.len()];
         if let Some(reply) = self.refuse_locally(message) {
-            return Ok(vec![RcptResult::Failed(reply); message.recipients.len()]);
+            return Ok(vec![RcptResult::failed(reply); message.recipients.len()]);
         }
         for (result, rcpt) in results.iter_mut().zip(message.recipients) {
             if has_control(rcpt) {
-                *result = Some(RcptResult::Failed(local::bad_recipient()));
+                *result = Some(RcptResult::failed(local::bad_recipient()));
             }
         }
         if results.iter().all(Option::is_some) {
@@ -701,7 +715,7 @@ impl Connection {
         match final_reply.code {
             200..=299 | 400..=599 => {
                 let result = match final_reply.code {
-                    200..=299 => RcptResult::Delivered(final_reply.clone()),
+                    200..=299 => RcptResult::delivered(final_reply.clone()),
                     _ => outcome(&final_reply),
                 };
                 for &i in &accepted {
@@ -742,7 +756,7 @@ impl Connection {
         }
         self.reusable = false;
         for result in results.iter_mut().filter(|r| r.is_none()) {
-            *result = Some(RcptResult::Deferred(reply.clone()));
+            *result = Some(RcptResult::deferred(reply.clone()));
         }
         true
     }
@@ -814,9 +828,9 @@ impl Connection {
 /// 4xx → deferred, 5xx → failed (RFC 5321 4.2.1).
 fn outcome(reply: &Reply) -> RcptResult {
     if reply.is_transient() {
-        RcptResult::Deferred(reply.clone())
+        RcptResult::deferred(reply.clone())
     } else {
-        RcptResult::Failed(reply.clone())
+        RcptResult::failed(reply.clone())
     }
 }
 
@@ -827,7 +841,7 @@ fn unexpected(phase: &str, reply: &Reply) -> Failure {
 fn finish(results: Vec<Option<RcptResult>>) -> Vec<RcptResult> {
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| RcptResult::Deferred(local::no_outcome())))
+        .map(|r| r.unwrap_or_else(|| RcptResult::deferred(local::no_outcome())))
         .collect()
 }
 

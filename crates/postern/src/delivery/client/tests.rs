@@ -79,10 +79,13 @@ async fn connect(sink: &Sink, config: &ClientConfig) -> Connection {
 fn codes(results: &[RcptResult]) -> Vec<(char, u16)> {
     results
         .iter()
-        .map(|r| match r {
-            RcptResult::Delivered(r) => ('D', r.code),
-            RcptResult::Deferred(r) => ('T', r.code),
-            RcptResult::Failed(r) => ('F', r.code),
+        .map(|r| {
+            let c = match r.status {
+                DeliveryStatus::Delivered => 'D',
+                DeliveryStatus::Deferred => 'T',
+                DeliveryStatus::Failed => 'F',
+            };
+            (c, r.reply.code)
         })
         .collect()
 }
