@@ -179,3 +179,69 @@ pub fn released(id: &dyn Display, rule: &str, sender: &str, nrcpt: usize) {
 pub fn message_deleted(id: &dyn Display) {
     tracing::info!(target: "maillog", id = %id, "message deleted by the operator");
 }
+
+// --- delivery -------------------------------------------------------------------------------
+// `id` is a queue id; `to` a recipient as stored (without angle brackets).
+
+/// A message's body could not be read back from the spool for an attempt.
+pub fn unreadable(id: &dyn Display, why: &dyn Display) {
+    tracing::error!(target: "maillog", id = %id, error = %why, "cannot read message from the spool");
+}
+
+/// A recipient failed because the message outlived `max_queue_lifetime`.
+pub fn expired(id: &dyn Display, to: &str) {
+    tracing::info!(target: "maillog", id = %id, to = %format_args!("<{to}>"),
+        status = "expired", "delivery failed: queue lifetime exceeded");
+}
+
+/// Every recipient of a message is final.
+pub fn finished(id: &dyn Display) {
+    tracing::debug!(target: "maillog", id = %id, "message finished");
+}
+
+/// Some recipients wait for the next attempt.
+pub fn deferred(id: &dyn Display, attempts: u32, retry_in: &str) {
+    tracing::info!(target: "maillog", id = %id, attempts, retry_in = %retry_in, "message deferred");
+}
+
+/// The outcome of one attempt for one recipient.
+pub fn delivery(
+    id: &dyn Display,
+    to: &str,
+    relay: &dyn Display,
+    host: &str,
+    status: &str,
+    reply: &str,
+) {
+    tracing::info!(target: "maillog", id = %id, to = %format_args!("<{to}>"), relay = %relay,
+        host = %host, status = %status, reply = %reply, "delivery");
+}
+
+/// A failed null-sender message gets no bounce (RFC 5321 4.5.5); `why` says what became
+/// of it instead.
+pub fn no_bounce(id: &dyn Display, why: &str) {
+    tracing::warn!(target: "maillog", id = %id, "no bounce for a null-sender message{why}");
+}
+
+/// A report on failed recipients was queued: a bounce to the sender, or a notice to the
+/// postmaster.
+pub fn report_queued(id: &dyn Display, original: &dyn Display, to: &str, notice: bool) {
+    if notice {
+        tracing::info!(target: "maillog", id = %id, original = %original, to = %format_args!("<{to}>"),
+            "no bounce for a null-sender message; postmaster notice queued");
+    } else {
+        tracing::info!(target: "maillog", id = %id, original = %original, to = %format_args!("<{to}>"),
+            "bounce queued");
+    }
+}
+
+/// A host cannot take this message (SIZE, 8BITMIME, SMTPUTF8); the next one is tried.
+pub fn host_cannot_take(id: &dyn Display, host: &str, addr: SocketAddr, reply: &str) {
+    tracing::info!(target: "maillog", id = %id, host = %host, %addr, reply = %reply,
+        "host cannot take this message; trying the next");
+}
+
+/// The best MX host of a domain is this server (RFC 5321 5.1).
+pub fn mx_loop(domain: &str) {
+    tracing::warn!(target: "maillog", domain, "mail for the domain loops back to this server (best MX is us)");
+}

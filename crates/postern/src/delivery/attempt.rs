@@ -24,6 +24,7 @@ use super::retry;
 use super::route::{self, Destination, NextHopKey};
 use crate::config::Route;
 use crate::dns::{MailHost, ResolveError, Resolver};
+use crate::maillog;
 use crate::metrics::Metrics;
 use crate::ourselves::Ourselves;
 use crate::queue::{Envelope, Place, QueueId, RcptState, Spool, StoredMessage, unix_now};
@@ -212,8 +213,7 @@ impl Body {
             match read {
                 Ok(b) => self.bytes = Some(b),
                 Err(why) => {
-                    tracing::error!(target: "maillog", id = %msg.envelope.id, error = %why,
-                        "cannot read message from the spool");
+                    maillog::unreadable(&msg.envelope.id, &why);
                     return Err(why);
                 }
             }
@@ -273,9 +273,7 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
             if msg.states[i] == RcptState::Pending && !failed_now.iter().any(|(f, _)| *f == i) {
                 error.take();
                 let outcome = Outcome::expired(ctx.max_lifetime, last[i].take());
-                tracing::info!(target: "maillog", id = %id,
-                    to = %format_args!("<{}>", msg.envelope.recipients[i]),
-                    status = "expired", "delivery failed: queue lifetime exceeded");
+                maillog::expired(&id, &msg.envelope.recipients[i]);
                 ctx.metrics.delivery(DeliveryStatus::Failed);
                 failed_now.push((i, outcome));
             }
@@ -304,7 +302,7 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
         if let Err(e) = ctx.spool.finish(id, msg.place).await {
             tracing::error!(id = %id, error = %e, "cannot mark the message finished");
         }
-        tracing::debug!(target: "maillog", id = %id, "message finished");
+        maillog::finished(&id);
         return Report::Finished(id);
     }
     // Out of the log, so that a long wait does not pin the log's old segments.
@@ -333,9 +331,11 @@ fn reschedule(
     let attempts = attempts + 1;
     let jitter = rand::random::<f64>() * 2.0 - 1.0;
     let delay = retry::next_delay(attempts, &ctx.retry_schedule, jitter);
-    tracing::info!(target: "maillog", id = %msg.envelope.id, attempts,
-        retry_in = %crate::config::format_duration(Duration::from_secs(delay.as_secs().max(1))),
-        "message deferred");
+    maillog::deferred(
+        &msg.envelope.id,
+        attempts,
+        &crate::config::format_duration(Duration::from_secs(delay.as_secs().max(1))),
+    );
     Report::Pending(Box::new(Pending {
         msg,
         attempts,
@@ -359,9 +359,14 @@ async fn record(ctx: &Context, msg: &StoredMessage, index: usize, delivered: boo
 fn log_outcome(ctx: &Context, env: &Envelope, index: usize, key: &NextHopKey, o: &Outcome) {
     let status = o.kind.as_str();
     ctx.metrics.delivery(o.kind);
-    tracing::info!(target: "maillog", id = %env.id,
-        to = %format_args!("<{}>", env.recipients[index]), relay = %key.destination,
-        host = %o.remote.as_deref().unwrap_or("-"), status, reply = %o.reply, "delivery");
+    maillog::delivery(
+        &env.id,
+        &env.recipients[index],
+        &key.destination,
+        o.remote.as_deref().unwrap_or("-"),
+        status,
+        &o.reply,
+    );
 }
 
 /// Sends the report on this attempt's failures, through the queue: a bounce to the
@@ -373,8 +378,10 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
     let (kind, to, client) = if !env.sender.is_empty() {
         (dsn::DsnKind::Failure, env.sender.as_str(), BOUNCE_CLIENT)
     } else if env.client == NOTICE_CLIENT {
-        tracing::warn!(target: "maillog", id = %env.id,
-            "no bounce for a null-sender message: a postmaster notice could not be delivered; dropped");
+        maillog::no_bounce(
+            &env.id,
+            ": a postmaster notice could not be delivered; dropped",
+        );
         return true;
     } else if let Some(postmaster) = &ctx.postmaster {
         (
@@ -383,8 +390,10 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
             NOTICE_CLIENT,
         )
     } else {
-        tracing::warn!(target: "maillog", id = %env.id,
-            "no bounce for a null-sender message, and no postmaster address to notify (set postmaster)");
+        maillog::no_bounce(
+            &env.id,
+            ", and no postmaster address to notify (set postmaster)",
+        );
         return true;
     };
     let now = unix_now();
@@ -431,12 +440,9 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
     match ctx.spool.store_message(envelope, &text).await {
         Ok(stored) => {
             if kind == dsn::DsnKind::PostmasterNotice {
-                tracing::info!(target: "maillog", id = %id, original = %env.id,
-                    to = %format_args!("<{to}>"),
-                    "no bounce for a null-sender message; postmaster notice queued");
+                maillog::report_queued(&id, &env.id, to, true);
             } else {
-                tracing::info!(target: "maillog", id = %id, original = %env.id,
-                    to = %format_args!("<{to}>"), "bounce queued");
+                maillog::report_queued(&id, &env.id, to, false);
             }
             ctx.metrics.bounce();
             ctx.handle.enqueue(stored);
@@ -546,8 +552,7 @@ async fn deliver_group(
             eight_bit: declared_8bit,
         };
         if let Some(reply) = conn.refusal(&message) {
-            tracing::info!(target: "maillog", id = %env.id, host = %name, %addr,
-                reply = %reply.one_line(), "host cannot take this message; trying the next");
+            maillog::host_cannot_take(&env.id, &name, addr, &reply.one_line());
             refusal = Some(Outcome::from_reply(DeliveryStatus::Failed, &reply, &name));
             // Nothing was sent: the connection is as good as before.
             ctx.pool.put(pool_key, conn);
@@ -836,8 +841,7 @@ async fn mx_targets(
     if targets.is_empty() {
         if cut.is_some() {
             // RFC 3463 X.4.6 "routing loop detected"; permanent: a retry finds the same.
-            tracing::warn!(target: "maillog", domain,
-                "mail for the domain loops back to this server (best MX is us)");
+            maillog::mx_loop(domain);
             return Err(Outcome::local(
                 DeliveryStatus::Failed,
                 "5.4.6",
