@@ -156,10 +156,9 @@ pub(crate) fn describe(c: &Config) -> String {
             criteria.push(format!("senders {}", f.senders.join(", ")));
         }
         let action = match &f.action {
-            FilterAction::Reject => "reject (550)".to_string(),
-            FilterAction::Discard => "discard".to_string(),
-            FilterAction::Quarantine => "quarantine".to_string(),
-            FilterAction::Redirect(to) => format!("redirect to {to}"),
+            FilterAction::Reject => format!("{} (550)", f.action.as_str()),
+            FilterAction::Discard | FilterAction::Quarantine => f.action.as_str().to_string(),
+            FilterAction::Redirect(to) => format!("{} to {to}", f.action.as_str()),
         };
         line(format!(
             "filter {}: {} -> {action}",
