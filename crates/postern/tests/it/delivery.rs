@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{INSIDE, Server, message, route_to, run_cli, sink_on};
+use crate::common::{INSIDE, Server, message, route_to, run_cli, sink_on, wait_until};
 use postern_testkit::ca::TestCa;
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
@@ -36,20 +36,7 @@ fn relay(dns: &DnsServer, mx_port: u16, top: &str, extra: &str) -> Server {
 
 /// Sends one message from the trusted side (relays anywhere); returns its queue id.
 fn submit(server: &Server, from: &str, to: &[&str], subject: &str) -> String {
-    let mut c = server.client(INSIDE);
-    c.hello();
-    let r = c.send_mail(from, to, &message(subject));
-    assert_eq!(r.code, 250, "{}", r.text());
-    c.expect("QUIT", 221);
-    r.lines[0].rsplit(' ').next().unwrap().to_string()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::common::submit_body(server, from, to, &message(subject))
 }
 
 fn queue_list(server: &Server) -> String {

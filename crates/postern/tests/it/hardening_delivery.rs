@@ -14,7 +14,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use crate::common::{INSIDE, Server, route_to, run_cli, sink_on};
+use crate::common::{INSIDE, Server, route_to, run_cli, sink_on, wait_until};
 use postern_testkit::dns::DnsServer;
 use postern_testkit::sink::{Sink, SinkConfig};
 
@@ -72,14 +72,6 @@ fn submit(server: &Server, from: &str, to: &[&str], subject: &str) -> String {
         to,
         &message(subject, "Hello."),
     )
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn queue_is_empty(server: &Server) -> bool {

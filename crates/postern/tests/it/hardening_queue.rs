@@ -3,9 +3,9 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::common::{INSIDE, Server, message, run_cli};
+use crate::common::{Server, message, run_cli, wait_until};
 
 /// Record frame: magic, type, version, payload length (LE), payload CRC-32 (LE).
 const FRAME_LEN: usize = 12;
@@ -22,20 +22,7 @@ fn config_extra(next_hop: &str) -> String {
 
 /// Sends one message from the trusted side; returns its queue id.
 fn submit(server: &Server, to: &str, body: &str) -> String {
-    let mut c = server.client(INSIDE);
-    c.hello();
-    let r = c.send_mail("sender@company.test", &[to], body);
-    assert_eq!(r.code, 250, "{}", r.text());
-    c.expect("QUIT", 221);
-    r.lines[0].rsplit(' ').next().unwrap().to_string()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::common::submit_body(server, "sender@company.test", &[to], body)
 }
 
 fn cli(server: &Server, args: &[&str]) -> String {

@@ -497,3 +497,22 @@ pub fn sink_on(
 ) -> postern_testkit::sink::Sink {
     postern_testkit::sink::Sink::start_on(SocketAddr::from((ip, port)), config).expect("sink bind")
 }
+
+/// Sends one message from the trusted side (relays anywhere); returns its queue id.
+pub fn submit_body(server: &Server, from: &str, to: &[&str], body: &str) -> String {
+    let mut c = server.client(INSIDE);
+    c.hello();
+    let r = c.send_mail(from, to, body);
+    assert_eq!(r.code, 250, "{}", r.text());
+    c.expect("QUIT", 221);
+    r.lines[0].rsplit(' ').next().unwrap().to_string()
+}
+
+/// Polls `f` every 50 ms until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
