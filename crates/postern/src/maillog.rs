@@ -214,7 +214,7 @@ pub fn delivery(
     reply: &str,
 ) {
     tracing::info!(target: "maillog", id = %id, to = %format_args!("<{to}>"), relay = %relay,
-        host = %host, status = %status, reply = %reply, "delivery");
+        host = %host, status, reply = %reply, "delivery");
 }
 
 /// A failed null-sender message gets no bounce (RFC 5321 4.5.5); `why` says what became

@@ -124,7 +124,7 @@ fn explain_bad_domain(name: &str) -> String {
             return format!("label `{label}` starts or ends with a hyphen");
         }
     }
-    "is not a domain name".to_string()
+    "not of the RFC 5321 domain grammar".to_string()
 }
 
 /// A domain name that goes on the wire before any SMTPUTF8 negotiation: ASCII only.
