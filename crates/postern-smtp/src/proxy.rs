@@ -130,13 +130,10 @@ fn parse_v1(input: &[u8]) -> Parse {
     let lf = window.iter().position(|&b| b == b'\n');
     // Every octet before the LF must be printable, but for the CR just before it.
     let body = &window[..lf.unwrap_or(window.len())];
-    let text_end = match lf {
-        Some(lf) if lf > 0 && window[lf - 1] == b'\r' => lf - 1,
-        Some(_) => return Parse::Error(Error::Malformed("line not ended by CRLF")),
-        // A CR as the last octet so far may yet be followed by the LF.
-        None if body.last() == Some(&b'\r') => body.len() - 1,
-        None => body.len(),
-    };
+    // A CR as the last octet may be the CR of the CRLF (or, without LF yet, be followed
+    // by it). The text is checked first, so that a bad octet is reported the same way
+    // however the bytes arrive.
+    let text_end = body.len() - usize::from(body.last() == Some(&b'\r'));
     if let Some(&b) = body[..text_end]
         .iter()
         .find(|&&b| !(0x20..0x7f).contains(&b))
@@ -154,6 +151,9 @@ fn parse_v1(input: &[u8]) -> Parse {
             Parse::Partial
         };
     };
+    if text_end == lf {
+        return Parse::Error(Error::Malformed("line not ended by CRLF"));
+    }
     let line = &window[..text_end];
     // Printable ASCII, so valid UTF-8.
     let Ok(line) = std::str::from_utf8(line) else {
