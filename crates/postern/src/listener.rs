@@ -8,6 +8,12 @@
 //! default, `policy::client_block`): one site holds a whole /64, and counting per address
 //! would give it 2^64 allowances. The per-IP table holds only blocks with open
 //! connections, so it is bounded by `max_connections`.
+//!
+//! A `proxy_protocol` listener (interface: "Listeners behind a load balancer") takes
+//! connections only from `proxy_from`, reads the PROXY header first (before any TLS and
+//! any banner, within `command_timeout` and [`proxy::MAX_HEADER`] octets) and from then
+//! on treats the address it carries as the client: the per-IP slot is taken for that
+//! address, after the header. Anything wrong closes the connection without a word.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +22,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postern_smtp::catalogue;
+use ipnet::IpNet;
+use postern_smtp::{catalogue, proxy};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -77,20 +84,19 @@ impl ConnectionLimits {
     /// Takes a slot for a new connection from `ip`, or names the limit that is full.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, (&'static str, usize)> {
         let block = client_block(ip, self.ipv6_prefix);
-        // Only the accept loop acquires, so check-then-increment cannot race with another
-        // acquire; releases only make room.
+        // Sessions of a proxy listener acquire from their own tasks, so the total is
+        // checked and incremented under the lock; releases only make room.
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         if self.total.load(Ordering::Acquire) >= self.max_total {
             return Err(("max_connections", self.max_total));
         }
-        {
-            let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let n = per_ip.entry(block).or_insert(0);
-            if *n >= self.max_per_ip {
-                return Err(("per_ip_connections", self.max_per_ip));
-            }
-            *n += 1;
+        let n = per_ip.entry(block).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err(("per_ip_connections", self.max_per_ip));
         }
+        *n += 1;
         self.total.fetch_add(1, Ordering::AcqRel);
+        drop(per_ip);
         Ok(ConnectionSlot {
             limits: Arc::clone(self),
             block,
@@ -117,12 +123,14 @@ impl Drop for ConnectionSlot {
 }
 
 /// What an accept loop enforces, from its `[[listener]]` (and `ipv6_prefix`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub address: SocketAddr,
     pub max_connections: usize,
     pub per_ip_connections: usize,
     pub ipv6_prefix: u8,
+    /// `Some(proxy_from)` on a `proxy_protocol` listener.
+    pub proxy_from: Option<Vec<IpNet>>,
 }
 
 /// Accepts connections until shutdown; each session runs in its own task on `tracker`
@@ -156,26 +164,124 @@ pub async fn run(
                 continue;
             }
         };
-        match limits.acquire(peer.ip()) {
-            Ok(slot) => {
-                maillog::connected(local, peer);
-                let open = shared.metrics.connection_opened(local);
-                let shared = Arc::clone(&shared);
-                let shutdown = shutdown.clone();
-                let settings = Arc::clone(&settings);
-                tracker.spawn(async move {
-                    session::run(stream, peer, &settings, &shared, shutdown).await;
-                    drop(slot);
-                    drop(open);
-                });
+        let Some(proxy_from) = &config.proxy_from else {
+            start(
+                stream, peer, local, &limits, &settings, &shared, &shutdown, &tracker,
+            );
+            continue;
+        };
+        let peer_ip = peer.ip().to_canonical();
+        if !proxy_from.iter().any(|net| net.contains(&peer_ip)) {
+            maillog::proxy_refused(local, peer, "peer not in proxy_from");
+            drop(stream);
+            continue;
+        }
+        let limits = Arc::clone(&limits);
+        let settings = Arc::clone(&settings);
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        let inner = tracker.clone();
+        tracker.spawn(async move {
+            let mut stream = stream;
+            let header =
+                tokio::time::timeout(settings.command_timeout, read_proxy_header(&mut stream))
+                    .await
+                    .unwrap_or_else(|_| Err("PROXY header timed out".to_string()));
+            match header {
+                Ok(header) => {
+                    // v2 LOCAL and UNKNOWN/UNSPEC: the peer's own address (spec 2.1, 2.2).
+                    let client = header.source().unwrap_or(peer);
+                    maillog::proxied(local, peer, client, &describe(&header));
+                    start(
+                        stream, client, local, &limits, &settings, &shared, &shutdown, &inner,
+                    );
+                }
+                Err(why) => maillog::proxy_refused(local, peer, &why),
             }
-            Err((limit, value)) => {
-                maillog::connection_refused(local, peer, limit, value);
-                shared.metrics.connection_refused(local, limit);
-                tracker.spawn(refuse(stream, limit));
-            }
+        });
+    }
+}
+
+/// Takes a connection slot for `client` and runs its session, or refuses it.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    stream: TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    limits: &Arc<ConnectionLimits>,
+    settings: &Arc<Settings>,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) {
+    match limits.acquire(client.ip()) {
+        Ok(slot) => {
+            maillog::connected(local, client);
+            let open = shared.metrics.connection_opened(local);
+            let shared = Arc::clone(shared);
+            let shutdown = shutdown.clone();
+            let settings = Arc::clone(settings);
+            tracker.spawn(async move {
+                session::run(stream, client, &settings, &shared, shutdown).await;
+                drop(slot);
+                drop(open);
+            });
+        }
+        Err((limit, value)) => {
+            maillog::connection_refused(local, client, limit, value);
+            shared.metrics.connection_refused(local, limit);
+            tracker.spawn(refuse(stream, limit));
         }
     }
+}
+
+/// Reads the PROXY header off `stream` and nothing more: bytes are peeked, and only the
+/// header's octets are taken, so whatever follows in the same segment (an early SMTP
+/// command, a TLS ClientHello) stays in the socket for the session. Bounded by
+/// [`proxy::MAX_HEADER`]; the caller bounds the time.
+async fn read_proxy_header(stream: &mut TcpStream) -> Result<proxy::Header, String> {
+    use tokio::io::AsyncReadExt;
+    let mut taken: Vec<u8> = Vec::with_capacity(proxy::MAX_HEADER);
+    let mut peeked = [0u8; proxy::MAX_HEADER];
+    loop {
+        let room = proxy::MAX_HEADER - taken.len();
+        let n = stream
+            .peek(&mut peeked[..room])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if n == 0 {
+            return Err("closed before a complete PROXY header".to_string());
+        }
+        let start = taken.len();
+        taken.extend_from_slice(&peeked[..n]);
+        let parsed = proxy::parse(&taken);
+        // Take off the socket the octets that belong to the header: all of them while it
+        // is incomplete (an incomplete header is a prefix of everything seen so far).
+        let take = match parsed {
+            proxy::Parse::Complete { consumed, .. } => consumed - start,
+            proxy::Parse::Partial => n,
+            proxy::Parse::Error(e) => return Err(e.to_string()),
+        };
+        taken.truncate(start + take);
+        let mut sink = [0u8; proxy::MAX_HEADER];
+        stream
+            .read_exact(&mut sink[..take])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if let proxy::Parse::Complete { header, .. } = parsed {
+            return Ok(header);
+        }
+    }
+}
+
+/// The header, for the log: `v1 PROXY`, `v2 LOCAL`, ...
+fn describe(header: &proxy::Header) -> String {
+    let command = match header.command {
+        proxy::Command::Proxy { .. } => "PROXY",
+        proxy::Command::Local => "LOCAL",
+        proxy::Command::Unknown => "UNKNOWN",
+    };
+    format!("v{} {command}", header.version)
 }
 
 /// Tells an over-limit client why, without letting it hold us up.

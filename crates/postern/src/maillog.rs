@@ -19,6 +19,20 @@ pub fn connection_refused(listener: SocketAddr, client: SocketAddr, limit: &str,
         "connection refused: limit {limit}={value} reached");
 }
 
+/// A connection to a `proxy_protocol` listener was closed without a banner: its peer is
+/// outside `proxy_from`, or its PROXY header was missing, malformed or late.
+pub fn proxy_refused(listener: SocketAddr, peer: SocketAddr, why: &str) {
+    tracing::warn!(target: "maillog", %listener, %peer, error = %why,
+        "connection closed without a banner: {why}");
+}
+
+/// A PROXY header named the client of a connection from a load balancer (`client` is
+/// the peer itself for v2 LOCAL and UNKNOWN).
+pub fn proxied(listener: SocketAddr, peer: SocketAddr, client: SocketAddr, header: &str) {
+    tracing::debug!(target: "maillog", %listener, %peer, %client, header = %header,
+        "PROXY header");
+}
+
 /// A session started.
 pub fn connected(listener: SocketAddr, client: SocketAddr) {
     tracing::debug!(target: "maillog", %listener, %client, "connect");

@@ -164,6 +164,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 max_connections: l.max_connections,
                 per_ip_connections: l.per_ip_connections,
                 ipv6_prefix,
+                proxy_from: l.proxy_protocol.then(|| l.proxy_from.clone()),
             },
             settings,
             Arc::clone(&shared),

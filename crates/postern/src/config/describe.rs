@@ -231,6 +231,10 @@ fn describe_listener(l: &Listener) -> String {
         "max {} connections, {} per IP",
         l.max_connections, l.per_ip_connections
     ));
+    if l.proxy_protocol {
+        let from: Vec<String> = l.proxy_from.iter().map(|n| n.to_string()).collect();
+        parts.push(format!("PROXY protocol from {}", from.join(", ")));
+    }
     format!("listener {}: {}", l.address, parts.join(", "))
 }
 

@@ -101,6 +101,11 @@ pub struct Listener {
     pub allow_plaintext_auth: bool,
     pub max_connections: usize,
     pub per_ip_connections: usize,
+    /// Every connection starts with a PROXY protocol v1 or v2 header whose source address
+    /// is the client's (interface: "Listeners behind a load balancer").
+    pub proxy_protocol: bool,
+    /// The peers allowed to send that header; empty unless `proxy_protocol`.
+    pub proxy_from: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -433,6 +438,8 @@ impl Listener {
             allow_plaintext_auth: false,
             max_connections: validate::DEFAULT_MAX_CONNECTIONS,
             per_ip_connections: validate::DEFAULT_PER_IP_CONNECTIONS,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
         }
     }
 }

@@ -53,6 +53,8 @@ pub(crate) struct RawListener {
     pub allow_plaintext_auth: Option<S<bool>>,
     pub max_connections: Option<S<i64>>,
     pub per_ip_connections: Option<S<i64>>,
+    pub proxy_protocol: Option<S<bool>>,
+    pub proxy_from: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

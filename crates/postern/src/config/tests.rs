@@ -187,6 +187,8 @@ fn config_full_example() {
                 allow_plaintext_auth: false,
                 max_connections: 1000,
                 per_ip_connections: 20,
+                proxy_protocol: false,
+                proxy_from: vec![],
             },
             Listener {
                 address: addr("[::]:465"),
@@ -196,6 +198,8 @@ fn config_full_example() {
                 allow_plaintext_auth: false,
                 max_connections: 200,
                 per_ip_connections: 5,
+                proxy_protocol: false,
+                proxy_from: vec![],
             },
         ]
     );
@@ -698,5 +702,56 @@ fn config_postmaster_defaults_only_when_deliverable() {
     assert_eq!(
         parse(&given).unwrap().postmaster.as_deref(),
         Some("Admin@company.com")
+    );
+}
+
+#[test]
+fn config_proxy_protocol_needs_proxy_from() {
+    let c = parse(
+        "[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\n\
+         proxy_from = [\"10.0.0.0/8\", \"192.0.2.1\"]\n",
+    )
+    .unwrap();
+    let l = &c.listeners[0];
+    assert!(l.proxy_protocol);
+    assert_eq!(
+        l.proxy_from,
+        [
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap()
+        ] as [ipnet::IpNet; 2]
+    );
+    assert!(
+        c.describe()
+            .contains("PROXY protocol from 10.0.0.0/8, 192.0.2.1/32"),
+        "{}",
+        c.describe()
+    );
+    assert!(!parse("").unwrap().listeners[0].proxy_protocol);
+
+    let err = parse_err("[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\n");
+    assert!(
+        err.starts_with("test.toml:3:18: listener.proxy_protocol"),
+        "{err}"
+    );
+    let err = parse_err(
+        "[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\nproxy_from = []\n",
+    );
+    assert!(
+        err.starts_with("test.toml:4:14: listener.proxy_from"),
+        "{err}"
+    );
+    let err =
+        parse_err("[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_from = [\"10.0.0.0/8\"]\n");
+    assert!(
+        err.starts_with("test.toml:3:14: listener.proxy_from"),
+        "{err}"
+    );
+    let err = parse_err(
+        "[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/33\"]\n",
+    );
+    assert!(
+        err.starts_with("test.toml:4:15: listener.proxy_from"),
+        "{err}"
     );
 }

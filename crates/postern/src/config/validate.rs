@@ -620,6 +620,39 @@ fn listeners(v: &Validator, raw: &[S<RawListener>], auth: &Auth) -> Result<Vec<L
             MAX_COUNT,
             DEFAULT_PER_IP_CONNECTIONS,
         )?;
+        let proxy_protocol = l.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
+        let mut proxy_from: Vec<IpNet> = Vec::new();
+        for n in l.proxy_from.iter().flat_map(|list| list.get_ref()) {
+            let net = v.parse(n, "listener.proxy_from", parse_network)?;
+            if !proxy_from.contains(&net) {
+                proxy_from.push(net);
+            }
+        }
+        match (&l.proxy_protocol, &l.proxy_from) {
+            (Some(p), None) if proxy_protocol => {
+                return v.err(
+                    p.span(),
+                    "listener.proxy_protocol",
+                    "proxy_protocol = true needs proxy_from, the networks of the load \
+                     balancers allowed to send the PROXY header",
+                );
+            }
+            (_, Some(list)) if proxy_protocol && proxy_from.is_empty() => {
+                return v.err(
+                    list.span(),
+                    "listener.proxy_from",
+                    "proxy_from is empty: no peer could ever connect to this listener",
+                );
+            }
+            (_, Some(list)) if !proxy_protocol => {
+                return v.err(
+                    list.span(),
+                    "listener.proxy_from",
+                    "proxy_from has no effect without proxy_protocol = true on this listener",
+                );
+            }
+            _ => {}
+        }
         out.push(Listener {
             address,
             tls,
@@ -628,6 +661,8 @@ fn listeners(v: &Validator, raw: &[S<RawListener>], auth: &Auth) -> Result<Vec<L
             allow_plaintext_auth,
             max_connections,
             per_ip_connections,
+            proxy_protocol,
+            proxy_from,
         });
     }
     Ok(out)

@@ -1,0 +1,154 @@
+//! PROXY protocol listeners (interface: "Listeners behind a load balancer"), with raw
+//! headers written by the test (no real HAProxy yet): the carried address is the client
+//! for the relay policy and the logs; a peer outside `proxy_from`, or a missing or bad
+//! header, gets no banner at all.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::common::{Client, INSIDE, OUTSIDE, Server, free_port};
+
+/// The base config (its plain listener is the readiness probe) plus a proxy listener
+/// that takes headers from 127.0.0.1 only.
+fn start() -> (Server, SocketAddr) {
+    let port = free_port();
+    let extra = format!(
+        "[[listener]]\naddress = \"127.0.0.1:{port}\"\ntls = \"none\"\n\
+         proxy_protocol = true\nproxy_from = [\"127.0.0.1/32\"]\n"
+    );
+    let server = Server::start("command_timeout = \"2s\"", &extra);
+    (server, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
+    let mut v = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v.push(command);
+    v.push(family);
+    v.extend_from_slice(&u16::try_from(addresses.len()).unwrap().to_be_bytes());
+    v.extend_from_slice(addresses);
+    v
+}
+
+fn v2_tcp4(src: [u8; 4]) -> Vec<u8> {
+    let mut a = src.to_vec();
+    a.extend_from_slice(&[127, 0, 0, 1]);
+    a.extend_from_slice(&40000u16.to_be_bytes());
+    a.extend_from_slice(&25u16.to_be_bytes());
+    // An SSL TLV claiming TLS with a verified client certificate: skipped, not believed.
+    a.extend_from_slice(&[0x20, 0x00, 0x05, 0x07, 0, 0, 0, 0]);
+    v2(0x21, 0x11, &a)
+}
+
+fn v2_tcp6(src: &str) -> Vec<u8> {
+    let mut a = src.parse::<Ipv6Addr>().unwrap().octets().to_vec();
+    a.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+    a.extend_from_slice(&40000u16.to_be_bytes());
+    a.extend_from_slice(&25u16.to_be_bytes());
+    v2(0x21, 0x21, &a)
+}
+
+/// Sends `header` and the EHLO in one write (the session must get the bytes after the
+/// header), then tries to relay to an outside domain; returns the RCPT reply code.
+fn relay_code(to: SocketAddr, header: &[u8]) -> u16 {
+    let mut c = Client::connect(INSIDE, to);
+    let mut first = header.to_vec();
+    first.extend_from_slice(b"EHLO client.test\r\n");
+    c.send(&first);
+    assert_eq!(c.reply().code, 220);
+    assert_eq!(c.reply().code, 250);
+    c.expect("MAIL FROM:<a@company.test>", 250);
+    let code = c.cmd("RCPT TO:<user@other.test>").code;
+    c.expect("QUIT", 221);
+    code
+}
+
+/// The connection is closed without a single byte from the server.
+fn closed_without_banner(c: &mut Client) {
+    assert!(c.is_closed(), "the server spoke");
+}
+
+fn wait_for_log(server: &Server, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn proxy_v1_header_makes_the_claimed_address_the_client() {
+    let (server, to) = start();
+    // The peer 127.0.0.1 is trusted, but the client it speaks for is not.
+    assert_eq!(
+        relay_code(to, b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"),
+        554
+    );
+    wait_for_log(&server, "client=192.0.2.7:40000");
+    // A header naming a trusted client relays.
+    assert_eq!(
+        relay_code(to, b"PROXY TCP4 127.0.0.1 127.0.0.1 40001 25\r\n"),
+        250
+    );
+    // TCP6, and UNKNOWN (the peer's own address: trusted).
+    assert_eq!(
+        relay_code(to, b"PROXY TCP6 2001:db8::7 ::1 40000 25\r\n"),
+        554
+    );
+    wait_for_log(&server, "client=[2001:db8::7]:40000");
+    assert_eq!(relay_code(to, b"PROXY UNKNOWN\r\n"), 250);
+}
+
+#[test]
+fn proxy_v2_header_makes_the_claimed_address_the_client() {
+    let (server, to) = start();
+    assert_eq!(relay_code(to, &v2_tcp4([192, 0, 2, 7])), 554);
+    wait_for_log(&server, "client=192.0.2.7:40000");
+    assert_eq!(relay_code(to, &v2_tcp6("2001:db8::8")), 554);
+    wait_for_log(&server, "client=[2001:db8::8]:40000");
+    assert_eq!(relay_code(to, &v2_tcp4([127, 0, 0, 1])), 250);
+    // LOCAL (a health check): the peer's own address, here trusted.
+    assert_eq!(relay_code(to, &v2(0x20, 0x00, &[])), 250);
+}
+
+#[test]
+fn proxy_missing_or_bad_header_closes_without_banner() {
+    let (server, to) = start();
+    // SMTP straight away: no header.
+    let mut c = Client::connect(INSIDE, to);
+    c.send(b"EHLO client.test\r\n");
+    closed_without_banner(&mut c);
+    wait_for_log(&server, "no PROXY protocol header");
+    // Malformed: a port with a leading zero.
+    let mut c = Client::connect(INSIDE, to);
+    c.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 040000 25\r\n");
+    closed_without_banner(&mut c);
+    wait_for_log(&server, "bad port");
+    // Oversized: a v1 line that never ends.
+    let mut c = Client::connect(INSIDE, to);
+    c.send(&[b"PROXY UNKNOWN ".as_slice(), &[b'x'; 200]].concat());
+    closed_without_banner(&mut c);
+    wait_for_log(&server, "PROXY header too long");
+    // Nothing at all: closed at command_timeout (2 s).
+    let started = Instant::now();
+    let mut c = Client::connect(INSIDE, to);
+    c.send(b"PROXY TCP4 192.0.2.7");
+    closed_without_banner(&mut c);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    wait_for_log(&server, "PROXY header timed out");
+    // The plain listener next to it is untouched.
+    let mut plain = server.client(OUTSIDE);
+    plain.hello();
+}
+
+#[test]
+fn proxy_peer_outside_proxy_from_closes_without_banner() {
+    let (server, to) = start();
+    let mut c = Client::connect(OUTSIDE, to);
+    c.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n");
+    closed_without_banner(&mut c);
+    wait_for_log(&server, "peer not in proxy_from");
+}
