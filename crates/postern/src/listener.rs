@@ -58,6 +58,21 @@ pub struct ConnectionLimits {
     ipv6_prefix: u8,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections of a proxy listener still waiting for their PROXY header: they count
+    /// toward `max_total` (interface: every connection from accept to close).
+    waiting: AtomicUsize,
+}
+
+/// Held while a proxy connection's header is read; counts toward `max_connections`.
+#[derive(Debug)]
+pub struct Waiting {
+    limits: Arc<ConnectionLimits>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.limits.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Held for the life of a connection; releases its slots when dropped.
@@ -78,7 +93,25 @@ impl ConnectionLimits {
             ipv6_prefix,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// Counts a connection whose client is not known yet (a PROXY header to read), or
+    /// names the limit that is full.
+    pub fn hold(self: &Arc<Self>) -> Result<Waiting, (&'static str, usize)> {
+        let _guard = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if self.in_use() >= self.max_total {
+            return Err(("max_connections", self.max_total));
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Ok(Waiting {
+            limits: Arc::clone(self),
+        })
+    }
+
+    fn in_use(&self) -> usize {
+        self.total.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire)
     }
 
     /// Takes a slot for a new connection from `ip`, or names the limit that is full.
@@ -87,7 +120,7 @@ impl ConnectionLimits {
         // Sessions of a proxy listener acquire from their own tasks, so the total is
         // checked and incremented under the lock; releases only make room.
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if self.total.load(Ordering::Acquire) >= self.max_total {
+        if self.in_use() >= self.max_total {
             return Err(("max_connections", self.max_total));
         }
         let n = per_ip.entry(block).or_insert(0);
@@ -176,6 +209,16 @@ pub async fn run(
             drop(stream);
             continue;
         }
+        // Counted from accept, while the header is read (it may never come).
+        let waiting = match limits.hold() {
+            Ok(w) => w,
+            Err((limit, value)) => {
+                maillog::connection_refused(local, peer, limit, value);
+                shared.metrics.connection_refused(local, limit);
+                tracker.spawn(refuse(stream, limit));
+                continue;
+            }
+        };
         let limits = Arc::clone(&limits);
         let settings = Arc::clone(&settings);
         let shared = Arc::clone(&shared);
@@ -187,6 +230,8 @@ pub async fn run(
                 tokio::time::timeout(settings.command_timeout, read_proxy_header(&mut stream))
                     .await
                     .unwrap_or_else(|_| Err("PROXY header timed out".to_string()));
+            // The connection is counted by its session's slot from here on.
+            drop(waiting);
             match header {
                 Ok(header) => {
                     // v2 LOCAL and UNKNOWN/UNSPEC: the peer's own address (spec 2.1, 2.2).
@@ -321,6 +366,20 @@ mod tests {
         assert_eq!(limits.open(), 2);
         let _s4 = limits.acquire(b).unwrap();
         assert_eq!(limits.per_ip.lock().unwrap().get(&a), Some(&1));
+    }
+
+    #[test]
+    fn connections_waiting_for_a_proxy_header_count_toward_the_total() {
+        let limits = ConnectionLimits::new(2, 2, 64);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let w1 = limits.hold().unwrap();
+        let _w2 = limits.hold().unwrap();
+        assert_eq!(limits.hold().unwrap_err().0, "max_connections");
+        assert_eq!(limits.acquire(a).unwrap_err().0, "max_connections");
+        // The header arrived: the waiting count becomes the session's slot.
+        drop(w1);
+        let _s = limits.acquire(a).unwrap();
+        assert_eq!(limits.hold().unwrap_err().0, "max_connections");
     }
 
     #[test]

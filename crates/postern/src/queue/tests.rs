@@ -316,8 +316,9 @@ async fn a_torn_tail_after_skipped_corruption_is_still_trimmed() {
 
 /// Waits for the committer, which collects garbage after answering the batch that
 /// finished a message.
+/// Waits (up to 30 s: a loaded CI machine can be slow) until `cond` holds.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..500 {
+    for _ in 0..3000 {
         if cond() {
             return;
         }
