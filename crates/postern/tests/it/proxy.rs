@@ -1,5 +1,5 @@
 //! PROXY protocol listeners (interface: "Listeners behind a load balancer"), with raw
-//! headers written by the test (no real HAProxy yet): the carried address is the client
+//! headers written by the test and through a real HAProxy: the carried address is the client
 //! for the relay policy and the logs; a peer outside `proxy_from`, or a missing or bad
 //! header, gets no banner at all.
 
@@ -151,4 +151,77 @@ fn proxy_peer_outside_proxy_from_closes_without_banner() {
     c.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n");
     closed_without_banner(&mut c);
     wait_for_log(&server, "peer not in proxy_from");
+}
+
+/// A real HAProxy (installed by scripts/test) in front of the proxy listener, once with
+/// `send-proxy` (v1) and once with `send-proxy-v2`: the client Postern sees is the one
+/// that connected to HAProxy, so an outside client cannot relay though HAProxy itself
+/// (127.0.0.1) is trusted, and an inside one can.
+#[test]
+fn through_haproxy_the_client_is_the_one_haproxy_saw() {
+    let (server, target) = start();
+    let (v1, v2) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend v1\n  bind 127.0.0.1:{v1}\n  default_backend v1\n\
+             backend v1\n  server s 127.0.0.1:{port} send-proxy\n\
+             frontend v2\n  bind 127.0.0.1:{v2}\n  default_backend v2\n\
+             backend v2\n  server s 127.0.0.1:{port} send-proxy-v2\n",
+            port = target.port()
+        ),
+    )
+    .unwrap();
+    // Debian puts it in /usr/sbin, which a non-root PATH may lack.
+    let haproxy = if std::path::Path::new("/usr/sbin/haproxy").exists() {
+        "/usr/sbin/haproxy"
+    } else {
+        "haproxy"
+    };
+    let child = std::process::Command::new(haproxy)
+        .args(["-db", "-f"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy (scripts/test installs it)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _haproxy = Kill(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for port in [v1, v2] {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for port in [v1, v2] {
+        let front = SocketAddr::from(([127, 0, 0, 1], port));
+        let relay = |from: &str| {
+            let mut c = Client::connect(from, front);
+            c.hello();
+            c.expect("MAIL FROM:<a@company.test>", 250);
+            c.cmd("RCPT TO:<user@other.test>").code
+        };
+        assert_eq!(
+            relay(OUTSIDE),
+            554,
+            "port {port}: the outside client relayed"
+        );
+        assert_eq!(
+            relay(INSIDE),
+            250,
+            "port {port}: the inside client was refused"
+        );
+    }
+    assert!(server.log().contains("127.0.0.2"), "{}", server.log());
 }
