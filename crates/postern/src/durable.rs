@@ -16,8 +16,9 @@
 //! `EEXIST` when the new name exists (POSIX `link`: "[EEXIST] The path2 argument resolves to
 //! an existing directory entry"), so a rename is done as `link(old, new)` then
 //! `unlink(old)`. Chosen over Linux `renameat2(RENAME_NOREPLACE)` because it needs no new
-//! dependency and no raw system call of our own, works on every POSIX file system with hard links (tmpfs,
-//! ext4, xfs, btrfs...; `renameat2` flags are refused by some, e.g. older NFS), and its
+//! dependency and no raw system call of our own, works on every POSIX file system with
+//! hard links (tmpfs, ext4, xfs, btrfs...; `renameat2` flags are refused by some, e.g.
+//! older NFS), and its
 //! only intermediate state is easy to reason about: a crash between the two steps leaves
 //! both names on the same inode, never two different contents and never neither. Each
 //! caller documents why that state is harmless for it (a leftover `.tmp` name is removed

@@ -146,9 +146,15 @@ mod tests {
     use super::*;
 
     fn dot_stuff(body: &[u8]) -> Vec<u8> {
+        stuff_in_two(body, body.len())
+    }
+
+    /// Stuffs `body` fed in two pieces, cut at `split`.
+    fn stuff_in_two(body: &[u8], split: usize) -> Vec<u8> {
         let mut out = Vec::new();
         let mut stuffer = DotStuffer::new();
-        stuffer.stuff(body, &mut out);
+        stuffer.stuff(&body[..split], &mut out);
+        stuffer.stuff(&body[split..], &mut out);
         stuffer.finish(&mut out);
         out
     }
@@ -183,12 +189,7 @@ mod tests {
         let body = b".a\r\n..\r\nb\r\n.\r\n.x\r\n";
         let whole = dot_stuff(body);
         for split in 0..=body.len() {
-            let mut out = Vec::new();
-            let mut stuffer = DotStuffer::new();
-            stuffer.stuff(&body[..split], &mut out);
-            stuffer.stuff(&body[split..], &mut out);
-            stuffer.finish(&mut out);
-            assert_eq!(out, whole, "split at {split}");
+            assert_eq!(stuff_in_two(body, split), whole, "split at {split}");
         }
         // and byte by byte, including the CRLF test at the end
         for body in [&b"x\r\n"[..], b"x\r", b"x\n", b"x"] {
@@ -298,12 +299,11 @@ mod tests {
             let expected = reference(body);
             assert_eq!(dot_stuff(body), expected, "{body:?}");
             for split in 0..=body.len() {
-                let mut out = Vec::new();
-                let mut stuffer = DotStuffer::new();
-                stuffer.stuff(&body[..split], &mut out);
-                stuffer.stuff(&body[split..], &mut out);
-                stuffer.finish(&mut out);
-                assert_eq!(out, expected, "{body:?} split at {split}");
+                assert_eq!(
+                    stuff_in_two(body, split),
+                    expected,
+                    "{body:?} split at {split}"
+                );
             }
         }
     }
