@@ -226,16 +226,22 @@ pub async fn run(
         let inner = tracker.clone();
         tracker.spawn(async move {
             let mut stream = stream;
-            let header =
-                tokio::time::timeout(settings.command_timeout, read_proxy_header(&mut stream))
-                    .await
-                    .unwrap_or_else(|_| Err("PROXY header timed out".to_string()));
+            let mut stop = shutdown.clone();
+            let read =
+                tokio::time::timeout(settings.command_timeout, read_proxy_header(&mut stream));
+            // A header that has not come when the server stops is not waited for.
+            let header = tokio::select! {
+                r = read => r.unwrap_or_else(|_| Err("PROXY header timed out".to_string())),
+                _ = stop.wait_for(|s| *s) => Err("shutting down".to_string()),
+            };
             // The connection is counted by its session's slot from here on.
             drop(waiting);
             match header {
                 Ok(header) => {
                     // v2 LOCAL and UNKNOWN/UNSPEC: the peer's own address (spec 2.1, 2.2).
-                    let client = header.source().unwrap_or(peer);
+                    let client = header
+                        .source()
+                        .map_or(peer, |s| SocketAddr::new(s.ip().to_canonical(), s.port()));
                     maillog::proxied(local, peer, client, &describe(&header));
                     start(
                         stream, client, local, &limits, &settings, &shared, &shutdown, &inner,

@@ -734,6 +734,14 @@ fn config_proxy_protocol_needs_proxy_from() {
         err.starts_with("test.toml:3:18: listener.proxy_protocol"),
         "{err}"
     );
+    for everyone in ["0.0.0.0/0", "::/0"] {
+        let err = parse_err(&format!(
+            "[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\n\
+             proxy_from = [\"{everyone}\"]\n"
+        ));
+        assert!(err.contains("listener.proxy_from"), "{err}");
+        assert!(err.contains("every host on the Internet"), "{err}");
+    }
     let err = parse_err(
         "[[listener]]\naddress = \"0.0.0.0:2525\"\nproxy_protocol = true\nproxy_from = []\n",
     );

@@ -624,6 +624,17 @@ fn listeners(v: &Validator, raw: &[S<RawListener>], auth: &Auth) -> Result<Vec<L
         let mut proxy_from: Vec<IpNet> = Vec::new();
         for n in l.proxy_from.iter().flat_map(|list| list.get_ref()) {
             let net = v.parse(n, "listener.proxy_from", parse_network)?;
+            // Anyone could then claim any address, 127.0.0.1 included: an open relay.
+            if net.prefix_len() == 0 {
+                return v.err(
+                    n.span(),
+                    "listener.proxy_from",
+                    format!(
+                        "{net} lets every host on the Internet send a PROXY header and claim \
+                         any address (a trusted one too); name the load balancers' networks"
+                    ),
+                );
+            }
             if !proxy_from.contains(&net) {
                 proxy_from.push(net);
             }

@@ -225,3 +225,27 @@ fn through_haproxy_the_client_is_the_one_haproxy_saw() {
     }
     assert!(server.log().contains("127.0.0.2"), "{}", server.log());
 }
+
+/// A load balancer connection stuck in the middle of its header does not hold up a stop:
+/// the server exits well before the 5 s grace period (and before command_timeout).
+#[test]
+fn a_half_sent_header_does_not_delay_shutdown() {
+    let port = free_port();
+    let extra = format!(
+        "[[listener]]\naddress = \"127.0.0.1:{port}\"\ntls = \"none\"\n\
+         proxy_protocol = true\nproxy_from = [\"127.0.0.1/32\"]\n"
+    );
+    let mut server = Server::start("command_timeout = \"5m\"", &extra);
+    let mut c = Client::connect(INSIDE, SocketAddr::from(([127, 0, 0, 1], port)));
+    c.send(b"PROXY TCP4 192.0.2.7 ");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let status = server.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    assert!(!server.log().contains("sessions still open"), "{}", server.log());
+}
