@@ -247,5 +247,9 @@ fn a_half_sent_header_does_not_delay_shutdown() {
         "stop took {:?}",
         started.elapsed()
     );
-    assert!(!server.log().contains("sessions still open"), "{}", server.log());
+    assert!(
+        !server.log().contains("sessions still open"),
+        "{}",
+        server.log()
+    );
 }
