@@ -14,14 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Bytes of bodies the server may hold, and how many it holds now.
 #[derive(Debug)]
 pub struct MemoryBudget {
-    limit: u64,
+    /// Changed by a reload; reservations already held are kept, new growth obeys it.
+    limit: AtomicU64,
     used: AtomicU64,
 }
 
 impl MemoryBudget {
     pub fn new(limit: u64) -> Arc<MemoryBudget> {
         Arc::new(MemoryBudget {
-            limit,
+            limit: AtomicU64::new(limit),
             used: AtomicU64::new(0),
         })
     }
@@ -34,15 +35,21 @@ impl MemoryBudget {
         }
     }
 
+    /// A reload's new `max_message_memory`.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
     /// Bytes reserved now, by every session.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
     }
 
     fn take(&self, n: u64) -> bool {
+        let limit = self.limit.load(Ordering::Acquire);
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&total| total <= self.limit)
+                used.checked_add(n).filter(|&total| total <= limit)
             })
             .is_ok()
     }

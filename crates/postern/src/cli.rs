@@ -36,6 +36,12 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Make the running server read its configuration again (also: SIGHUP). Checked
+    /// here first; exit 1 with the error if it is invalid, and nothing changes.
+    Reload {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Inspect and manage the queue (safe while the server runs).
     Queue {
         #[command(subcommand)]
@@ -125,6 +131,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
+        Command::Reload { config } => reload(config),
         Command::Queue { action, config } => queue(action, config),
         Command::User { action, config } => match user(action, config) {
             Ok(()) => ExitCode::SUCCESS,
@@ -215,6 +222,37 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `postern reload`: the file is validated here (to find the server's control socket in
+/// its spool, and to show a mistake at once), then the server reads it again itself and
+/// answers with what changed, or why it kept the configuration in use.
+fn reload(path: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load_default_or_file(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("postern: {e}");
+            eprintln!("postern: nothing reloaded");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(answer) = control::request(&config.spool_dir, "RELOAD") else {
+        eprintln!(
+            "postern: no server answers on {} (is it running with this spool?)",
+            control::socket_path(&config.spool_dir).display()
+        );
+        return ExitCode::FAILURE;
+    };
+    match answer.strip_prefix("ERR ") {
+        Some(why) => {
+            eprint!("postern: reload failed, the configuration in use is unchanged: {why}");
+            ExitCode::FAILURE
+        }
+        None => {
+            print!("{}", answer.strip_prefix("OK ").unwrap_or(&answer));
+            ExitCode::SUCCESS
+        }
     }
 }
 

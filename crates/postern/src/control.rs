@@ -3,7 +3,8 @@
 //!
 //! `SPOOL/control.sock`, a Unix socket with mode 0600 (only the spool's owner may use
 //! it). One request per connection, one line: `LIST`, `SHOW <id>`, `FLUSH`, `DELETE <id>`;
-//! `RELEASE <id>` (quarantine);
+//! `RELEASE <id>` (quarantine); `RELOAD` (the configuration: `OK <summary>` or
+//! `ERR <why>`, the configuration in use then unchanged);
 //! the answer is text for the operator, ending when the server closes the connection.
 //! When no server runs, the CLI works on the spool directly (`queue list/show` read it,
 //! `queue delete` takes the spool lock first).
@@ -20,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::delivery::{self, QueueItem};
 use crate::queue::quarantine::{self, Quarantined};
@@ -33,7 +35,14 @@ pub fn socket_path(spool_dir: &Path) -> PathBuf {
 
 /// Binds the control socket (replacing a stale one: we hold the spool lock, so no other
 /// server uses it) and serves requests until the task is dropped.
-pub fn start(spool: Spool, handle: delivery::Handle) -> std::io::Result<()> {
+/// A reload request: the server answers on the sender, `Ok(summary)` or `Err(why)`.
+pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+
+pub fn start(
+    spool: Spool,
+    handle: delivery::Handle,
+    reloads: mpsc::Sender<ReloadRequest>,
+) -> std::io::Result<()> {
     let spool_dir = spool.dir().to_path_buf();
     let spool_dir = spool_dir.as_path();
     let path = socket_path(spool_dir);
@@ -49,6 +58,7 @@ pub fn start(spool: Spool, handle: delivery::Handle) -> std::io::Result<()> {
             let handle = handle.clone();
             let dir = dir.clone();
             let spool = spool.clone();
+            let reloads = reloads.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
@@ -57,6 +67,7 @@ pub fn start(spool: Spool, handle: delivery::Handle) -> std::io::Result<()> {
                     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
                         .await;
                 let answer = match request {
+                    Ok(Ok(_)) if line.trim() == "RELOAD" => reload(&reloads).await,
                     Ok(Ok(_)) => answer(&handle, &spool, &dir, line.trim()).await,
                     _ => "ERR no request\n".to_string(),
                 };
@@ -65,6 +76,20 @@ pub fn start(spool: Spool, handle: delivery::Handle) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// Asks the server to reload and waits for the outcome (one reload at a time: the
+/// server's main task does them in turn).
+async fn reload(reloads: &mpsc::Sender<ReloadRequest>) -> String {
+    let (tx, rx) = oneshot::channel();
+    if reloads.send(tx).await.is_err() {
+        return "ERR the server is stopping\n".to_string();
+    }
+    match rx.await {
+        Ok(Ok(summary)) => format!("OK reloaded: {summary}\n"),
+        Ok(Err(why)) => format!("ERR {why}\n"),
+        Err(_) => "ERR the server is stopping\n".to_string(),
+    }
 }
 
 async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: &str) -> String {

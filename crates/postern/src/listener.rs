@@ -18,10 +18,11 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use postern_smtp::{catalogue, proxy};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -52,10 +53,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Open connections of one listener.
 #[derive(Debug)]
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
+    /// The limits may change on a reload; open connections keep their slots.
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     /// IPv6 clients are counted per block of this many leading bits.
-    ipv6_prefix: u8,
+    ipv6_prefix: AtomicU8,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Connections of a proxy listener still waiting for their PROXY header: they count
@@ -88,21 +90,36 @@ impl ConnectionLimits {
     /// `ipv6_prefix` bits.
     pub fn new(max_total: usize, max_per_ip: usize, ipv6_prefix: u8) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_per_ip,
-            ipv6_prefix,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            ipv6_prefix: AtomicU8::new(ipv6_prefix),
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
         })
     }
 
+    /// New limits (a reload). Connections over them stay open; new ones wait for room.
+    pub fn set(&self, limits: &Limits) {
+        self.max_total
+            .store(limits.max_connections, Ordering::Release);
+        self.max_per_ip
+            .store(limits.per_ip_connections, Ordering::Release);
+        self.ipv6_prefix
+            .store(limits.ipv6_prefix, Ordering::Release);
+    }
+
+    fn max_total(&self) -> usize {
+        self.max_total.load(Ordering::Acquire)
+    }
+
     /// Counts a connection whose client is not known yet (a PROXY header to read), or
     /// names the limit that is full.
     pub fn hold(self: &Arc<Self>) -> Result<Waiting, (&'static str, usize)> {
         let _guard = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if self.in_use() >= self.max_total {
-            return Err(("max_connections", self.max_total));
+        let max_total = self.max_total();
+        if self.in_use() >= max_total {
+            return Err(("max_connections", max_total));
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         Ok(Waiting {
@@ -116,16 +133,18 @@ impl ConnectionLimits {
 
     /// Takes a slot for a new connection from `ip`, or names the limit that is full.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, (&'static str, usize)> {
-        let block = client_block(ip, self.ipv6_prefix);
+        let block = client_block(ip, self.ipv6_prefix.load(Ordering::Acquire));
         // Sessions of a proxy listener acquire from their own tasks, so the total is
         // checked and incremented under the lock; releases only make room.
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if self.in_use() >= self.max_total {
-            return Err(("max_connections", self.max_total));
+        let max_total = self.max_total();
+        if self.in_use() >= max_total {
+            return Err(("max_connections", max_total));
         }
+        let max_per_ip = self.max_per_ip.load(Ordering::Acquire);
         let n = per_ip.entry(block).or_insert(0);
-        if *n >= self.max_per_ip {
-            return Err(("per_ip_connections", self.max_per_ip));
+        if *n >= max_per_ip {
+            return Err(("per_ip_connections", max_per_ip));
         }
         *n += 1;
         self.total.fetch_add(1, Ordering::AcqRel);
@@ -166,26 +185,31 @@ pub struct Limits {
     pub proxy_from: Option<Vec<IpNet>>,
 }
 
-/// Accepts connections until shutdown; each session runs in its own task on `tracker`
-/// with this listener's `settings`.
+/// What a new connection on a listener gets: the listener's limits and session
+/// settings, and the state of the configuration they belong to. A reload replaces it;
+/// sessions keep the one they started with.
+pub struct Current {
+    pub limits: Limits,
+    pub settings: Arc<Settings>,
+    pub shared: Arc<Shared>,
+}
+
+/// Accepts connections until `stop` (shutdown, or the listener was removed by a reload);
+/// each session runs in its own task on `tracker` with the [`Current`] of its accept.
+/// `shutdown` is the server's, handed to the sessions.
 pub async fn run(
     listener: TcpListener,
-    config: Limits,
-    settings: Arc<Settings>,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    current: Arc<ArcSwap<Current>>,
+    limits: Arc<ConnectionLimits>,
+    mut stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     tracker: TaskTracker,
 ) {
-    let local = config.address;
-    let limits = ConnectionLimits::new(
-        config.max_connections,
-        config.per_ip_connections,
-        config.ipv6_prefix,
-    );
+    let local = current.load().limits.address;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stop.wait_for(|stop| *stop) => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -197,9 +221,11 @@ pub async fn run(
                 continue;
             }
         };
-        let Some(proxy_from) = &config.proxy_from else {
+        let now = current.load_full();
+        let (settings, shared) = (&now.settings, &now.shared);
+        let Some(proxy_from) = &now.limits.proxy_from else {
             start(
-                stream, peer, local, &limits, &settings, &shared, &shutdown, &tracker,
+                stream, peer, local, &limits, settings, shared, &shutdown, &tracker,
             );
             continue;
         };
@@ -220,8 +246,8 @@ pub async fn run(
             }
         };
         let limits = Arc::clone(&limits);
-        let settings = Arc::clone(&settings);
-        let shared = Arc::clone(&shared);
+        let settings = Arc::clone(settings);
+        let shared = Arc::clone(shared);
         let shutdown = shutdown.clone();
         let inner = tracker.clone();
         tracker.spawn(async move {

@@ -1,5 +1,17 @@
 //! `postern serve`: open the spool, bind every listener, run until SIGTERM/SIGINT,
-//! then stop cleanly.
+//! then stop cleanly; reload the configuration on SIGHUP or `postern reload`.
+//!
+//! Reload (interface: "Operations"): the file is read and validated, and everything
+//! that can fail is built (recipients list, certificates, users file, route password
+//! and CA files, new listeners bound) before anything changes, so a bad configuration
+//! changes nothing. Then one swap per listener: each listener's [`listener::Current`]
+//! (its settings and the new [`Shared`]) is replaced, so new sessions see the new
+//! policy, filters, limits, users and certificates while sessions in progress finish
+//! on the one they started with; delivery gets its new routes the same way; listeners
+//! no longer configured stop accepting (their sessions finish), new ones start. The
+//! spool, the queue, the memory budget's holdings, the metrics and the AUTH failure
+//! counts carry over. `spool_dir` cannot change (an error); keys that only a restart
+//! applies are named in the log.
 //!
 //! Shutdown (interface: "421 4.x.x"): stop accepting, tell every session (idle ones get
 //! `421 4.3.2` at once; one whose message is being written to the spool finishes that
@@ -7,19 +19,25 @@
 //! spool's committer finish what it was given, and return. Nothing that got a 250 can
 //! be lost at any point: it is on disk before the 250 is sent.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::budget::MemoryBudget;
 use crate::config::{AuthMode, Config, TlsMode};
 use crate::filter::Screener;
 use crate::intake::Intake;
-use crate::listener;
+use crate::listener::{self, ConnectionLimits};
 use crate::metrics::{self, Metrics};
 use crate::policy::dnsbl::Dnsbl;
 use crate::policy::{RecipientList, RelayPolicy};
@@ -35,6 +53,121 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Runs the relay until a stop signal. Errors are start-up failures (bad spool, port
 /// in use, ...), reported by the CLI.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    check_usable(&config)?;
+    raise_fd_limit();
+
+    let spool_dir = config.spool_dir.clone();
+    let options = spool_options();
+    let (spool, live) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, options))
+        .await?
+        .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
+    tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
+        "spool open");
+    // After the spool lock: the self-signed certificate lives in the spool.
+    let mut prepared = prepare(config, None)?;
+    let metrics = Arc::new(Metrics::new(
+        prepared.config.listeners.iter().map(|l| l.address),
+    ));
+    let delivery = delivery::start(
+        prepared
+            .delivery
+            .take()
+            .expect("prepared with delivery settings"),
+        spool.clone(),
+        live,
+        Arc::clone(&metrics),
+    );
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
+    control::start(spool.clone(), delivery.clone(), reload_tx).with_context(|| {
+        format!(
+            "cannot create the control socket {}",
+            control::socket_path(&prepared.config.spool_dir).display()
+        )
+    })?;
+
+    // Bind everything before serving anything, so a bad address fails the start.
+    let bound = bind_new(&prepared.config, &HashMap::new())?;
+    let metrics_socket = match &prepared.config.metrics {
+        Some(m) => {
+            let socket = listener::bind(m.address)
+                .with_context(|| format!("cannot listen on {} for metrics", m.address))?;
+            tracing::info!(address = %m.address, "metrics at http://{}/metrics", m.address);
+            Some(socket)
+        }
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(socket) = metrics_socket {
+        tokio::spawn(metrics::serve(
+            socket,
+            Arc::clone(&metrics),
+            spool.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let hostname = prepared.config.hostname.clone();
+    let mut server = Server {
+        config: prepared.config.clone(),
+        budget: crate::budget::MemoryBudget::new(prepared.config.max_message_memory),
+        spool,
+        delivery,
+        metrics,
+        auth: None,
+        listeners: HashMap::new(),
+        shutdown: stop_rx,
+        sessions: TaskTracker::new(),
+    };
+    server.commit(prepared, bound);
+    tracing::info!(hostname = %hostname, "postern started");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let _ = server.reload().await;
+            }
+            Some(reply) = reload_rx.recv() => {
+                let _ = reply.send(server.reload().await);
+            }
+        }
+    }
+    tracing::info!("stopping: no new connections, closing sessions");
+    let _ = stop_tx.send(true);
+    let Server {
+        config,
+        spool,
+        delivery,
+        listeners,
+        sessions,
+        ..
+    } = server;
+    for (_, l) in listeners {
+        let _ = l.stop.send(true);
+        let _ = l.task.await;
+    }
+    sessions.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open after the grace period; closing them");
+    }
+    let socket = control::socket_path(&config.spool_dir);
+    delivery.shutdown().await;
+    let _ = std::fs::remove_file(socket);
+    tokio::task::spawn_blocking(move || spool.close()).await?;
+    tracing::info!("postern stopped");
+    Ok(())
+}
+
+/// Refuses what this build cannot run and warns about an open relay; at start and on
+/// every reload.
+fn check_usable(config: &Config) -> anyhow::Result<()> {
     let unsupported = config.unsupported_features();
     if !unsupported.is_empty() {
         bail!(
@@ -54,156 +187,240 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             crate::config::every_address_of(&config.relay.trusted_everyone())
         );
     }
-    raise_fd_limit();
+    Ok(())
+}
 
+/// A configuration with everything that can fail already built: it takes effect with
+/// [`Server::commit`], which cannot fail.
+struct Prepared {
+    config: Config,
+    policy: RelayPolicy,
+    tls: Option<ServerTls>,
+    auth: Option<Authenticator>,
+    dnsbl: Option<Dnsbl>,
+    screener: Screener,
+    /// Taken at start to start the runner; given to it on commit otherwise.
+    delivery: Option<delivery::Settings>,
+}
+
+/// Reads the files the configuration names and builds its parts. `previous`: the
+/// authenticator in use (a reload), whose failure counts carry over.
+fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<Prepared> {
     let recipients = match &config.relay.recipients_file {
         Some(path) => Some(RecipientList::load(path)?),
         None => None,
     };
     let policy = RelayPolicy::new(&config.relay, recipients);
-    let spool_dir = config.spool_dir.clone();
-    let options = spool_options();
-    let (spool, live) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, options))
-        .await?
-        .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
-    tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
-        "spool open");
-    // After the spool lock: the self-signed certificate lives in the spool.
     let tls = if config.listeners.iter().any(|l| l.tls != TlsMode::None) {
-        let tls = ServerTls::load(&config)?;
-        tls.spawn_reloader();
-        Some(tls)
+        Some(ServerTls::load(&config)?)
     } else {
         None
     };
     let auth = if config.listeners.iter().any(|l| l.auth != AuthMode::None) {
-        Some(Authenticator::new(&config.auth, config.ipv6_prefix)?)
+        Some(Authenticator::reloaded(
+            &config.auth,
+            config.ipv6_prefix,
+            previous,
+        )?)
     } else {
         None
     };
-
     let dnsbl = if config.relay.dnsbl.is_empty() {
         None
     } else {
         let resolver = crate::dns::Resolver::new(&config.delivery.dns_servers)?;
         Some(Dnsbl::new(config.relay.dnsbl.clone(), resolver))
     };
-    let config_filters = config.filters.clone();
-    if !config_filters.is_empty() {
-        tracing::info!(filters = config_filters.len(), "message screener active");
-    }
-    let metrics = Arc::new(Metrics::new(config.listeners.iter().map(|l| l.address)));
-    let delivery = delivery::start(&config, spool.clone(), live, Arc::clone(&metrics))?;
-    control::start(spool.clone(), delivery.clone()).with_context(|| {
-        format!(
-            "cannot create the control socket {}",
-            control::socket_path(&config.spool_dir).display()
-        )
-    })?;
-
-    // Bind everything before serving anything, so a bad address fails the start.
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        let socket =
-            listener::bind(l.address).with_context(|| format!("cannot listen on {}", l.address))?;
-        tracing::info!(address = %l.address, "listening");
-        bound.push((socket, l.clone()));
-    }
-    let metrics_socket = match &config.metrics {
-        Some(m) => {
-            let socket = listener::bind(m.address)
-                .with_context(|| format!("cannot listen on {} for metrics", m.address))?;
-            tracing::info!(address = %m.address, "metrics at http://{}/metrics", m.address);
-            Some(socket)
-        }
-        None => None,
-    };
-
-    let budget = crate::budget::MemoryBudget::new(config.max_message_memory);
-    let ourselves = crate::ourselves::Ourselves::from_config(&config);
-    let intake = Intake::new(
-        spool.clone(),
-        delivery.clone(),
-        Arc::new(Screener::new(&config_filters)),
-        Arc::clone(&metrics),
-        Arc::clone(&budget),
-        config.hostname.clone(),
-    );
-    // Each listener's session settings, derived once: sessions never see the Config.
-    let settings: Vec<Arc<Settings>> = bound
-        .iter()
-        .map(|(_, l)| Arc::new(Settings::new(&config, l, tls.is_some(), auth.is_some())))
-        .collect();
-    let ipv6_prefix = config.ipv6_prefix;
-    let shared = Arc::new(Shared {
+    let screener = Screener::new(&config.filters);
+    let delivery = delivery::Settings::new(&config)?;
+    Ok(Prepared {
+        config,
         policy,
-        intake,
         tls,
         auth,
         dnsbl,
-        metrics: Arc::clone(&metrics),
-        budget,
-        ourselves,
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(socket) = metrics_socket {
-        tokio::spawn(metrics::serve(
-            socket,
-            metrics,
-            spool.clone(),
-            stop_rx.clone(),
-        ));
-    }
-    let sessions = TaskTracker::new();
-    let mut accept_loops = Vec::new();
-    for ((socket, l), settings) in bound.into_iter().zip(settings) {
-        accept_loops.push(tokio::spawn(listener::run(
-            socket,
-            listener::Limits {
-                address: l.address,
-                max_connections: l.max_connections,
-                per_ip_connections: l.per_ip_connections,
-                ipv6_prefix,
-                proxy_from: l.proxy_protocol.then(|| l.proxy_from.clone()),
-            },
-            settings,
-            Arc::clone(&shared),
-            stop_rx.clone(),
-            sessions.clone(),
-        )));
-    }
-    tracing::info!(hostname = %config.hostname, "postern started");
-
-    wait_for_stop_signal().await?;
-    tracing::info!("stopping: no new connections, closing sessions");
-    let _ = stop_tx.send(true);
-    for a in accept_loops {
-        let _ = a.await;
-    }
-    sessions.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("sessions still open after the grace period; closing them");
-    }
-    let socket = control::socket_path(&config.spool_dir);
-    drop(shared);
-    delivery.shutdown().await;
-    let _ = std::fs::remove_file(socket);
-    tokio::task::spawn_blocking(move || spool.close()).await?;
-    tracing::info!("postern stopped");
-    Ok(())
+        screener,
+        delivery: Some(delivery),
+    })
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// Binds the configured listeners that are not running yet.
+fn bind_new(
+    config: &Config,
+    running: &HashMap<SocketAddr, Running>,
+) -> anyhow::Result<Vec<(SocketAddr, TcpListener)>> {
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        if running.contains_key(&l.address) {
+            continue;
+        }
+        let socket =
+            listener::bind(l.address).with_context(|| format!("cannot listen on {}", l.address))?;
+        bound.push((l.address, socket));
     }
-    Ok(())
+    Ok(bound)
+}
+
+/// A listener's accept loop.
+struct Running {
+    current: Arc<ArcSwap<listener::Current>>,
+    limits: Arc<ConnectionLimits>,
+    /// Stops accepting (a reload removed the listener, or shutdown).
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The running server: what outlives a reload, and the configuration in effect.
+struct Server {
+    config: Config,
+    spool: Spool,
+    delivery: delivery::Handle,
+    metrics: Arc<Metrics>,
+    budget: Arc<MemoryBudget>,
+    /// The authenticator in effect (its failure counts carry over to the next).
+    auth: Option<Arc<Authenticator>>,
+    listeners: HashMap<SocketAddr, Running>,
+    shutdown: watch::Receiver<bool>,
+    sessions: TaskTracker,
+}
+
+impl Server {
+    /// Re-reads the configuration and applies it, or changes nothing. The answer is the
+    /// summary for `postern reload`; both outcomes are logged.
+    async fn reload(&mut self) -> Result<String, String> {
+        tracing::info!("reloading the configuration");
+        let result = self.try_reload().await;
+        match &result {
+            Ok(summary) => tracing::info!("configuration reloaded: {summary}"),
+            Err(e) => tracing::error!("reload failed, the configuration in use is unchanged: {e}"),
+        }
+        result
+    }
+
+    async fn try_reload(&mut self) -> Result<String, String> {
+        let source = self.config.source.clone();
+        let previous = self.auth.clone();
+        let old_spool = self.config.spool_dir.clone();
+        let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<Prepared> {
+            let config = Config::load_default_or_file(source.as_deref())?;
+            if config.spool_dir != old_spool {
+                bail!(
+                    "spool_dir cannot change on reload ({} is in use, the file says {}): \
+                     restart to move the spool",
+                    old_spool.display(),
+                    config.spool_dir.display()
+                );
+            }
+            check_usable(&config)?;
+            prepare(config, previous.as_deref())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+        let bound = bind_new(&prepared.config, &self.listeners).map_err(|e| format!("{e:#}"))?;
+        let changes = crate::config::changes(&self.config, &prepared.config);
+        self.commit(prepared, bound);
+        for key in &changes.need_restart {
+            tracing::warn!(key = %key, "changed, but only a restart applies it");
+        }
+        Ok(changes.summary())
+    }
+
+    /// Puts `p` in effect: `bound` are the sockets of its listeners that were not running.
+    fn commit(&mut self, mut p: Prepared, bound: Vec<(SocketAddr, TcpListener)>) {
+        let config = &p.config;
+        if let Some(auth) = &p.auth {
+            auth.activate();
+        }
+        if let Some(tls) = &p.tls {
+            tls.spawn_reloader();
+        }
+        if let Some(settings) = p.delivery.take() {
+            self.delivery.reconfigure(settings);
+        }
+        self.budget.set_limit(config.max_message_memory);
+        self.metrics
+            .add_listeners(config.listeners.iter().map(|l| l.address));
+        let auth = p.auth.map(Arc::new);
+        let shared = Arc::new(Shared {
+            policy: p.policy,
+            intake: Intake::new(
+                self.spool.clone(),
+                self.delivery.clone(),
+                Arc::new(p.screener),
+                Arc::clone(&self.metrics),
+                Arc::clone(&self.budget),
+                config.hostname.clone(),
+            ),
+            tls: p.tls,
+            auth: auth.clone(),
+            dnsbl: p.dnsbl,
+            metrics: Arc::clone(&self.metrics),
+            budget: Arc::clone(&self.budget),
+            ourselves: crate::ourselves::Ourselves::from_config(config),
+        });
+        self.auth = auth;
+
+        let mut bound: HashMap<SocketAddr, TcpListener> = bound.into_iter().collect();
+        let mut keep = HashMap::new();
+        for l in &config.listeners {
+            // Each listener's session settings, derived once: sessions never see the Config.
+            let current = listener::Current {
+                limits: listener::Limits {
+                    address: l.address,
+                    max_connections: l.max_connections,
+                    per_ip_connections: l.per_ip_connections,
+                    ipv6_prefix: config.ipv6_prefix,
+                    proxy_from: l.proxy_protocol.then(|| l.proxy_from.clone()),
+                },
+                settings: Arc::new(Settings::new(
+                    config,
+                    l,
+                    shared.tls.is_some(),
+                    shared.auth.is_some(),
+                )),
+                shared: Arc::clone(&shared),
+            };
+            if let Some(running) = self.listeners.remove(&l.address) {
+                running.limits.set(&current.limits);
+                running.current.store(Arc::new(current));
+                keep.insert(l.address, running);
+            } else if let Some(socket) = bound.remove(&l.address) {
+                tracing::info!(address = %l.address, "listening");
+                keep.insert(l.address, self.spawn_listener(socket, current));
+            }
+        }
+        for (address, gone) in self.listeners.drain() {
+            tracing::info!(address = %address, "listener removed: no new connections, its sessions finish");
+            let _ = gone.stop.send(true);
+        }
+        self.listeners = keep;
+        self.config = p.config;
+    }
+
+    fn spawn_listener(&self, socket: TcpListener, current: listener::Current) -> Running {
+        let limits = ConnectionLimits::new(
+            current.limits.max_connections,
+            current.limits.per_ip_connections,
+            current.limits.ipv6_prefix,
+        );
+        let current = Arc::new(ArcSwap::from_pointee(current));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(listener::run(
+            socket,
+            Arc::clone(&current),
+            Arc::clone(&limits),
+            stop_rx,
+            self.shutdown.clone(),
+            self.sessions.clone(),
+        ));
+        Running {
+            current,
+            limits,
+            stop,
+            task,
+        }
+    }
 }
 
 /// Group commit unless `POSTERN_SPOOL_SYNC=per-message` asks for one fsync per message

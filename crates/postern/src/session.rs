@@ -38,7 +38,7 @@ pub struct Shared {
     /// Where a message goes at the end of its transfer.
     pub intake: Intake,
     pub tls: Option<ServerTls>,
-    pub auth: Option<Authenticator>,
+    pub auth: Option<Arc<Authenticator>>,
     pub dnsbl: Option<Dnsbl>,
     pub metrics: Arc<Metrics>,
     /// Message bodies held in memory by all sessions (`max_message_memory`).

@@ -87,14 +87,17 @@ impl ServerTls {
         self.acceptor.clone()
     }
 
-    /// Watches the certificate files and reloads them when they change.
+    /// Watches the certificate files and reloads them when they change, for as long as
+    /// this setup is in use (a configuration reload replaces it; the watcher then ends).
     pub fn spawn_reloader(&self) {
-        let resolver = Arc::clone(&self.resolver);
+        let resolver = Arc::downgrade(&self.resolver);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(RELOAD_INTERVAL);
             loop {
                 tick.tick().await;
-                let r = Arc::clone(&resolver);
+                let Some(r) = resolver.upgrade() else {
+                    return;
+                };
                 let _ = tokio::task::spawn_blocking(move || r.reload_if_changed()).await;
             }
         });

@@ -323,6 +323,11 @@ impl Limiter {
         }
     }
 
+    /// New settings (a reload); what was counted so far stays and is judged by them.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

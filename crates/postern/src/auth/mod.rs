@@ -75,7 +75,12 @@ pub enum AuthError {
 /// Checks AUTH attempts; one for the whole server, shared by all sessions.
 pub struct Authenticator {
     users: Arc<UsersSource>,
-    limiter: Mutex<Limiter>,
+    /// Shared with the authenticator a reload replaces this one with: failures and
+    /// lockouts outlive a reload.
+    limiter: Arc<Mutex<Limiter>>,
+    /// The lockout settings of this configuration, given to the shared limiter when the
+    /// configuration takes effect ([`Authenticator::activate`]).
+    settings: Settings,
     /// One permit per CPU: how many password checks run at once.
     hashing: Arc<Semaphore>,
     restrict_senders: bool,
@@ -128,17 +133,38 @@ impl Authenticator {
     /// Loads the users file (`auth.users_file`); an error names the file and line. IPv6
     /// clients are counted per block of `ipv6_prefix` bits (the top-level key).
     pub fn new(auth: &crate::config::Auth, ipv6_prefix: u8) -> Result<Authenticator, AuthError> {
+        Authenticator::reloaded(auth, ipv6_prefix, None)
+    }
+
+    /// The authenticator of a reloaded configuration: the users file read again, the new
+    /// lockout settings, and the failures and lockouts `previous` has counted so far.
+    pub fn reloaded(
+        auth: &crate::config::Auth,
+        ipv6_prefix: u8,
+        previous: Option<&Authenticator>,
+    ) -> Result<Authenticator, AuthError> {
         let path = auth.users_file.as_ref().ok_or(AuthError::NoUsersFile)?;
         let users = UsersSource::open(path, now())?;
         // Made now rather than at the first unknown name, which would then answer slower.
         let _ = password::dummy_hash();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let settings = Settings::from_config(auth, ipv6_prefix);
         Ok(Authenticator {
             users: Arc::new(users),
-            limiter: Mutex::new(Limiter::new(Settings::from_config(auth, ipv6_prefix))),
+            limiter: match previous {
+                Some(p) => Arc::clone(&p.limiter),
+                None => Arc::new(Mutex::new(Limiter::new(settings))),
+            },
+            settings,
             hashing: Arc::new(Semaphore::new(cpus)),
             restrict_senders: auth.restrict_senders,
         })
+    }
+
+    /// Makes this authenticator's lockout settings those of the limiter it shares (a
+    /// reload that took effect; until then the previous ones apply).
+    pub fn activate(&self) {
+        self.limiter().set_settings(self.settings);
     }
 
     fn limiter(&self) -> std::sync::MutexGuard<'_, Limiter> {

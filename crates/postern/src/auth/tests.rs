@@ -128,6 +128,42 @@ async fn auth_lockout_per_ip_even_with_the_right_password() {
     assert_eq!(code(&r), 235);
 }
 
+/// A reload (a new authenticator from the previous one) keeps the failures and lockouts
+/// counted so far; its new settings apply once it is activated.
+#[tokio::test(start_paused = true)]
+async fn auth_lockouts_outlive_a_reload() {
+    let (_dir, path) = users_file();
+    let mut lenient = config(&path);
+    lenient.max_failures = 5;
+    let old = Authenticator::new(&lenient, V6).unwrap();
+    for client in [ip(1), ip(3)] {
+        for _ in 0..2 {
+            assert_eq!(code(&auth(&old, client, false, "mallory", "x").await), 535);
+        }
+    }
+    for _ in 0..5 {
+        assert_eq!(code(&auth(&old, ip(2), false, "mallory", "x").await), 535);
+    }
+    let mut strict = config(&path);
+    strict.max_failures = 2;
+    let new = Authenticator::reloaded(&strict, V6, Some(&old)).unwrap();
+    // Locked out before the reload: still locked out after it.
+    assert_eq!(
+        code(&auth(&new, ip(2), false, "alice", "wonderland").await),
+        454
+    );
+    // Not active yet: a third failure is under the old limit of five and locks nothing.
+    assert_eq!(code(&auth(&new, ip(1), false, "mallory", "x").await), 535);
+    assert_eq!(code(&auth(&new, ip(1), false, "mallory", "x").await), 535);
+    new.activate();
+    // Active: the failures counted before the reload count toward the new limit of two.
+    assert_eq!(code(&auth(&new, ip(3), false, "mallory", "x").await), 535);
+    assert_eq!(
+        code(&auth(&new, ip(3), false, "alice", "wonderland").await),
+        454
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn auth_lockout_per_user_from_any_address() {
     let (_dir, path) = users_file();

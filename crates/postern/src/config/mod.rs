@@ -16,6 +16,7 @@
 //! (certificates, users file, ...) exist, since they may be created after a `check-config`
 //! and are opened, with their own errors, by the modules that use them.
 
+mod changes;
 mod describe;
 mod error;
 mod raw;
@@ -30,6 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use changes::{Changes, changes};
 pub use error::{ConfigError, Location};
 pub use units::{format_duration, format_size, parse_duration, parse_size};
 

@@ -102,6 +102,7 @@ enum Command {
     Flush(oneshot::Sender<usize>),
     Delete(QueueId, oneshot::Sender<bool>),
     List(oneshot::Sender<Vec<QueueItem>>),
+    Reconfigure(Box<Settings>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -156,6 +157,11 @@ impl Handle {
         self.ask(Command::List).await.unwrap_or_default()
     }
 
+    /// A reload: attempts from now on use `settings`; running ones finish on the old.
+    pub fn reconfigure(&self, settings: Settings) {
+        let _ = self.tx.send(Command::Reconfigure(Box::new(settings)));
+    }
+
     /// Stops dispatching, lets running attempts finish (briefly), closes connections.
     pub async fn shutdown(&self) {
         let _ = self.ask(Command::Shutdown).await;
@@ -172,44 +178,110 @@ impl Handle {
 /// recorded their outcome then, so those recipients are tried again after the restart).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// What a configuration decides about delivery, built (and so checked: password files,
+/// CA files, the resolver) before it takes effect, at start or on a reload.
+pub struct Settings {
+    resolver: crate::dns::Resolver,
+    routes: Vec<Route>,
+    route_clients: Vec<RouteClient>,
+    default_client: RouteClient,
+    mx_port: u16,
+    hostname: String,
+    postmaster: Option<String>,
+    ourselves: crate::ourselves::Ourselves,
+    max_mx_addresses: usize,
+    max_mx_sessions: usize,
+    resolve_timeout: Duration,
+    retry_schedule: Vec<Duration>,
+    max_lifetime: Duration,
+    max_concurrency: usize,
+    per_destination_limit: usize,
+}
+
+impl Settings {
+    pub fn new(config: &Config) -> Result<Settings, DeliveryError> {
+        Ok(Settings {
+            resolver: crate::dns::Resolver::new(&config.delivery.dns_servers)?,
+            routes: config.routes.clone(),
+            route_clients: config
+                .routes
+                .iter()
+                .map(|r| route_client(config, Some(r)))
+                .collect::<Result<Vec<_>, _>>()?,
+            default_client: route_client(config, None)?,
+            mx_port: config.delivery.mx_port,
+            hostname: config.hostname.clone(),
+            postmaster: config.postmaster.clone(),
+            ourselves: crate::ourselves::Ourselves::from_config(config),
+            max_mx_addresses: config.delivery.max_mx_addresses,
+            max_mx_sessions: config.delivery.max_mx_sessions,
+            resolve_timeout: config.delivery.resolve_timeout,
+            retry_schedule: config.delivery.retry_schedule.clone(),
+            max_lifetime: config.delivery.max_queue_lifetime,
+            max_concurrency: config.delivery.max_concurrency,
+            per_destination_limit: config.delivery.per_domain_concurrency,
+        })
+    }
+}
+
+/// The attempts' context for `settings`. From `previous` (a reload) it keeps the slot
+/// counters whose limits did not change, so that attempts still running under the old
+/// configuration count against the same limits; a changed limit starts afresh (for a
+/// moment both the old and the new slots are in use). The connection pool is always new:
+/// its connections were opened for the old routes.
+fn context(
+    settings: Settings,
+    spool: Spool,
+    handle: Handle,
+    metrics: Arc<Metrics>,
+    previous: Option<&Context>,
+) -> Context {
+    let global = match previous {
+        Some(p) if p.max_concurrency == settings.max_concurrency => Arc::clone(&p.global),
+        _ => Arc::new(Semaphore::new(settings.max_concurrency)),
+    };
+    let per_destination = match previous {
+        Some(p) if p.per_destination_limit == settings.per_destination_limit => {
+            Arc::clone(&p.per_destination)
+        }
+        _ => Arc::new(Mutex::new(HashMap::new())),
+    };
+    Context {
+        spool,
+        resolver: settings.resolver,
+        routes: settings.routes,
+        route_clients: settings.route_clients,
+        default_client: settings.default_client,
+        mx_port: settings.mx_port,
+        hostname: settings.hostname,
+        postmaster: settings.postmaster,
+        ourselves: settings.ourselves,
+        max_mx_addresses: settings.max_mx_addresses,
+        max_mx_sessions: settings.max_mx_sessions,
+        resolve_timeout: settings.resolve_timeout,
+        retry_schedule: settings.retry_schedule,
+        max_lifetime: settings.max_lifetime,
+        max_concurrency: settings.max_concurrency,
+        global,
+        per_destination,
+        per_destination_limit: settings.per_destination_limit,
+        pool: pool::Pool::new(settings.per_destination_limit),
+        handle,
+        metrics,
+    }
+}
+
 /// Builds the delivery context and starts the runner with the messages found in the
 /// spool at start.
 pub fn start(
-    config: &Config,
+    settings: Settings,
     spool: Spool,
     live: Vec<StoredMessage>,
     metrics: Arc<Metrics>,
-) -> Result<Handle, DeliveryError> {
-    let resolver = crate::dns::Resolver::new(&config.delivery.dns_servers)?;
-    let route_clients = config
-        .routes
-        .iter()
-        .map(|r| route_client(config, Some(r)))
-        .collect::<Result<Vec<_>, _>>()?;
+) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = Handle { tx };
-    let ctx = Arc::new(Context {
-        spool,
-        resolver,
-        routes: config.routes.clone(),
-        route_clients,
-        default_client: route_client(config, None)?,
-        mx_port: config.delivery.mx_port,
-        hostname: config.hostname.clone(),
-        postmaster: config.postmaster.clone(),
-        ourselves: crate::ourselves::Ourselves::from_config(config),
-        max_mx_addresses: config.delivery.max_mx_addresses,
-        max_mx_sessions: config.delivery.max_mx_sessions,
-        resolve_timeout: config.delivery.resolve_timeout,
-        retry_schedule: config.delivery.retry_schedule.clone(),
-        max_lifetime: config.delivery.max_queue_lifetime,
-        global: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
-        per_destination: Mutex::new(HashMap::new()),
-        per_destination_limit: config.delivery.per_domain_concurrency,
-        pool: pool::Pool::new(config.delivery.per_domain_concurrency),
-        handle: handle.clone(),
-        metrics,
-    });
+    let ctx = Arc::new(context(settings, spool, handle.clone(), metrics, None));
     let mut runner = Runner {
         ctx,
         entries: HashMap::new(),
@@ -226,7 +298,7 @@ pub fn start(
         runner.insert(msg, attempts, now);
     }
     tokio::spawn(runner.run(rx));
-    Ok(handle)
+    handle
 }
 
 /// The client settings for a route (`None`: the default MX route).
@@ -473,6 +545,22 @@ impl Runner {
                     .collect();
                 items.sort_by_key(|i| i.message.envelope.id);
                 let _ = reply.send(items);
+            }
+            Command::Reconfigure(settings) => {
+                let ctx = &self.ctx;
+                let next = context(
+                    *settings,
+                    ctx.spool.clone(),
+                    ctx.handle.clone(),
+                    Arc::clone(&ctx.metrics),
+                    Some(ctx),
+                );
+                let old = std::mem::replace(&mut self.ctx, Arc::new(next));
+                // Its idle connections were opened for the old routes.
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), old.pool.close_all()).await;
+                });
             }
             Command::Shutdown(_) => unreachable!("handled in run"),
         }

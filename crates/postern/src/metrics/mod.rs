@@ -26,6 +26,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use arc_swap::ArcSwap;
+
 use crate::config::FilterAction;
 pub use crate::delivery::DeliveryStatus;
 use crate::policy::Rule;
@@ -75,7 +77,9 @@ struct ListenerCounters {
 /// Every metric, shared (in an `Arc`) by the listeners, the sessions and delivery.
 #[derive(Debug)]
 pub struct Metrics {
-    listeners: Vec<ListenerCounters>,
+    /// One entry per listener address; a reload adds the new ones (and keeps the series
+    /// of removed ones: counters never go back).
+    listeners: ArcSwap<Vec<Arc<ListenerCounters>>>,
     connections_open: AtomicU64,
     messages_accepted: AtomicU64,
     messages_rejected: [AtomicU64; REJECTIONS.len()],
@@ -107,18 +111,8 @@ impl Metrics {
     /// All counters at zero, with one label value per listener address (listeners that
     /// share an address, port 0 ones in tests, share their series).
     pub fn new(listeners: impl IntoIterator<Item = SocketAddr>) -> Metrics {
-        let mut counters: Vec<ListenerCounters> = Vec::new();
-        for address in listeners {
-            if !counters.iter().any(|l| l.address == address) {
-                counters.push(ListenerCounters {
-                    address,
-                    connections: AtomicU64::new(0),
-                    refused: Default::default(),
-                });
-            }
-        }
-        Metrics {
-            listeners: counters,
+        let metrics = Metrics {
+            listeners: ArcSwap::from_pointee(Vec::new()),
             connections_open: AtomicU64::new(0),
             messages_accepted: AtomicU64::new(0),
             messages_rejected: Default::default(),
@@ -129,11 +123,35 @@ impl Metrics {
             bounces: AtomicU64::new(0),
             queue_messages: AtomicU64::new(0),
             filter_actions: Default::default(),
-        }
+        };
+        metrics.add_listeners(listeners);
+        metrics
     }
 
-    fn listener(&self, address: SocketAddr) -> Option<&ListenerCounters> {
-        self.listeners.iter().find(|l| l.address == address)
+    /// Series for listeners not seen yet (a reload that adds listeners).
+    pub fn add_listeners(&self, addresses: impl IntoIterator<Item = SocketAddr>) {
+        let addresses: Vec<SocketAddr> = addresses.into_iter().collect();
+        self.listeners.rcu(|current| {
+            let mut next = Vec::clone(current);
+            for &address in &addresses {
+                if !next.iter().any(|l| l.address == address) {
+                    next.push(Arc::new(ListenerCounters {
+                        address,
+                        connections: AtomicU64::new(0),
+                        refused: Default::default(),
+                    }));
+                }
+            }
+            next
+        });
+    }
+
+    fn listener(&self, address: SocketAddr) -> Option<Arc<ListenerCounters>> {
+        self.listeners
+            .load()
+            .iter()
+            .find(|l| l.address == address)
+            .cloned()
     }
 
     /// A connection on `listener` got a session; open until the guard is dropped.

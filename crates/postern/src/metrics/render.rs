@@ -13,13 +13,14 @@ impl Metrics {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(4096);
         let listener_label = |l: &ListenerCounters| l.address.to_string();
+        let listeners = self.listeners.load();
 
         family(
             &mut out,
             "postern_connections_total",
             "counter",
             "SMTP connections given a session, per listener.",
-            self.listeners.iter().map(|l| {
+            listeners.iter().map(|l| {
                 (
                     labels(&[("listener", &listener_label(l))]),
                     get(&l.connections),
@@ -31,7 +32,7 @@ impl Metrics {
             "postern_connections_refused_total",
             "counter",
             "SMTP connections refused with 421 because a connection limit was full.",
-            self.listeners.iter().flat_map(|l| {
+            listeners.iter().flat_map(|l| {
                 LIMITS.iter().zip(&l.refused).map(move |(limit, n)| {
                     (
                         labels(&[("listener", &listener_label(l)), ("limit", limit)]),

@@ -13,6 +13,7 @@ mod hardening_delivery;
 mod hardening_queue;
 mod hardening_session;
 mod proxy;
+mod reload;
 mod server;
 mod tls_auth;
 mod transcripts;
