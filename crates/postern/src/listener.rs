@@ -232,6 +232,7 @@ pub async fn run(
         let peer_ip = peer.ip().to_canonical();
         if !proxy_from.iter().any(|net| net.contains(&peer_ip)) {
             maillog::proxy_refused(local, peer, "peer not in proxy_from");
+            shared.metrics.proxy_refused(local);
             drop(stream);
             continue;
         }
@@ -273,7 +274,10 @@ pub async fn run(
                         stream, client, local, &limits, &settings, &shared, &shutdown, &inner,
                     );
                 }
-                Err(why) => maillog::proxy_refused(local, peer, &why),
+                Err(why) => {
+                    maillog::proxy_refused(local, peer, &why);
+                    shared.metrics.proxy_refused(local);
+                }
             }
         });
     }

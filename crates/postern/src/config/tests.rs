@@ -763,3 +763,23 @@ fn config_proxy_protocol_needs_proxy_from() {
         "{err}"
     );
 }
+
+/// A mapped IPv6 network stands for its IPv4 network (clients are compared in canonical
+/// form, so `::ffff:10.0.0.0/104` as such would never match anyone).
+#[test]
+fn config_ipv4_mapped_networks_are_ipv4_networks() {
+    let c = parse(
+        "[relay]\ntrusted_networks = [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\", \"2001:db8::/32\"]\n",
+    )
+    .unwrap();
+    let nets: Vec<String> = c
+        .relay
+        .trusted_networks
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    // ::ffff:0:0/96 is every IPv4 address: an open relay, said so.
+    let c = parse("[relay]\ntrusted_networks = [\"::ffff:0.0.0.0/96\"]\n").unwrap();
+    assert!(c.relay.is_open_relay());
+}

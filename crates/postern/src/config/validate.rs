@@ -181,14 +181,27 @@ pub(crate) fn parse_network(s: &str) -> Result<IpNet, String> {
     let t = s.trim();
     if let Ok(net) = t.parse::<IpNet>() {
         // Host bits ("10.1.2.3/8") are dropped: the prefix length says what was meant.
-        return Ok(net.trunc());
+        return Ok(unmapped(net.trunc()));
     }
     if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
+        return Ok(unmapped(IpNet::from(ip)));
     }
     Err(format!(
         "`{s}` is not a network (expected CIDR like 10.0.0.0/8, or an IP address)"
     ))
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`, RFC 4291 2.5.5.2) as the IPv4
+/// network it stands for: clients are compared by their canonical address (a mapped
+/// client address is its IPv4 address), so the mapped form would never match.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 /// A mailbox `local@domain`, checked loosely: the filter module does the real parsing,

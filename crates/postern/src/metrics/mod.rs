@@ -72,6 +72,9 @@ struct ListenerCounters {
     address: SocketAddr,
     connections: AtomicU64,
     refused: [AtomicU64; LIMITS.len()],
+    /// Connections of a `proxy_protocol` listener closed without a banner (peer outside
+    /// `proxy_from`, or no valid PROXY header).
+    proxy_refused: AtomicU64,
 }
 
 /// Every metric, shared (in an `Arc`) by the listeners, the sessions and delivery.
@@ -139,6 +142,7 @@ impl Metrics {
                         address,
                         connections: AtomicU64::new(0),
                         refused: Default::default(),
+                        proxy_refused: AtomicU64::new(0),
                     }));
                 }
             }
@@ -169,6 +173,13 @@ impl Metrics {
         debug_assert!(i.is_some(), "unknown limit {limit}");
         if let (Some(l), Some(i)) = (self.listener(listener), i) {
             bump(&l.refused[i]);
+        }
+    }
+
+    /// A connection on the proxy listener `listener` was closed without a banner.
+    pub fn proxy_refused(&self, listener: SocketAddr) {
+        if let Some(l) = self.listener(listener) {
+            bump(&l.proxy_refused);
         }
     }
 

@@ -41,6 +41,19 @@ impl Metrics {
                 })
             }),
         );
+        family(
+            &mut out,
+            "postern_proxy_refused_total",
+            "counter",
+            "Connections of a proxy_protocol listener closed without a banner: peer not in \
+             proxy_from, or a missing, malformed or late PROXY header.",
+            listeners.iter().map(|l| {
+                (
+                    labels(&[("listener", &listener_label(l))]),
+                    get(&l.proxy_refused),
+                )
+            }),
+        );
         single(
             &mut out,
             "postern_connections_open",
@@ -269,7 +282,7 @@ mod tests {
                 value.parse::<u64>().unwrap();
             }
         }
-        assert_eq!(families.len(), 13, "{families:?}");
+        assert_eq!(families.len(), 14, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

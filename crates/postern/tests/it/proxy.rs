@@ -11,10 +11,15 @@ use crate::common::{Client, INSIDE, OUTSIDE, Server, free_port};
 /// The base config (its plain listener is the readiness probe) plus a proxy listener
 /// that takes headers from 127.0.0.1 only.
 fn start() -> (Server, SocketAddr) {
+    start_with("")
+}
+
+/// [`start`] with more tables after the proxy listener.
+fn start_with(more: &str) -> (Server, SocketAddr) {
     let port = free_port();
     let extra = format!(
         "[[listener]]\naddress = \"127.0.0.1:{port}\"\ntls = \"none\"\n\
-         proxy_protocol = true\nproxy_from = [\"127.0.0.1/32\"]\n"
+         proxy_protocol = true\nproxy_from = [\"127.0.0.1/32\"]\n{more}"
     );
     let server = Server::start("command_timeout = \"2s\"", &extra);
     (server, SocketAddr::from(([127, 0, 0, 1], port)))
@@ -146,11 +151,20 @@ fn proxy_missing_or_bad_header_closes_without_banner() {
 
 #[test]
 fn proxy_peer_outside_proxy_from_closes_without_banner() {
-    let (server, to) = start();
+    let metrics = free_port();
+    let (server, to) = start_with(&format!("[metrics]\naddress = \"127.0.0.1:{metrics}\"\n"));
     let mut c = Client::connect(OUTSIDE, to);
     c.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n");
     closed_without_banner(&mut c);
     wait_for_log(&server, "peer not in proxy_from");
+    // And counted, per listener.
+    let (_, _, body) = crate::common::http_get(metrics, "/metrics");
+    assert!(
+        body.contains(&format!(
+            "postern_proxy_refused_total{{listener=\"{to}\"}} 1\n"
+        )),
+        "{body}"
+    );
 }
 
 /// A real HAProxy (installed by scripts/test) in front of the proxy listener, once with

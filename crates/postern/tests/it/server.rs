@@ -332,19 +332,6 @@ fn every_example_config_is_valid() {
     assert!(n >= 3);
 }
 
-/// One plain HTTP/1.1 request; returns (status line, headers, body).
-fn http_get(port: u16, path: &str) -> (String, String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole response");
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_string(), headers.to_string(), body.to_string())
-}
-
 #[test]
 fn metrics_endpoint_counts_sessions() {
     let metrics_port = crate::common::free_port();
@@ -367,7 +354,7 @@ fn metrics_endpoint_counts_sessions() {
     // The queue runner tries the message at once (a closed port: deferred); wait for it.
     let deadline = Instant::now() + Duration::from_secs(15);
     let body = loop {
-        let (status, headers, body) = http_get(metrics_port, "/metrics");
+        let (status, headers, body) = crate::common::http_get(metrics_port, "/metrics");
         assert_eq!(status, "HTTP/1.1 200 OK");
         assert!(
             headers
@@ -416,8 +403,8 @@ fn metrics_endpoint_counts_sessions() {
     );
     assert!(value("postern_spool_fsyncs_total") >= 1, "{body}");
 
-    let (status, _, _) = http_get(metrics_port, "/");
+    let (status, _, _) = crate::common::http_get(metrics_port, "/");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
-    let (status, _, _) = http_get(metrics_port, "/metricsx");
+    let (status, _, _) = crate::common::http_get(metrics_port, "/metricsx");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
