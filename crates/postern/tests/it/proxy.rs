@@ -167,6 +167,32 @@ fn proxy_peer_outside_proxy_from_closes_without_banner() {
     );
 }
 
+/// A full proxy listener answers 421 before the header is read (the connection counts from
+/// accept), and the client reads it though its header and EHLO were never read.
+#[test]
+fn a_full_proxy_listener_says_421_though_the_header_is_unread() {
+    let port = free_port();
+    let extra = format!(
+        "[[listener]]\naddress = \"127.0.0.1:{port}\"\ntls = \"none\"\nmax_connections = 1\n\
+         proxy_protocol = true\nproxy_from = [\"127.0.0.1/32\"]\n"
+    );
+    let server = Server::start("", &extra);
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut first = Client::connect(INSIDE, to);
+    first.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n");
+    assert_eq!(first.reply().code, 220);
+    for _ in 0..5 {
+        let mut c = Client::connect(INSIDE, to);
+        c.send(b"PROXY TCP4 192.0.2.8 127.0.0.1 40001 25\r\nEHLO client.test\r\n");
+        // The server has closed by now, with our bytes unread (a reset on Linux keeps
+        // what was already received readable).
+        std::thread::sleep(Duration::from_millis(100));
+        let r = c.reply();
+        assert_eq!(r.code, 421, "{}", r.text());
+    }
+    wait_for_log(&server, "max_connections");
+}
+
 /// A real HAProxy (installed by scripts/test) in front of the proxy listener, once with
 /// `send-proxy` (v1) and once with `send-proxy-v2`: the client Postern sees is the one
 /// that connected to HAProxy, so an outside client cannot relay though HAProxy itself
