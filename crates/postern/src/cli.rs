@@ -141,18 +141,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Sets up the log on stderr, in the configured `log_format`. Called once the
+/// configuration is loaded (so a configuration error before it is printed as plain
+/// text); a change of `log_format` therefore needs a restart.
+fn init_logging(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line: `timestamp`, `level`, `target` and the event's fields
+        // (`message` and the decision log's `key=value` fields) at the top level.
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn serve(path: Option<PathBuf>) -> ExitCode {
-    init_logging();
     let config = match Config::load_default_or_file(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -160,6 +171,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_logging(config.log_format);
     match &config.source {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
         None => tracing::info!("no configuration file: using built-in defaults"),

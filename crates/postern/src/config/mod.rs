@@ -76,6 +76,9 @@ pub struct Config {
     /// Bytes of message bodies all sessions together may hold in memory while
     /// receiving and storing; a message that does not fit gets 452 4.3.1.
     pub max_message_memory: u64,
+    /// How log lines are written (stderr). Read once at start: changing it needs a
+    /// restart (see [`RESTART_KEYS`]).
+    pub log_format: LogFormat,
     /// Never empty.
     pub listeners: Vec<Listener>,
     pub tls: Option<Tls>,
@@ -107,6 +110,20 @@ pub struct Listener {
     /// The peers allowed to send that header; empty unless `proxy_protocol`.
     pub proxy_from: Vec<ipnet::IpNet>,
 }
+
+/// `log_format`: how log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// `key=value` text lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the same fields.
+    Json,
+}
+
+/// Top-level keys whose new value takes effect only at the next start of `postern
+/// serve`, not on a reload: the log is set up once, before anything else runs.
+pub const RESTART_KEYS: &[&str] = &["log_format"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TlsMode {
@@ -368,6 +385,7 @@ impl Config {
             max_junk_commands: postern_smtp::server::DEFAULT_MAX_JUNK_COMMANDS,
             data_timeout: validate::DEFAULT_DATA_TIMEOUT,
             max_message_memory: validate::DEFAULT_MAX_MESSAGE_MEMORY,
+            log_format: LogFormat::Text,
             listeners: vec![Listener::default_listener()],
             tls: None,
             relay: Relay::default_relay(),

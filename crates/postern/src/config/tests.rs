@@ -763,3 +763,22 @@ fn config_proxy_protocol_needs_proxy_from() {
         "{err}"
     );
 }
+
+#[test]
+fn config_log_format() {
+    assert_eq!(parse("").unwrap().log_format, LogFormat::Text);
+    assert_eq!(
+        parse("log_format = \"json\"").unwrap().log_format,
+        LogFormat::Json
+    );
+    assert_eq!(
+        parse("log_format = \"text\"").unwrap().log_format,
+        LogFormat::Text
+    );
+    let err = parse_err("log_format = \"xml\"");
+    assert!(
+        err.contains("test.toml:1:") && err.contains("log_format"),
+        "{err}"
+    );
+    assert!(RESTART_KEYS.contains(&"log_format"));
+}
