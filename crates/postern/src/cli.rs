@@ -2,6 +2,7 @@
 //! configuration, call into the library, turn errors into messages and exit codes.
 
 use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,6 +57,48 @@ enum Command {
         action: QuarantineAction,
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
+    },
+    /// Simulate a client: for each recipient, the reply it would get and the rule that
+    /// decides, through the server's own session and policy code. Nothing is sent and no
+    /// DNS is asked (unless --dnsbl); exit 0 whatever the verdicts.
+    CheckPolicy {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The client's address.
+        #[arg(long, value_name = "IP")]
+        client: IpAddr,
+        /// The EHLO name (default: the client's address literal).
+        #[arg(long, value_name = "NAME")]
+        helo: Option<String>,
+        /// The client authenticated as USER (no password is checked).
+        #[arg(long, value_name = "USER")]
+        auth: Option<String>,
+        /// The client uses TLS (STARTTLS done).
+        #[arg(long)]
+        tls: bool,
+        /// MAIL FROM address ("" for the null sender <>).
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        /// RCPT TO address; repeat for several.
+        #[arg(long = "to", value_name = "ADDR", required = true)]
+        to: Vec<String>,
+        /// The listener the client connects to (default: the first one).
+        #[arg(long, value_name = "IP:PORT")]
+        listener: Option<SocketAddr>,
+        /// Look the client up in the configured DNS blocklists (real DNS queries).
+        #[arg(long)]
+        dnsbl: bool,
+    },
+    /// Run every known relay trick through the configured policy; exit 1 if any relays.
+    SelfTest {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The client the tricks come from.
+        #[arg(long, value_name = "IP", default_value = "192.0.2.1")]
+        client: IpAddr,
+        /// Print every trick and its reply, not only those relayed.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Print the version.
     Version,
@@ -134,6 +177,34 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Quarantine { action, config } => print_result(quarantine_cmd(action, config)),
+        Command::CheckPolicy {
+            config,
+            client,
+            helo,
+            auth,
+            tls,
+            from,
+            to,
+            listener,
+            dnsbl,
+        } => {
+            let question = PolicyQuestion {
+                client,
+                helo,
+                auth,
+                tls,
+                from,
+                to,
+                listener,
+                dnsbl,
+            };
+            print_result(check_policy(config, question))
+        }
+        Command::SelfTest {
+            config,
+            client,
+            verbose,
+        } => self_test(config, client, verbose),
         Command::Version => {
             println!("postern {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -461,4 +532,134 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
             }
         }
     })
+}
+
+/// `postern check-policy`'s arguments.
+struct PolicyQuestion {
+    client: IpAddr,
+    helo: Option<String>,
+    auth: Option<String>,
+    tls: bool,
+    from: String,
+    to: Vec<String>,
+    listener: Option<SocketAddr>,
+    dnsbl: bool,
+}
+
+/// An address as a path: `bob@x` becomes `<bob@x>`, `""` the null path `<>`; a path
+/// already in angle brackets is sent as written.
+fn as_path(addr: &str) -> String {
+    if addr.starts_with('<') {
+        addr.to_string()
+    } else {
+        format!("<{addr}>")
+    }
+}
+
+/// `postern check-policy`: one line per recipient, in the contract's form.
+fn check_policy(path: Option<PathBuf>, q: PolicyQuestion) -> anyhow::Result<String> {
+    use crate::simulate::{Probe, Simulator};
+    use std::fmt::Write as _;
+
+    let config = Config::load_default_or_file(path.as_deref())?;
+    let sim = Simulator::new(&config)?;
+    let listener = match q.listener {
+        None => 0,
+        Some(addr) => config
+            .listeners
+            .iter()
+            .position(|l| l.address == addr)
+            .ok_or_else(|| anyhow::anyhow!("no listener on {addr} in the configuration"))?,
+    };
+    if let Some(user) = &q.auth
+        && sim.knows_user(user) == Some(false)
+    {
+        eprintln!("postern: note: {user} is not in the users file (decided as if it were)");
+    }
+    let exempt = sim.policy().dnsbl_exempt(q.client, q.auth.is_some());
+    let listed = if config.relay.dnsbl.is_empty() || exempt {
+        None
+    } else if q.dnsbl {
+        let resolver = crate::dns::Resolver::new(&config.delivery.dns_servers)?;
+        let lists = crate::policy::dnsbl::Dnsbl::new(config.relay.dnsbl.clone(), resolver);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(lists.check(q.client))
+    } else {
+        eprintln!(
+            "postern: note: the DNS blocklists were not queried (--dnsbl does); the client \
+             is taken as not listed"
+        );
+        None
+    };
+    let helo = q.helo.unwrap_or_else(|| match q.client {
+        IpAddr::V4(a) => format!("[{a}]"),
+        IpAddr::V6(a) => format!("[IPv6:{a}]"),
+    });
+    let probe = Probe {
+        client: q.client,
+        helo: &helo,
+        auth: q.auth.as_deref(),
+        tls: q.tls,
+        dnsbl: listed.as_deref(),
+        listener,
+    };
+    let from = as_path(&q.from);
+    let mut out = String::new();
+    let mut mail_said = false;
+    for to in &q.to {
+        let verdict = sim.check(&probe, &from, &as_path(to))?;
+        if let Some((sent, answer, rule)) = &verdict.mail_refused
+            && !mail_said
+        {
+            mail_said = true;
+            let _ = writeln!(out, "{sent}: {} (rule {rule})", answer_summary(answer));
+        }
+        let _ = writeln!(out, "{}", verdict.line());
+    }
+    Ok(out)
+}
+
+fn answer_summary(a: &crate::simulate::Answer) -> String {
+    match &a.status {
+        Some(s) => format!("{} {s} refused", a.code),
+        None => format!("{} refused", a.code),
+    }
+}
+
+/// `postern self-test`: exit 0 when no trick relays, 1 when one does or on an error.
+fn self_test(path: Option<PathBuf>, client: IpAddr, verbose: bool) -> ExitCode {
+    let run = || -> anyhow::Result<crate::simulate::SelfTest> {
+        let config = Config::load_default_or_file(path.as_deref())?;
+        let sim = crate::simulate::Simulator::new(&config)?;
+        Ok(sim.self_test(client)?)
+    };
+    let report = match run() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("postern: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "self-test: relay tricks from {client} (accepted domain {}, outside domain {})",
+        report.targets.accepted, report.targets.outside
+    );
+    let lines = if verbose {
+        &report.all
+    } else {
+        &report.relayed
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    let n = report.relayed.len();
+    if n == 0 {
+        println!("open relay: NO (0 of {} tricks relayed)", report.runs);
+        ExitCode::SUCCESS
+    } else {
+        println!("open relay: YES ({n} of {} tricks relayed)", report.runs);
+        ExitCode::FAILURE
+    }
 }
