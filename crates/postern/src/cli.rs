@@ -107,7 +107,11 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum QuarantineAction {
     /// Every quarantined message: id, date, sender, recipients, subject, rule.
-    List,
+    List {
+        /// One JSON object per message and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// One message: the reason and its header.
     Show { id: QueueId },
     /// Queue it for its original recipients, without screening it again.
@@ -119,7 +123,11 @@ enum QuarantineAction {
 #[derive(Subcommand, Debug)]
 enum QueueAction {
     /// Every queued message: id, age, size, sender, recipients with state and last error.
-    List,
+    List {
+        /// One JSON object per message and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// One message: envelope, recipients, headers.
     Show { id: QueueId },
     /// Attempt every deferred message now.
@@ -311,7 +319,8 @@ fn queue(action: QueueAction, path: Option<PathBuf>) -> ExitCode {
     };
     let dir = &config.spool_dir;
     let online = match &action {
-        QueueAction::List => control::request(dir, "LIST"),
+        QueueAction::List { json: false } => control::request(dir, "LIST"),
+        QueueAction::List { json: true } => control::request(dir, "LIST JSON"),
         QueueAction::Show { id } => control::request(dir, &format!("SHOW {id}")),
         QueueAction::Flush => control::request(dir, "FLUSH"),
         QueueAction::Delete { id } => control::request(dir, &format!("DELETE {id}")),
@@ -353,7 +362,10 @@ fn queue_offline(action: QueueAction, dir: &std::path::Path) -> anyhow::Result<S
             .ok_or_else(|| anyhow::anyhow!("{id}: no such message in the queue"))
     };
     Ok(match action {
-        QueueAction::List => {
+        QueueAction::List { json: true } => {
+            control::format_list_json(&control::offline_items(queue::scan(dir)?), false)
+        }
+        QueueAction::List { json: false } => {
             let items = control::offline_items(queue::scan(dir)?);
             format!(
                 "(postern is not running)\n{}",
@@ -501,7 +513,14 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
     let config = Config::load_default_or_file(path.as_deref())?;
     let dir = config.spool_dir.as_path();
     Ok(match action {
-        QuarantineAction::List => control::format_quarantine(dir, &queue::quarantine::list(dir)?),
+        // Read from the spool even while a server runs: quarantine files are written
+        // whole (durable::write), so there is nothing half-done to see.
+        QuarantineAction::List { json: false } => {
+            control::format_quarantine(dir, &queue::quarantine::list(dir)?)
+        }
+        QuarantineAction::List { json: true } => {
+            control::format_quarantine_json(dir, &queue::quarantine::list(dir)?)
+        }
         QuarantineAction::Show { id } => {
             let (q, body) = queue::quarantine::load(dir, id)?;
             control::format_quarantined(&q, &body)
