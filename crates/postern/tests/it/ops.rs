@@ -437,3 +437,47 @@ fn quarantine_list_json_online_and_offline() {
     let (_, text, _) = run_cli(&["quarantine", "list", "--config", s(&server.config)]);
     assert!(text.contains(&online), "{text}");
 }
+
+#[test]
+fn check_policy_queries_the_blocklists_only_with_dnsbl() {
+    let dns = postern_testkit::dns::DnsServer::start();
+    dns.add_a("1.2.0.192.zen.test", std::net::Ipv4Addr::new(127, 0, 0, 2));
+    let (_dir, cfg) = routed_config(
+        "",
+        &format!(
+            "dnsbl = [\"zen.test\"]\n\n[delivery]\ndns_servers = [\"{}\"]\n",
+            dns.addr()
+        ),
+    );
+    let ask = |more: &[&str]| {
+        let mut args = vec![
+            "check-policy",
+            "--config",
+            s(&cfg),
+            "--client",
+            "192.0.2.1",
+            "--from",
+            "a@outside.example",
+            "--to",
+            "user@accepted.test",
+        ];
+        args.extend(more);
+        run_cli(&args)
+    };
+    let (code, out, err) = ask(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // [delivery] in the file: no fallback route, so by MX (not looked up either).
+    assert_eq!(
+        out,
+        "<user@accepted.test>: 250 accepted (rule accepted_domain) -> MX lookup for accepted.test\n"
+    );
+    assert!(err.contains("not queried"), "{err}");
+    assert!(dns.queries().is_empty(), "{:?}", dns.queries());
+    let (code, out, err) = ask(&["--dnsbl"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out,
+        "<user@accepted.test>: 554 5.7.1 refused (rule dnsbl)\n"
+    );
+    assert!(!dns.queries().is_empty());
+}
