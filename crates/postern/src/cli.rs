@@ -2,6 +2,7 @@
 //! configuration, call into the library, turn errors into messages and exit codes.
 
 use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -63,6 +64,48 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// Simulate a client: for each recipient, the reply it would get and the rule that
+    /// decides, through the server's own session and policy code. Nothing is sent and no
+    /// DNS is asked (unless --dnsbl); exit 0 whatever the verdicts.
+    CheckPolicy {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The client's address.
+        #[arg(long, value_name = "IP")]
+        client: IpAddr,
+        /// The EHLO name (default: the client's address literal).
+        #[arg(long, value_name = "NAME")]
+        helo: Option<String>,
+        /// The client authenticated as USER (no password is checked).
+        #[arg(long, value_name = "USER")]
+        auth: Option<String>,
+        /// The client uses TLS (STARTTLS done).
+        #[arg(long)]
+        tls: bool,
+        /// MAIL FROM address ("" for the null sender <>).
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        /// RCPT TO address; repeat for several.
+        #[arg(long = "to", value_name = "ADDR", required = true)]
+        to: Vec<String>,
+        /// The listener the client connects to (default: the first one).
+        #[arg(long, value_name = "IP:PORT")]
+        listener: Option<SocketAddr>,
+        /// Look the client up in the configured DNS blocklists (real DNS queries).
+        #[arg(long)]
+        dnsbl: bool,
+    },
+    /// Run every known relay trick through the configured policy; exit 1 if any relays.
+    SelfTest {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The client the tricks come from.
+        #[arg(long, value_name = "IP", default_value = "192.0.2.1")]
+        client: IpAddr,
+        /// Print every trick and its reply, not only those relayed.
+        #[arg(long, short)]
+        verbose: bool,
+    },
     /// Print the version.
     Version,
 }
@@ -70,7 +113,11 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum QuarantineAction {
     /// Every quarantined message: id, date, sender, recipients, subject, rule.
-    List,
+    List {
+        /// One JSON object per message and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// One message: the reason and its header.
     Show { id: QueueId },
     /// Queue it for its original recipients, without screening it again.
@@ -82,7 +129,11 @@ enum QuarantineAction {
 #[derive(Subcommand, Debug)]
 enum QueueAction {
     /// Every queued message: id, age, size, sender, recipients with state and last error.
-    List,
+    List {
+        /// One JSON object per message and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// One message: envelope, recipients, headers.
     Show { id: QueueId },
     /// Attempt every deferred message now.
@@ -141,6 +192,34 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Quarantine { action, config } => print_result(quarantine_cmd(action, config)),
+        Command::CheckPolicy {
+            config,
+            client,
+            helo,
+            auth,
+            tls,
+            from,
+            to,
+            listener,
+            dnsbl,
+        } => {
+            let question = PolicyQuestion {
+                client,
+                helo,
+                auth,
+                tls,
+                from,
+                to,
+                listener,
+                dnsbl,
+            };
+            print_result(check_policy(config, question))
+        }
+        Command::SelfTest {
+            config,
+            client,
+            verbose,
+        } => self_test(config, client, verbose),
         Command::Version => {
             println!("postern {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -148,18 +227,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Sets up the log on stderr, in the configured `log_format`. Called once the
+/// configuration is loaded (so a configuration error before it is printed as plain
+/// text); a change of `log_format` therefore needs a restart.
+fn init_logging(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line: `timestamp`, `level`, `target` and the event's fields
+        // (`message` and the decision log's `key=value` fields) at the top level.
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn serve(path: Option<PathBuf>) -> ExitCode {
-    init_logging();
     let config = match Config::load_default_or_file(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -167,6 +257,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_logging(config.log_format);
     match &config.source {
         Some(p) => tracing::info!(config = %p.display(), "configuration loaded"),
         None => tracing::info!("no configuration file: using built-in defaults"),
@@ -266,7 +357,8 @@ fn queue(action: QueueAction, path: Option<PathBuf>) -> ExitCode {
     };
     let dir = &config.spool_dir;
     let online = match &action {
-        QueueAction::List => control::request(dir, "LIST"),
+        QueueAction::List { json: false } => control::request(dir, "LIST"),
+        QueueAction::List { json: true } => control::request(dir, "LIST JSON"),
         QueueAction::Show { id } => control::request(dir, &format!("SHOW {id}")),
         QueueAction::Flush => control::request(dir, "FLUSH"),
         QueueAction::Delete { id } => control::request(dir, &format!("DELETE {id}")),
@@ -308,7 +400,10 @@ fn queue_offline(action: QueueAction, dir: &std::path::Path) -> anyhow::Result<S
             .ok_or_else(|| anyhow::anyhow!("{id}: no such message in the queue"))
     };
     Ok(match action {
-        QueueAction::List => {
+        QueueAction::List { json: true } => {
+            control::format_list_json(&control::offline_items(queue::scan(dir)?), false)
+        }
+        QueueAction::List { json: false } => {
             let items = control::offline_items(queue::scan(dir)?);
             format!(
                 "(postern is not running)\n{}",
@@ -456,7 +551,14 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
     let config = Config::load_default_or_file(path.as_deref())?;
     let dir = config.spool_dir.as_path();
     Ok(match action {
-        QuarantineAction::List => control::format_quarantine(dir, &queue::quarantine::list(dir)?),
+        // Read from the spool even while a server runs: quarantine files are written
+        // whole (durable::write), so there is nothing half-done to see.
+        QuarantineAction::List { json: false } => {
+            control::format_quarantine(dir, &queue::quarantine::list(dir)?)
+        }
+        QuarantineAction::List { json: true } => {
+            control::format_quarantine_json(dir, &queue::quarantine::list(dir)?)
+        }
         QuarantineAction::Show { id } => {
             let (q, body) = queue::quarantine::load(dir, id)?;
             control::format_quarantined(&q, &body)
@@ -487,4 +589,134 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
             }
         }
     })
+}
+
+/// `postern check-policy`'s arguments.
+struct PolicyQuestion {
+    client: IpAddr,
+    helo: Option<String>,
+    auth: Option<String>,
+    tls: bool,
+    from: String,
+    to: Vec<String>,
+    listener: Option<SocketAddr>,
+    dnsbl: bool,
+}
+
+/// An address as a path: `bob@x` becomes `<bob@x>`, `""` the null path `<>`; a path
+/// already in angle brackets is sent as written.
+fn as_path(addr: &str) -> String {
+    if addr.starts_with('<') {
+        addr.to_string()
+    } else {
+        format!("<{addr}>")
+    }
+}
+
+/// `postern check-policy`: one line per recipient, in the contract's form.
+fn check_policy(path: Option<PathBuf>, q: PolicyQuestion) -> anyhow::Result<String> {
+    use crate::simulate::{Probe, Simulator};
+    use std::fmt::Write as _;
+
+    let config = Config::load_default_or_file(path.as_deref())?;
+    let sim = Simulator::new(&config)?;
+    let listener = match q.listener {
+        None => 0,
+        Some(addr) => config
+            .listeners
+            .iter()
+            .position(|l| l.address == addr)
+            .ok_or_else(|| anyhow::anyhow!("no listener on {addr} in the configuration"))?,
+    };
+    if let Some(user) = &q.auth
+        && sim.knows_user(user) == Some(false)
+    {
+        eprintln!("postern: note: {user} is not in the users file (decided as if it were)");
+    }
+    let exempt = sim.policy().dnsbl_exempt(q.client, q.auth.is_some());
+    let listed = if config.relay.dnsbl.is_empty() || exempt {
+        None
+    } else if q.dnsbl {
+        let resolver = crate::dns::Resolver::new(&config.delivery.dns_servers)?;
+        let lists = crate::policy::dnsbl::Dnsbl::new(config.relay.dnsbl.clone(), resolver);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(lists.check(q.client))
+    } else {
+        eprintln!(
+            "postern: note: the DNS blocklists were not queried (--dnsbl does); the client \
+             is taken as not listed"
+        );
+        None
+    };
+    let helo = q.helo.unwrap_or_else(|| match q.client {
+        IpAddr::V4(a) => format!("[{a}]"),
+        IpAddr::V6(a) => format!("[IPv6:{a}]"),
+    });
+    let probe = Probe {
+        client: q.client,
+        helo: &helo,
+        auth: q.auth.as_deref(),
+        tls: q.tls,
+        dnsbl: listed.as_deref(),
+        listener,
+    };
+    let from = as_path(&q.from);
+    let mut out = String::new();
+    let mut mail_said = false;
+    for to in &q.to {
+        let verdict = sim.check(&probe, &from, &as_path(to))?;
+        if let Some((sent, answer, rule)) = &verdict.mail_refused
+            && !mail_said
+        {
+            mail_said = true;
+            let _ = writeln!(out, "{sent}: {} (rule {rule})", answer_summary(answer));
+        }
+        let _ = writeln!(out, "{}", verdict.line());
+    }
+    Ok(out)
+}
+
+fn answer_summary(a: &crate::simulate::Answer) -> String {
+    match &a.status {
+        Some(s) => format!("{} {s} refused", a.code),
+        None => format!("{} refused", a.code),
+    }
+}
+
+/// `postern self-test`: exit 0 when no trick relays, 1 when one does or on an error.
+fn self_test(path: Option<PathBuf>, client: IpAddr, verbose: bool) -> ExitCode {
+    let run = || -> anyhow::Result<crate::simulate::SelfTest> {
+        let config = Config::load_default_or_file(path.as_deref())?;
+        let sim = crate::simulate::Simulator::new(&config)?;
+        Ok(sim.self_test(client)?)
+    };
+    let report = match run() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("postern: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "self-test: relay tricks from {client} (accepted domain {}, outside domain {})",
+        report.targets.accepted, report.targets.outside
+    );
+    let lines = if verbose {
+        &report.all
+    } else {
+        &report.relayed
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    let n = report.relayed.len();
+    if n == 0 {
+        println!("open relay: NO (0 of {} tricks relayed)", report.runs);
+        ExitCode::SUCCESS
+    } else {
+        println!("open relay: YES ({n} of {} tricks relayed)", report.runs);
+        ExitCode::FAILURE
+    }
 }

@@ -2,9 +2,10 @@
 //! management never edits files under the server's feet (no torn state).
 //!
 //! `SPOOL/control.sock`, a Unix socket with mode 0600 (only the spool's owner may use
-//! it). One request per connection, one line: `LIST`, `SHOW <id>`, `FLUSH`, `DELETE <id>`;
-//! `RELEASE <id>` (quarantine); `RELOAD` (the configuration: `OK <summary>` or
-//! `ERR <why>`, the configuration in use then unchanged);
+//! it). One request per connection, one line: `LIST`, `LIST JSON` (one JSON object per
+//! message and line), `SHOW <id>`, `FLUSH`, `DELETE <id>`; `RELEASE <id>` (quarantine);
+//! `RELOAD` (the configuration: `OK <summary>` or `ERR <why>`, the configuration in use
+//! then unchanged);
 //! the answer is text for the operator, ending when the server closes the connection.
 //! When no server runs, the CLI works on the spool directly (`queue list/show` read it,
 //! `queue delete` takes the spool lock first).
@@ -95,6 +96,7 @@ async fn reload(reloads: &mpsc::Sender<ReloadRequest>) -> String {
 async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: &str) -> String {
     let (verb, arg) = request.split_once(' ').unwrap_or((request, ""));
     match (verb, arg.parse::<QueueId>()) {
+        ("LIST", _) if arg == "JSON" => format_list_json(&handle.list().await, true),
         ("LIST", _) => format_list(&handle.list().await, true),
         ("FLUSH", _) => format!(
             "OK {} messages scheduled for immediate delivery\n",
@@ -197,6 +199,37 @@ pub fn format_quarantine(spool_dir: &Path, items: &[Quarantined]) -> String {
         let _ = writeln!(out, "    reason: {}", q.reason);
     }
     let _ = writeln!(out, "{} message(s)", items.len());
+    out
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-01-02T03:04:05Z`).
+fn rfc3339(t: i64) -> serde_json::Value {
+    chrono::DateTime::from_timestamp(t, 0).map_or(serde_json::Value::Null, |d| {
+        d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into()
+    })
+}
+
+/// `postern quarantine list --json`: one JSON object per message and line, with what the
+/// text listing shows (`sender` without angle brackets, `""` for the null sender).
+pub fn format_quarantine_json(spool_dir: &Path, items: &[Quarantined]) -> String {
+    let mut out = String::new();
+    for q in items {
+        let subject = quarantine::load(spool_dir, q.envelope.id)
+            .ok()
+            .and_then(|(_, body)| header_value(&body, "subject"));
+        let object = serde_json::json!({
+            "id": q.envelope.id.to_string(),
+            "quarantined": rfc3339(q.time),
+            "arrival": rfc3339(q.envelope.arrived),
+            "sender": q.envelope.sender,
+            "recipients": q.envelope.recipients,
+            "size": q.size,
+            "subject": subject,
+            "filter": q.rule,
+            "reason": q.reason,
+        });
+        let _ = writeln!(out, "{object}");
+    }
     out
 }
 
@@ -324,6 +357,49 @@ pub fn format_list(items: &[QueueItem], running: bool) -> String {
         }
     }
     let _ = writeln!(out, "{} message(s)", items.len());
+    out
+}
+
+/// `postern queue list --json`: one JSON object per message and line, with what the text
+/// listing shows. `next_attempt` is `null` when no server runs (everything is attempted
+/// at its start); `last_error` is per recipient, and at the top the first of them.
+pub fn format_list_json(items: &[QueueItem], running: bool) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut out = String::new();
+    for item in items {
+        let env = &item.message.envelope;
+        let recipients: Vec<serde_json::Value> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .map(|(i, rcpt)| {
+                serde_json::json!({
+                    "address": rcpt,
+                    "state": item.message.states.get(i).map(|s| delivery::state_word(*s)),
+                    "last_error": item.errors.get(i).cloned().flatten(),
+                })
+            })
+            .collect();
+        let next = if running {
+            rfc3339(now.saturating_add(item.next_in as i64))
+        } else {
+            serde_json::Value::Null
+        };
+        let object = serde_json::json!({
+            "id": env.id.to_string(),
+            "arrival": rfc3339(env.arrived),
+            "sender": env.sender,
+            "recipients": recipients,
+            "size": item.message.size,
+            "attempts": item.attempts,
+            "next_attempt": next,
+            "in_flight": item.in_flight,
+            "last_error": item.errors.iter().flatten().next(),
+        });
+        let _ = writeln!(out, "{object}");
+    }
     out
 }
 

@@ -17,8 +17,9 @@
 //! spool files, users, keys), [`ourselves`] (our own name and addresses, against mail
 //! loops), [`config`] (the configuration file, validated), [`maillog`] (the decision
 //! log), [`metrics`] (counters and the Prometheus endpoint), [`control`] (the control
-//! socket behind `postern queue ...`), [`serve`] (start-up and shutdown) and [`cli`]
-//! (the command line).
+//! socket behind `postern queue ...`), [`serve`] (start-up and shutdown), [`simulate`]
+//! (the policy simulator behind `check-policy` and `self-test`) and [`cli`] (the command
+//! line).
 
 // The mail's path.
 pub mod listener;
@@ -41,4 +42,5 @@ pub mod maillog;
 pub mod metrics;
 pub mod ourselves;
 pub mod serve;
+pub mod simulate;
 pub mod tls;

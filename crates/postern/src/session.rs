@@ -326,7 +326,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     authenticated: req.authenticated.as_deref(),
                     dnsbl: dnsbl.as_ref().and_then(|d| d.as_deref()),
                 };
-                let decision = recipient_decision(settings, shared, client, &req);
+                let decision = RecipientCheck {
+                    policy: &shared.policy,
+                    auth: shared.auth.as_deref(),
+                    ourselves: &shared.ourselves,
+                    mx_port: settings.mx_port,
+                }
+                .decide(client, &req);
                 match &decision {
                     Decision::Accept(rule) => {
                         maillog::recipient_accepted(session.peer(), &req.recipient, *rule)
@@ -408,35 +414,42 @@ fn reserve_for_read(
     reservation.resize(session.body_bytes_after(0) as u64);
 }
 
-/// Finds out what the policy cannot (it does no I/O), then asks it.
-fn recipient_decision(
-    settings: &Settings,
-    shared: &Shared,
-    client: Client<'_>,
-    req: &postern_smtp::RecipientRequest,
-) -> Decision {
-    let sender_not_owned = match (client.authenticated, &shared.auth) {
-        (Some(identity), Some(auth)) => {
-            let sender = match &req.sender {
-                ReversePath::Null => String::new(),
-                ReversePath::Mailbox(a) => a.to_string(),
-            };
-            !auth.may_send_as(identity, &sender)
-        }
-        _ => false,
-    };
-    let literal_is_us = match req.recipient.domain() {
-        Domain::Literal(ip) => shared
-            .ourselves
-            .is_us(SocketAddr::new(*ip, settings.mx_port)),
-        Domain::Name(_) => false,
-    };
-    let facts = Facts {
-        sender_not_owned,
-        postmaster: req.postmaster,
-        literal_is_us,
-    };
-    shared.policy.decide_with(client, &req.recipient, facts)
+/// What deciding a recipient needs beside the request: the policy, the authenticator
+/// (for `restrict_senders`), our own addresses (for address literals) and the port a
+/// literal would be delivered to. The session and the policy simulator
+/// (`crate::simulate`, behind `postern check-policy` and `postern self-test`) both
+/// decide through [`RecipientCheck::decide`], so they cannot disagree.
+pub struct RecipientCheck<'a> {
+    pub policy: &'a RelayPolicy,
+    pub auth: Option<&'a Authenticator>,
+    pub ourselves: &'a crate::ourselves::Ourselves,
+    pub mx_port: u16,
+}
+
+impl RecipientCheck<'_> {
+    /// Finds out what the policy cannot (it does no I/O), then asks it.
+    pub fn decide(&self, client: Client<'_>, req: &postern_smtp::RecipientRequest) -> Decision {
+        let sender_not_owned = match (client.authenticated, self.auth) {
+            (Some(identity), Some(auth)) => {
+                let sender = match &req.sender {
+                    ReversePath::Null => String::new(),
+                    ReversePath::Mailbox(a) => a.to_string(),
+                };
+                !auth.may_send_as(identity, &sender)
+            }
+            _ => false,
+        };
+        let literal_is_us = match req.recipient.domain() {
+            Domain::Literal(ip) => self.ourselves.is_us(SocketAddr::new(*ip, self.mx_port)),
+            Domain::Name(_) => false,
+        };
+        let facts = Facts {
+            sender_not_owned,
+            postmaster: req.postmaster,
+            literal_is_us,
+        };
+        self.policy.decide_with(client, &req.recipient, facts)
+    }
 }
 
 /// Closes our side, then reads and drops what the client still sends for a moment.

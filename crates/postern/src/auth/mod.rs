@@ -274,6 +274,12 @@ impl Authenticator {
         }
     }
 
+    /// True when the users file has `name` (for `postern check-policy --auth`, which
+    /// checks no password and says when the user does not exist).
+    pub fn knows(&self, name: &str) -> bool {
+        self.users.snapshot().get(name).is_some()
+    }
+
     /// Anti-spoofing: may `identity` (the name it authenticated with) use `sender` as
     /// MAIL FROM (`""` = the null sender)? Always yes unless `[auth] restrict_senders`.
     /// With it: the null sender, the identity itself when it is an address, and the

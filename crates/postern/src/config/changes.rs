@@ -34,6 +34,14 @@ impl Changes {
         out
     }
 
+    /// A key that only a restart applies.
+    fn restart_note<T: PartialEq>(&mut self, key: &str, old: &T, new: &T) {
+        if old != new {
+            self.changed.push(key.to_string());
+            self.need_restart.push(key.to_string());
+        }
+    }
+
     fn note<T: PartialEq>(&mut self, key: &str, old: &T, new: &T) {
         if old != new {
             self.changed.push(key.to_string());
@@ -59,6 +67,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         max_junk_commands,
         data_timeout,
         max_message_memory,
+        log_format,
         listeners,
         tls,
         relay,
@@ -90,6 +99,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         &old.max_message_memory,
         max_message_memory,
     );
+    c.restart_note("log_format", &old.log_format, log_format);
     for l in listeners {
         match old.listeners.iter().find(|o| o.address == l.address) {
             None => c.changed.push(format!("listener {} added", l.address)),
@@ -108,10 +118,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     c.note("route", &old.routes, routes);
     delivery_changes(&mut c, &old.delivery, delivery);
     c.note("filter", &old.filters, filters);
-    if old.metrics != *metrics {
-        c.changed.push("metrics".to_string());
-        c.need_restart.push("metrics".to_string());
-    }
+    c.restart_note("metrics", &old.metrics, metrics);
     c
 }
 
@@ -278,5 +285,12 @@ mod tests {
         );
         assert_eq!(c.need_restart, ["metrics"]);
         assert!(c.summary().ends_with("; only a restart applies: metrics"));
+    }
+
+    #[test]
+    fn log_format_needs_a_restart() {
+        let c = changes(&parse(""), &parse("log_format = \"json\"\n"));
+        assert_eq!(c.changed, ["log_format"]);
+        assert_eq!(c.need_restart, ["log_format"]);
     }
 }

@@ -78,6 +78,9 @@ pub struct Config {
     /// Bytes of message bodies all sessions together may hold in memory while
     /// receiving and storing; a message that does not fit gets 452 4.3.1.
     pub max_message_memory: u64,
+    /// How log lines are written (stderr). Read once at start: changing it needs a
+    /// restart (a reload says so, see `changes.rs`).
+    pub log_format: LogFormat,
     /// Never empty.
     pub listeners: Vec<Listener>,
     pub tls: Option<Tls>,
@@ -108,6 +111,16 @@ pub struct Listener {
     pub proxy_protocol: bool,
     /// The peers allowed to send that header; empty unless `proxy_protocol`.
     pub proxy_from: Vec<ipnet::IpNet>,
+}
+
+/// `log_format`: how log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// `key=value` text lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the same fields.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -370,6 +383,7 @@ impl Config {
             max_junk_commands: postern_smtp::server::DEFAULT_MAX_JUNK_COMMANDS,
             data_timeout: validate::DEFAULT_DATA_TIMEOUT,
             max_message_memory: validate::DEFAULT_MAX_MESSAGE_MEMORY,
+            log_format: LogFormat::Text,
             listeners: vec![Listener::default_listener()],
             tls: None,
             relay: Relay::default_relay(),

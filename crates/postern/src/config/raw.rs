@@ -30,6 +30,7 @@ pub(crate) struct RawConfig {
     pub max_message_memory: Option<S<RawSize>>,
     pub postmaster: Option<S<String>>,
     pub own_addresses: Option<Vec<S<String>>>,
+    pub log_format: Option<S<RawLogFormat>>,
     #[serde(default)]
     pub listener: Vec<S<RawListener>>,
     pub tls: Option<S<RawTls>>,
@@ -55,6 +56,13 @@ pub(crate) struct RawListener {
     pub per_ip_connections: Option<S<i64>>,
     pub proxy_protocol: Option<S<bool>>,
     pub proxy_from: Option<S<Vec<S<String>>>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawLogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

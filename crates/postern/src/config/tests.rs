@@ -783,3 +783,21 @@ fn config_ipv4_mapped_networks_are_ipv4_networks() {
     let c = parse("[relay]\ntrusted_networks = [\"::ffff:0.0.0.0/96\"]\n").unwrap();
     assert!(c.relay.is_open_relay());
 }
+
+#[test]
+fn config_log_format() {
+    assert_eq!(parse("").unwrap().log_format, LogFormat::Text);
+    assert_eq!(
+        parse("log_format = \"json\"").unwrap().log_format,
+        LogFormat::Json
+    );
+    assert_eq!(
+        parse("log_format = \"text\"").unwrap().log_format,
+        LogFormat::Text
+    );
+    let err = parse_err("log_format = \"xml\"");
+    assert!(
+        err.contains("test.toml:1:") && err.contains("log_format"),
+        "{err}"
+    );
+}

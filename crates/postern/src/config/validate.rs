@@ -15,12 +15,12 @@ use ipnet::IpNet;
 use super::error::ConfigError;
 use super::raw::{
     RawAuth, RawAuthMode, RawConfig, RawDelivery, RawFilter, RawFilterAction, RawListener,
-    RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
+    RawLogFormat, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
-    Auth, AuthMode, Config, Delivery, Filter, FilterAction, Listener, Mechanism, Metrics, NextHop,
-    Relay, Route, RouteTls, Tls, TlsMode,
+    Auth, AuthMode, Config, Delivery, Filter, FilterAction, Listener, LogFormat, Mechanism,
+    Metrics, NextHop, Relay, Route, RouteTls, Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -526,6 +526,10 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         max_junk_commands,
         data_timeout,
         max_message_memory,
+        log_format: match raw.log_format.as_ref().map(|f| *f.get_ref()) {
+            None | Some(RawLogFormat::Text) => LogFormat::Text,
+            Some(RawLogFormat::Json) => LogFormat::Json,
+        },
         listeners,
         tls,
         relay,

@@ -12,6 +12,7 @@
 //! the socket; the authenticated identity from a successful SMTP AUTH.
 
 pub mod dnsbl;
+pub mod tricks;
 mod recipients;
 
 use std::collections::HashSet;

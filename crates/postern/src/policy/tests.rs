@@ -167,3 +167,143 @@ fn facts_come_first_in_their_order() {
         Rule::LiteralIsUs
     );
 }
+
+/// The RCPT TO argument as the session's command parser reads it (None: a syntax
+/// error, refused before any policy is asked).
+fn rcpt_address(to: &str) -> Option<postern_smtp::Address> {
+    match postern_smtp::command::parse(format!("RCPT TO:{to}").as_bytes()) {
+        Ok(postern_smtp::command::Command::Rcpt { to, .. }) => Some(to),
+        _ => None,
+    }
+}
+
+#[test]
+fn no_relay_trick_is_relayed_by_a_policy_with_accepted_domains() {
+    use super::tricks::{TRICKS, Targets, is_relayed};
+    let policy = policy_from(
+        "policy accepted=accepted.test,company.test trusted=10.0.0.0/8 auth_relay=yes open=no recipients=-",
+    );
+    let targets = Targets {
+        accepted: "accepted.test".into(),
+        outside: "outside.example".into(),
+        hostname: "relay.test".into(),
+    };
+    let outsider = Client {
+        ip: "192.0.2.1".parse().unwrap(),
+        authenticated: None,
+        dnsbl: None,
+    };
+    let mut decided = 0;
+    let mut relayed = Vec::new();
+    for trick in TRICKS {
+        let to = trick.to_path(&targets);
+        let Some(addr) = rcpt_address(&to) else {
+            continue;
+        };
+        let decision = policy.decide(outsider, &addr);
+        decided += 1;
+        if is_relayed(&policy, &addr, &decision, false) {
+            relayed.push(format!("{}: {to} -> {decision:?}", trick.name));
+        }
+    }
+    assert!(relayed.is_empty(), "relayed:\n{}", relayed.join("\n"));
+    // Most tricks reach the policy (the rest are syntax errors at the SMTP layer).
+    assert!(decided >= 30, "only {decided} of {} decided", TRICKS.len());
+
+    // The check can fail: the same tricks through an open relay, or from a trusted
+    // client, are relayed.
+    let open =
+        policy_from("policy accepted=accepted.test trusted=- auth_relay=no open=yes recipients=-");
+    let trusted = Client {
+        ip: "10.0.0.1".parse().unwrap(),
+        ..outsider
+    };
+    let count = |policy: &RelayPolicy, client: Client<'_>| {
+        TRICKS
+            .iter()
+            .filter_map(|t| rcpt_address(&t.to_path(&targets)))
+            .filter(|a| is_relayed(policy, a, &policy.decide(client, a), false))
+            .count()
+    };
+    assert!(count(&open, outsider) >= 10, "open relay");
+    assert!(count(&policy, trusted) >= 20, "trusted client");
+}
+
+#[test]
+fn accepting_a_plain_mailbox_of_an_accepted_domain_is_not_relaying() {
+    use super::tricks::is_relayed;
+    let policy =
+        policy_from("policy accepted=accepted.test trusted=- auth_relay=no open=no recipients=-");
+    let accept = Decision::Accept(Rule::AcceptedDomain);
+    let addr = |s: &str| postern_smtp::address::parse_path(s).unwrap();
+    assert!(!is_relayed(
+        &policy,
+        &addr("<u@Accepted.Test.>"),
+        &accept,
+        false
+    ));
+    assert!(!is_relayed(
+        &policy,
+        &addr("<@other.test:u@accepted.test>"),
+        &accept,
+        false
+    ));
+    assert!(is_relayed(
+        &policy,
+        &addr("<u%other.test@accepted.test>"),
+        &accept,
+        false
+    ));
+    assert!(is_relayed(
+        &policy,
+        &addr("<\"u@other.test\"@accepted.test>"),
+        &accept,
+        false
+    ));
+    assert!(is_relayed(&policy, &addr("<u@other.test>"), &accept, false));
+    assert!(is_relayed(
+        &policy,
+        &addr("<u@[192.0.2.1]>"),
+        &accept,
+        false
+    ));
+    // The configured postmaster the session put in place of <Postmaster>.
+    assert!(!is_relayed(
+        &policy,
+        &addr("<admin@other.test>"),
+        &accept,
+        true
+    ));
+    let refuse = Decision::Refuse(Rule::RelayDenied, catalogue::relay_denied());
+    assert!(!is_relayed(
+        &policy,
+        &addr("<u@other.test>"),
+        &refuse,
+        false
+    ));
+}
+
+#[test]
+fn trick_targets_are_filled_in() {
+    use super::tricks::{TRICKS, Targets};
+    let t = Targets {
+        accepted: "accepted.test".into(),
+        outside: "outside.example".into(),
+        hostname: "relay.test".into(),
+    };
+    let to = |name: &str| TRICKS.iter().find(|x| x.name == name).unwrap().to_path(&t);
+    assert_eq!(to("percent hack"), "<user%outside.example@accepted.test>");
+    assert_eq!(to("UTF-8 look-alike domain"), "<user@\u{430}ccepted.test>");
+    assert!(to("IDNA look-alike domain").starts_with("<user@xn--"));
+    assert_eq!(
+        to("ideographic full stops"),
+        "<user@outside\u{3002}example>"
+    );
+    for trick in TRICKS {
+        let (from, to) = (trick.from_path(&t), trick.to_path(&t));
+        assert!(!from.contains('{') && !to.contains('{'), "{}", trick.name);
+        assert!(!trick.tests.is_empty());
+    }
+    let names: std::collections::HashSet<_> = TRICKS.iter().map(|t| t.name).collect();
+    assert_eq!(names.len(), TRICKS.len(), "names are unique");
+}
