@@ -444,6 +444,12 @@ impl Session {
         self.config.max_packet
     }
 
+    /// Octets fed and not yet decoded: at most one packet's worth after
+    /// [`Session::poll_event`] returned `None`.
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+
     /// Bytes to send are waiting.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
@@ -459,8 +465,11 @@ impl Session {
     // --- input ----------------------------------------------------------------------
 
     /// Bytes read from the milter. Call [`Session::poll_event`] until `None` after each.
+    /// After an error the bytes are dropped.
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.decoder.feed(bytes);
+        if self.phase != Phase::Failed {
+            self.decoder.feed(bytes);
+        }
     }
 
     /// The milter closed its end. Fine between commands (libmilter closes after a
@@ -498,6 +507,8 @@ impl Session {
             self.phase = Phase::Failed;
             self.awaiting = None;
             self.out.clear();
+            // Whatever else the milter sent is not read: free it.
+            self.decoder = Decoder::new(self.config.max_packet);
         }
         Some(result)
     }

@@ -539,6 +539,9 @@ fn malformed_actions_are_errors() {
         assert_eq!(s.phase(), Phase::Failed);
         assert_eq!(s.quit(), Err(Error::NotReady));
         assert_eq!(events(&mut s, &pkt(SMFIR_CONTINUE, b"")), []);
+        // Nor kept: a milter flooding us after an error costs no memory.
+        s.feed(&[0; 1000]);
+        assert_eq!(s.buffered(), 0);
     }
 }
 
