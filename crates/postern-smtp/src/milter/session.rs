@@ -553,7 +553,10 @@ impl Session {
             SMFIR_REJECT => no_data(Decision::Reject)?,
             SMFIR_TEMPFAIL => no_data(Decision::Tempfail)?,
             SMFIR_DISCARD if !after.is_connection_level() => no_data(Decision::Discard)?,
-            SMFIR_SKIP if after == Command::Body => no_data(Decision::Skip)?,
+            // Only to a body chunk, and only if we said we understand it.
+            SMFIR_SKIP if after == Command::Body && self.config.protocol & SMFIP_SKIP != 0 => {
+                no_data(Decision::Skip)?
+            }
             SMFIR_CONN_FAIL => no_data(Decision::ConnFail)?,
             SMFIR_SHUTDOWN => no_data(Decision::Shutdown)?,
             SMFIR_REPLYCODE => Decision::Reply(

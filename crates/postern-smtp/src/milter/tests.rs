@@ -639,6 +639,27 @@ fn a_long_body_goes_one_chunk_per_reply() {
 }
 
 #[test]
+fn skip_is_an_error_unless_offered() {
+    let mut s = Session::new(Config {
+        protocol: OFFERED_PROTOCOL & !SMFIP_SKIP,
+        ..Config::default()
+    });
+    events(&mut s, &optneg_reply(6, 0, 0));
+    s.connect(&[], "h", &ClientAddr::Unknown).unwrap();
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    s.mail(&[], "a@b", &[]).unwrap();
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    assert_eq!(s.body(b"x"), Ok((1, Sent::AwaitReply)));
+    assert_eq!(
+        events(&mut s, &pkt(SMFIR_SKIP, b"")),
+        [Err(Error::Unexpected {
+            code: SMFIR_SKIP,
+            after: Command::Body
+        })]
+    );
+}
+
+#[test]
 fn accept_ends_the_message_and_reject_at_connect_the_connection() {
     let mut s = in_transaction(0, 0);
     s.rcpt(&[], "c@d", &[]).unwrap();
