@@ -9,6 +9,8 @@
 //!   dot-stuffing (driven by the daemon's outbound client).
 //! - [`command`]: command lines → [`command::Command`].
 //! - [`data`]: the DATA/BDAT body readers (dot-unstuffing, smuggling-safe end detection).
+//! - [`milter`]: the milter protocol, MTA side: framing, negotiation, every command and
+//!   reply, a session state machine for the daemon's milter driver.
 //! - [`proxy`]: the PROXY protocol header (v1 and v2) a load balancer sends first.
 //! - [`reply`]: replies and the one catalogue of every reply we send.
 //! - [`server`]: the server session state machine.
@@ -17,6 +19,7 @@ pub mod address;
 pub mod client;
 pub mod command;
 pub mod data;
+pub mod milter;
 pub mod reply;
 pub mod proxy;
 pub mod server;
