@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, PTR, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
@@ -424,16 +424,16 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<(Vec<u8>, Option<D
                 .map(|m| (m, None));
         }
     };
-    if request.message_type() != MessageType::Query {
+    if request.metadata.message_type != MessageType::Query {
         return None;
     }
 
-    let mut header = Header::response_from_request(request.header());
-    header.set_authoritative(true);
-    header.set_recursion_available(true);
-    let mut response = Message::new();
-    response.add_queries(request.queries().iter().cloned());
-    if request.extensions().is_some() {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.authoritative = true;
+    metadata.recursion_available = true;
+    let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+    response.add_queries(request.queries.iter().cloned());
+    if request.edns.is_some() {
         let mut edns = Edns::new();
         edns.set_max_payload(EDNS_PAYLOAD);
         response.set_edns(edns);
@@ -441,12 +441,12 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<(Vec<u8>, Option<D
 
     let ttl = shared.ttl.load(Ordering::Relaxed);
     let mut delay = None;
-    let code = if request.op_code() != OpCode::Query {
+    let code = if request.metadata.op_code != OpCode::Query {
         ResponseCode::NotImp
-    } else if request.queries().len() != 1 {
+    } else if request.queries.len() != 1 {
         ResponseCode::FormErr
     } else {
-        let query = &request.queries()[0];
+        let query = &request.queries[0];
         let qname = normalize(&query.name().to_ascii());
         let qtype = query.query_type();
         lock(&shared.queries).push((qname.clone(), qtype.to_string()));
@@ -460,19 +460,19 @@ fn respond(shared: &Shared, wire: &[u8], udp: bool) -> Option<(Vec<u8>, Option<D
             } => {
                 response.add_answers(answers);
                 if negative {
-                    response.add_name_server(soa_for(&qname, ttl));
+                    response.add_authority(soa_for(&qname, ttl));
                 }
                 code
             }
         }
     };
-    header.set_response_code(code);
-    response.set_header(header);
+    metadata.response_code = code;
+    response.metadata = metadata;
 
     let bytes = response.to_vec().ok()?;
     if udp {
         let limit = request
-            .extensions()
+            .edns
             .as_ref()
             .map(|e| usize::from(e.max_payload()).max(PLAIN_UDP_LIMIT))
             .unwrap_or(PLAIN_UDP_LIMIT);
@@ -564,12 +564,9 @@ mod tests {
     use hickory_proto::op::Query;
 
     fn query_msg(name: &str, qtype: RecordType, id: u16) -> Vec<u8> {
-        let mut msg = Message::new();
-        msg.set_id(id)
-            .set_message_type(MessageType::Query)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(true)
-            .add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+        msg.metadata.recursion_desired = true;
+        msg.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
         msg.to_vec().unwrap()
     }
 
@@ -581,12 +578,12 @@ mod tests {
         let mut buf = [0u8; 4096];
         let (n, _) = sock.recv_from(&mut buf).unwrap();
         let m = Message::from_vec(&buf[..n]).unwrap();
-        assert_eq!(m.id(), 0x1234);
-        assert_eq!(m.message_type(), MessageType::Response);
-        assert!(m.authoritative());
-        assert!(m.recursion_desired());
-        assert_eq!(m.queries().len(), 1);
-        assert_eq!(m.queries()[0].query_type(), qtype);
+        assert_eq!(m.metadata.id, 0x1234);
+        assert_eq!(m.metadata.message_type, MessageType::Response);
+        assert!(m.metadata.authoritative);
+        assert!(m.metadata.recursion_desired);
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.queries[0].query_type(), qtype);
         m
     }
 
@@ -602,16 +599,16 @@ mod tests {
         let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
         s.read_exact(&mut buf).unwrap();
         let m = Message::from_vec(&buf).unwrap();
-        assert_eq!(m.id(), 77);
+        assert_eq!(m.metadata.id, 77);
         m
     }
 
     fn mx_set(m: &Message) -> Vec<(u16, String)> {
         let mut v: Vec<(u16, String)> = m
-            .answers()
+            .answers
             .iter()
-            .filter_map(|r| match r.data() {
-                RData::MX(mx) => Some((mx.preference(), mx.exchange().to_ascii())),
+            .filter_map(|r| match &r.data {
+                RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
                 _ => None,
             })
             .collect();
@@ -626,7 +623,7 @@ mod tests {
         dns.add_mx("Example.Test.", 20, "mx2.example.test.");
         dns.add_a("mx1.example.test", Ipv4Addr::new(127, 0, 0, 3));
         let m = udp_query(&dns, "EXAMPLE.test.", RecordType::MX);
-        assert_eq!(m.response_code(), ResponseCode::NoError);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert_eq!(
             mx_set(&m),
             vec![
@@ -635,7 +632,7 @@ mod tests {
             ]
         );
         let m = udp_query(&dns, "mx1.example.test.", RecordType::A);
-        match m.answers()[0].data() {
+        match &m.answers[0].data {
             RData::A(a) => assert_eq!(a.0, Ipv4Addr::new(127, 0, 0, 3)),
             other => panic!("unexpected {other:?}"),
         }
@@ -665,15 +662,15 @@ mod tests {
         };
         let start = std::time::Instant::now();
         let m = udp_query(&dns, "fast.example.test", RecordType::A);
-        assert_eq!(m.answers().len(), 1);
+        assert_eq!(m.answers.len(), 1);
         assert!(start.elapsed() < Duration::from_millis(1000));
         slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 512];
         let (n, _) = slow.recv_from(&mut buf).unwrap();
-        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers().len(), 1);
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 1);
         assert!(start.elapsed() >= Duration::from_millis(1400));
         let m = tcp_query(&dns, "slow.example.test", RecordType::A);
-        assert_eq!(m.answers().len(), 1);
+        assert_eq!(m.answers.len(), 1);
     }
 
     #[test]
@@ -682,18 +679,18 @@ mod tests {
         dns.add_a("mx.sub.example.test", Ipv4Addr::LOCALHOST);
         // Has records, not of this type: NODATA with an SOA.
         let m = udp_query(&dns, "mx.sub.example.test.", RecordType::AAAA);
-        assert_eq!(m.response_code(), ResponseCode::NoError);
-        assert!(m.answers().is_empty());
-        assert_eq!(m.name_servers()[0].record_type(), RecordType::SOA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
         // Empty non-terminal: NODATA.
         let m = udp_query(&dns, "sub.example.test.", RecordType::MX);
-        assert_eq!(m.response_code(), ResponseCode::NoError);
-        assert!(m.answers().is_empty());
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
         // Unknown: NXDOMAIN.
         let m = udp_query(&dns, "nope.example.test.", RecordType::A);
-        assert_eq!(m.response_code(), ResponseCode::NXDomain);
-        assert!(m.answers().is_empty());
-        assert_eq!(m.name_servers()[0].record_type(), RecordType::SOA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(m.answers.is_empty());
+        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
     }
 
     #[test]
@@ -705,14 +702,14 @@ mod tests {
         let m = udp_query(&dns, "nomail.test.", RecordType::MX);
         assert_eq!(mx_set(&m), vec![(0, ".".to_string())]);
         let m = udp_query(&dns, "broken.test.", RecordType::MX);
-        assert_eq!(m.response_code(), ResponseCode::ServFail);
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
         let m = udp_query(&dns, "broken.test.", RecordType::A);
-        assert_eq!(m.response_code(), ResponseCode::ServFail);
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
         dns.clear("broken.test");
         let m = udp_query(&dns, "broken.test.", RecordType::A);
-        assert_eq!(m.response_code(), ResponseCode::NXDomain);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         let m = udp_query(&dns, "2.0.0.127.zen.test.", RecordType::A);
-        match m.answers()[0].data() {
+        match &m.answers[0].data {
             RData::A(a) => assert_eq!(a.0, Ipv4Addr::new(127, 0, 0, 2)),
             other => panic!("unexpected {other:?}"),
         }
@@ -726,15 +723,15 @@ mod tests {
         let m = tcp_query(&dns, "example.test.", RecordType::MX);
         assert_eq!(mx_set(&m), vec![(5, "mx.example.test.".to_string())]);
         let m = tcp_query(&dns, "mx.example.test.", RecordType::AAAA);
-        assert_eq!(m.answers().len(), 1);
+        assert_eq!(m.answers.len(), 1);
         dns.set_truncate_udp(true);
         let m = udp_query(&dns, "example.test.", RecordType::MX);
-        assert!(m.truncated());
-        assert!(m.answers().is_empty());
+        assert!(m.metadata.truncation);
+        assert!(m.answers.is_empty());
         // Over TCP the full answer still comes.
         let m = tcp_query(&dns, "example.test.", RecordType::MX);
-        assert!(!m.truncated());
-        assert_eq!(m.answers().len(), 1);
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 1);
     }
 
     #[test]
@@ -744,12 +741,12 @@ mod tests {
         dns.add_a("real.test", Ipv4Addr::new(127, 0, 0, 9));
         dns.add_txt("real.test", &"x".repeat(300));
         let m = udp_query(&dns, "alias.test.", RecordType::A);
-        assert_eq!(m.answers().len(), 2);
-        assert_eq!(m.answers()[0].record_type(), RecordType::CNAME);
-        assert_eq!(m.answers()[1].record_type(), RecordType::A);
+        assert_eq!(m.answers.len(), 2);
+        assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
+        assert_eq!(m.answers[1].record_type(), RecordType::A);
         let m = udp_query(&dns, "real.test.", RecordType::TXT);
-        match m.answers()[0].data() {
-            RData::TXT(t) => assert_eq!(t.txt_data().len(), 2),
+        match &m.answers[0].data {
+            RData::TXT(t) => assert_eq!(t.txt_data.len(), 2),
             other => panic!("unexpected {other:?}"),
         }
         dns.ignore("slow.test");
@@ -772,9 +769,9 @@ mod tests {
         let mut buf = [0u8; 512];
         let (n, _) = sock.recv_from(&mut buf).unwrap();
         let m = Message::from_vec(&buf[..n]).unwrap();
-        assert_eq!(m.id(), 0xabcd);
-        assert_eq!(m.response_code(), ResponseCode::FormErr);
+        assert_eq!(m.metadata.id, 0xabcd);
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
         let m = udp_query(&dns, "x.test.", RecordType::A);
-        assert_eq!(m.response_code(), ResponseCode::NXDomain);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     }
 }

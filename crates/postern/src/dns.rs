@@ -18,14 +18,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::config::{
-    NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig,
-};
-use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::lookup::Lookup;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::proto::{ProtoError, ProtoErrorKind};
-use hickory_resolver::{Name, ResolveErrorKind, TokioResolver};
+use hickory_resolver::proto::rr::{Name, RData};
 use rand::seq::SliceRandom;
 
 /// Per-query timeout; with [`ATTEMPTS`] a dead server costs at most about 10 s per lookup.
@@ -110,22 +109,29 @@ impl Resolver {
     /// 30 s negative). `/etc/hosts` is never consulted: mail routing follows DNS only, as
     /// Postfix does by default, and tests stay hermetic.
     pub fn new(servers: &[SocketAddr]) -> Result<Resolver, ResolveError> {
-        let provider = TokioConnectionProvider::default();
+        let provider = TokioRuntimeProvider::default();
         let mut builder = if servers.is_empty() {
             TokioResolver::builder(provider).map_err(|e| {
                 ResolveError::Temporary(format!("cannot read the system DNS configuration: {e}"))
             })?
         } else {
-            let mut group = NameServerConfigGroup::with_capacity(servers.len() * 2);
-            for addr in servers {
-                for protocol in [Protocol::Udp, Protocol::Tcp] {
-                    // `new` trusts negative answers: NXDOMAIN from our own configured
+            let name_servers = servers
+                .iter()
+                .map(|addr| {
+                    let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                        .into_iter()
+                        .map(|mut c| {
+                            c.port = addr.port();
+                            c
+                        })
+                        .collect();
+                    // Negative answers are trusted: NXDOMAIN from our own configured
                     // server is final.
-                    group.push(NameServerConfig::new(*addr, protocol));
-                }
-            }
+                    NameServerConfig::new(addr.ip(), true, connections)
+                })
+                .collect();
             TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], group),
+                ResolverConfig::from_parts(None, vec![], name_servers),
                 provider,
             )
         };
@@ -137,8 +143,11 @@ impl Resolver {
         opts.use_hosts_file = ResolveHosts::Never;
         // A truncated UDP answer is retried over TCP by hickory; also retry on UDP I/O errors.
         opts.try_tcp_on_error = true;
+        let resolver = builder
+            .build()
+            .map_err(|e| ResolveError::Temporary(format!("cannot set up the resolver: {e}")))?;
         Ok(Resolver {
-            inner: Arc::new(builder.build()),
+            inner: Arc::new(resolver),
         })
     }
 
@@ -154,9 +163,11 @@ impl Resolver {
         let name = query_name(domain)?;
         match self.inner.mx_lookup(name.clone()).await {
             Ok(lookup) => {
-                let records: Vec<(u16, String)> = lookup
-                    .iter()
-                    .map(|mx| (mx.preference(), mx.exchange().to_ascii()))
+                let records: Vec<(u16, String)> = rdata(&lookup)
+                    .filter_map(|r| match r {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                        _ => None,
+                    })
                     .collect();
                 // Empty when the answer held only a CNAME chain without MX at its end:
                 // treated like NODATA below. The thread rng lives only in this statement,
@@ -197,7 +208,7 @@ impl Resolver {
         name: &str,
     ) -> Result<Vec<std::net::Ipv4Addr>, ResolveError> {
         match self.inner.ipv4_lookup(query_name(name)?).await {
-            Ok(l) => Ok(l.iter().map(|a| a.0).collect()),
+            Ok(l) => Ok(ipv4(&l).collect()),
             Err(e) => match classify(&e) {
                 Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
                 Negative::NxDomain => Err(ResolveError::NoSuchDomain),
@@ -214,11 +225,14 @@ impl Resolver {
         let mut out = Vec::new();
         let mut outcomes = Vec::with_capacity(2);
         match v6 {
-            Ok(l) => out.extend(l.iter().map(|a| IpAddr::V6(a.0))),
+            Ok(l) => out.extend(rdata(&l).filter_map(|r| match r {
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })),
             Err(e) => outcomes.push(classify(&e)),
         }
         match v4 {
-            Ok(l) => out.extend(l.iter().map(|a| IpAddr::V4(a.0))),
+            Ok(l) => out.extend(ipv4(&l).map(IpAddr::V4)),
             Err(e) => outcomes.push(classify(&e)),
         }
         if !out.is_empty() {
@@ -338,24 +352,33 @@ enum Negative {
     Temporary(String),
 }
 
-/// In hickory 0.25 every DNS-level failure arrives as `ProtoErrorKind::NoRecordsFound`,
-/// SERVFAIL and REFUSED included (`is_no_records_found()` is true for them!), so the
-/// response code decides; transport errors and timeouts are other kinds.
-fn classify(err: &hickory_resolver::ResolveError) -> Negative {
-    match err.kind() {
-        ResolveErrorKind::Proto(proto) => classify_proto(proto),
-        other => Negative::Temporary(other.to_string()),
-    }
+/// The records of an answer (a CNAME chain's own records are skipped by the callers'
+/// type match).
+fn rdata(lookup: &Lookup) -> impl Iterator<Item = &RData> {
+    lookup.answers().iter().map(|r| &r.data)
 }
 
-fn classify_proto(proto: &ProtoError) -> Negative {
-    match proto.kind() {
-        ProtoErrorKind::NoRecordsFound { response_code, .. } => match *response_code {
+fn ipv4(lookup: &Lookup) -> impl Iterator<Item = std::net::Ipv4Addr> + '_ {
+    rdata(lookup).filter_map(|r| match r {
+        RData::A(a) => Some(a.0),
+        _ => None,
+    })
+}
+
+/// In hickory 0.26 an empty answer arrives as `DnsError::NoRecordsFound` with the response
+/// code (NXDOMAIN, or NOERROR for NODATA), SERVFAIL and REFUSED as
+/// `DnsError::ResponseCode`; transport errors and timeouts are other kinds.
+fn classify(err: &NetError) -> Negative {
+    match err {
+        NetError::Dns(DnsError::NoRecordsFound(none)) => match none.response_code {
             ResponseCode::NXDomain => Negative::NxDomain,
             ResponseCode::NoError => Negative::NoData,
             code => Negative::Temporary(format!("DNS server answered {code}")),
         },
-        _ => Negative::Temporary(proto.to_string()),
+        NetError::Dns(DnsError::ResponseCode(code)) => {
+            Negative::Temporary(format!("DNS server answered {code}"))
+        }
+        other => Negative::Temporary(other.to_string()),
     }
 }
 
