@@ -7,6 +7,7 @@
 //! - [`policy`]: the relay decision per recipient, a pure function (and its DNS
 //!   blocklist lookups).
 //! - [`filter`]: the message screener, pure.
+//! - [`dkim`]: DKIM keys and the signing of relayed mail, an intake step.
 //! - [`intake`]: end of DATA to the spool, in ordered steps; one outcome per message.
 //! - [`queue`]: the durable spool (group-committed segment log).
 //! - [`delivery`]: the queue runner, routing, the SMTP client, bounces.
@@ -26,6 +27,7 @@ pub mod listener;
 pub mod session;
 pub mod policy;
 pub mod filter;
+pub mod dkim;
 pub mod intake;
 pub mod queue;
 pub mod delivery;

@@ -75,6 +75,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         routes,
         delivery,
         filters,
+        dkim,
         metrics,
     } = new;
     c.note("hostname", &old.hostname, hostname);
@@ -118,6 +119,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     c.note("route", &old.routes, routes);
     delivery_changes(&mut c, &old.delivery, delivery);
     c.note("filter", &old.filters, filters);
+    c.note("dkim", &old.dkim, dkim);
     c.restart_note("metrics", &old.metrics, metrics);
     c
 }

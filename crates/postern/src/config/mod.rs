@@ -91,6 +91,8 @@ pub struct Config {
     pub delivery: Delivery,
     /// In file order; the first filter that matches acts.
     pub filters: Vec<Filter>,
+    /// DKIM signing keys (`[[dkim]]`), in file order.
+    pub dkim: Vec<DkimSigning>,
     pub metrics: Option<Metrics>,
 }
 
@@ -358,6 +360,40 @@ impl FilterAction {
     }
 }
 
+/// One `[[dkim]]`: a key that signs mail relayed for trusted or authenticated clients
+/// whose `From:` is in `domain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimSigning {
+    /// `d=`, lower case, A-labels.
+    pub domain: String,
+    /// `s=`.
+    pub selector: String,
+    /// PEM private key (RSA or Ed25519); checked when the configuration is loaded.
+    pub key: PathBuf,
+    /// Also sign for subdomains of `domain` (still as `d=domain`).
+    pub subdomains: bool,
+    /// Header fields to sign; `From` is always among them.
+    pub headers: Vec<String>,
+    /// `x=`: signatures expire this long after signing.
+    pub expire: Option<Duration>,
+}
+
+/// The default `[[dkim]] headers` (interface: "Mail authentication").
+pub const DKIM_HEADERS: &[&str] = &[
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+];
+
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metrics {
@@ -391,6 +427,7 @@ impl Config {
             routes: Vec::new(),
             delivery: Delivery::default_delivery(),
             filters: Vec::new(),
+            dkim: Vec::new(),
             metrics: None,
         }
     }

@@ -41,6 +41,8 @@ pub(crate) struct RawConfig {
     pub delivery: Option<RawDelivery>,
     #[serde(default)]
     pub filter: Vec<S<RawFilter>>,
+    #[serde(default)]
+    pub dkim: Vec<S<RawDkim>>,
     pub metrics: Option<S<RawMetrics>>,
 }
 
@@ -163,6 +165,17 @@ pub(crate) enum RawFilterAction {
     Discard,
     Quarantine,
     Redirect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDkim {
+    pub domain: S<String>,
+    pub selector: S<String>,
+    pub key: S<String>,
+    pub subdomains: Option<S<bool>>,
+    pub headers: Option<Vec<S<String>>>,
+    pub expire: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,13 +14,13 @@ use ipnet::IpNet;
 
 use super::error::ConfigError;
 use super::raw::{
-    RawAuth, RawAuthMode, RawConfig, RawDelivery, RawFilter, RawFilterAction, RawListener,
+    RawAuth, RawAuthMode, RawConfig, RawDelivery, RawDkim, RawFilter, RawFilterAction, RawListener,
     RawLogFormat, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
-    Auth, AuthMode, Config, Delivery, Filter, FilterAction, Listener, LogFormat, Mechanism,
-    Metrics, NextHop, Relay, Route, RouteTls, Tls, TlsMode,
+    Auth, AuthMode, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter, FilterAction, Listener,
+    LogFormat, Mechanism, Metrics, NextHop, Relay, Route, RouteTls, Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -496,6 +496,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         None => Delivery::default_delivery(),
     };
     let filters = filters(&v, &raw.filter)?;
+    let dkim = dkim_keys(&v, &raw.dkim)?;
     let metrics = match &raw.metrics {
         None => None,
         Some(m) => {
@@ -537,8 +538,90 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         routes,
         delivery,
         filters,
+        dkim,
         metrics,
     })
+}
+
+/// `[[dkim]]`: the key is read and parsed now, so that a key that cannot sign is a
+/// configuration error (at its line) rather than unsigned mail later.
+fn dkim_keys(v: &Validator, raw: &[S<RawDkim>]) -> Result<Vec<DkimSigning>> {
+    let mut out: Vec<DkimSigning> = Vec::new();
+    for d in raw {
+        let d = d.get_ref();
+        let domain = v.parse(&d.domain, "dkim.domain", normalize_domain)?;
+        let selector = v.parse(&d.selector, "dkim.selector", check_selector)?;
+        if out
+            .iter()
+            .any(|o| o.domain == domain && o.selector == selector)
+        {
+            return v.err(
+                d.selector.span(),
+                "dkim.selector",
+                format!("{selector}._domainkey.{domain} is configured twice"),
+            );
+        }
+        let key = v.path(&d.key, "dkim.key")?;
+        if let Err(why) = crate::dkim::key::load(&key) {
+            return v.err(d.key.span(), "dkim.key", why);
+        }
+        let mut headers = match &d.headers {
+            None => DKIM_HEADERS.iter().map(|h| h.to_string()).collect(),
+            Some(list) => {
+                let mut names = Vec::new();
+                for h in list {
+                    names.push(v.parse(h, "dkim.headers", check_field_name)?);
+                }
+                names
+            }
+        };
+        // RFC 6376 5.4: From MUST be signed.
+        if !headers.iter().any(|h| h.eq_ignore_ascii_case("from")) {
+            headers.insert(0, "From".to_string());
+        }
+        let expire = match &d.expire {
+            None => None,
+            Some(_) => Some(v.duration(d.expire.as_ref(), "dkim.expire", Duration::ZERO)?),
+        };
+        out.push(DkimSigning {
+            domain,
+            selector,
+            key,
+            subdomains: d.subdomains.as_ref().is_some_and(|b| *b.get_ref()),
+            headers,
+            expire,
+        });
+    }
+    Ok(out)
+}
+
+/// A selector is one or more DNS labels (RFC 6376 3.1: `sub-domain *("." sub-domain)`).
+fn check_selector(s: &str) -> std::result::Result<String, String> {
+    let t = s.trim();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if t.split('.').all(label_ok) {
+        Ok(t.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "`{s}` is not a selector (letters, digits and hyphens, labels separated by dots)"
+        ))
+    }
+}
+
+/// A header field name (RFC 5322 3.6.8: printable ASCII except `:`).
+fn check_field_name(s: &str) -> std::result::Result<String, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| (33..=126).contains(&b) && b != b':') {
+        Ok(t.to_string())
+    } else {
+        Err(format!("`{s}` is not a header field name"))
+    }
 }
 
 fn tls_section(v: &Validator, t: &S<RawTls>) -> Result<Tls> {
