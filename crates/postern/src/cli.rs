@@ -211,6 +211,31 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
         eprintln!("postern: not available in this version: {feature}");
         ok = false;
     }
+    // What `serve` would do, started by whoever runs this: an unknown user, or root with
+    // a listener off loopback and no user, fail here too. Only "that needs root" does
+    // not, since configurations are often checked by an unprivileged account.
+    use crate::privileges::{Plan, PrivilegeError};
+    match crate::privileges::plan(&config) {
+        Ok(Plan::Drop(a)) => println!(
+            "user {}: uid {}, gid {}, groups {}",
+            a.name,
+            a.uid,
+            a.gid,
+            a.groups
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Ok(Plan::Stay) => {}
+        Err(e @ (PrivilegeError::NeedsRoot { .. } | PrivilegeError::GroupNeedsRoot { .. })) => {
+            println!("note: {e}");
+        }
+        Err(e) => {
+            eprintln!("postern: {e}");
+            ok = false;
+        }
+    }
     if ok {
         ExitCode::SUCCESS
     } else {

@@ -17,8 +17,9 @@
 //! spool files, users, keys), [`ourselves`] (our own name and addresses, against mail
 //! loops), [`config`] (the configuration file, validated), [`maillog`] (the decision
 //! log), [`metrics`] (counters and the Prometheus endpoint), [`control`] (the control
-//! socket behind `postern queue ...`), [`serve`] (start-up and shutdown) and [`cli`]
-//! (the command line).
+//! socket behind `postern queue ...`), [`privileges`] (dropping root after start),
+//! [`notify`] (telling systemd), [`serve`] (start-up and shutdown) and [`cli`] (the
+//! command line).
 
 // The mail's path.
 pub mod listener;
@@ -39,6 +40,8 @@ pub mod dns;
 pub mod durable;
 pub mod maillog;
 pub mod metrics;
+pub mod notify;
 pub mod ourselves;
+pub mod privileges;
 pub mod serve;
 pub mod tls;

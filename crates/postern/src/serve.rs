@@ -54,6 +54,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             crate::config::every_address_of(&config.relay.trusted_everyone())
         );
     }
+    // Before anything is opened: a root start that must not happen stops here.
+    let privileges = crate::privileges::plan(&config)?;
     raise_fd_limit();
 
     let recipients = match &config.relay.recipients_file {
@@ -145,6 +147,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         budget,
         ourselves,
     });
+    // Everything that needs root is open (listeners, spool, keys): give root up.
+    privileges.apply(&config.spool_dir)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(socket) = metrics_socket {
         tokio::spawn(metrics::serve(
@@ -173,8 +177,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     tracing::info!(hostname = %config.hostname, "postern started");
+    crate::notify::ready();
 
     wait_for_stop_signal().await?;
+    crate::notify::stopping();
     tracing::info!("stopping: no new connections, closing sessions");
     let _ = stop_tx.send(true);
     for a in accept_loops {

@@ -76,6 +76,8 @@ pub struct Config {
     /// Bytes of message bodies all sessions together may hold in memory while
     /// receiving and storing; a message that does not fit gets 452 4.3.1.
     pub max_message_memory: u64,
+    /// Whom to run as once the listeners are bound (`user`, `group`, `allow_root`).
+    pub privileges: Privileges,
     /// Never empty.
     pub listeners: Vec<Listener>,
     pub tls: Option<Tls>,
@@ -87,6 +89,18 @@ pub struct Config {
     /// In file order; the first filter that matches acts.
     pub filters: Vec<Filter>,
     pub metrics: Option<Metrics>,
+}
+
+/// Whom `postern serve` runs as after it has bound its listeners, opened the spool and
+/// read its keys (interface: "Operations"; carried out by `crate::privileges`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Privileges {
+    /// A user name from the system's user database; `None`: stay who we were started as.
+    pub user: Option<String>,
+    /// A group name; `None`: the user's primary group. Only set together with `user`.
+    pub group: Option<String>,
+    /// Root may keep running as root with a listener off loopback (otherwise refused).
+    pub allow_root: bool,
 }
 
 /// One address the relay accepts SMTP connections on.
@@ -368,6 +382,7 @@ impl Config {
             max_junk_commands: postern_smtp::server::DEFAULT_MAX_JUNK_COMMANDS,
             data_timeout: validate::DEFAULT_DATA_TIMEOUT,
             max_message_memory: validate::DEFAULT_MAX_MESSAGE_MEMORY,
+            privileges: Privileges::default(),
             listeners: vec![Listener::default_listener()],
             tls: None,
             relay: Relay::default_relay(),
@@ -418,6 +433,17 @@ impl Config {
     /// `postern check-config`.
     pub fn describe(&self) -> String {
         describe::describe(self)
+    }
+
+    /// The first listener (SMTP, then metrics) whose address is not loopback: reachable
+    /// from other hosts, so a root process behind it needs `user` or `allow_root`.
+    /// `0.0.0.0` and `[::]` are every interface, so never loopback.
+    pub fn off_loopback(&self) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .map(|l| l.address)
+            .chain(self.metrics.as_ref().map(|m| m.address))
+            .find(|a| !a.ip().to_canonical().is_loopback())
     }
 
     /// Features this configuration asks for that this build does not implement yet, each a

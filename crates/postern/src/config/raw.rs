@@ -30,6 +30,9 @@ pub(crate) struct RawConfig {
     pub max_message_memory: Option<S<RawSize>>,
     pub postmaster: Option<S<String>>,
     pub own_addresses: Option<Vec<S<String>>>,
+    pub user: Option<S<String>>,
+    pub group: Option<S<String>>,
+    pub allow_root: Option<S<bool>>,
     #[serde(default)]
     pub listener: Vec<S<RawListener>>,
     pub tls: Option<S<RawTls>>,
