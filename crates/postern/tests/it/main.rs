@@ -14,6 +14,7 @@ mod hardening_queue;
 mod hardening_session;
 mod proxy;
 mod server;
+mod service;
 mod tls_auth;
 mod transcripts;
 mod user_cli;
