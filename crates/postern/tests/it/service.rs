@@ -418,3 +418,147 @@ fn as_root_a_public_listener_without_user_is_refused() {
         assert!(err.contains("user `no-such-postern-user`"), "{cmd}: {err}");
     }
 }
+
+/// `scripts/package-deb` (with the binary under test, so CI builds nothing twice) makes a
+/// package that lintian passes without an error; unpacked into a scratch root it holds
+/// the binary, the unit, the conffile, the spool and the Debian documents, and the
+/// packaged binary accepts the packaged configuration.
+#[test]
+fn debian_package_builds_and_holds_a_working_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(repo().join("scripts/package-deb"))
+        .arg("--binary")
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "package-deb failed:\n{said}");
+    // lintian's errors are lines "E: postern: tag ..."; --fail-on error makes them fatal
+    // to the script too, this says which.
+    assert!(!said.lines().any(|l| l.starts_with("E: ")), "{said}");
+    let deb = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a .deb");
+
+    let field = |name: &str| {
+        let o = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&deb)
+            .arg(name)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "postern");
+    assert!(field("Depends").contains("libc6"), "{}", field("Depends"));
+    assert!(field("Depends").contains("adduser"), "{}", field("Depends"));
+
+    let root = dir.path().join("root");
+    let control = dir.path().join("control");
+    for (flag, to) in [("-x", &root), ("-e", &control)] {
+        let ok = Command::new("dpkg-deb")
+            .arg(flag)
+            .arg(&deb)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "dpkg-deb {flag}");
+    }
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(root.join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    for (path, expected) in [
+        ("usr/sbin/postern", 0o755),
+        ("lib/systemd/system/postern.service", 0o644),
+        ("etc/postern/postern.toml", 0o644),
+        ("var/spool/postern", 0o755),
+        ("usr/share/doc/postern/copyright", 0o644),
+        ("usr/share/doc/postern/changelog.Debian.gz", 0o644),
+        ("usr/share/doc/postern/operations.md", 0o644),
+        ("usr/share/man/man8/postern.8.gz", 0o644),
+    ] {
+        assert_eq!(mode(path), expected, "{path}");
+    }
+    assert!(root.join("var/spool/postern").is_dir());
+    assert_eq!(
+        std::fs::read_to_string(root.join("lib/systemd/system/postern.service")).unwrap(),
+        std::fs::read_to_string(repo().join("contrib/postern.service")).unwrap()
+    );
+    // Stripped: no symbol table left.
+    let sections = Command::new("readelf")
+        .args(["-S", "-W"])
+        .arg(root.join("usr/sbin/postern"))
+        .output()
+        .unwrap();
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    assert!(
+        !sections.contains(".symtab") && !sections.contains(".debug_info"),
+        "not stripped"
+    );
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert_eq!(conffiles.trim(), "/etc/postern/postern.toml");
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system"), "{postinst}");
+    assert!(postinst.contains("dpkg-statoverride"), "{postinst}");
+
+    // The shipped configuration, as the packaged binary reads it.
+    let shipped = std::fs::read_to_string(root.join("etc/postern/postern.toml")).unwrap();
+    assert!(shipped.contains("\nuser = \"postern\"\n"), "{shipped}");
+    assert!(
+        shipped.contains("\nspool_dir = \"/var/spool/postern\"\n"),
+        "{shipped}"
+    );
+    let bin = root.join("usr/sbin/postern");
+    let check = |config: &Path| {
+        let o = Command::new(&bin)
+            .args(["check-config", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let user_exists = Command::new("id")
+        .arg("postern")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    let (code, out, err) = check(&root.join("etc/postern/postern.toml"));
+    if user_exists {
+        assert_eq!(code, 0, "{out}{err}");
+    } else {
+        // Created by postinst, which `dpkg -x` does not run: the only complaint.
+        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(
+            err.trim(),
+            "postern: user `postern` (key `user`) does not exist on this system"
+        );
+    }
+    // With a user this machine has, it is valid, loopback only and never open.
+    let copy = dir.path().join("postern.toml");
+    std::fs::write(
+        &copy,
+        shipped.replace("user = \"postern\"", "user = \"nobody\""),
+    )
+    .unwrap();
+    let (code, out, err) = check(&copy);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("open relay: NO\n"), "{out}");
+    assert!(out.contains("listener 127.0.0.1:"), "{out}");
+    assert!(!out.contains("listener 0.0.0.0"), "{out}");
+    assert!(out.contains("then runs as user nobody"), "{out}");
+}
