@@ -295,7 +295,13 @@ fn as_root_drops_to_user_and_still_delivers() {
             port,
             &spool,
             "user = \"nobody\"",
-            &route_to(&["accepted.test"], &sink),
+            // A STARTTLS listener too: its self-signed certificate is made in the spool
+            // (spool/tls), as root, and must be handed over with the rest.
+            &format!(
+                "{}\n[[listener]]\naddress = \"127.0.0.1:{}\"\ntls = \"starttls\"\n",
+                route_to(&["accepted.test"], &sink),
+                free_port()
+            ),
         ),
     )
     .unwrap();
@@ -322,7 +328,15 @@ fn as_root_drops_to_user_and_still_delivers() {
         }
         let mut all = Vec::new();
         owners(&spool, &mut all);
-        assert!(all.len() > 3, "{all:?}");
+        assert!(
+            all.iter()
+                .any(|(p, _, _)| p.ends_with("tls/selfsigned-key.pem")),
+            "no self-signed key in the spool: {all:?}"
+        );
+        assert!(
+            all.iter().any(|(p, _, _)| p.ends_with("control.sock")),
+            "{all:?}"
+        );
         let foreign: Vec<_> = all
             .iter()
             .filter(|(_, u, g)| (*u, *g) != (uid, gid))
@@ -411,6 +425,38 @@ fn as_root_a_public_listener_without_user_is_refused() {
     let allowed = write("allowed.toml", "allow_root = true");
     let (code, out, err) = run_cli(&["check-config", "--config", &allowed]);
     assert_eq!(code, 0, "{out}{err}");
+    // Not root: becoming another user needs root (serve refuses; check-config, often run
+    // unprivileged, only notes it), being yourself is fine.
+    let as_nobody = |args: &[&str]| {
+        let o = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_postern"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let other = write("other.toml", "user = \"root\"");
+    let (code, said) = as_nobody(&["serve", "--config", &other]);
+    assert_eq!(code, 1, "{said}");
+    assert!(
+        said.contains("needs Postern to be started as root"),
+        "{said}"
+    );
+    let (code, said) = as_nobody(&["check-config", "--config", &other]);
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        said.contains("note: running as user `root` needs"),
+        "{said}"
+    );
+    let myself = write("myself.toml", "user = \"nobody\"");
+    let (code, said) = as_nobody(&["check-config", "--config", &myself]);
+    assert_eq!(code, 0, "{said}");
+
     let unknown = write("unknown.toml", "user = \"no-such-postern-user\"");
     for cmd in ["serve", "check-config"] {
         let (code, out, err) = run_cli(&[cmd, "--config", &unknown]);
