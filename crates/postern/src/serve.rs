@@ -177,9 +177,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )));
     }
     tracing::info!(hostname = %config.hostname, "postern started");
-    crate::notify::ready();
 
-    wait_for_stop_signal().await?;
+    // READY=1 only once SIGTERM is handled: a stop right after the start drains too.
+    wait_for_stop_signal(crate::notify::ready).await?;
     crate::notify::stopping();
     tracing::info!("stopping: no new connections, closing sessions");
     let _ = stop_tx.send(true);
@@ -202,9 +202,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; `armed` runs once both are handled.
+async fn wait_for_stop_signal(armed: impl FnOnce()) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    armed();
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
