@@ -309,6 +309,35 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
         eprintln!("postern: not available in this version: {feature}");
         ok = false;
     }
+    // What `serve` would do, started by whoever runs this: root with a listener off
+    // loopback and no user fails here too. A missing user, or "that needs root", is
+    // only a warning: the file may be checked before the package creates the user, or
+    // by an unprivileged account; serve refuses to start on either.
+    use crate::privileges::{Plan, PrivilegeError};
+    match crate::privileges::plan(&config) {
+        Ok(Plan::Drop(a)) => println!(
+            "user {}: uid {}, gid {}, groups {}",
+            a.name,
+            a.uid,
+            a.gid,
+            a.groups
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Ok(Plan::Stay) => {}
+        Err(e @ (PrivilegeError::NeedsRoot { .. } | PrivilegeError::GroupNeedsRoot { .. })) => {
+            println!("note: {e}");
+        }
+        Err(e @ (PrivilegeError::UnknownUser(_) | PrivilegeError::UnknownGroup(_))) => {
+            println!("warning: {e} (yet): serve will refuse to start until it does");
+        }
+        Err(e) => {
+            eprintln!("postern: {e}");
+            ok = false;
+        }
+    }
     if ok {
         ExitCode::SUCCESS
     } else {

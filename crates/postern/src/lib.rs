@@ -18,7 +18,8 @@
 //! spool files, users, keys), [`ourselves`] (our own name and addresses, against mail
 //! loops), [`config`] (the configuration file, validated), [`maillog`] (the decision
 //! log), [`metrics`] (counters and the Prometheus endpoint), [`control`] (the control
-//! socket behind `postern queue ...`), [`serve`] (start-up and shutdown), [`simulate`]
+//! socket behind `postern queue ...`), [`privileges`] (dropping root after start),
+//! [`notify`] (telling systemd), [`serve`] (start-up, reload and shutdown), [`simulate`]
 //! (the policy simulator behind `check-policy` and `self-test`) and [`cli`] (the command
 //! line).
 
@@ -42,7 +43,9 @@ pub mod dns;
 pub mod durable;
 pub mod maillog;
 pub mod metrics;
+pub mod notify;
 pub mod ourselves;
+pub mod privileges;
 pub mod serve;
 pub mod simulate;
 pub mod tls;

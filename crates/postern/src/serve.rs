@@ -54,6 +54,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// in use, ...), reported by the CLI.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     check_usable(&config)?;
+    // Before anything is opened: a root start that must not happen stops here.
+    let privileges = crate::privileges::plan(&config)?;
     raise_fd_limit();
 
     let spool_dir = config.spool_dir.clone();
@@ -68,23 +70,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(
         prepared.config.listeners.iter().map(|l| l.address),
     ));
-    let delivery = delivery::start(
-        prepared
-            .delivery
-            .take()
-            .expect("prepared with delivery settings"),
-        spool.clone(),
-        live,
-        Arc::clone(&metrics),
-    );
-    let (reload_tx, mut reload_rx) = mpsc::channel(4);
-    control::start(spool.clone(), delivery.clone(), reload_tx).with_context(|| {
-        format!(
-            "cannot create the control socket {}",
-            control::socket_path(&prepared.config.spool_dir).display()
-        )
-    })?;
-
     // Bind everything before serving anything, so a bad address fails the start.
     let bound = bind_new(&prepared.config, &HashMap::new())?;
     let metrics_socket = match &prepared.config.metrics {
@@ -96,6 +81,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let (reload_tx, mut reload_rx) = mpsc::channel(4);
+    let (delivery, delivery_rx) = delivery::handle();
+    control::start(spool.clone(), delivery.clone(), reload_tx).with_context(|| {
+        format!(
+            "cannot create the control socket {}",
+            control::socket_path(&prepared.config.spool_dir).display()
+        )
+    })?;
+    // Everything that needs root is open (listeners, spool, keys, the control socket):
+    // give root up, before delivery writes anything into the spool.
+    privileges.apply(&prepared.config.spool_dir)?;
+    delivery::start(
+        prepared
+            .delivery
+            .take()
+            .expect("prepared with delivery settings"),
+        spool.clone(),
+        live,
+        Arc::clone(&metrics),
+        delivery.clone(),
+        delivery_rx,
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(socket) = metrics_socket {
@@ -124,6 +131,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // READY=1 only once the signals are handled: a stop or a reload right after the
+    // start is not the default action (death).
+    crate::notify::ready();
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -136,6 +146,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    crate::notify::stopping();
     tracing::info!("stopping: no new connections, closing sessions");
     let _ = stop_tx.send(true);
     let Server {
@@ -289,7 +300,9 @@ impl Server {
     /// summary for `postern reload`; both outcomes are logged.
     async fn reload(&mut self) -> Result<String, String> {
         tracing::info!("reloading the configuration");
+        crate::notify::reloading();
         let result = self.try_reload().await;
+        crate::notify::ready();
         match &result {
             Ok(summary) => tracing::info!("configuration reloaded: {summary}"),
             Err(e) => tracing::error!("reload failed, the configuration in use is unchanged: {e}"),

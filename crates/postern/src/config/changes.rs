@@ -68,6 +68,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         data_timeout,
         max_message_memory,
         log_format,
+        privileges,
         listeners,
         tls,
         relay,
@@ -101,6 +102,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         max_message_memory,
     );
     c.restart_note("log_format", &old.log_format, log_format);
+    // Root is given up at start: a new user, group or allow_root needs a restart.
+    c.restart_note("user", &old.privileges, privileges);
     for l in listeners {
         match old.listeners.iter().find(|o| o.address == l.address) {
             None => c.changed.push(format!("listener {} added", l.address)),

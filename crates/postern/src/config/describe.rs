@@ -168,6 +168,7 @@ pub(crate) fn describe(c: &Config) -> String {
     }
 
     line(format!("spool: {}", c.spool_dir.display()));
+    line(describe_privileges(c));
     line(format!(
         "limits: messages up to {} ({} bytes), {} recipients per transaction, command \
          timeout {}, transfer timeout {}, {} protocol errors and {} junk commands per \
@@ -204,6 +205,30 @@ pub(crate) fn describe(c: &Config) -> String {
         None => "metrics: off".to_string(),
     });
     out
+}
+
+/// Whom `serve` runs as; whether the user exists is checked by `check-config` itself.
+fn describe_privileges(c: &Config) -> String {
+    let p = &c.privileges;
+    match (&p.user, c.off_loopback()) {
+        (Some(user), _) => format!(
+            "privileges: binds, opens the spool and reads keys as root, then runs as user \
+             {user} ({})",
+            p.group
+                .as_ref()
+                .map_or("its primary group".to_string(), |g| format!("group {g}"))
+        ),
+        (None, _) if p.allow_root => {
+            "privileges: no user; allow_root = true: started as root, it runs as root".into()
+        }
+        (None, Some(exposed)) => format!(
+            "privileges: no user -- started as root, serve refuses to run ({exposed} is not \
+             loopback); set user, or allow_root = true"
+        ),
+        (None, None) => {
+            "privileges: no user: runs as whoever starts it (every listener is on loopback)".into()
+        }
+    }
 }
 
 fn describe_listener(l: &Listener) -> String {

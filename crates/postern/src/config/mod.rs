@@ -81,6 +81,8 @@ pub struct Config {
     /// How log lines are written (stderr). Read once at start: changing it needs a
     /// restart (a reload says so, see `changes.rs`).
     pub log_format: LogFormat,
+    /// Whom to run as once the listeners are bound (`user`, `group`, `allow_root`).
+    pub privileges: Privileges,
     /// Never empty.
     pub listeners: Vec<Listener>,
     pub tls: Option<Tls>,
@@ -94,6 +96,18 @@ pub struct Config {
     /// DKIM signing keys (`[[dkim]]`), in file order.
     pub dkim: Vec<DkimSigning>,
     pub metrics: Option<Metrics>,
+}
+
+/// Whom `postern serve` runs as after it has bound its listeners, opened the spool and
+/// read its keys (interface: "Operations"; carried out by `crate::privileges`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Privileges {
+    /// A user name from the system's user database; `None`: stay who we were started as.
+    pub user: Option<String>,
+    /// A group name; `None`: the user's primary group. Only set together with `user`.
+    pub group: Option<String>,
+    /// Root may keep running as root with a listener off loopback (otherwise refused).
+    pub allow_root: bool,
 }
 
 /// One address the relay accepts SMTP connections on.
@@ -420,6 +434,7 @@ impl Config {
             data_timeout: validate::DEFAULT_DATA_TIMEOUT,
             max_message_memory: validate::DEFAULT_MAX_MESSAGE_MEMORY,
             log_format: LogFormat::Text,
+            privileges: Privileges::default(),
             listeners: vec![Listener::default_listener()],
             tls: None,
             relay: Relay::default_relay(),
@@ -471,6 +486,17 @@ impl Config {
     /// `postern check-config`.
     pub fn describe(&self) -> String {
         describe::describe(self)
+    }
+
+    /// The first listener (SMTP, then metrics) whose address is not loopback: reachable
+    /// from other hosts, so a root process behind it needs `user` or `allow_root`.
+    /// `0.0.0.0` and `[::]` are every interface, so never loopback.
+    pub fn off_loopback(&self) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .map(|l| l.address)
+            .chain(self.metrics.as_ref().map(|m| m.address))
+            .find(|a| !a.ip().to_canonical().is_loopback())
     }
 
     /// Features this configuration asks for that this build does not implement yet, each a

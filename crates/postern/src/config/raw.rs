@@ -31,6 +31,9 @@ pub(crate) struct RawConfig {
     pub postmaster: Option<S<String>>,
     pub own_addresses: Option<Vec<S<String>>>,
     pub log_format: Option<S<RawLogFormat>>,
+    pub user: Option<S<String>>,
+    pub group: Option<S<String>>,
+    pub allow_root: Option<S<bool>>,
     #[serde(default)]
     pub listener: Vec<S<RawListener>>,
     pub tls: Option<S<RawTls>>,

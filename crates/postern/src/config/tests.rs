@@ -175,6 +175,14 @@ fn config_full_example() {
     assert_eq!(c.max_recipients, 100);
     assert_eq!(c.command_timeout, secs(300));
     assert_eq!(c.max_errors, 10);
+    assert_eq!(
+        c.privileges,
+        Privileges {
+            user: Some("postern".into()),
+            group: Some("postern".into()),
+            allow_root: false,
+        }
+    );
 
     assert_eq!(
         c.listeners,
@@ -799,5 +807,44 @@ fn config_log_format() {
     assert!(
         err.contains("test.toml:1:") && err.contains("log_format"),
         "{err}"
+    );
+}
+
+#[test]
+fn config_privileges_keys() {
+    let c = parse("user = \"postern\"\n").unwrap();
+    assert_eq!(c.privileges.user.as_deref(), Some("postern"));
+    assert_eq!(c.privileges.group, None);
+    assert!(
+        c.describe()
+            .contains("then runs as user postern (its primary group)")
+    );
+    assert_eq!(parse("").unwrap().privileges, Privileges::default());
+    // A machine account's trailing `$` is a valid name.
+    assert!(parse("user = \"relay$\"\n").is_ok());
+    for bad in ["", "-x", "a:b", "a/b", "$", "123"] {
+        let e = parse_err(&format!("user = \"{bad}\"\n"));
+        assert!(e.contains("user:"), "{bad}: {e}");
+    }
+    // Root with an Internet-facing listener is what check-config and serve warn about.
+    let exposed = parse("[[listener]]\naddress = \"0.0.0.0:25\"\n").unwrap();
+    assert_eq!(exposed.off_loopback(), Some("0.0.0.0:25".parse().unwrap()));
+    assert!(
+        exposed
+            .describe()
+            .contains("serve refuses to run (0.0.0.0:25 is not loopback)")
+    );
+    let local = parse("[[listener]]\naddress = \"[::ffff:127.0.0.1]:25\"\n").unwrap();
+    assert_eq!(local.off_loopback(), None);
+    let metrics = parse("[metrics]\naddress = \"192.0.2.1:9187\"\n").unwrap();
+    assert_eq!(
+        metrics.off_loopback(),
+        Some("192.0.2.1:9187".parse().unwrap())
+    );
+    assert!(
+        parse("allow_root = true\n[[listener]]\naddress = \"0.0.0.0:25\"\n")
+            .unwrap()
+            .describe()
+            .contains("allow_root = true")
     );
 }

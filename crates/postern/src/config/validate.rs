@@ -20,7 +20,7 @@ use super::raw::{
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
     Auth, AuthMode, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter, FilterAction, Listener,
-    LogFormat, Mechanism, Metrics, NextHop, Relay, Route, RouteTls, Tls, TlsMode,
+    LogFormat, Mechanism, Metrics, NextHop, Privileges, Relay, Route, RouteTls, Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -466,6 +466,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         })?;
         own_addresses.push(ip.to_canonical());
     }
+    let privileges = privileges(&v, &raw)?;
     let postmaster_given = match &raw.postmaster {
         Some(p) => Some(v.parse(p, "postmaster", check_address)?),
         None => None,
@@ -531,6 +532,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
             None | Some(RawLogFormat::Text) => LogFormat::Text,
             Some(RawLogFormat::Json) => LogFormat::Json,
         },
+        privileges,
         listeners,
         tls,
         relay,
@@ -622,6 +624,77 @@ fn check_field_name(s: &str) -> std::result::Result<String, String> {
     } else {
         Err(format!("`{s}` is not a header field name"))
     }
+}
+
+/// `user`, `group`, `allow_root`. Only the syntax and the combinations are checked here;
+/// whether the user exists, and whether we are root, is `crate::privileges`' business at
+/// start (and `check-config`'s), since the file alone cannot say.
+fn privileges(v: &Validator, raw: &RawConfig) -> Result<Privileges> {
+    let name = |value: Option<&S<String>>, key: &str| -> Result<Option<String>> {
+        value
+            .map(|n| v.parse(n, key, check_account_name))
+            .transpose()
+    };
+    let user = name(raw.user.as_ref(), "user")?;
+    let group = name(raw.group.as_ref(), "group")?;
+    let allow_root = raw.allow_root.as_ref().is_some_and(|a| *a.get_ref());
+    if let Some(g) = &raw.group
+        && user.is_none()
+    {
+        return v.err(
+            g.span(),
+            "group",
+            "group needs user: Postern changes its group only when it drops root for user",
+        );
+    }
+    if let Some(a) = &raw.allow_root
+        && allow_root
+        && user.is_some()
+    {
+        return v.err(
+            a.span(),
+            "allow_root",
+            "allow_root = true has no effect with user set (Postern then never runs as \
+             root after start); remove one of them",
+        );
+    }
+    Ok(Privileges {
+        user,
+        group,
+        allow_root,
+    })
+}
+
+/// A user or group name as the system's tools accept it (useradd(8), "CAVEATS": at most
+/// 32 characters; letters, digits, `_`, `-`, `.`, a trailing `$`; not starting with `-`).
+/// An all-digit name is refused: it would read as a numeric id to some tools and as a
+/// name to us.
+fn check_account_name(name: &str) -> std::result::Result<String, String> {
+    let body = name.strip_suffix('$').unwrap_or(name);
+    if body.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 32 {
+        return Err(format!("`{name}` is longer than 32 characters"));
+    }
+    if let Some(c) = body
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!(
+            "`{name}`: `{c}` is not allowed in a user or group name (letters, digits, \
+             `_`, `-`, `.`)"
+        ));
+    }
+    if name.starts_with('-') {
+        return Err(format!("`{name}` must not start with `-`"));
+    }
+    if body.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "`{name}` is a number: give the name, not the numeric id"
+        ));
+    }
+    Ok(name.to_string())
 }
 
 fn tls_section(v: &Validator, t: &S<RawTls>) -> Result<Tls> {

@@ -271,16 +271,27 @@ fn context(
     }
 }
 
+/// The way into a runner not started yet, and the runner's end of it: commands sent
+/// before [`start`] wait for it.
+pub fn handle() -> (Handle, Commands) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Handle { tx }, Commands(rx))
+}
+
+/// The runner's end of a [`Handle`].
+pub struct Commands(mpsc::UnboundedReceiver<Command>);
+
 /// Builds the delivery context and starts the runner with the messages found in the
-/// spool at start.
+/// spool at start, listening on `commands` (from [`handle`]).
 pub fn start(
     settings: Settings,
     spool: Spool,
     live: Vec<StoredMessage>,
     metrics: Arc<Metrics>,
-) -> Handle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let handle = Handle { tx };
+    handle: Handle,
+    commands: Commands,
+) {
+    let rx = commands.0;
     let ctx = Arc::new(context(settings, spool, handle.clone(), metrics, None));
     let mut runner = Runner {
         ctx,
@@ -298,7 +309,6 @@ pub fn start(
         runner.insert(msg, attempts, now);
     }
     tokio::spawn(runner.run(rx));
-    handle
 }
 
 /// The client settings for a route (`None`: the default MX route).

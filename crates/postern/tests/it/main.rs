@@ -16,6 +16,7 @@ mod ops;
 mod proxy;
 mod reload;
 mod server;
+mod service;
 mod tls_auth;
 mod transcripts;
 mod user_cli;
