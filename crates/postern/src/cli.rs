@@ -106,8 +106,41 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// DKIM keys: make one, or check that the configured ones are published.
+    Dkim {
+        #[command(subcommand)]
+        action: DkimAction,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+enum DkimAction {
+    /// Write a new private key (mode 0600) and print the DNS record to publish.
+    Keygen {
+        domain: String,
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// RSA key size (2048 to 8192).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Look up each [[dkim]] key record in DNS: published, missing or mismatch.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +253,7 @@ pub fn main() -> ExitCode {
             client,
             verbose,
         } => self_test(config, client, verbose),
+        Command::Dkim { action } => dkim(action),
         Command::Version => {
             println!("postern {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -303,6 +337,17 @@ fn check_config(path: Option<PathBuf>) -> ExitCode {
                 eprintln!("postern: {e}");
                 ok = false;
             }
+        }
+    }
+    match crate::dkim::Signer::new(&config.dkim) {
+        Ok(signer) => {
+            for line in signer.describe() {
+                println!("dkim signing (trusted and authenticated clients): {line}");
+            }
+        }
+        Err(e) => {
+            eprintln!("postern: [[dkim]] key {e}");
+            ok = false;
         }
     }
     for feature in config.unsupported_features() {
@@ -747,5 +792,78 @@ fn self_test(path: Option<PathBuf>, client: IpAddr, verbose: bool) -> ExitCode {
     } else {
         println!("open relay: YES ({n} of {} tricks relayed)", report.runs);
         ExitCode::FAILURE
+    }
+}
+
+/// `postern dkim keygen` and `postern dkim check`.
+fn dkim(action: DkimAction) -> ExitCode {
+    use crate::dkim::key;
+    match action {
+        DkimAction::Keygen {
+            domain,
+            selector,
+            algorithm,
+            bits,
+            out,
+        } => {
+            let algorithm = match algorithm {
+                KeyAlgorithm::Rsa => key::Algorithm::Rsa,
+                KeyAlgorithm::Ed25519 => key::Algorithm::Ed25519,
+            };
+            let domain = match crate::config::normalize_domain(&domain) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("postern: domain {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (pem, made) = match key::generate(algorithm, bits) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("postern: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let options = crate::durable::Options {
+                replace: crate::durable::Replace::No,
+                mode: crate::durable::Mode::PRIVATE,
+            };
+            if let Err(e) = crate::durable::write(&out, pem.as_bytes(), options) {
+                eprintln!("postern: cannot write the key: {e}");
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "postern: key written to {} (mode 0600); publish:",
+                out.display()
+            );
+            println!("{}", key::zone_line(&domain, &selector, &made));
+            ExitCode::SUCCESS
+        }
+        DkimAction::Check { config } => {
+            let config = match Config::load_default_or_file(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("postern: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("postern: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (report, all_published) = runtime.block_on(crate::dkim::check(&config));
+            print!("{report}");
+            if all_published {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }

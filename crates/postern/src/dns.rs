@@ -217,6 +217,29 @@ impl Resolver {
         }
     }
 
+    /// The TXT records of a name, each record's strings joined (RFC 6376 3.6.2.2, RFC 7208
+    /// 3.3). No record of the type: an empty list.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, ResolveError> {
+        match self.inner.txt_lookup(query_name(name)?).await {
+            Ok(l) => Ok(rdata(&l)
+                .filter_map(|r| match r {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part).into_owned())
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(&e) {
+                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
+                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
+                Negative::NoData => Ok(Vec::new()),
+            },
+        }
+    }
+
     async fn addresses_of(&self, name: Name) -> Result<Vec<IpAddr>, ResolveError> {
         let (v6, v4) = tokio::join!(
             self.inner.ipv6_lookup(name.clone()),

@@ -108,6 +108,18 @@ pub fn message_accepted<R: std::fmt::Display>(
         "message accepted");
 }
 
+/// A relayed message was signed with one `[[dkim]]` key.
+pub fn dkim_signed(id: &str, domain: &str, selector: &str, algorithm: crate::dkim::key::Algorithm) {
+    tracing::info!(target: "maillog", id = %id, d = %domain, s = %selector,
+        a = algorithm.signature_name(), "dkim signed");
+}
+
+/// A relayed message from one of our signing domains left unsigned, and why (there
+/// should be none: the `postern_dkim_unsigned_total` counter says whether there were).
+pub fn dkim_unsigned(id: &str, why: &str) {
+    tracing::warn!(target: "maillog", id = %id, why = %why, "dkim not signed");
+}
+
 /// A filter acted on a message (interface: every action logs the rule, the message id,
 /// the sender and the recipients).
 pub fn filtered(

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::budget::MemoryBudget;
 use crate::config::{AuthMode, Config, TlsMode};
+use crate::dkim::Signer;
 use crate::filter::Screener;
 use crate::intake::Intake;
 use crate::listener::{self, ConnectionLimits};
@@ -210,6 +211,7 @@ struct Prepared {
     auth: Option<Authenticator>,
     dnsbl: Option<Dnsbl>,
     screener: Screener,
+    signer: Signer,
     /// Taken at start to start the runner; given to it on commit otherwise.
     delivery: Option<delivery::Settings>,
 }
@@ -243,6 +245,7 @@ fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<P
         Some(Dnsbl::new(config.relay.dnsbl.clone(), resolver))
     };
     let screener = Screener::new(&config.filters);
+    let signer = Signer::new(&config.dkim).map_err(|e| anyhow::anyhow!("[[dkim]] key {e}"))?;
     let delivery = delivery::Settings::new(&config)?;
     Ok(Prepared {
         config,
@@ -251,6 +254,7 @@ fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<P
         auth,
         dnsbl,
         screener,
+        signer,
         delivery: Some(delivery),
     })
 }
@@ -363,6 +367,7 @@ impl Server {
                 Arc::new(p.screener),
                 Arc::clone(&self.metrics),
                 Arc::clone(&self.budget),
+                Arc::new(p.signer),
                 config.hostname.clone(),
             ),
             tls: p.tls,

@@ -370,7 +370,13 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             Event::Message(message) => {
                 transfer_deadline = None;
                 // The intake counts and logs what became of it.
-                let outcome = shared.intake.accept(*message, &mut reservation).await;
+                // Trusted or authenticated: its mail is signed (`[[dkim]]`).
+                let relayed =
+                    message.authenticated.is_some() || shared.policy.is_trusted(message.peer.ip());
+                let outcome = shared
+                    .intake
+                    .accept(*message, &mut reservation, relayed)
+                    .await;
                 reservation.resize(0);
                 session.answer_message(outcome.into_reply());
             }
@@ -521,6 +527,7 @@ mod tests {
             Arc::new(Screener::new(&[])),
             Arc::clone(&metrics),
             Arc::clone(&budget),
+            Arc::new(crate::dkim::Signer::default()),
             config.hostname.clone(),
         );
         let listener = config.listeners[0].clone();

@@ -34,6 +34,7 @@ use std::time::Duration;
 pub use changes::{Changes, changes};
 pub use error::{ConfigError, Location};
 pub use units::{format_duration, format_size, parse_duration, parse_size};
+pub(crate) use validate::normalize_domain;
 
 /// Name of the file `postern serve` reads from the working directory when given no `--config`.
 pub const DEFAULT_CONFIG_FILE: &str = "postern.toml";

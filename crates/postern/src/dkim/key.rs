@@ -28,6 +28,9 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Every algorithm (`algorithm as usize` is its index).
+    pub const ALL: [Algorithm; 2] = [Algorithm::Rsa, Algorithm::Ed25519];
+
     /// The `a=` tag's value.
     pub fn signature_name(self) -> &'static str {
         match self {

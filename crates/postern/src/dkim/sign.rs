@@ -37,13 +37,21 @@ pub struct Signer {
     keys: Vec<Signing>,
 }
 
+/// One signature made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Made {
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: Algorithm,
+}
+
 /// What signing one message did.
 #[derive(Debug, Default)]
 pub struct Signed {
     /// The `DKIM-Signature:` fields to put in front of the message, CRLF-terminated.
     pub fields: String,
-    /// `d=/s=/a=` of each signature made.
-    pub made: Vec<String>,
+    /// Each signature made.
+    pub made: Vec<Made>,
     /// The message's `From:` domain is a signing domain but nothing was signed: why.
     pub failed: Option<String>,
 }
@@ -107,12 +115,11 @@ impl Signer {
             match k.signature(message) {
                 Ok(field) => {
                     signed.fields.push_str(&field);
-                    signed.made.push(format!(
-                        "d={} s={} a={}",
-                        k.domain,
-                        k.selector,
-                        k.algorithm.signature_name()
-                    ));
+                    signed.made.push(Made {
+                        domain: k.domain.clone(),
+                        selector: k.selector.clone(),
+                        algorithm: k.algorithm,
+                    });
                 }
                 Err(e) => {
                     signed.failed = Some(format!(

@@ -30,6 +30,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::FilterAction;
 pub use crate::delivery::DeliveryStatus;
+use crate::dkim::key::Algorithm;
 use crate::policy::Rule;
 
 pub use http::serve;
@@ -94,6 +95,10 @@ pub struct Metrics {
     bounces: AtomicU64,
     queue_messages: AtomicU64,
     filter_actions: [AtomicU64; FilterAction::NAMES.len()],
+    /// DKIM signatures made, rsa-sha256 then ed25519-sha256.
+    dkim_signatures: [AtomicU64; 2],
+    /// Relayed messages from a signing domain that left unsigned.
+    dkim_unsigned: AtomicU64,
 }
 
 /// Held for the life of a session; `postern_connections_open` counts these.
@@ -126,6 +131,8 @@ impl Metrics {
             bounces: AtomicU64::new(0),
             queue_messages: AtomicU64::new(0),
             filter_actions: Default::default(),
+            dkim_signatures: Default::default(),
+            dkim_unsigned: AtomicU64::new(0),
         };
         metrics.add_listeners(listeners);
         metrics
@@ -243,5 +250,15 @@ impl Metrics {
 
     pub fn filter_action(&self, action: &FilterAction) {
         bump(&self.filter_actions[action.index()]);
+    }
+
+    /// A DKIM signature was made.
+    pub fn dkim_signed(&self, algorithm: Algorithm) {
+        bump(&self.dkim_signatures[algorithm as usize]);
+    }
+
+    /// A relayed message from one of our signing domains left unsigned.
+    pub fn dkim_unsigned(&self) {
+        bump(&self.dkim_unsigned);
     }
 }

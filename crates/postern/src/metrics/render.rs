@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{DeliveryStatus, LIMITS, ListenerCounters, Metrics, REJECTIONS};
 use crate::config::FilterAction;
+use crate::dkim::key::Algorithm;
 use crate::policy::Rule;
 
 impl Metrics {
@@ -144,6 +145,24 @@ impl Metrics {
                 .zip(&self.filter_actions)
                 .map(|(action, n)| (labels(&[("action", action)]), get(n))),
         );
+        family(
+            &mut out,
+            "postern_dkim_signatures_total",
+            "counter",
+            "DKIM signatures made on relayed mail, by algorithm.",
+            Algorithm::ALL
+                .iter()
+                .zip(&self.dkim_signatures)
+                .map(|(a, n)| (labels(&[("algorithm", a.signature_name())]), get(n))),
+        );
+        single(
+            &mut out,
+            "postern_dkim_unsigned_total",
+            "counter",
+            "Relayed messages whose From: is a [[dkim]] domain that were not signed (the \
+             log says why; there should be none).",
+            get(&self.dkim_unsigned),
+        );
         out
     }
 }
@@ -282,7 +301,7 @@ mod tests {
                 value.parse::<u64>().unwrap();
             }
         }
-        assert_eq!(families.len(), 14, "{families:?}");
+        assert_eq!(families.len(), 16, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

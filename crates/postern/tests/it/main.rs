@@ -7,6 +7,7 @@
 mod common;
 
 mod delivery;
+mod dkim;
 mod filtering;
 mod hardening_auth;
 mod hardening_delivery;
