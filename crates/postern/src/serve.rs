@@ -54,6 +54,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Runs the relay until a stop signal. Errors are start-up failures (bad spool, port
 /// in use, ...), reported by the CLI.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // First of all: from here on SIGTERM, SIGINT and SIGHUP are ours (their default
+    // action, death, would lose nothing but would surprise a reload right at start).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     check_usable(&config)?;
     // Before anything is opened: a root start that must not happen stops here.
     let privileges = crate::privileges::plan(&config)?;
@@ -93,11 +98,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Everything that needs root is open (listeners, spool, keys, the control socket):
     // give root up, before delivery writes anything into the spool.
     privileges.apply(&prepared.config.spool_dir)?;
+    let Some(delivery_settings) = prepared.delivery.take() else {
+        bail!("internal error: delivery settings missing");
+    };
     delivery::start(
-        prepared
-            .delivery
-            .take()
-            .expect("prepared with delivery settings"),
+        delivery_settings,
         spool.clone(),
         live,
         Arc::clone(&metrics),
@@ -129,11 +134,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     server.commit(prepared, bound);
     tracing::info!(hostname = %hostname, "postern started");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    // READY=1 only once the signals are handled: a stop or a reload right after the
-    // start is not the default action (death).
+    // Every listener bound, the spool open, the signals handled.
     crate::notify::ready();
     loop {
         tokio::select! {
