@@ -203,7 +203,7 @@ fn build_reply(code: u16, texts: &[&[u8]]) -> Reply {
 
 /// "class.subject.detail" (RFC 3463 2: 1-3 digits for subject and detail) followed by
 /// a space or the end of the text; the class must match the reply code's.
-fn parse_status(text: &[u8], class: u8) -> Option<(Status, &[u8])> {
+pub(crate) fn parse_status(text: &[u8], class: u8) -> Option<(Status, &[u8])> {
     let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
     let token = &text[..end];
     let mut parts = token.split(|&b| b == b'.');

@@ -114,24 +114,10 @@ pub fn parse_replycode(data: &[u8]) -> Result<Reply, &'static str> {
     })
 }
 
-/// `class.subject.detail` (RFC 3463: 1-3 digits each after the class) at the start of
-/// `text`, followed by a space or the end, and its length.
+/// `class.subject.detail` at the start of `text` and its length: the SMTP client's
+/// parser (RFC 3463 2), one rule for replies from next hops and from milters.
 fn status_prefix(text: &[u8], class: u8) -> Option<(Status, usize)> {
-    let end = text.iter().position(|&b| b == b' ').unwrap_or(text.len());
-    let token = &text[..end];
-    let mut parts = token.split(|&b| b == b'.');
-    let mut number = |max_len: usize| -> Option<u16> {
-        let part = parts.next()?;
-        if part.is_empty() || part.len() > max_len || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(part).ok()?.parse().ok()
-    };
-    let (c, s, d) = (number(1)?, number(3)?, number(3)?);
-    if parts.next().is_some() || c != u16::from(class) {
-        return None;
-    }
-    Some((Status(class, s, d), end))
+    crate::client::reply::parse_status(text, class).map(|(status, token)| (status, token.len()))
 }
 
 /// `%%` → `%`, a lone `%` dropped.
