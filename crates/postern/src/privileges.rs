@@ -104,6 +104,13 @@ pub enum PrivilegeError {
         group: String,
         gid: u32,
     },
+    /// The spool, about to be opened as root, holds what a spool never does: a link
+    /// (which root would follow), a hard-linked file, or an entry that is not Postern's.
+    #[error(
+        "refusing to open the spool as root: {path}: {why} (remove it; a spool holds only \
+         lock, log/, deferred/, quarantine/, tls/ and control.sock)"
+    )]
+    UnsafeSpool { path: PathBuf, why: String },
     /// Handing the spool to the user failed.
     #[error("cannot hand the spool to user `{user}`: {path}: {error}")]
     Chown {
@@ -307,6 +314,95 @@ fn verify(account: &Account) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
+/// What a spool holds at its top (queue/mod.rs, tls.rs, control.rs); nothing else is
+/// handed over, and a root start refuses a spool with anything else in it.
+const SPOOL_ENTRIES: &[&str] = &[
+    "lock",
+    "log",
+    "deferred",
+    "quarantine",
+    "tls",
+    "control.sock",
+];
+
+impl Plan {
+    /// Before the spool is opened as root (the contract: bind and open the spool as
+    /// root, then drop) and the user it will belong to has had it: root must not follow
+    /// what that user may have planted (a `lock` linked to /etc/shadow would be
+    /// truncated and written). With [`Plan::Drop`], every entry is checked without
+    /// following links: only the spool's own names at the top, only directories and
+    /// regular files (and the control socket) below, no symbolic links, no regular file
+    /// with a second hard link. A process of that user still running could swap an
+    /// entry between this check and the open: the shipped unit (ProtectSystem=strict,
+    /// only the spool writable) bounds what root could then be made to write.
+    pub fn check_spool(&self, spool_dir: &Path) -> Result<(), PrivilegeError> {
+        if !matches!(self, Plan::Drop(_)) {
+            return Ok(());
+        }
+        let unsafe_at = |path: &Path, why: &str| PrivilegeError::UnsafeSpool {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        };
+        let top = match std::fs::read_dir(spool_dir) {
+            Ok(t) => t,
+            // Not made yet: Spool::open makes it, as root, empty.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(unsafe_at(spool_dir, &e.to_string())),
+        };
+        for entry in top {
+            let entry = entry.map_err(|e| unsafe_at(spool_dir, &e.to_string()))?;
+            let name = entry.file_name();
+            if !SPOOL_ENTRIES
+                .iter()
+                .any(|n| name.as_bytes() == n.as_bytes())
+            {
+                return Err(unsafe_at(&entry.path(), "not part of a Postern spool"));
+            }
+            check_entry(&entry.path(), 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// One entry of the spool and what is below it, links not followed.
+fn check_entry(path: &Path, depth: usize) -> Result<(), PrivilegeError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let unsafe_at = |why: String| PrivilegeError::UnsafeSpool {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| unsafe_at(e.to_string()))?;
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        return Err(unsafe_at("a symbolic link".to_string()));
+    }
+    if kind.is_file() {
+        if meta.nlink() > 1 {
+            return Err(unsafe_at(format!(
+                "a file with {} hard links",
+                meta.nlink()
+            )));
+        }
+        return Ok(());
+    }
+    if kind.is_socket() && path.file_name().is_some_and(|n| n == "control.sock") {
+        return Ok(());
+    }
+    if !kind.is_dir() {
+        return Err(unsafe_at("neither a file nor a directory".to_string()));
+    }
+    if depth >= 2 {
+        return Err(unsafe_at(
+            "a directory nested deeper than a spool's".to_string(),
+        ));
+    }
+    for entry in std::fs::read_dir(path).map_err(|e| unsafe_at(e.to_string()))? {
+        let entry = entry.map_err(|e| unsafe_at(e.to_string()))?;
+        check_entry(&entry.path(), depth + 1)?;
+    }
+    Ok(())
+}
+
 /// Directories nested deeper than this inside the spool are left alone (the spool is
 /// two levels deep; this only bounds the walk).
 const MAX_DEPTH: usize = 16;
@@ -332,7 +428,8 @@ fn hand_over_spool(spool_dir: &Path, account: &Account) -> Result<(), PrivilegeE
     if st.st_uid != account.uid.as_raw() || st.st_gid != account.gid.as_raw() {
         fchown(dir.as_fd(), Some(account.uid), Some(account.gid)).map_err(fail(spool_dir))?;
     }
-    let changed = hand_over(dir, spool_dir, account, 0).map_err(|(path, e)| fail(&path)(e))?;
+    let changed =
+        hand_over(dir, spool_dir, account, 0, true).map_err(|(path, e)| fail(&path)(e))?;
     if changed > 0 {
         tracing::info!(spool = %spool_dir.display(), files = changed, user = %account.name,
             "spool handed to the user");
@@ -353,12 +450,16 @@ fn hand_over(
     path: &Path,
     account: &Account,
     depth: usize,
+    top: bool,
 ) -> Result<usize, (PathBuf, nix::Error)> {
     let names: Vec<CString> = dir
         .iter()
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_owned())
         .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        // At the top only the spool's own entries: a spool_dir that is not a spool
+        // (a typo naming /var/spool) does not get its other contents given away.
+        .filter(|n| !top || SPOOL_ENTRIES.iter().any(|e| n.as_bytes() == e.as_bytes()))
         .collect();
     let mut changed = 0;
     for name in names {
@@ -415,7 +516,7 @@ fn hand_over_entry(
             fchown(sub.as_fd(), Some(account.uid), Some(account.gid)).map_err(at)?;
             changed += 1;
         }
-        return Ok(changed + hand_over(sub, here, account, depth + 1)?);
+        return Ok(changed + hand_over(sub, here, account, depth + 1, false)?);
     }
     if owned_by(&st, account) {
         return Ok(0);

@@ -60,10 +60,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     check_usable(&config)?;
+    // Spool files, the control socket and keys are the owner's only, whatever umask the
+    // server was started with (the unit sets 0077 too).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // Before anything is opened: a root start that must not happen stops here.
     let privileges = crate::privileges::plan(&config)?;
     raise_fd_limit();
 
+    // Root opens the spool: first make sure it follows nothing the user planted there.
+    privileges.check_spool(&config.spool_dir)?;
     let spool_dir = config.spool_dir.clone();
     let options = spool_options();
     let (spool, live) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, options))
@@ -140,12 +145,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
-                let _ = server.reload().await;
-            }
-            Some(reply) = reload_rx.recv() => {
-                let _ = reply.send(server.reload().await);
-            }
+            // A reload stuck on a file (a FIFO, a dead NFS mount) must not hold up a stop:
+            // it is abandoned, and it has changed nothing until it completes.
+            _ = hup.recv() => tokio::select! {
+                _ = server.reload() => {}
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            },
+            Some(reply) = reload_rx.recv() => tokio::select! {
+                r = server.reload() => { let _ = reply.send(r); }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            },
         }
     }
     crate::notify::stopping();
@@ -330,6 +341,9 @@ impl Server {
                 );
             }
             check_usable(&config)?;
+            // The start's refusal holds for a reload too: root with a listener off
+            // loopback and no `user` (after a drop, a different `user` needs a restart).
+            crate::privileges::plan(&config)?;
             prepare(config, previous.as_deref())
         })
         .await
@@ -337,6 +351,12 @@ impl Server {
         .map_err(|e| format!("{e:#}"))?;
         let bound = bind_new(&prepared.config, &self.listeners).map_err(|e| format!("{e:#}"))?;
         let changes = crate::config::changes(&self.config, &prepared.config);
+        // Keys only a restart applies keep their running values, so that the next reload
+        // still reports them as pending.
+        let mut prepared = prepared;
+        prepared.config.log_format = self.config.log_format;
+        prepared.config.privileges = self.config.privileges.clone();
+        prepared.config.metrics = self.config.metrics.clone();
         self.commit(prepared, bound);
         for key in &changes.need_restart {
             tracing::warn!(key = %key, "changed, but only a restart applies it");

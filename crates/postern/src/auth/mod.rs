@@ -156,7 +156,11 @@ impl Authenticator {
                 None => Arc::new(Mutex::new(Limiter::new(settings))),
             },
             settings,
-            hashing: Arc::new(Semaphore::new(cpus)),
+            // One bound on password checks for the whole server, across reloads.
+            hashing: previous.map_or_else(
+                || Arc::new(Semaphore::new(cpus)),
+                |p| Arc::clone(&p.hashing),
+            ),
             restrict_senders: auth.restrict_senders,
         })
     }

@@ -290,3 +290,37 @@ fn reload_switches_certificates() {
     c.expect("NOOP", 250);
     c.expect("QUIT", 221);
 }
+
+/// The start's refusal to run as root with a listener reachable from other hosts (and
+/// no `user`) holds for a reload too.
+#[test]
+fn a_reload_cannot_add_a_public_listener_to_a_root_server_without_user() {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root (CI runs as root)");
+        return;
+    }
+    let server = Server::start("", "");
+    let public = free_port();
+    let text = std::fs::read_to_string(&server.config).unwrap().replace(
+        "[relay]\n",
+        &format!("[[listener]]\naddress = \"0.0.0.0:{public}\"\ntls = \"none\"\n\n[relay]\n"),
+    );
+    std::fs::write(&server.config, text).unwrap();
+    // check-config refuses it too, so the CLI stops first; SIGHUP reaches the server.
+    let (code, _, err) = reload(&server);
+    assert_eq!(code, 1, "{err}");
+    sighup(&server);
+    wait_until("the reload to be refused", Duration::from_secs(10), || {
+        server.log().contains("refusing to run as root")
+    });
+    assert!(std::net::TcpStream::connect(("127.0.0.1", public)).is_err());
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        .unwrap_or(false)
+}

@@ -629,3 +629,56 @@ fn debian_package_builds_and_holds_a_working_relay() {
     assert!(!out.contains("listener 0.0.0.0"), "{out}");
     assert!(out.contains("then runs as user nobody"), "{out}");
 }
+
+/// As root with `user`, the spool (the user's own after the first start) is checked
+/// before root opens it: a `lock` linked to a root file, or an entry that is not the
+/// spool's, stops the start and nothing is written through it; only the spool's own
+/// entries are handed over.
+#[test]
+fn as_root_a_spool_with_planted_links_is_refused() {
+    if euid() != 0 {
+        eprintln!("skipped: the spool check needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(spool.join("log")).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "root's own\n").unwrap();
+    std::os::unix::fs::symlink(&victim, spool.join("lock")).unwrap();
+    let config = dir.path().join("postern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = \"{}\"\nuser = \"nobody\"\n[[listener]]\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\n",
+            spool.display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let (code, out, err) = run_cli(&["serve", "--config", cfg]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("refusing to open the spool as root") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's own\n");
+
+    // Something that is not the spool's at its top: refused, and not given away.
+    std::fs::remove_file(spool.join("lock")).unwrap();
+    std::fs::write(spool.join("other-daemon.db"), "x").unwrap();
+    let (code, _, err) = run_cli(&["serve", "--config", cfg]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("other-daemon.db") && err.contains("not part of a Postern spool"),
+        "{err}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(spool.join("other-daemon.db"))
+            .unwrap()
+            .uid(),
+        0
+    );
+}
