@@ -103,6 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // Everything that needs root is open (listeners, spool, keys, the control socket):
     // give root up, before delivery writes anything into the spool.
     privileges.apply(&prepared.config.spool_dir)?;
+    warn_unreadable(&prepared.config);
     let Some(delivery_settings) = prepared.delivery.take() else {
         bail!("internal error: delivery settings missing");
     };
@@ -458,6 +459,35 @@ impl Server {
             limits,
             stop,
             task,
+        }
+    }
+}
+
+/// After a privilege drop: the files a reload (or the certificate watcher) reads again
+/// must be readable by the user we now are; say so at once rather than at the first
+/// reload or renewal.
+fn warn_unreadable(config: &Config) {
+    let mut files: Vec<(&str, &std::path::Path)> = Vec::new();
+    if let Some(t) = &config.tls {
+        files.push(("tls.cert", &t.cert));
+        files.push(("tls.key", &t.key));
+    }
+    if let Some(f) = &config.auth.users_file {
+        files.push(("auth.users_file", f));
+    }
+    if let Some(f) = &config.relay.recipients_file {
+        files.push(("relay.recipients_file", f));
+    }
+    for d in &config.dkim {
+        files.push(("dkim.key", &d.key));
+    }
+    if let Some(f) = &config.source {
+        files.push(("the configuration file", f));
+    }
+    for (key, path) in files {
+        if let Err(e) = std::fs::File::open(path) {
+            tracing::warn!(key, path = %path.display(), error = %e,
+                "not readable after the privilege drop: reloads (and certificate renewal) will fail until it is");
         }
     }
 }
