@@ -313,6 +313,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     _ = shutdown.wait_for(|stop| *stop) => session.shutdown(),
                 }
             }
+            // Never asked for yet (`Session::ask_sender` is not called).
+            Event::Sender(_) => session.answer_sender(Ok(())),
             Event::Recipient(req) => {
                 let ip = session.peer().ip();
                 if let Some(lists) = &shared.dnsbl
