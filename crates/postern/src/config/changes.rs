@@ -75,6 +75,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         routes,
         delivery,
         filters,
+        milters,
         metrics,
     } = new;
     c.note("hostname", &old.hostname, hostname);
@@ -118,6 +119,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     c.note("route", &old.routes, routes);
     delivery_changes(&mut c, &old.delivery, delivery);
     c.note("filter", &old.filters, filters);
+    c.note("milter", &old.milters, milters);
     c.restart_note("metrics", &old.metrics, metrics);
     c
 }

@@ -41,6 +41,8 @@ pub(crate) struct RawConfig {
     pub delivery: Option<RawDelivery>,
     #[serde(default)]
     pub filter: Vec<S<RawFilter>>,
+    #[serde(default)]
+    pub milter: Vec<S<RawMilter>>,
     pub metrics: Option<S<RawMetrics>>,
 }
 
@@ -163,6 +165,32 @@ pub(crate) enum RawFilterAction {
     Discard,
     Quarantine,
     Redirect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMilter {
+    pub name: S<String>,
+    pub address: S<String>,
+    pub clients: Option<S<RawMilterClients>>,
+    pub connect_timeout: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub on_failure: Option<S<RawOnFailure>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawMilterClients {
+    Any,
+    Untrusted,
+    Relayed,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawOnFailure {
+    Tempfail,
+    Accept,
 }
 
 #[derive(Debug, Deserialize)]
