@@ -58,6 +58,9 @@ pub(super) struct Conn {
     pub(super) helo: Option<(String, bool)>,
 }
 
+/// A reply extended by `SMFIR_PROGRESS` may take at most this many `timeout`s.
+pub const MAX_PROGRESS: u32 = 10;
+
 /// How long each wait for a reply took, for the latency histogram.
 pub(super) type Latency<'a> = &'a mut (dyn FnMut(Duration) + Send);
 
@@ -135,7 +138,10 @@ impl Conn {
 
     /// Sends what is pending, then reads until the decision (or, in negotiation, its
     /// end: read as `Continue`). `SMFIR_PROGRESS` restarts the timeout, as libmilter's
-    /// smfi_progress is meant to and Postfix's milter8_event does.
+    /// smfi_progress is meant to and Postfix's milter8_event does; but however often it
+    /// comes, one reply may take at most [`MAX_PROGRESS`] times `timeout` (neither
+    /// Sendmail nor Postfix caps it; a milter stuck in a progress loop would otherwise
+    /// hold the SMTP session forever).
     async fn answer(
         &mut self,
         timeout: Duration,
@@ -146,6 +152,7 @@ impl Conn {
         self.flush(timeout).await?;
         let started = Instant::now();
         let mut deadline = started + timeout;
+        let last = started + timeout.saturating_mul(MAX_PROGRESS);
         let mut held: u64 = actions.iter().map(action_size).sum();
         loop {
             while let Some(event) = self.codec.poll_event() {
@@ -154,7 +161,7 @@ impl Conn {
                         latency(started.elapsed());
                         return Ok(Decision::Continue);
                     }
-                    Event::Progress => deadline = Instant::now() + timeout,
+                    Event::Progress => deadline = (Instant::now() + timeout).min(last),
                     Event::Action(a) => {
                         held += action_size(&a);
                         if held > limit {

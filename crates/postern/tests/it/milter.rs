@@ -211,6 +211,24 @@ fn every_stage_and_action_of_a_libmilter_milter() {
     assert!(text.starts_with("Received: from client.test"), "{text}");
     delivered(&sink, "after-rset");
 
+    // BDAT ends a message as DATA does.
+    let mut c = server.client(OUTSIDE);
+    c.hello();
+    c.expect("MAIL FROM:<sender@outside.test>", 250);
+    c.expect("RCPT TO:<user@accepted.test>", 250);
+    let body = message("bdat-chunks", "");
+    let (first, second) = body.split_at(40);
+    c.line(&format!("BDAT {}", first.len()));
+    c.send(first.as_bytes());
+    assert_eq!(c.reply().code, 250);
+    c.line(&format!("BDAT {} LAST", second.len()));
+    c.send(second.as_bytes());
+    let r = c.reply();
+    assert_eq!(r.code, 250, "{}", r.text());
+    c.cmd("QUIT");
+    let text = delivered(&sink, "bdat-chunks").data_str();
+    assert!(text.contains("X-Scenario: scenario i="), "{text}");
+
     // End of message: reject (multi-line), tempfail, discard.
     let (code, text) = send(&server, OUTSIDE, "sender@outside.test", "reject-me", "");
     assert_eq!(
