@@ -790,3 +790,6 @@ fn apply_envelope(
     }
     parts.join(", ")
 }
+
+#[cfg(test)]
+mod tests;
