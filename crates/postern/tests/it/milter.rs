@@ -736,3 +736,33 @@ fn opendkim_signs_and_the_signature_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_reload_that_adds_a_milter_applies_to_new_sessions() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port().to_string();
+    let _m = scenario(&port, "late", "script");
+    let server = relay(&sink, "");
+    // Open across the reload: keeps the (no) milters it started with.
+    let mut old = server.client(OUTSIDE);
+    old.hello();
+
+    let text = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(
+        &server.config,
+        format!(
+            "{text}{}",
+            milter_section("late", &format!("127.0.0.1:{port}"), "")
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["reload", "--config", server.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("milter"), "{out}");
+
+    let mut new = server.client(OUTSIDE);
+    new.hello();
+    let r = new.cmd("MAIL FROM:<mail-reject@outside.test>");
+    assert_eq!(r.text(), "550 5.7.0 custom sender refusal");
+    old.expect("MAIL FROM:<mail-reject@outside.test>", 250);
+}
