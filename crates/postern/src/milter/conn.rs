@@ -190,8 +190,17 @@ impl Conn {
         }
     }
 
-    /// QUIT and close, without waiting long: the session is over either way.
+    /// QUIT and close, without waiting long: the session is over either way. A
+    /// transaction still open is aborted first (ABORT, then QUIT), so that the milter's
+    /// abort callback runs, as Postfix's smtpd resets its milters before it disconnects
+    /// them.
     pub(super) async fn quit(mut self) {
+        if matches!(
+            self.codec.phase(),
+            codec::Phase::Transaction | codec::Phase::MessageDecided
+        ) {
+            let _ = self.codec.abort();
+        }
         if self.codec.quit().is_ok() {
             let _ = self.flush(Duration::from_secs(1)).await;
         }
