@@ -20,7 +20,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  postconf -e "smtpd_milters =" >/dev/null 2>&1
+  postconf -X smtpd_milters milter_protocol milter_default_action >/dev/null 2>&1
   postfix stop >/dev/null 2>&1
   rm -rf "$work"
 }
