@@ -9,6 +9,7 @@
 #        bench/relay.sh 4096 10 1000 100
 # Builds the release binary, writes a config to a temp dir, starts Postern, runs the
 # harness with -w (peak RSS/PSS of Postern) and -Q (queue empty), stops Postern.
+# EXTRA_CONF is appended to the config (bench/milter.sh puts [[milter]] there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=$1 CONC=$2 COUNT=$3 RCPTS=${4:-1}
@@ -41,6 +42,7 @@ tls = "none"
 [delivery]
 max_concurrency = 100
 per_domain_concurrency = 20
+${EXTRA_CONF:-}
 CONF
 RUST_LOG=${RUST_LOG:-warn} "$BIN" serve --config "$tmp/postern.toml" 2>"$tmp/log" &
 pid=$!

@@ -27,6 +27,9 @@ fuzz_target!(|data: &[u8]| {
         cipher: "X".into(),
     });
     let mut s = Session::new(config, Peer { addr: "192.0.2.1:1".parse().unwrap(), tls });
+    if flags & 64 != 0 {
+        s.ask_sender();
+    }
     let size = usize::from(*chunk).max(1);
     let mut out = 0usize;
     'outer: for piece in input.chunks(size) {
@@ -41,6 +44,11 @@ fuzz_target!(|data: &[u8]| {
                     out += n;
                 }
                 Event::Close => break 'outer,
+                Event::Sender(r) => s.answer_sender(if r.sender.to_string().contains('x') {
+                    Err(catalogue::relay_denied())
+                } else {
+                    Ok(())
+                }),
                 Event::Recipient(r) => s.answer_recipient(if r.recipient.is_routed() {
                     Err(catalogue::relay_denied())
                 } else {

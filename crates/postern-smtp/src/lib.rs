@@ -30,5 +30,6 @@ pub use client::{
 };
 pub use reply::{Reply, Status, catalogue};
 pub use server::{
-    AuthRequest, Event, Message, Peer, RecipientRequest, Refusals, Session, SessionConfig, TlsInfo,
+    AuthRequest, Event, Message, Peer, RecipientRequest, Refusals, SenderRequest, Session,
+    SessionConfig, TlsInfo,
 };

@@ -119,6 +119,19 @@ pub struct RecipientRequest {
     pub postmaster: bool,
 }
 
+/// A MAIL command the core found valid, which the driver must answer with
+/// [`Session::answer_sender`] (asked only after [`Session::ask_sender`]).
+#[derive(Clone, Debug)]
+pub struct SenderRequest {
+    pub sender: ReversePath,
+    /// MAIL parameters as received (validated; AUTH= dropped).
+    pub params: Vec<Param>,
+    /// The EHLO/HELO argument.
+    pub helo: String,
+    /// Identity established by SMTP AUTH, if any.
+    pub authenticated: Option<String>,
+}
+
 /// Credentials the driver must check, then call [`Session::answer_auth`].
 #[derive(Clone)]
 pub struct AuthRequest {
@@ -258,6 +271,9 @@ pub enum Event {
     /// Replies have piled up ([`MAX_PENDING_OUTPUT`]): send the output, then poll again
     /// without reading (more commands are already buffered).
     Flush,
+    /// Answer with [`Session::answer_sender`] before polling again. Only when the driver
+    /// asked for it ([`Session::ask_sender`]: it has milters to consult at MAIL).
+    Sender(SenderRequest),
     /// Answer with [`Session::answer_recipient`] before polling again.
     Recipient(RecipientRequest),
     /// Store (or refuse) the message, then call [`Session::answer_message`].
@@ -300,6 +316,7 @@ enum State {
     Connected,
     Ready,
     Transaction,
+    AwaitSender,
     AwaitRecipient,
     Data(DataReader),
     /// Reading a BDAT chunk: `remaining` octets still to come.
@@ -352,6 +369,10 @@ pub struct Session {
     transaction: Option<Transaction>,
     /// The recipient waiting for the driver's decision.
     pending_recipient: Option<Address>,
+    /// Ask the driver about each MAIL ([`Event::Sender`]).
+    ask_sender: bool,
+    /// The transaction MAIL would open, waiting for the driver's decision.
+    pending_transaction: Option<Transaction>,
     authenticated: Option<String>,
     input: Vec<u8>,
     /// Start of unprocessed input.
@@ -378,6 +399,8 @@ impl Session {
             greeting: None,
             transaction: None,
             pending_recipient: None,
+            ask_sender: false,
+            pending_transaction: None,
             authenticated: None,
             input: Vec::new(),
             pos: 0,
@@ -475,6 +498,42 @@ impl Session {
             self.pos = 0;
         }
         self.input.extend_from_slice(bytes);
+    }
+
+    /// From now on, each valid MAIL is put to the driver as [`Event::Sender`] before it
+    /// is answered (the driver has milters that may refuse it).
+    pub fn ask_sender(&mut self) {
+        self.ask_sender = true;
+    }
+
+    /// The driver's answer to [`Event::Sender`]: `Ok` opens the transaction (250), `Err`
+    /// refuses MAIL with the given reply, counted toward `max_errors` as a refused RCPT
+    /// is (Postfix's error limits count every refusal: a client cannot make the driver
+    /// ask its milters without end). A 421 closes the session after it (RFC 5321 3.8).
+    pub fn answer_sender(&mut self, decision: Result<(), Reply>) {
+        let State::AwaitSender = self.state else {
+            debug_assert!(false, "answer_sender without a question");
+            return;
+        };
+        self.state = State::Ready;
+        let Some(t) = self.pending_transaction.take() else {
+            return;
+        };
+        match decision {
+            Ok(()) => {
+                self.transaction = Some(t);
+                self.state = State::Transaction;
+                self.reply(catalogue::sender_ok());
+            }
+            Err(reply) if reply.code == 421 => self.close_with(reply),
+            Err(reply) => self.protocol_error(reply),
+        }
+    }
+
+    /// A mail transaction is open (MAIL accepted, not yet ended by the end of the
+    /// message, RSET, EHLO/HELO or STARTTLS).
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
     }
 
     /// The driver's answer to [`Event::Recipient`]: `Ok` accepts, `Err` refuses with
@@ -587,7 +646,8 @@ impl Session {
         loop {
             match &mut self.state {
                 State::Closed => return Event::Close,
-                State::AwaitRecipient
+                State::AwaitSender
+                | State::AwaitRecipient
                 | State::AwaitMessage
                 | State::AwaitTls
                 | State::AwaitAuth => {
@@ -754,7 +814,10 @@ impl Session {
         match cmd {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
-            Command::Mail { from, params } => self.mail(from, params),
+            Command::Mail { from, params } => {
+                self.mail(from, params);
+                return self.sender_question();
+            }
             Command::Rcpt { to, params } => return self.rcpt(to, params),
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
@@ -863,15 +926,39 @@ impl Session {
             return self.reply(catalogue::needs_smtputf8());
         }
         let params = params.into_iter().filter(|p| p.keyword != "AUTH").collect();
-        self.transaction = Some(Transaction {
+        let t = Transaction {
             sender: from,
             params,
             smtputf8,
             recipients: Vec::new(),
             chunks: None,
-        });
+        };
+        if self.ask_sender {
+            // Answered in `answer_sender`; `command` hands out the question.
+            self.pending_transaction = Some(t);
+            self.state = State::AwaitSender;
+            return;
+        }
+        self.transaction = Some(t);
         self.state = State::Transaction;
         self.reply(catalogue::sender_ok());
+    }
+
+    /// The [`Event::Sender`] for a MAIL that `mail` left waiting, if it did.
+    fn sender_question(&self) -> Option<Event> {
+        let (State::AwaitSender, Some(t)) = (&self.state, &self.pending_transaction) else {
+            return None;
+        };
+        Some(Event::Sender(SenderRequest {
+            sender: t.sender.clone(),
+            params: t.params.clone(),
+            helo: self
+                .greeting
+                .as_ref()
+                .map(|g| g.0.clone())
+                .unwrap_or_default(),
+            authenticated: self.authenticated.clone(),
+        }))
     }
 
     fn rcpt(&mut self, to: Address, params: Vec<Param>) -> Option<Event> {

@@ -12,12 +12,16 @@
 //! 2. **Screen** ([`Intake::screen`]): the `[[filter]]` screener, off the executor. It sees
 //!    the message as the client sent it and can reject, discard, quarantine or redirect
 //!    it; it never grants relay.
-//! 3. *Milters, then authentication checks (SPF, DKIM, DMARC)* go here when they come,
-//!    each a method of the same shape: it sees the screened message, may add header
-//!    fields, and ends the intake with an outcome or lets it go on.
+//! 3. **Milters** ([`Intake::milters`]): the session's `[[milter]]`s at end of message
+//!    (`crate::milter`), in order, each seeing the message as the previous one left it;
+//!    they may change header fields, the envelope and the body, and reject, tempfail,
+//!    discard or quarantine it. Not for a message a filter quarantined (it is held for a
+//!    person anyway). *Authentication checks (SPF, DKIM, DMARC)* go after them when they
+//!    come, a method of the same shape.
 //! 4. **Sign** ([`Intake::sign`]): DKIM signatures (`[[dkim]]`) for mail from trusted or
-//!    authenticated clients, over the message as it will be stored and sent; last before
-//!    the trace, so every earlier change is covered (interface: "Mail authentication").
+//!    authenticated clients, over the message as it will be stored and sent; after the
+//!    milters and before the trace, so every change is covered (interface: "Mail
+//!    authentication").
 //! 5. **Trace** ([`Intake::trace`]): our `Received:` (and a redirect's
 //!    `X-Postern-Redirected:`) put in front of the body in place, without a second copy.
 //! 6. **Spool** ([`Intake::spool`]): the quarantine, or the queue (then delivery is told,
@@ -41,6 +45,7 @@ use crate::dkim::Signer;
 use crate::filter::{Screener, Verdict};
 use crate::maillog;
 use crate::metrics::{Metrics, Rejection};
+use crate::milter::{self, Chain};
 use crate::queue::{Envelope, QueueId, Spool, SpoolError, StoredMessage};
 
 /// What became of a message handed to the intake; each carries the reply the client gets.
@@ -68,6 +73,12 @@ pub enum Outcome {
     },
     /// Refused for good by a filter (550 5.7.1).
     Rejected { id: QueueId, reply: Reply },
+    /// Refused by a milter, for good or for now (its reply, or 550 5.7.1 / 451 4.7.1).
+    MilterRefused {
+        id: QueueId,
+        milter: String,
+        reply: Reply,
+    },
     /// Not taken now; the client sends it again later (452 or 451).
     Tempfailed { why: Tempfail, reply: Reply },
 }
@@ -96,6 +107,7 @@ impl Outcome {
             | Outcome::Discarded { reply, .. }
             | Outcome::Redirected { reply, .. }
             | Outcome::Rejected { reply, .. }
+            | Outcome::MilterRefused { reply, .. }
             | Outcome::Tempfailed { reply, .. } => reply,
         }
     }
@@ -111,7 +123,8 @@ enum Route {
     Queue,
     /// The queue, for `to` instead (a filter's `redirect`, named `rule`).
     Redirect { to: String, rule: String },
-    /// The quarantine (a filter's `quarantine`, named `rule`).
+    /// The quarantine (a filter's `quarantine`, named `rule`; a milter's is
+    /// `milter:NAME`).
     Quarantine { rule: String, reason: String },
 }
 
@@ -151,16 +164,21 @@ impl Intake {
 
     /// Runs the steps (module header) on `message`, whose body `reservation` already
     /// covers; counts and logs the outcome and returns it. The reservation may have grown
-    /// (the caller shrinks it when the session is done with the message). `relayed`: the
-    /// client is trusted or authenticated (its mail is signed).
+    /// (the caller shrinks it when the session is done with the message). `milters`: the
+    /// session's conversation with its milters; `relayed`: the client is trusted or
+    /// authenticated (its mail is signed).
     pub async fn accept(
         &self,
         mut message: Message,
         reservation: &mut Reservation,
+        milters: &mut Chain,
         relayed: bool,
     ) -> Outcome {
         let body = std::mem::take(&mut message.body);
-        let (outcome, queued) = match self.run(&message, body, reservation, relayed).await {
+        let (outcome, queued) = match self
+            .run(&mut message, body, reservation, milters, relayed)
+            .await
+        {
             Ok(done) => done,
             Err(outcome) => (outcome, None),
         };
@@ -175,19 +193,22 @@ impl Intake {
     /// handed to delivery once the outcome is logged.
     async fn run(
         &self,
-        message: &Message,
+        message: &mut Message,
         body: Vec<u8>,
         reservation: &mut Reservation,
+        milters: &mut Chain,
         relayed: bool,
     ) -> Step<(Outcome, Option<StoredMessage>)> {
         self.reserve(body.len() as u64, reservation)?;
         let id = self.spool.new_id();
-        let sender = match &message.sender {
-            ReversePath::Null => String::new(),
-            ReversePath::Mailbox(a) => a.to_string(),
-        };
+        let sender = sender_text(&message.sender);
         let (route, body) = self.screen(message, id, &sender, body).await?;
-        // Milters and authentication checks come here (module header).
+        let (route, body) = self
+            .milters(message, id, route, body, reservation, milters)
+            .await?;
+        // A milter may have changed the sender.
+        let sender = sender_text(&message.sender);
+        // Authentication checks come here (module header).
         let (body, signatures) = self.sign(id, relayed, body).await?;
         let body = self.trace(message, id, &route, &signatures, body);
         Ok(self.spool(message, id, sender, route, body).await)
@@ -256,6 +277,54 @@ impl Intake {
                 body,
             )),
             FilterAction::Redirect(to) => Ok((Route::Redirect { to, rule: v.rule }, body)),
+        }
+    }
+
+    /// Step 3. The milters at end of message (`crate::milter`). Their decisions are
+    /// logged and counted where they are made; the outcome here.
+    async fn milters(
+        &self,
+        message: &mut Message,
+        id: QueueId,
+        route: Route,
+        mut body: Vec<u8>,
+        reservation: &mut Reservation,
+        milters: &mut Chain,
+    ) -> Step<(Route, Vec<u8>)> {
+        if milters.is_empty() || matches!(route, Route::Quarantine { .. }) {
+            return Ok((route, body));
+        }
+        let id_text = id.to_string();
+        let envelope = milter::Envelope {
+            sender: &mut message.sender,
+            params: &mut message.params,
+            recipients: &mut message.recipients,
+        };
+        match milters
+            .end_of_message(&id_text, envelope, &mut body, reservation)
+            .await
+        {
+            milter::Verdict::Go { quarantine: None } => Ok((route, body)),
+            milter::Verdict::Go {
+                quarantine: Some((milter, reason)),
+            } => Ok((
+                Route::Quarantine {
+                    rule: format!("milter:{milter}"),
+                    reason,
+                },
+                body,
+            )),
+            milter::Verdict::Refused { milter, reply } => {
+                Err(Outcome::MilterRefused { id, milter, reply })
+            }
+            milter::Verdict::Discarded { .. } => Err(Outcome::Discarded {
+                id,
+                reply: catalogue::queued(&id_text),
+            }),
+            milter::Verdict::Memory { wanted } => Err(Outcome::Tempfailed {
+                why: Tempfail::Memory { wanted },
+                reply: catalogue::insufficient_storage(),
+            }),
         }
     }
 
@@ -415,6 +484,7 @@ impl Intake {
                 self.metrics.message_accepted();
             }
             Outcome::Rejected { .. } => self.metrics.message_rejected(Rejection::Filter),
+            Outcome::MilterRefused { .. } => self.metrics.message_rejected(Rejection::Milter),
             Outcome::Tempfailed { why, .. } => match why {
                 Tempfail::Memory { wanted } => {
                     maillog::memory_refused(peer, *wanted, self.budget.used());
@@ -430,6 +500,13 @@ impl Intake {
                 }
             },
         }
+    }
+}
+
+fn sender_text(sender: &ReversePath) -> String {
+    match sender {
+        ReversePath::Null => String::new(),
+        ReversePath::Mailbox(a) => a.to_string(),
     }
 }
 
@@ -543,7 +620,9 @@ mod tests {
     async fn accept(f: &Fixture) -> Outcome {
         let mut reservation = f.budget.reservation();
         assert!(reservation.resize(BODY.len() as u64));
-        f.intake.accept(message(), &mut reservation, false).await
+        f.intake
+            .accept(message(), &mut reservation, &mut Chain::none(), false)
+            .await
     }
 
     fn counted(f: &Fixture, line: &str) -> bool {

@@ -1,6 +1,6 @@
 //! Postern, an SMTP relay. The modules follow the mail's path:
 //!
-//! listener → session → policy → filter → intake → queue → delivery
+//! listener → session → policy → filter → milter → intake → queue → delivery
 //!
 //! - [`listener`]: binds sockets, enforces connection limits, spawns sessions.
 //! - [`session`]: drives the sans-IO protocol core (`postern_smtp`) over a socket.
@@ -8,6 +8,8 @@
 //!   blocklist lookups).
 //! - [`filter`]: the message screener, pure.
 //! - [`dkim`]: DKIM keys and the signing of relayed mail, an intake step.
+//! - [`milter`]: the milter driver: the session's conversation with each `[[milter]]`
+//!   (MAIL, RCPT, and end of message inside the intake).
 //! - [`intake`]: end of DATA to the spool, in ordered steps; one outcome per message.
 //! - [`queue`]: the durable spool (group-committed segment log).
 //! - [`delivery`]: the queue runner, routing, the SMTP client, bounces.
@@ -29,6 +31,7 @@ pub mod session;
 pub mod policy;
 pub mod filter;
 pub mod dkim;
+pub mod milter;
 pub mod intake;
 pub mod queue;
 pub mod delivery;

@@ -136,6 +136,48 @@ pub fn filtered(
         "message filtered");
 }
 
+/// A milter's decision at a stage (`connect`, `helo`, `mail`, `rcpt`, `data`, `header`,
+/// `eoh`, `body`, `eom`): `continue` at debug level, every other at info. `changes`
+/// summarises what it changed at end of message; `reply` is its own SMTP reply, if it
+/// gave one.
+pub fn milter_decision(
+    milter: &str,
+    stage: &str,
+    action: &str,
+    client: SocketAddr,
+    changes: &str,
+    reply: &str,
+) {
+    if action == "continue" && changes.is_empty() {
+        tracing::debug!(target: "maillog", milter = %milter, stage = %stage, action = %action,
+            %client, "milter decision");
+    } else {
+        tracing::info!(target: "maillog", milter = %milter, stage = %stage, action = %action,
+            %client, changes = %changes, reply = %reply, "milter decision");
+    }
+}
+
+/// A milter failed (connect, timeout, protocol error, closed, not a milter);
+/// `on_failure` says what became of the mail.
+pub fn milter_failed(
+    milter: &str,
+    stage: &str,
+    client: SocketAddr,
+    error: &dyn Display,
+    on_failure: &str,
+) {
+    tracing::warn!(target: "maillog", milter = %milter, stage = %stage, %client,
+        %error, on_failure = %on_failure,
+        "milter failed: {error}; on_failure={on_failure}");
+}
+
+/// A milter gave an address (or an ESMTP argument) Postern cannot carry; it was left out.
+pub fn milter_bad_address(milter: &str, client: SocketAddr, value: &str) {
+    let value: String = value.chars().take(200).collect();
+    tracing::warn!(target: "maillog", milter = %milter, %client, value = %value.escape_debug(),
+        "milter change ignored: not a mailbox or ESMTP argument Postern carries");
+}
+
 /// A message could not be stored; the client got a 4xx and will retry.
 pub fn message_store_failed(
     client: SocketAddr,

@@ -398,7 +398,10 @@ impl Server {
             metrics: Arc::clone(&self.metrics),
             budget: Arc::clone(&self.budget),
             ourselves: crate::ourselves::Ourselves::from_config(config),
+            milters: config.milters.clone(),
         });
+        self.metrics
+            .add_milters(config.milters.iter().map(|m| m.name.as_str()));
         self.auth = auth;
 
         let mut bound: HashMap<SocketAddr, TcpListener> = bound.into_iter().collect();

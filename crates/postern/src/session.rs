@@ -25,6 +25,7 @@ use crate::config::{AuthMode, Config, Listener, TlsMode};
 use crate::intake::Intake;
 use crate::maillog;
 use crate::metrics::{Metrics, Rejection};
+use crate::milter::{self, Chain};
 use crate::policy::dnsbl::Dnsbl;
 use crate::policy::{Client, Decision, Facts, RelayPolicy};
 use crate::tls::ServerTls;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub budget: Arc<MemoryBudget>,
     /// Our own addresses, to refuse address literals that are us.
     pub ourselves: crate::ourselves::Ourselves,
+    /// The `[[milter]]`s, in order: each session talks to them (`crate::milter`).
+    pub milters: Vec<crate::config::Milter>,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -188,7 +191,20 @@ pub async fn run(
     } else {
         (Stream::Plain(tcp), None)
     };
+    let mut milters = Chain::new(
+        &shared.milters,
+        milter::Client {
+            peer,
+            hostname: settings.protocol.hostname.clone(),
+            tls: tls.clone(),
+        },
+        Arc::clone(&shared.metrics),
+        settings.protocol.max_message_size,
+    );
     let mut session = Session::new(settings.protocol.clone(), Peer { addr: peer, tls });
+    if !milters.is_empty() {
+        session.ask_sender();
+    }
     // The DNSBL answer for this client, looked up at most once per connection.
     let mut dnsbl: Option<Option<String>> = None;
     let reason = loop {
@@ -198,6 +214,7 @@ pub async fn run(
             settings,
             shared,
             &mut dnsbl,
+            &mut milters,
             shutdown.clone(),
         )
         .await
@@ -209,6 +226,7 @@ pub async fn run(
                 };
                 match handshake(server_tls, tcp, handshake_timeout).await {
                     Ok((s, info)) => {
+                        milters.tls_established(info.clone());
                         session.tls_established(info);
                         stream = Stream::Tls(Box::new(s));
                     }
@@ -220,6 +238,7 @@ pub async fn run(
             }
         }
     };
+    milters.quit().await;
     maillog::disconnected(peer, reason);
 }
 
@@ -252,6 +271,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     settings: &Settings,
     shared: &Shared,
     dnsbl: &mut Option<Option<String>>,
+    milters: &mut Chain,
     mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
     let timeout = settings.command_timeout;
@@ -277,6 +297,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if *shutdown.borrow() {
                     session.shutdown();
                     continue;
+                }
+                // RSET, EHLO, STARTTLS or a refused message ended the transaction: the
+                // milters still in it are told (SMFIC_ABORT) before the next command.
+                if !session.in_transaction() {
+                    milters.reset().await;
                 }
                 let mut wait = timeout;
                 if session.in_message() {
@@ -312,6 +337,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     },
                     _ = shutdown.wait_for(|stop| *stop) => session.shutdown(),
                 }
+            }
+            Event::Sender(req) => {
+                let relayed =
+                    req.authenticated.is_some() || shared.policy.is_trusted(session.peer().ip());
+                let answer = milters.mail(&req, relayed).await;
+                session.answer_sender(answer);
             }
             Event::Recipient(req) => {
                 let ip = session.peer().ip();
@@ -349,7 +380,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         )
                     }
                 }
-                session.answer_recipient(decision.into_result());
+                let mut answer = decision.into_result();
+                if answer.is_ok() {
+                    answer = milters.rcpt(&req.recipient).await;
+                }
+                session.answer_recipient(answer);
             }
             Event::Authenticate(req) => {
                 let answer = match &shared.auth {
@@ -375,7 +410,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     message.authenticated.is_some() || shared.policy.is_trusted(message.peer.ip());
                 let outcome = shared
                     .intake
-                    .accept(*message, &mut reservation, relayed)
+                    .accept(*message, &mut reservation, milters, relayed)
                     .await;
                 reservation.resize(0);
                 session.answer_message(outcome.into_reply());
@@ -541,6 +576,7 @@ mod tests {
             metrics,
             budget,
             ourselves: Ourselves::from_config(&config),
+            milters: Vec::new(),
         };
         Fixture {
             _dir: dir,
@@ -565,12 +601,14 @@ mod tests {
             );
             let (_stop, shutdown) = watch::channel(false);
             let mut dnsbl = None;
+            let mut milters = Chain::none();
             match drive(
                 &mut server,
                 &mut session,
                 &f.settings,
                 &f.shared,
                 &mut dnsbl,
+                &mut milters,
                 shutdown,
             )
             .await

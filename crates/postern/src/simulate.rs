@@ -439,6 +439,8 @@ impl Driver<'_, '_> {
         loop {
             match self.session.poll() {
                 Event::Flush => continue,
+                // Never asked for (no milters here).
+                Event::Sender(_) => self.session.answer_sender(Ok(())),
                 Event::Recipient(req) => {
                     let client = Client {
                         ip: self.client,

@@ -1,6 +1,7 @@
 //! Session tests without sockets: TLS and AUTH sequences, driven byte by byte.
 
 use super::*;
+use crate::Status;
 use base64::Engine;
 
 fn b64(s: &str) -> String {
@@ -19,6 +20,10 @@ struct Driver {
     flushes: Vec<usize>,
     /// The recipient requests seen.
     recipients: Vec<RecipientRequest>,
+    /// The answer to each [`Event::Sender`] (after `ask_sender`): a refusal, or `None`.
+    sender_answer: Option<Reply>,
+    /// The sender requests seen.
+    senders: Vec<SenderRequest>,
 }
 
 fn good(r: &AuthRequest) -> Result<String, Reply> {
@@ -47,6 +52,8 @@ impl Driver {
             check: good,
             flushes: Vec::new(),
             recipients: Vec::new(),
+            sender_answer: None,
+            senders: Vec::new(),
         };
         d.pump();
         d
@@ -60,6 +67,11 @@ impl Driver {
                     let out = self.session.take_output();
                     self.flushes.push(out.len());
                     self.out.push_str(&String::from_utf8(out).unwrap());
+                }
+                Event::Sender(r) => {
+                    self.senders.push(r);
+                    let answer = self.sender_answer.clone().map_or(Ok(()), Err);
+                    self.session.answer_sender(answer);
                 }
                 Event::Recipient(r) => {
                     self.recipients.push(r);
@@ -539,4 +551,51 @@ fn bdat_chunks_stay_counted_between_chunks() {
     assert_eq!(d.codes("BDAT 2 LAST\r\nyy"), ["250 2.0.0"]);
     assert!(!d.session.in_message());
     assert_eq!(d.session.body_bytes_after(0), 0);
+}
+
+#[test]
+fn mail_is_put_to_the_driver_only_when_it_asks() {
+    let mut d = Driver::new(SessionConfig::new("mx.test", 1000, 10), false);
+    d.send("EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRSET\r\n");
+    assert!(d.senders.is_empty());
+    assert!(d.out.contains("250 2.1.0"), "{}", d.out);
+
+    d.session.ask_sender();
+    d.sender_answer = Some(Reply::new(
+        550,
+        Some(Status(5, 7, 1)),
+        "sender refused by a milter",
+    ));
+    d.out.clear();
+    d.send("MAIL FROM:<b@c.test> BODY=8BITMIME\r\nRCPT TO:<x@y.test>\r\n");
+    assert_eq!(d.senders.len(), 1);
+    assert_eq!(d.senders[0].sender.to_string(), "<b@c.test>");
+    assert_eq!(d.senders[0].helo, "c.test");
+    assert_eq!(d.senders[0].params[0].to_wire(), "BODY=8BITMIME");
+    assert!(
+        d.out
+            .starts_with("550 5.7.1 sender refused by a milter\r\n503 "),
+        "{}",
+        d.out
+    );
+    assert!(!d.session.in_transaction());
+
+    d.sender_answer = None;
+    d.out.clear();
+    d.send("MAIL FROM:<b@c.test>\r\n");
+    assert!(d.out.starts_with("250 2.1.0"), "{}", d.out);
+    assert!(d.session.in_transaction());
+    d.send("RSET\r\n");
+    assert!(!d.session.in_transaction());
+
+    // A 421 ends the session.
+    d.sender_answer = Some(Reply::new(
+        421,
+        Some(Status(4, 7, 0)),
+        "milter says go away",
+    ));
+    d.out.clear();
+    d.send("MAIL FROM:<b@c.test>\r\nNOOP\r\n");
+    assert_eq!(d.out, "421 4.7.0 milter says go away\r\n");
+    assert!(d.session.is_closed());
 }

@@ -167,6 +167,25 @@ pub(crate) fn describe(c: &Config) -> String {
         ));
     }
 
+    for m in &c.milters {
+        line(format!(
+            "milter {}: {} for {} clients, connect timeout {}, reply timeout {}, on failure {}",
+            m.name,
+            m.address,
+            match m.clients {
+                crate::config::MilterClients::Any => "all",
+                crate::config::MilterClients::Untrusted => "untrusted",
+                crate::config::MilterClients::Relayed => "relayed (trusted or authenticated)",
+            },
+            format_duration(m.connect_timeout),
+            format_duration(m.timeout),
+            match m.on_failure {
+                crate::config::OnFailure::Tempfail => "tempfail (451 4.7.1)",
+                crate::config::OnFailure::Accept => "accept (skip it)",
+            },
+        ));
+    }
+
     line(format!("spool: {}", c.spool_dir.display()));
     line(describe_privileges(c));
     line(format!(

@@ -96,6 +96,8 @@ pub struct Config {
     pub filters: Vec<Filter>,
     /// DKIM signing keys (`[[dkim]]`), in file order.
     pub dkim: Vec<DkimSigning>,
+    /// In file order, after the filters; each sees the message as the previous left it.
+    pub milters: Vec<Milter>,
     pub metrics: Option<Metrics>,
 }
 
@@ -408,6 +410,69 @@ pub const DKIM_HEADERS: &[&str] = &[
     "Content-Type",
     "Content-Transfer-Encoding",
 ];
+/// A mail filter spoken to over the milter protocol (`[[milter]]`, docs/milter.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Milter {
+    /// Unique; in the log and the metrics' `milter` label.
+    pub name: String,
+    pub address: MilterAddress,
+    pub clients: MilterClients,
+    /// Opening the connection (and option negotiation) must take at most this.
+    pub connect_timeout: Duration,
+    /// Each reply of the milter must come within this (`SMFIR_PROGRESS` restarts it).
+    pub timeout: Duration,
+    pub on_failure: OnFailure,
+}
+
+/// Where a milter listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MilterAddress {
+    /// `host:port`: a name or an address (IPv6 in brackets) and a port.
+    Tcp(String),
+    /// `unix:/path`: a Unix domain socket.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for MilterAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MilterAddress::Tcp(a) => f.write_str(a),
+            MilterAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Which sessions a milter sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MilterClients {
+    /// Every client.
+    Any,
+    /// Clients neither in `trusted_networks` nor authenticated.
+    Untrusted,
+    /// Trusted or authenticated clients (mail being relayed out).
+    Relayed,
+}
+
+impl MilterClients {
+    /// Does a milter with this scope see a client that is (or is not) trusted or
+    /// authenticated?
+    pub fn applies(self, relayed: bool) -> bool {
+        match self {
+            MilterClients::Any => true,
+            MilterClients::Untrusted => !relayed,
+            MilterClients::Relayed => relayed,
+        }
+    }
+}
+
+/// What a milter that is down, too slow or broken means for the mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// 451 4.7.1 at the stage: the client tries again later.
+    Tempfail,
+    /// Go on without that milter for the rest of the session (logged).
+    Accept,
+}
 
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -444,6 +509,7 @@ impl Config {
             delivery: Delivery::default_delivery(),
             filters: Vec::new(),
             dkim: Vec::new(),
+            milters: Vec::new(),
             metrics: None,
         }
     }

@@ -46,6 +46,8 @@ pub(crate) struct RawConfig {
     pub filter: Vec<S<RawFilter>>,
     #[serde(default)]
     pub dkim: Vec<S<RawDkim>>,
+    #[serde(default)]
+    pub milter: Vec<S<RawMilter>>,
     pub metrics: Option<S<RawMetrics>>,
 }
 
@@ -179,6 +181,32 @@ pub(crate) struct RawDkim {
     pub subdomains: Option<S<bool>>,
     pub headers: Option<Vec<S<String>>>,
     pub expire: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMilter {
+    pub name: S<String>,
+    pub address: S<String>,
+    pub clients: Option<S<RawMilterClients>>,
+    pub connect_timeout: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub on_failure: Option<S<RawOnFailure>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawMilterClients {
+    Any,
+    Untrusted,
+    Relayed,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawOnFailure {
+    Tempfail,
+    Accept,
 }
 
 #[derive(Debug, Deserialize)]

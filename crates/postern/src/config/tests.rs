@@ -848,3 +848,98 @@ fn config_privileges_keys() {
             .contains("allow_root = true")
     );
 }
+
+#[test]
+fn config_milters() {
+    let c = parse(
+        r#"
+[[milter]]
+name = "rspamd"
+address = "127.0.0.1:11332"
+
+[[milter]]
+name = "clamav"
+address = "unix:/run/clamav/clamav-milter.ctl"
+clients = "untrusted"
+connect_timeout = "2s"
+timeout = "1m"
+on_failure = "accept"
+
+[[milter]]
+name = "dkim"
+address = "[::1]:8891"
+clients = "relayed"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.milters.len(), 3);
+    let m = &c.milters[0];
+    assert_eq!(m.address, MilterAddress::Tcp("127.0.0.1:11332".into()));
+    assert_eq!(
+        (m.clients, m.connect_timeout, m.timeout, m.on_failure),
+        (MilterClients::Any, secs(5), secs(30), OnFailure::Tempfail)
+    );
+    let m = &c.milters[1];
+    assert_eq!(
+        m.address,
+        MilterAddress::Unix("/run/clamav/clamav-milter.ctl".into())
+    );
+    assert_eq!(
+        (m.clients, m.connect_timeout, m.timeout, m.on_failure),
+        (
+            MilterClients::Untrusted,
+            secs(2),
+            secs(60),
+            OnFailure::Accept
+        )
+    );
+    assert_eq!(c.milters[2].clients, MilterClients::Relayed);
+    assert!(MilterClients::Relayed.applies(true) && !MilterClients::Relayed.applies(false));
+    assert!(!MilterClients::Untrusted.applies(true) && MilterClients::Any.applies(true));
+    assert!(Config::builtin_defaults().milters.is_empty());
+
+    for (text, want) in [
+        (
+            "name = \"a\"\naddress = \"localhost\"",
+            "not a milter address",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:0\"",
+            "not a milter address",
+        ),
+        ("name = \"a\"\naddress = \"unix:\"", "needs a socket path"),
+        (
+            "name = \"\"\naddress = \"127.0.0.1:1\"",
+            "must not be empty",
+        ),
+        (
+            "name = \"a b\"\naddress = \"127.0.0.1:1\"",
+            "letters, digits",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\ntimeout = \"0s\"",
+            "greater than zero",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\nclients = \"some\"",
+            "clients",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\non_failure = \"drop\"",
+            "on_failure",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\nmacros = []",
+            "unknown key `macros` in [milter]",
+        ),
+    ] {
+        let err = parse_err(&format!("[[milter]]\n{text}\n"));
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    let err = parse_err(
+        "[[milter]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n\
+         [[milter]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n",
+    );
+    assert!(err.contains("another milter is already named `a`"), "{err}");
+    assert!(err.contains("test.toml:5"), "{err}");
+}

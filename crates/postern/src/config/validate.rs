@@ -15,12 +15,14 @@ use ipnet::IpNet;
 use super::error::ConfigError;
 use super::raw::{
     RawAuth, RawAuthMode, RawConfig, RawDelivery, RawDkim, RawFilter, RawFilterAction, RawListener,
-    RawLogFormat, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
+    RawLogFormat, RawMilter, RawMilterClients, RawOnFailure, RawRelay, RawRoute, RawRouteTls,
+    RawSize, RawTls, RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
     Auth, AuthMode, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter, FilterAction, Listener,
-    LogFormat, Mechanism, Metrics, NextHop, Privileges, Relay, Route, RouteTls, Tls, TlsMode,
+    LogFormat, Mechanism, Metrics, Milter, MilterAddress, MilterClients, NextHop, OnFailure,
+    Privileges, Relay, Route, RouteTls, Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -498,6 +500,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     };
     let filters = filters(&v, &raw.filter)?;
     let dkim = dkim_keys(&v, &raw.dkim)?;
+    let milters = milters(&v, &raw.milter)?;
     let metrics = match &raw.metrics {
         None => None,
         Some(m) => {
@@ -541,6 +544,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         delivery,
         filters,
         dkim,
+        milters,
         metrics,
     })
 }
@@ -1210,6 +1214,86 @@ fn filters(v: &Validator, raw: &[S<RawFilter>]) -> Result<Vec<Filter>> {
             keywords,
             senders,
             action,
+        });
+    }
+    Ok(out)
+}
+
+/// Defaults of `[[milter]]` (interface: "Milters"), Postfix's milter_connect_timeout and
+/// a reply timeout like its milter_command_timeout (30s).
+pub const DEFAULT_MILTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MILTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn milters(v: &Validator, raw: &[S<RawMilter>]) -> Result<Vec<Milter>> {
+    let mut out: Vec<Milter> = Vec::new();
+    for m in raw {
+        let m = m.get_ref();
+        let name = m.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            return v.err(m.name.span(), "milter.name", "must not be empty");
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return v.err(
+                m.name.span(),
+                "milter.name",
+                "letters, digits, `-`, `_` and `.` only (it is a metrics label and a log field)",
+            );
+        }
+        if out.iter().any(|other| other.name == name) {
+            return v.err(
+                m.name.span(),
+                "milter.name",
+                format!("another milter is already named `{name}`"),
+            );
+        }
+        let address = v.parse(&m.address, "milter.address", |s| {
+            let s = s.trim();
+            if let Some(path) = s.strip_prefix("unix:") {
+                if path.is_empty() {
+                    return Err("`unix:` needs a socket path, like unix:/run/milter.sock".into());
+                }
+                return Ok(MilterAddress::Unix(v.resolve(path)));
+            }
+            let bad = || {
+                format!(
+                    "`{s}` is not a milter address (expected host:port like 127.0.0.1:11332, \
+                     or unix:/path/to/socket)"
+                )
+            };
+            let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            if host.is_empty() || host.contains(char::is_whitespace) {
+                return Err(bad());
+            }
+            match port.parse::<u16>() {
+                Ok(p) if p != 0 => Ok(MilterAddress::Tcp(s.to_string())),
+                _ => Err(bad()),
+            }
+        })?;
+        out.push(Milter {
+            name,
+            address,
+            clients: match m.clients.as_ref().map(|c| *c.get_ref()) {
+                None | Some(RawMilterClients::Any) => MilterClients::Any,
+                Some(RawMilterClients::Untrusted) => MilterClients::Untrusted,
+                Some(RawMilterClients::Relayed) => MilterClients::Relayed,
+            },
+            connect_timeout: v.duration(
+                m.connect_timeout.as_ref(),
+                "milter.connect_timeout",
+                DEFAULT_MILTER_CONNECT_TIMEOUT,
+            )?,
+            timeout: v.duration(m.timeout.as_ref(), "milter.timeout", DEFAULT_MILTER_TIMEOUT)?,
+            on_failure: match m.on_failure.as_ref().map(|c| *c.get_ref()) {
+                None | Some(RawOnFailure::Tempfail) => OnFailure::Tempfail,
+                Some(RawOnFailure::Accept) => OnFailure::Accept,
+            },
         });
     }
     Ok(out)

@@ -52,9 +52,11 @@ pub enum Rejection {
     TooManyHops,
     /// `max_message_memory` was in use (452 4.3.1).
     Memory,
+    /// A milter refused it at end of message (its reply, or 550 5.7.1 / 451 4.7.1).
+    Milter,
 }
 
-const REJECTIONS: [(Rejection, &str); 7] = [
+const REJECTIONS: [(Rejection, &str); 8] = [
     (Rejection::Filter, "filter"),
     (Rejection::Size, "size"),
     (Rejection::BareLineEnding, "bare_line_ending"),
@@ -62,7 +64,77 @@ const REJECTIONS: [(Rejection, &str); 7] = [
     (Rejection::StoreFailed, "store_failed"),
     (Rejection::TooManyHops, "too_many_hops"),
     (Rejection::Memory, "memory"),
+    (Rejection::Milter, "milter"),
 ];
+
+/// What a milter decided (`postern_milter_actions_total{milter,action}`): its reply at
+/// a stage, or `failed` (connect, timeout, protocol error: `on_failure` applied).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MilterAction {
+    Continue,
+    Accept,
+    Reject,
+    Tempfail,
+    Discard,
+    /// Asked to quarantine the message (at end of message, beside its decision).
+    Quarantine,
+    Skip,
+    Failed,
+}
+
+impl MilterAction {
+    pub const ALL: [MilterAction; 8] = [
+        MilterAction::Continue,
+        MilterAction::Accept,
+        MilterAction::Reject,
+        MilterAction::Tempfail,
+        MilterAction::Discard,
+        MilterAction::Quarantine,
+        MilterAction::Skip,
+        MilterAction::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MilterAction::Continue => "continue",
+            MilterAction::Accept => "accept",
+            MilterAction::Reject => "reject",
+            MilterAction::Tempfail => "tempfail",
+            MilterAction::Discard => "discard",
+            MilterAction::Quarantine => "quarantine",
+            MilterAction::Skip => "skip",
+            MilterAction::Failed => "failed",
+        }
+    }
+
+    /// The action of a decision (a milter's own reply by its code).
+    pub fn of(d: &postern_smtp::milter::Decision) -> MilterAction {
+        use postern_smtp::milter::Decision as D;
+        match d {
+            D::Continue => MilterAction::Continue,
+            D::Accept => MilterAction::Accept,
+            D::Reject => MilterAction::Reject,
+            D::Reply(r) if r.code >= 500 => MilterAction::Reject,
+            D::Tempfail | D::Reply(_) | D::ConnFail | D::Shutdown => MilterAction::Tempfail,
+            D::Discard => MilterAction::Discard,
+            D::Skip => MilterAction::Skip,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the milter latency histogram's buckets, `+Inf` aside.
+pub const MILTER_LATENCY_BUCKETS: [f64; 10] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// The series of one milter (by name: the configuration's, fixed at load or reload).
+#[derive(Debug, Default)]
+struct MilterCounters {
+    actions: [AtomicU64; MilterAction::ALL.len()],
+    /// Cumulative counts, one per bucket, and one for +Inf.
+    buckets: [AtomicU64; MILTER_LATENCY_BUCKETS.len() + 1],
+    /// Microseconds.
+    sum_us: AtomicU64,
+}
 
 /// The connection limits, as `listener::ConnectionLimits::acquire` names them.
 const LIMITS: [&str; 2] = ["max_connections", "per_ip_connections"];
@@ -99,6 +171,9 @@ pub struct Metrics {
     dkim_signatures: [AtomicU64; 2],
     /// Relayed messages from a signing domain that left unsigned.
     dkim_unsigned: AtomicU64,
+    /// Per milter name, in the order first seen; a reload keeps the series of milters it
+    /// removes (counters never go back).
+    milters: std::sync::Mutex<Vec<(String, Arc<MilterCounters>)>>,
 }
 
 /// Held for the life of a session; `postern_connections_open` counts these.
@@ -133,6 +208,7 @@ impl Metrics {
             filter_actions: Default::default(),
             dkim_signatures: Default::default(),
             dkim_unsigned: AtomicU64::new(0),
+            milters: Default::default(),
         };
         metrics.add_listeners(listeners);
         metrics
@@ -260,5 +336,47 @@ impl Metrics {
     /// A relayed message from one of our signing domains left unsigned.
     pub fn dkim_unsigned(&self) {
         bump(&self.dkim_unsigned);
+    }
+
+    /// The series of the milter `name`, made at first use. Names come from the
+    /// configuration only, never from the network.
+    fn milter(&self, name: &str) -> Arc<MilterCounters> {
+        let mut all = self.milters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = all.iter().find(|(n, _)| n == name) {
+            return Arc::clone(c);
+        }
+        let c = Arc::new(MilterCounters::default());
+        all.push((name.to_string(), Arc::clone(&c)));
+        c
+    }
+
+    /// Series for the configured milters, at zero, so that they show before any mail.
+    pub fn add_milters<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            self.milter(name);
+        }
+    }
+
+    pub fn milter_action(&self, name: &str, action: MilterAction) {
+        let c = self.milter(name);
+        if let Some(i) = MilterAction::ALL.iter().position(|a| *a == action) {
+            bump(&c.actions[i]);
+        }
+    }
+
+    /// How long the milter took to answer one command (or to connect and negotiate).
+    pub fn milter_latency(&self, name: &str, took: std::time::Duration) {
+        let c = self.milter(name);
+        let secs = took.as_secs_f64();
+        for (bound, n) in MILTER_LATENCY_BUCKETS.iter().zip(&c.buckets) {
+            if secs <= *bound {
+                bump(n);
+            }
+        }
+        bump(&c.buckets[MILTER_LATENCY_BUCKETS.len()]);
+        c.sum_us.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }

@@ -2,7 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{DeliveryStatus, LIMITS, ListenerCounters, Metrics, REJECTIONS};
+use super::{
+    DeliveryStatus, LIMITS, ListenerCounters, MILTER_LATENCY_BUCKETS, Metrics, MilterAction,
+    REJECTIONS,
+};
 use crate::config::FilterAction;
 use crate::dkim::key::Algorithm;
 use crate::policy::Rule;
@@ -163,6 +166,48 @@ impl Metrics {
              log says why; there should be none).",
             get(&self.dkim_unsigned),
         );
+        let milters = self
+            .milters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        family(
+            &mut out,
+            "postern_milter_actions_total",
+            "counter",
+            "Milter decisions, per milter and action (failed: on_failure applied).",
+            milters.iter().flat_map(|(name, c)| {
+                MilterAction::ALL.iter().zip(&c.actions).map(move |(a, n)| {
+                    (labels(&[("milter", name), ("action", a.as_str())]), get(n))
+                })
+            }),
+        );
+        out.push_str(
+            "# HELP postern_milter_latency_seconds Time a milter took to answer a command \
+             (or to connect and negotiate), per milter.\n\
+             # TYPE postern_milter_latency_seconds histogram\n",
+        );
+        for (name, c) in &milters {
+            for (i, n) in c.buckets.iter().enumerate() {
+                let le = MILTER_LATENCY_BUCKETS
+                    .get(i)
+                    .map_or("+Inf".to_string(), |b| b.to_string());
+                out.push_str(&format!(
+                    "postern_milter_latency_seconds_bucket{} {}\n",
+                    labels(&[("milter", name), ("le", &le)]),
+                    get(n)
+                ));
+            }
+            let l = labels(&[("milter", name)]);
+            out.push_str(&format!(
+                "postern_milter_latency_seconds_sum{l} {}\n",
+                get(&c.sum_us) as f64 / 1e6
+            ));
+            out.push_str(&format!(
+                "postern_milter_latency_seconds_count{l} {}\n",
+                get(&c.buckets[MILTER_LATENCY_BUCKETS.len()])
+            ));
+        }
         out
     }
 }
@@ -245,6 +290,9 @@ mod tests {
         m.bounce();
         m.set_queue_messages(7);
         m.filter_action(&FilterAction::Redirect("x@y.test".into()));
+        m.add_milters(["rspamd"]);
+        m.milter_action("clamav", MilterAction::Reject);
+        m.milter_latency("clamav", std::time::Duration::from_millis(7));
         let text = m.render(42);
 
         for line in [
@@ -272,6 +320,15 @@ mod tests {
             "postern_spool_fsyncs_total 42\n",
             "postern_filter_actions_total{action=\"redirect\"} 1\n",
             "postern_filter_actions_total{action=\"reject\"} 0\n",
+            "postern_milter_actions_total{milter=\"clamav\",action=\"reject\"} 1\n",
+            "postern_milter_actions_total{milter=\"rspamd\",action=\"continue\"} 0\n",
+            "# TYPE postern_milter_latency_seconds histogram\n",
+            "postern_milter_latency_seconds_bucket{milter=\"clamav\",le=\"0.005\"} 0\n",
+            "postern_milter_latency_seconds_bucket{milter=\"clamav\",le=\"0.01\"} 1\n",
+            "postern_milter_latency_seconds_bucket{milter=\"clamav\",le=\"+Inf\"} 1\n",
+            "postern_milter_latency_seconds_sum{milter=\"clamav\"} 0.007\n",
+            "postern_milter_latency_seconds_count{milter=\"clamav\"} 1\n",
+            "postern_milter_latency_seconds_count{milter=\"rspamd\"} 0\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
@@ -290,18 +347,28 @@ mod tests {
             } else if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
                 assert_eq!(name, current);
-                assert!(kind == "counter" || kind == "gauge", "{line}");
+                assert!(
+                    kind == "counter" || kind == "gauge" || kind == "histogram",
+                    "{line}"
+                );
                 assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
             } else {
                 let (series, value) = line.rsplit_once(' ').unwrap();
+                let histogram = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| series.starts_with(&format!("{current}{s}{{")));
                 assert!(
-                    series == current || series.starts_with(&format!("{current}{{")),
+                    series == current || series.starts_with(&format!("{current}{{")) || histogram,
                     "{line} outside {current}"
                 );
-                value.parse::<u64>().unwrap();
+                if series.starts_with(&format!("{current}_sum")) {
+                    value.parse::<f64>().unwrap();
+                } else {
+                    value.parse::<u64>().unwrap();
+                }
             }
         }
-        assert_eq!(families.len(), 16, "{families:?}");
+        assert_eq!(families.len(), 18, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

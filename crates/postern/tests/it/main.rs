@@ -13,6 +13,7 @@ mod hardening_auth;
 mod hardening_delivery;
 mod hardening_queue;
 mod hardening_session;
+mod milter;
 mod ops;
 mod proxy;
 mod reload;

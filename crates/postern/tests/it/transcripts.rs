@@ -144,6 +144,7 @@ impl Memory {
             match self.session.poll() {
                 Event::NeedInput => break,
                 Event::Flush => self.output.extend(self.session.take_output()),
+                Event::Sender(_) => self.session.answer_sender(Ok(())),
                 Event::Recipient(r) => {
                     let client = PolicyClient {
                         ip: self.session.peer().ip(),

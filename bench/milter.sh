@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# bench/milter.sh - Postern and Postfix with the same milters, same sitting, same harness
+# (issue 11): 4 KB x 50 sessions through no milter, a no-op libmilter milter
+# (testdata/milter/noop.py: every stage asked, continue to each) and clamav-milter +
+# clamd (a one-signature database written here, no download).
+# Prints one line per run: "relay milter accepted/s delivered/s drain_s peak_rss_kb peak_pss_kb".
+# Needs root (Postfix setup), postfix, python3-milter, clamav-daemon, clamav-milter.
+# RUNS (default 3), COUNT (default 5000), MILTERS="none noop clamav" choose what runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+COUNT=${COUNT:-5000}
+MILTERS=${MILTERS:-none noop clamav}
+cargo build --release -q || exit 1
+BIN=$(mktemp -d)/postern
+cp target/release/postern "$BIN"
+export BIN
+H=/work/shared/bench/relay-bench.sh
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  postconf -X smtpd_milters milter_protocol milter_default_action >/dev/null 2>&1
+  postfix stop >/dev/null 2>&1
+  rm -rf "$work"
+}
+trap cleanup EXIT
+wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+# The no-op milter.
+NOOP_PORT=${NOOP_PORT:-2701}
+/usr/bin/python3 testdata/milter/noop.py "$NOOP_PORT" >/dev/null 2>&1 &
+pids+=($!)
+wait_port "$NOOP_PORT" || { echo "noop milter did not start" >&2; exit 1; }
+
+# clamd + clamav-milter on TCP (Postfix's smtpd and Postern both reach it).
+CLAM_PORT=${CLAM_PORT:-2702}
+if [[ " $MILTERS " == *" clamav "* ]]; then
+  mkdir -p "$work/db"
+  eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
+  printf 'Bench.EICAR:0:*:%s\n' "$(printf '%s' "$eicar" | od -An -tx1 | tr -d ' \n')" >"$work/db/bench.ndb"
+  cat >"$work/clamd.conf" <<EOF
+Foreground yes
+LocalSocket $work/clamd.sock
+DatabaseDirectory $work/db
+PidFile $work/clamd.pid
+User root
+MaxThreads 20
+EOF
+  cat >"$work/clamav-milter.conf" <<EOF
+Foreground yes
+MilterSocket inet:$CLAM_PORT@127.0.0.1
+ClamdSocket unix:$work/clamd.sock
+User root
+PidFile $work/milter.pid
+OnInfected Reject
+OnFail Defer
+AddHeader Replace
+MaxThreads 50
+EOF
+  clamd -c "$work/clamd.conf" >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 200); do [[ -S $work/clamd.sock ]] && break; sleep 0.05; done
+  clamav-milter -c "$work/clamav-milter.conf" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_port "$CLAM_PORT" || { echo "clamav-milter did not start" >&2; exit 1; }
+fi
+
+/work/shared/bench/postfix-setup.sh >/dev/null 2>&1 || { echo "postfix setup failed" >&2; exit 1; }
+postconf -e "milter_protocol = 6" "milter_default_action = tempfail" >/dev/null
+master_pid() { tr -d ' ' </var/spool/postfix/pid/master.pid; }
+summ() {
+  awk '/^accepted_per_s/ { for (i=1;i<=NF;i++) { split($i,a,"="); v[a[1]]=a[2] } }
+       /^# / { for (i=2;i<=NF;i++) { split($i,a,"="); v[a[1]]=a[2] } }
+       END { printf "%s %s %s %s %s\n", v["accepted_per_s"], v["delivered_per_s"], v["drain_s"], v["peak_rss_kb"], v["peak_pss_kb"] }'
+}
+address() { case $1 in noop) echo "127.0.0.1:$NOOP_PORT" ;; clamav) echo "127.0.0.1:$CLAM_PORT" ;; esac; }
+for run in $(seq "$RUNS"); do
+  for m in $MILTERS; do
+    if [[ $m == none ]]; then
+      postconf -e "smtpd_milters =" >/dev/null
+      extra=""
+    else
+      postconf -e "smtpd_milters = inet:$(address "$m")" >/dev/null
+      extra=$'[[milter]]\nname = "'"$m"$'"\naddress = "'"$(address "$m")"'"'
+    fi
+    postfix reload >/dev/null 2>&1
+    sleep 2
+    out=$("$H" -Q 'test -z "$(postqueue -j)"' -w "$(master_pid)" 127.0.0.1:2525 2626 4096 50 "$COUNT" 2>&1)
+    echo "postfix $m $(summ <<<"$out")"
+    sleep 3
+    out=$(EXTRA_CONF="$extra" PORT=2527 bench/relay.sh 4096 50 "$COUNT" 2>&1)
+    echo "postern $m $(summ <<<"$out")"
+    sleep 3
+  done
+done

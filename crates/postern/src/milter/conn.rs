@@ -1,0 +1,225 @@
+//! One connection to one milter: the socket (TCP or Unix), the codec
+//! (`postern_smtp::milter::Session`) and the clock. Everything here is bounded in time
+//! (`connect_timeout` for the connection and option negotiation, `timeout` for each reply
+//! and each write) and in memory (what the milter asks to add at end of message may not
+//! exceed the limit the caller gives).
+
+use std::fmt;
+use std::time::Duration;
+
+use postern_smtp::milter::{self as codec, Action, Command, Decision, Event, Sent};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::config::{Milter, MilterAddress};
+
+/// The socket, whichever kind.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Why a milter is out of the conversation; `on_failure` decides what that means.
+#[derive(Debug)]
+pub enum Failure {
+    /// The connection could not be opened (refused, no such socket, timed out).
+    Connect(String),
+    /// No reply to this command within `timeout` (or `connect_timeout` in negotiation).
+    Timeout(Command),
+    /// The milter broke the protocol, closed the connection, or is not a milter at all
+    /// (the codec's error names clamd or an HTTP server: `frame::Stranger`).
+    Protocol(codec::Error),
+    /// A read or write failed.
+    Io(String),
+    /// Its changes at end of message would take the message over `max_message_size`.
+    TooBig(u64),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "cannot connect: {e}"),
+            Failure::Timeout(c) => write!(f, "no reply to {c} in time"),
+            Failure::Protocol(e) => e.fmt(f),
+            Failure::Io(e) => write!(f, "connection failed: {e}"),
+            Failure::TooBig(limit) => write!(
+                f,
+                "its changes would make the message larger than max_message_size ({limit} bytes)"
+            ),
+        }
+    }
+}
+
+/// An open, negotiated connection.
+pub(super) struct Conn {
+    io: Box<dyn Io>,
+    pub(super) codec: codec::Session,
+    buf: Vec<u8>,
+    /// The HELO last sent (name, and whether TLS was up): sent again when it changes
+    /// (a second EHLO, EHLO after STARTTLS).
+    pub(super) helo: Option<(String, bool)>,
+}
+
+/// A reply extended by `SMFIR_PROGRESS` may take at most this many `timeout`s.
+pub const MAX_PROGRESS: u32 = 10;
+
+/// How long each wait for a reply took, for the latency histogram.
+pub(super) type Latency<'a> = &'a mut (dyn FnMut(Duration) + Send);
+
+impl Conn {
+    /// Connects and negotiates options, all within `connect_timeout` (Postfix's
+    /// milter_connect_timeout covers the same: milter8_connect sends SMFIC_OPTNEG at
+    /// once).
+    pub(super) async fn open(m: &Milter) -> Result<Conn, Failure> {
+        let deadline = Instant::now() + m.connect_timeout;
+        let io: Box<dyn Io> = match &m.address {
+            MilterAddress::Tcp(addr) => {
+                let tcp = tokio::time::timeout_at(
+                    deadline,
+                    tokio::net::TcpStream::connect(addr.as_str()),
+                )
+                .await
+                .map_err(|_| Failure::Connect("timed out (connect_timeout)".into()))?
+                .map_err(|e| Failure::Connect(e.to_string()))?;
+                // Small packets both ways, each awaited: Nagle would only add delay.
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+            MilterAddress::Unix(path) => Box::new(
+                tokio::time::timeout_at(deadline, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| Failure::Connect("timed out (connect_timeout)".into()))?
+                    .map_err(|e| Failure::Connect(e.to_string()))?,
+            ),
+        };
+        let mut conn = Conn {
+            io,
+            codec: codec::Session::new(codec::Config::default()),
+            buf: vec![0; 8192],
+            helo: None,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        conn.answer(left, 0, &mut Vec::new(), &mut |_| {}).await?;
+        Ok(conn)
+    }
+
+    /// Writes what the codec has for the milter, within `timeout`.
+    pub(super) async fn flush(&mut self, timeout: Duration) -> Result<(), Failure> {
+        if !self.codec.has_output() {
+            return Ok(());
+        }
+        let out = self.codec.take_output();
+        match tokio::time::timeout(timeout, self.io.write_all(&out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::Io(e.to_string())),
+            Err(_) => Err(Failure::Timeout(
+                self.codec.awaiting().unwrap_or(Command::Quit),
+            )),
+        }
+    }
+
+    /// After a stage method: sends its packets and, when the milter answers that
+    /// command, reads until its decision. Actions (only at end of message) go to
+    /// `actions`, their octets counted against `limit`.
+    pub(super) async fn step(
+        &mut self,
+        sent: Result<Sent, codec::Error>,
+        timeout: Duration,
+        limit: u64,
+        actions: &mut Vec<Action>,
+        latency: Latency<'_>,
+    ) -> Result<Decision, Failure> {
+        match sent.map_err(Failure::Protocol)? {
+            Sent::AwaitReply => self.answer(timeout, limit, actions, latency).await,
+            Sent::NoReply | Sent::Skipped => {
+                self.flush(timeout).await?;
+                Ok(Decision::Continue)
+            }
+        }
+    }
+
+    /// Sends what is pending, then reads until the decision (or, in negotiation, its
+    /// end: read as `Continue`). `SMFIR_PROGRESS` restarts the timeout, as libmilter's
+    /// smfi_progress is meant to and Postfix's milter8_event does; but however often it
+    /// comes, one reply may take at most [`MAX_PROGRESS`] times `timeout` (neither
+    /// Sendmail nor Postfix caps it; a milter stuck in a progress loop would otherwise
+    /// hold the SMTP session forever).
+    async fn answer(
+        &mut self,
+        timeout: Duration,
+        limit: u64,
+        actions: &mut Vec<Action>,
+        latency: Latency<'_>,
+    ) -> Result<Decision, Failure> {
+        self.flush(timeout).await?;
+        let started = Instant::now();
+        let mut deadline = started + timeout;
+        let last = started + timeout.saturating_mul(MAX_PROGRESS);
+        let mut held: u64 = actions.iter().map(action_size).sum();
+        loop {
+            while let Some(event) = self.codec.poll_event() {
+                match event.map_err(Failure::Protocol)? {
+                    Event::Negotiated => {
+                        latency(started.elapsed());
+                        return Ok(Decision::Continue);
+                    }
+                    Event::Progress => deadline = (Instant::now() + timeout).min(last),
+                    Event::Action(a) => {
+                        held += action_size(&a);
+                        if held > limit {
+                            return Err(Failure::TooBig(limit));
+                        }
+                        actions.push(a);
+                    }
+                    Event::Decision(d) => {
+                        latency(started.elapsed());
+                        return Ok(d);
+                    }
+                }
+            }
+            let awaited = self.codec.awaiting().unwrap_or(Command::OptNeg);
+            let n = match tokio::time::timeout_at(deadline, self.io.read(&mut self.buf)).await {
+                Err(_) => return Err(Failure::Timeout(awaited)),
+                Ok(Err(e)) => return Err(Failure::Io(e.to_string())),
+                Ok(Ok(0)) => {
+                    self.codec.handle_eof().map_err(Failure::Protocol)?;
+                    // Nothing was awaited after all: the codec has handed out an event.
+                    return Err(Failure::Protocol(codec::Error::Closed(awaited)));
+                }
+                Ok(Ok(n)) => n,
+            };
+            self.codec.feed(&self.buf[..n]);
+        }
+    }
+
+    /// QUIT and close, without waiting long: the session is over either way. A
+    /// transaction still open is aborted first (ABORT, then QUIT), so that the milter's
+    /// abort callback runs, as Postfix's smtpd resets its milters before it disconnects
+    /// them.
+    pub(super) async fn quit(mut self) {
+        if matches!(
+            self.codec.phase(),
+            codec::Phase::Transaction | codec::Phase::MessageDecided
+        ) {
+            let _ = self.codec.abort();
+        }
+        if self.codec.quit().is_ok() {
+            let _ = self.flush(Duration::from_secs(1)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+    }
+}
+
+/// The octets an action holds, for the bound on what a milter may add.
+pub(super) fn action_size(a: &Action) -> u64 {
+    let n = match a {
+        Action::AddHeader { name, value }
+        | Action::InsHeader { name, value, .. }
+        | Action::ChgHeader { name, value, .. } => name.len() + value.len() + 4,
+        Action::ChgFrom { addr, args } | Action::AddRcptPar { addr, args } => {
+            addr.len() + args.iter().map(|a| a.len() + 1).sum::<usize>()
+        }
+        Action::AddRcpt { addr } | Action::DelRcpt { addr } => addr.len(),
+        Action::ReplBody(b) => b.len(),
+        Action::Quarantine { reason } => reason.len(),
+    };
+    n as u64
+}

@@ -1,0 +1,243 @@
+//! The driver against a fake milter on a Unix socket that answers each command as a
+//! script says (raw packets, so it can break the protocol), on tokio's paused clock:
+//! timeouts are exact and instant.
+
+use std::path::Path;
+use std::time::Duration;
+
+use postern_smtp::address::parse_mailbox;
+use postern_smtp::milter::proto::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+use super::*;
+use crate::budget::MemoryBudget;
+use crate::config::{MilterAddress, MilterClients};
+
+/// What the fake milter sends after a command (code, data), as (code, data) packets;
+/// `None`: it stops answering and sends SMFIR_PROGRESS every second instead.
+type Script = fn(u8, &[u8]) -> Option<Vec<(u8, Vec<u8>)>>;
+
+fn packet(code: u8, data: &[u8]) -> Vec<u8> {
+    let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
+    p.push(code);
+    p.extend_from_slice(data);
+    p
+}
+
+/// The answer to SMFIC_OPTNEG: version 6, header and body changes, every stage.
+fn optneg() -> Vec<(u8, Vec<u8>)> {
+    let mut d = 6u32.to_be_bytes().to_vec();
+    d.extend_from_slice(&(SMFIF_ADDHDRS | SMFIF_CHGBODY).to_be_bytes());
+    d.extend_from_slice(&0u32.to_be_bytes());
+    vec![(SMFIC_OPTNEG, d)]
+}
+
+/// Commands no milter answers.
+fn unanswered(code: u8) -> bool {
+    code == SMFIC_MACRO || code == SMFIC_ABORT || code == SMFIC_QUIT
+}
+
+fn start_fake(path: &Path, script: Script) {
+    let listener = UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while buf.len() >= 4 {
+                        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                        if buf.len() < 4 + len {
+                            break;
+                        }
+                        let code = buf[4];
+                        let data = buf[5..4 + len].to_vec();
+                        buf.drain(..4 + len);
+                        if unanswered(code) {
+                            continue;
+                        }
+                        match script(code, &data) {
+                            Some(replies) => {
+                                for (c, d) in replies {
+                                    if s.write_all(&packet(c, &d)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            None => loop {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                if s.write_all(&packet(SMFIR_PROGRESS, &[])).await.is_err() {
+                                    return;
+                                }
+                            },
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn milter(path: &Path, on_failure: OnFailure) -> Milter {
+    Milter {
+        name: "fake".into(),
+        address: MilterAddress::Unix(path.to_path_buf()),
+        clients: MilterClients::Any,
+        connect_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(2),
+        on_failure,
+    }
+}
+
+fn chain(m: Milter, metrics: &Arc<Metrics>) -> Chain {
+    Chain::new(
+        &[m],
+        Client {
+            peer: "192.0.2.1:4000".parse().unwrap(),
+            hostname: "relay.test".into(),
+            tls: None,
+        },
+        Arc::clone(metrics),
+        64 * 1024,
+    )
+}
+
+fn sender() -> SenderRequest {
+    SenderRequest {
+        sender: ReversePath::Mailbox(parse_mailbox("a@b.test").unwrap()),
+        params: vec![],
+        helo: "client.test".into(),
+        authenticated: None,
+    }
+}
+
+fn counted(metrics: &Metrics, action: &str) -> bool {
+    metrics.render(0).contains(&format!(
+        "postern_milter_actions_total{{milter=\"fake\",action=\"{action}\"}} 1\n"
+    ))
+}
+
+/// Continue to everything; at MAIL, a header change (not allowed there).
+fn action_at_mail(code: u8, _: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
+    Some(match code {
+        SMFIC_OPTNEG => optneg(),
+        SMFIC_MAIL => vec![(SMFIR_ADDHEADER, b"X-A\0b\0".to_vec())],
+        _ => vec![(SMFIR_CONTINUE, vec![])],
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_out_of_place_is_a_failure_and_on_failure_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock");
+    start_fake(&path, action_at_mail);
+    let metrics = Arc::new(Metrics::new([]));
+
+    let mut c = chain(milter(&path, OnFailure::Tempfail), &metrics);
+    let r = c.mail(&sender(), false).await.unwrap_err();
+    assert_eq!((r.code, r.status), (451, Some(Status(4, 7, 1))));
+    assert!(counted(&metrics, "failed"));
+    // The session stays tempfailed.
+    let rcpt = parse_mailbox("x@y.test").unwrap();
+    assert_eq!(c.rcpt(&rcpt).await.unwrap_err().code, 451);
+    assert_eq!(c.mail(&sender(), false).await.unwrap_err().code, 451);
+
+    let metrics = Arc::new(Metrics::new([]));
+    let mut c = chain(milter(&path, OnFailure::Accept), &metrics);
+    assert_eq!(c.mail(&sender(), false).await, Ok(()));
+    assert!(counted(&metrics, "failed"));
+    // Skipped from then on.
+    assert_eq!(c.rcpt(&rcpt).await, Ok(()));
+    assert_eq!(c.mail(&sender(), false).await, Ok(()));
+    c.quit().await;
+}
+
+/// Negotiates, then never answers.
+fn silent(code: u8, _: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
+    Some(if code == SMFIC_OPTNEG {
+        optneg()
+    } else {
+        vec![]
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_milter_times_out_after_timeout_and_one_that_never_negotiates_after_connect_timeout()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock");
+    start_fake(&path, silent);
+    let metrics = Arc::new(Metrics::new([]));
+    let mut c = chain(milter(&path, OnFailure::Tempfail), &metrics);
+    let started = tokio::time::Instant::now();
+    assert_eq!(c.mail(&sender(), false).await.unwrap_err().code, 451);
+    // CONNECT unanswered: its 2 s timeout.
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+    let mute = dir.path().join("mute.sock");
+    start_fake(&mute, |_, _| Some(vec![]));
+    let mut c = chain(milter(&mute, OnFailure::Tempfail), &metrics);
+    let started = tokio::time::Instant::now();
+    assert_eq!(c.mail(&sender(), false).await.unwrap_err().code, 451);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+    // Nobody listening: at once.
+    let mut c = chain(
+        milter(&dir.path().join("none.sock"), OnFailure::Tempfail),
+        &metrics,
+    );
+    let started = tokio::time::Instant::now();
+    assert_eq!(c.mail(&sender(), false).await.unwrap_err().code, 451);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+/// Continues until end of message, then only sends SMFIR_PROGRESS.
+fn stalling(code: u8, _: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
+    match code {
+        SMFIC_OPTNEG => Some(optneg()),
+        SMFIC_BODYEOB => None,
+        _ => Some(vec![(SMFIR_CONTINUE, vec![])]),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_keeps_a_reply_alive_for_ten_timeouts_at_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock");
+    start_fake(&path, stalling);
+    let metrics = Arc::new(Metrics::new([]));
+    let mut c = chain(milter(&path, OnFailure::Tempfail), &metrics);
+    c.mail(&sender(), false).await.unwrap();
+    let rcpt = parse_mailbox("x@y.test").unwrap();
+    c.rcpt(&rcpt).await.unwrap();
+    let budget = MemoryBudget::new(1 << 20);
+    let mut reservation = budget.reservation();
+    let mut s = ReversePath::Null;
+    let mut params = vec![];
+    let mut rcpts = vec![rcpt];
+    let mut data = b"Subject: x\r\n\r\nbody\r\n".to_vec();
+    let started = tokio::time::Instant::now();
+    let verdict = c
+        .end_of_message(
+            "ID1",
+            Envelope {
+                sender: &mut s,
+                params: &mut params,
+                recipients: &mut rcpts,
+            },
+            &mut data,
+            &mut reservation,
+        )
+        .await;
+    let Verdict::Refused { reply, .. } = verdict else {
+        panic!("{verdict:?}");
+    };
+    assert_eq!(reply.code, 451);
+    // Progress every second, timeout 2 s: cut at 10 x 2 s.
+    assert_eq!(started.elapsed(), Duration::from_secs(20));
+}
