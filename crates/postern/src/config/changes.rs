@@ -77,6 +77,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         delivery,
         filters,
         dkim,
+        authentication,
         metrics,
     } = new;
     c.note("hostname", &old.hostname, hostname);
@@ -123,6 +124,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     delivery_changes(&mut c, &old.delivery, delivery);
     c.note("filter", &old.filters, filters);
     c.note("dkim", &old.dkim, dkim);
+    c.note("authentication", &old.authentication, authentication);
     c.restart_note("metrics", &old.metrics, metrics);
     c
 }

@@ -46,6 +46,7 @@ pub(crate) struct RawConfig {
     pub filter: Vec<S<RawFilter>>,
     #[serde(default)]
     pub dkim: Vec<S<RawDkim>>,
+    pub authentication: Option<S<RawAuthentication>>,
     pub metrics: Option<S<RawMetrics>>,
 }
 
@@ -179,6 +180,16 @@ pub(crate) struct RawDkim {
     pub subdomains: Option<S<bool>>,
     pub headers: Option<Vec<S<String>>>,
     pub expire: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuthentication {
+    pub spf: Option<S<bool>>,
+    pub dkim: Option<S<bool>>,
+    pub dmarc: Option<S<bool>>,
+    pub dmarc_enforce: Option<S<bool>>,
+    pub spf_reject: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,13 +14,15 @@ use ipnet::IpNet;
 
 use super::error::ConfigError;
 use super::raw::{
-    RawAuth, RawAuthMode, RawConfig, RawDelivery, RawDkim, RawFilter, RawFilterAction, RawListener,
-    RawLogFormat, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
+    RawAuth, RawAuthMode, RawAuthentication, RawConfig, RawDelivery, RawDkim, RawFilter,
+    RawFilterAction, RawListener, RawLogFormat, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls,
+    RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
-    Auth, AuthMode, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter, FilterAction, Listener,
-    LogFormat, Mechanism, Metrics, NextHop, Privileges, Relay, Route, RouteTls, Tls, TlsMode,
+    Auth, AuthMode, Authentication, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter,
+    FilterAction, Listener, LogFormat, Mechanism, Metrics, NextHop, Privileges, Relay, Route,
+    RouteTls, Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -498,6 +500,10 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     };
     let filters = filters(&v, &raw.filter)?;
     let dkim = dkim_keys(&v, &raw.dkim)?;
+    let authentication = match &raw.authentication {
+        Some(a) => authentication_section(&v, a.get_ref())?,
+        None => Authentication::default(),
+    };
     let metrics = match &raw.metrics {
         None => None,
         Some(m) => {
@@ -541,8 +547,53 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         delivery,
         filters,
         dkim,
+        authentication,
         metrics,
     })
+}
+
+/// `[authentication]`: a setting that another one makes meaningless is an error, not
+/// silently idle (DMARC is computed from the SPF and DKIM results, RFC 7489 4).
+fn authentication_section(v: &Validator, a: &RawAuthentication) -> Result<Authentication> {
+    let get = |b: &Option<S<bool>>| b.as_ref().is_some_and(|b| *b.get_ref());
+    let out = Authentication {
+        spf: get(&a.spf),
+        dkim: get(&a.dkim),
+        dmarc: get(&a.dmarc),
+        dmarc_enforce: get(&a.dmarc_enforce),
+        spf_reject: get(&a.spf_reject),
+    };
+    if out.dmarc
+        && !(out.spf && out.dkim)
+        && let Some(d) = &a.dmarc
+    {
+        return v.err(
+            d.span(),
+            "authentication.dmarc",
+            "DMARC needs both checks it is made of: set spf = true and dkim = true",
+        );
+    }
+    if out.dmarc_enforce
+        && !out.dmarc
+        && let Some(d) = &a.dmarc_enforce
+    {
+        return v.err(
+            d.span(),
+            "authentication.dmarc_enforce",
+            "nothing to enforce without dmarc = true",
+        );
+    }
+    if out.spf_reject
+        && !out.spf
+        && let Some(d) = &a.spf_reject
+    {
+        return v.err(
+            d.span(),
+            "authentication.spf_reject",
+            "SPF is not checked: set spf = true",
+        );
+    }
+    Ok(out)
 }
 
 /// `[[dkim]]`: the key is read and parsed now, so that a key that cannot sign is a
