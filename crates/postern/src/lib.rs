@@ -8,6 +8,8 @@
 //!   blocklist lookups).
 //! - [`filter`]: the message screener, pure.
 //! - [`dkim`]: DKIM keys and the signing of relayed mail, an intake step.
+//! - [`authentication`]: SPF, DKIM and DMARC checks on mail from untrusted clients, and
+//!   the `Authentication-Results:` field they make.
 //! - [`intake`]: end of DATA to the spool, in ordered steps; one outcome per message.
 //! - [`queue`]: the durable spool (group-committed segment log).
 //! - [`delivery`]: the queue runner, routing, the SMTP client, bounces.
@@ -29,6 +31,7 @@ pub mod session;
 pub mod policy;
 pub mod filter;
 pub mod dkim;
+pub mod authentication;
 pub mod intake;
 pub mod queue;
 pub mod delivery;
