@@ -10,9 +10,11 @@
 //! What is mail-auth's and what is ours:
 //! - SPF and DKIM are mail-auth's `verify_spf` / `verify_dkim`, over a resolver built like
 //!   Postern's own ([`crate::dns::build`]: `delivery.dns_servers` or the system's, the same
-//!   timeouts), with its answers kept in bounded TTL caches ([`cache`]). mail-auth enforces
-//!   RFC 7208's limits (4.6.4: 10 lookups, 2 void lookups; 4.6.4 MX/PTR name limits) and
-//!   evaluates macros (7). The two run concurrently for one message.
+//!   timeouts), with its answers kept in bounded TTL caches ([`cache`]). mail-auth evaluates
+//!   every mechanism and macro (RFC 7208 5, 7) and enforces the 10-lookup limit (4.6.4,
+//!   plus a 20 s budget) and the 10 names per `mx`; it has no void-lookup limit (4.6.4, a
+//!   SHOULD), and takes an unknown mechanism or an `ip4` prefix over 32 without a
+//!   permerror. The two run concurrently for one message.
 //! - DMARC is ours ([`dmarc`]): mail-auth 0.13 implements DMARCbis (RFC 9989), whose
 //!   organisational domain comes from a DNS tree walk and which has no `pct`; the issue
 //!   and the contract ask for RFC 7489 with the Public Suffix List shipped, so the

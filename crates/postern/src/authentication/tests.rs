@@ -305,6 +305,53 @@ async fn dkim_pass_fail_none() {
     assert!(v.header.ends_with("\tdkim=none\r\n"), "{}", v.header);
 }
 
+/// Signs `msg` with dkimpy (testdata/dkim/sign.py), an RSA-2048 key made here and
+/// published in `dns`.
+fn signed_by_dkimpy(dns: &DnsServer, domain: &str, selector: &str, msg: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, k) = key::generate(Algorithm::Rsa, 2048).unwrap();
+    let path = dir.path().join("key.pem");
+    std::fs::write(&path, pem).unwrap();
+    dns.add_txt(
+        &format!("{selector}._domainkey.{domain}"),
+        &key::record_text(&k),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/dkim/sign.py");
+    let mut child = Command::new("/usr/bin/python3")
+        .arg(script)
+        .arg(&path)
+        .arg(domain)
+        .arg(selector)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3-dkim (scripts/test installs it)");
+    child.stdin.take().unwrap().write_all(msg).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sign.py failed");
+    assert!(out.stdout.starts_with(b"DKIM-Signature:"));
+    out.stdout
+}
+
+#[tokio::test]
+async fn dkim_verifies_an_independent_signer() {
+    let dns = DnsServer::start();
+    let msg = signed_by_dkimpy(&dns, "a.example", "py", &message("a.example"));
+    let c = checker(&dns, dkim_only());
+    let f = facts(GOOD_IP, "mta.a.example", None);
+    let v = c.check(&f, &msg).await;
+    assert_eq!(v.dkim, Some(Outcome::Pass), "{}", v.header);
+    assert!(
+        v.header
+            .contains("dkim=pass header.d=a.example header.s=py")
+    );
+    let tampered = String::from_utf8(msg).unwrap().replace("Hello", "Hullo");
+    let v = c.check(&f, tampered.as_bytes()).await;
+    assert_eq!(v.dkim, Some(Outcome::Fail), "{}", v.header);
+}
+
 #[tokio::test]
 async fn dkim_missing_key_and_dns_failure() {
     let dns = DnsServer::start();
