@@ -673,7 +673,7 @@ async fn spf_and_dkim_lookups_run_concurrently() {
     dns.add_txt("a.example", "v=spf1 ip4:192.0.2.1 -all");
     let s = signing(&dns, "a.example", "s1", false);
     let msg = signed(&s, &message("a.example"));
-    let slow = std::time::Duration::from_millis(800);
+    let slow = std::time::Duration::from_millis(1000);
     dns.delay("a.example", slow);
     dns.delay("s1._domainkey.a.example", slow);
     let settings = Authentication {
@@ -688,7 +688,8 @@ async fn spf_and_dkim_lookups_run_concurrently() {
         .await;
     let took = started.elapsed();
     assert_eq!((v.spf, v.dkim), (Some(Outcome::Pass), Some(Outcome::Pass)));
-    assert!(took >= slow && took < slow * 2 - slow / 4, "{took:?}");
+    // One after the other would take twice the delay at least.
+    assert!(took >= slow && took < slow * 2, "{took:?}");
 }
 
 #[tokio::test]
