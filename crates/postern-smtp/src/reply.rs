@@ -280,6 +280,24 @@ pub mod catalogue {
     pub fn filter_rejected() -> Reply {
         Reply::new(550, st(5, 7, 1), "Message rejected by content policy")
     }
+    /// 550 5.7.1: the message fails DMARC (RFC 7489) and the From: domain's policy is
+    /// p=reject (`[authentication] dmarc_enforce`).
+    pub fn dmarc_rejected(domain: &str) -> Reply {
+        Reply::new(
+            550,
+            st(5, 7, 1),
+            format!("DMARC policy of {domain} says reject"),
+        )
+    }
+    /// 550 5.7.23 (RFC 7372): SPF says "fail" for the client (`[authentication]
+    /// spf_reject`).
+    pub fn spf_rejected(domain: &str, ip: std::net::IpAddr) -> Reply {
+        Reply::new(
+            550,
+            st(5, 7, 23),
+            format!("SPF check failed: {ip} is not allowed to send mail for {domain}"),
+        )
+    }
     /// 554 5.7.1: the client is on a DNS blocklist; the reply names the list.
     pub fn dnsbl_listed(ip: std::net::IpAddr, zone: &str) -> Reply {
         Reply::new(

@@ -99,6 +99,48 @@ impl ResolveError {
     }
 }
 
+/// The hickory resolver behind [`Resolver::new`] (same servers, timeouts and TTL caps),
+/// also handed to mail-auth by `crate::authentication`, so both ask the same servers.
+pub(crate) fn build(servers: &[SocketAddr]) -> Result<TokioResolver, ResolveError> {
+    let provider = TokioRuntimeProvider::default();
+    let mut builder = if servers.is_empty() {
+        TokioResolver::builder(provider).map_err(|e| {
+            ResolveError::Temporary(format!("cannot read the system DNS configuration: {e}"))
+        })?
+    } else {
+        let name_servers = servers
+            .iter()
+            .map(|addr| {
+                let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                    .into_iter()
+                    .map(|mut c| {
+                        c.port = addr.port();
+                        c
+                    })
+                    .collect();
+                // Negative answers are trusted: NXDOMAIN from our own configured
+                // server is final.
+                NameServerConfig::new(addr.ip(), true, connections)
+            })
+            .collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], name_servers),
+            provider,
+        )
+    };
+    let opts = builder.options_mut();
+    opts.timeout = TIMEOUT;
+    opts.attempts = ATTEMPTS;
+    opts.positive_max_ttl = Some(MAX_POSITIVE_TTL);
+    opts.negative_max_ttl = Some(MAX_NEGATIVE_TTL);
+    opts.use_hosts_file = ResolveHosts::Never;
+    // A truncated UDP answer is retried over TCP by hickory; also retry on UDP I/O errors.
+    opts.try_tcp_on_error = true;
+    builder
+        .build()
+        .map_err(|e| ResolveError::Temporary(format!("cannot set up the resolver: {e}")))
+}
+
 impl Resolver {
     /// Builds a resolver.
     ///
@@ -109,46 +151,14 @@ impl Resolver {
     /// 30 s negative). `/etc/hosts` is never consulted: mail routing follows DNS only, as
     /// Postfix does by default, and tests stay hermetic.
     pub fn new(servers: &[SocketAddr]) -> Result<Resolver, ResolveError> {
-        let provider = TokioRuntimeProvider::default();
-        let mut builder = if servers.is_empty() {
-            TokioResolver::builder(provider).map_err(|e| {
-                ResolveError::Temporary(format!("cannot read the system DNS configuration: {e}"))
-            })?
-        } else {
-            let name_servers = servers
-                .iter()
-                .map(|addr| {
-                    let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
-                        .into_iter()
-                        .map(|mut c| {
-                            c.port = addr.port();
-                            c
-                        })
-                        .collect();
-                    // Negative answers are trusted: NXDOMAIN from our own configured
-                    // server is final.
-                    NameServerConfig::new(addr.ip(), true, connections)
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], name_servers),
-                provider,
-            )
-        };
-        let opts = builder.options_mut();
-        opts.timeout = TIMEOUT;
-        opts.attempts = ATTEMPTS;
-        opts.positive_max_ttl = Some(MAX_POSITIVE_TTL);
-        opts.negative_max_ttl = Some(MAX_NEGATIVE_TTL);
-        opts.use_hosts_file = ResolveHosts::Never;
-        // A truncated UDP answer is retried over TCP by hickory; also retry on UDP I/O errors.
-        opts.try_tcp_on_error = true;
-        let resolver = builder
-            .build()
-            .map_err(|e| ResolveError::Temporary(format!("cannot set up the resolver: {e}")))?;
-        Ok(Resolver {
-            inner: Arc::new(resolver),
-        })
+        Ok(Resolver::from_hickory(build(servers)?))
+    }
+
+    /// A resolver over a hickory resolver from [`build`] (sharing its cache with others).
+    pub(crate) fn from_hickory(inner: TokioResolver) -> Resolver {
+        Resolver {
+            inner: Arc::new(inner),
+        }
     }
 
     /// The hosts to try for `domain`, in order (RFC 5321 section 5.1): MX hosts by preference,

@@ -10,6 +10,8 @@
 //! - [`dkim`]: DKIM keys and the signing of relayed mail, an intake step.
 //! - [`milter`]: the milter driver: the session's conversation with each `[[milter]]`
 //!   (MAIL, RCPT, and end of message inside the intake).
+//! - [`authentication`]: SPF, DKIM and DMARC checks on mail from untrusted clients, and
+//!   the `Authentication-Results:` field they make.
 //! - [`intake`]: end of DATA to the spool, in ordered steps; one outcome per message.
 //! - [`queue`]: the durable spool (group-committed segment log).
 //! - [`delivery`]: the queue runner, routing, the SMTP client, bounces.
@@ -32,6 +34,7 @@ pub mod policy;
 pub mod filter;
 pub mod dkim;
 pub mod milter;
+pub mod authentication;
 pub mod intake;
 pub mod queue;
 pub mod delivery;

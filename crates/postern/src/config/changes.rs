@@ -78,6 +78,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         filters,
         dkim,
         milters,
+        authentication,
         metrics,
     } = new;
     c.note("hostname", &old.hostname, hostname);
@@ -125,6 +126,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     c.note("filter", &old.filters, filters);
     c.note("dkim", &old.dkim, dkim);
     c.note("milter", &old.milters, milters);
+    c.note("authentication", &old.authentication, authentication);
     c.restart_note("metrics", &old.metrics, metrics);
     c
 }

@@ -186,6 +186,7 @@ pub(crate) fn describe(c: &Config) -> String {
         ));
     }
 
+    line(describe_authentication(c));
     line(format!("spool: {}", c.spool_dir.display()));
     line(describe_privileges(c));
     line(format!(
@@ -224,6 +225,38 @@ pub(crate) fn describe(c: &Config) -> String {
         None => "metrics: off".to_string(),
     });
     out
+}
+
+/// Which inbound checks run, and what they may refuse (interface: "Mail authentication").
+fn describe_authentication(c: &Config) -> String {
+    let a = &c.authentication;
+    if !a.any() {
+        return "inbound checks (untrusted, unauthenticated clients): none".to_string();
+    }
+    let mut checks = Vec::new();
+    if a.spf {
+        checks.push(if a.spf_reject {
+            "spf (fail refused, 550 5.7.23)"
+        } else {
+            "spf"
+        });
+    }
+    if a.dkim {
+        checks.push("dkim");
+    }
+    if a.dmarc {
+        checks.push(if a.dmarc_enforce {
+            "dmarc (enforced: p=reject refused, p=quarantine held)"
+        } else {
+            "dmarc (not enforced: header only)"
+        });
+    }
+    format!(
+        "inbound checks (untrusted, unauthenticated clients): {}; results in \
+         Authentication-Results: {}",
+        checks.join(", "),
+        c.hostname
+    )
 }
 
 /// Whom `serve` runs as; whether the user exists is checked by `check-config` itself.

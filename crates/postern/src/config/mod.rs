@@ -98,6 +98,9 @@ pub struct Config {
     pub dkim: Vec<DkimSigning>,
     /// In file order, after the filters; each sees the message as the previous left it.
     pub milters: Vec<Milter>,
+    /// Inbound checks (`[authentication]`) on mail from clients neither trusted nor
+    /// authenticated; all off when the section is absent.
+    pub authentication: Authentication,
     pub metrics: Option<Metrics>,
 }
 
@@ -474,6 +477,33 @@ pub enum OnFailure {
     Accept,
 }
 
+/// `[authentication]`: which inbound checks run (`crate::authentication`) and what their
+/// results may refuse. Every key defaults to false: a relay that is only a smart host
+/// for its own network never needs them, and turning them on adds DNS lookups and a
+/// header to every message, which an upgrade must not do unasked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Authentication {
+    /// SPF (RFC 7208) for the MAIL FROM identity, or the HELO identity for `<>`.
+    pub spf: bool,
+    /// DKIM (RFC 6376): every signature verified.
+    pub dkim: bool,
+    /// DMARC (RFC 7489); only together with `spf` and `dkim` (validated).
+    pub dmarc: bool,
+    /// A DMARC failure under p=reject refuses the message (550 5.7.1), under
+    /// p=quarantine holds it in the quarantine; false: results in the header only.
+    /// Only with `dmarc`.
+    pub dmarc_enforce: bool,
+    /// SPF "fail" refuses the message (550 5.7.23). Only with `spf`.
+    pub spf_reject: bool,
+}
+
+impl Authentication {
+    /// Whether any check runs.
+    pub fn any(&self) -> bool {
+        self.spf || self.dkim || self.dmarc
+    }
+}
+
 /// The Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metrics {
@@ -510,6 +540,7 @@ impl Config {
             filters: Vec::new(),
             dkim: Vec::new(),
             milters: Vec::new(),
+            authentication: Authentication::default(),
             metrics: None,
         }
     }

@@ -48,6 +48,7 @@ pub(crate) struct RawConfig {
     pub dkim: Vec<S<RawDkim>>,
     #[serde(default)]
     pub milter: Vec<S<RawMilter>>,
+    pub authentication: Option<S<RawAuthentication>>,
     pub metrics: Option<S<RawMetrics>>,
 }
 
@@ -207,6 +208,16 @@ pub(crate) enum RawMilterClients {
 pub(crate) enum RawOnFailure {
     Tempfail,
     Accept,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuthentication {
+    pub spf: Option<S<bool>>,
+    pub dkim: Option<S<bool>>,
+    pub dmarc: Option<S<bool>>,
+    pub dmarc_enforce: Option<S<bool>>,
+    pub spf_reject: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

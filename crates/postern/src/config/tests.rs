@@ -943,3 +943,45 @@ clients = "relayed"
     assert!(err.contains("another milter is already named `a`"), "{err}");
     assert!(err.contains("test.toml:5"), "{err}");
 }
+
+#[test]
+fn config_authentication_defaults_off_and_is_described() {
+    let c = parse("").unwrap();
+    assert_eq!(c.authentication, Authentication::default());
+    assert!(!c.authentication.any());
+    assert!(
+        c.describe()
+            .contains("inbound checks (untrusted, unauthenticated clients): none")
+    );
+    let c = parse(
+        "hostname = \"relay.example.net\"\n[authentication]\nspf = true\ndkim = true\n\
+         dmarc = true\ndmarc_enforce = true\nspf_reject = false\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.authentication,
+        Authentication {
+            spf: true,
+            dkim: true,
+            dmarc: true,
+            dmarc_enforce: true,
+            spf_reject: false,
+        }
+    );
+    assert!(c.describe().contains(
+        "inbound checks (untrusted, unauthenticated clients): spf, dkim, dmarc (enforced: \
+         p=reject refused, p=quarantine held); results in Authentication-Results: \
+         relay.example.net"
+    ));
+    let err = parse_err("[authentication]\nspf_reject = true\n");
+    assert!(
+        err.contains("test.toml:2:14: authentication.spf_reject"),
+        "{err}"
+    );
+    let old = parse("").unwrap();
+    let new = parse("[authentication]\nspf = true\n").unwrap();
+    assert_eq!(changes(&old, &new).changed, ["authentication"]);
+    // Until the intake runs the checks, `serve` refuses a configuration that asks for them.
+    assert_eq!(old.unsupported_features(), Vec::<String>::new());
+    assert_eq!(new.unsupported_features().len(), 1);
+}

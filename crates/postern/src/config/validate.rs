@@ -14,15 +14,15 @@ use ipnet::IpNet;
 
 use super::error::ConfigError;
 use super::raw::{
-    RawAuth, RawAuthMode, RawConfig, RawDelivery, RawDkim, RawFilter, RawFilterAction, RawListener,
-    RawLogFormat, RawMilter, RawMilterClients, RawOnFailure, RawRelay, RawRoute, RawRouteTls,
-    RawSize, RawTls, RawTlsMode, S,
+    RawAuth, RawAuthMode, RawAuthentication, RawConfig, RawDelivery, RawDkim, RawFilter,
+    RawFilterAction, RawListener, RawLogFormat, RawMilter, RawMilterClients, RawOnFailure,
+    RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
-    Auth, AuthMode, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter, FilterAction, Listener,
-    LogFormat, Mechanism, Metrics, Milter, MilterAddress, MilterClients, NextHop, OnFailure,
-    Privileges, Relay, Route, RouteTls, Tls, TlsMode,
+    Auth, AuthMode, Authentication, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter,
+    FilterAction, Listener, LogFormat, Mechanism, Metrics, Milter, MilterAddress, MilterClients,
+    NextHop, OnFailure, Privileges, Relay, Route, RouteTls, Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -501,6 +501,10 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     let filters = filters(&v, &raw.filter)?;
     let dkim = dkim_keys(&v, &raw.dkim)?;
     let milters = milters(&v, &raw.milter)?;
+    let authentication = match &raw.authentication {
+        Some(a) => authentication_section(&v, a.get_ref())?,
+        None => Authentication::default(),
+    };
     let metrics = match &raw.metrics {
         None => None,
         Some(m) => {
@@ -545,8 +549,53 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         filters,
         dkim,
         milters,
+        authentication,
         metrics,
     })
+}
+
+/// `[authentication]`: a setting that another one makes meaningless is an error, not
+/// silently idle (DMARC is computed from the SPF and DKIM results, RFC 7489 4).
+fn authentication_section(v: &Validator, a: &RawAuthentication) -> Result<Authentication> {
+    let get = |b: &Option<S<bool>>| b.as_ref().is_some_and(|b| *b.get_ref());
+    let out = Authentication {
+        spf: get(&a.spf),
+        dkim: get(&a.dkim),
+        dmarc: get(&a.dmarc),
+        dmarc_enforce: get(&a.dmarc_enforce),
+        spf_reject: get(&a.spf_reject),
+    };
+    if out.dmarc
+        && !(out.spf && out.dkim)
+        && let Some(d) = &a.dmarc
+    {
+        return v.err(
+            d.span(),
+            "authentication.dmarc",
+            "DMARC needs both checks it is made of: set spf = true and dkim = true",
+        );
+    }
+    if out.dmarc_enforce
+        && !out.dmarc
+        && let Some(d) = &a.dmarc_enforce
+    {
+        return v.err(
+            d.span(),
+            "authentication.dmarc_enforce",
+            "nothing to enforce without dmarc = true",
+        );
+    }
+    if out.spf_reject
+        && !out.spf
+        && let Some(d) = &a.spf_reject
+    {
+        return v.err(
+            d.span(),
+            "authentication.spf_reject",
+            "SPF is not checked: set spf = true",
+        );
+    }
+    Ok(out)
 }
 
 /// `[[dkim]]`: the key is read and parsed now, so that a key that cannot sign is a

@@ -193,7 +193,7 @@ fn template<T: SigningKey>(
 /// The domain of the message's one `From:` field (RFC 5322 3.6.2), lower case, A-labels;
 /// every mailbox it lists must be in that domain (RFC 7489 6.6.1 takes a field with
 /// several domains as unusable, so does signing).
-fn from_domain(message: &[u8]) -> Result<String, String> {
+pub(crate) fn from_domain(message: &[u8]) -> Result<String, String> {
     let parsed = MessageParser::new()
         .parse_headers(message)
         .ok_or("the header cannot be parsed")?;
