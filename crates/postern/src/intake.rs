@@ -12,19 +12,22 @@
 //! 2. **Screen** ([`Intake::screen`]): the `[[filter]]` screener, off the executor. It sees
 //!    the message as the client sent it and can reject, discard, quarantine or redirect
 //!    it; it never grants relay.
-//! 3. **Milters** ([`Intake::milters`]): the session's `[[milter]]`s at end of message
-//!    (`crate::milter`), in order, each seeing the message as the previous one left it;
-//!    they may change header fields, the envelope and the body, and reject, tempfail,
-//!    discard or quarantine it. Not for a message a filter quarantined (it is held for a
-//!    person anyway). *Authentication checks (SPF, DKIM, DMARC)* go after them when they
-//!    come, a method of the same shape.
-//! 4. **Sign** ([`Intake::sign`]): DKIM signatures (`[[dkim]]`) for mail from trusted or
+//! 3. **Authenticate** ([`Intake::authenticate`]): `[authentication]` (SPF, DKIM, DMARC)
+//!    on mail from clients neither trusted nor authenticated, on the message as sent; our
+//!    `Authentication-Results:` on top, forged ones removed; DMARC p=reject (or SPF fail
+//!    with `spf_reject`) refused, p=quarantine held.
+//! 4. **Milters** ([`Intake::milters`]): the session's `[[milter]]`s at end of message
+//!    (`crate::milter`), in order, each seeing the message as the previous one left it
+//!    (the authentication results included); they may change header fields, the envelope
+//!    and the body, and reject, tempfail, discard or quarantine it. Not for a message
+//!    already bound for the quarantine (it is held for a person anyway).
+//! 5. **Sign** ([`Intake::sign`]): DKIM signatures (`[[dkim]]`) for mail from trusted or
 //!    authenticated clients, over the message as it will be stored and sent; after the
 //!    milters and before the trace, so every change is covered (interface: "Mail
 //!    authentication").
-//! 5. **Trace** ([`Intake::trace`]): our `Received:` (and a redirect's
+//! 6. **Trace** ([`Intake::trace`]): our `Received:` (and a redirect's
 //!    `X-Postern-Redirected:`) put in front of the body in place, without a second copy.
-//! 6. **Spool** ([`Intake::spool`]): the quarantine, or the queue (then delivery is told,
+//! 7. **Spool** ([`Intake::spool`]): the quarantine, or the queue (then delivery is told,
 //!    after the outcome is logged).
 //!
 //! Trust: the body is the client's, bounded by the protocol core (`max_message_size`, line
@@ -38,6 +41,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use postern_smtp::server::Message;
 use postern_smtp::{Reply, ReversePath, catalogue};
 
+use crate::authentication::{Action as AuthAction, Checker, ClientFacts};
 use crate::budget::{MemoryBudget, Reservation};
 use crate::config::FilterAction;
 use crate::delivery;
@@ -73,6 +77,9 @@ pub enum Outcome {
     },
     /// Refused for good by a filter (550 5.7.1).
     Rejected { id: QueueId, reply: Reply },
+    /// Refused by `[authentication]` enforcement (DMARC p=reject, or SPF fail with
+    /// `spf_reject`): 550 5.7.1 / 550 5.7.23.
+    AuthRefused { id: QueueId, reply: Reply },
     /// Refused by a milter, for good or for now (its reply, or 550 5.7.1 / 451 4.7.1).
     MilterRefused {
         id: QueueId,
@@ -108,6 +115,7 @@ impl Outcome {
             | Outcome::Redirected { reply, .. }
             | Outcome::Rejected { reply, .. }
             | Outcome::MilterRefused { reply, .. }
+            | Outcome::AuthRefused { reply, .. }
             | Outcome::Tempfailed { reply, .. } => reply,
         }
     }
@@ -137,27 +145,48 @@ pub struct Intake {
     budget: Arc<MemoryBudget>,
     /// DKIM signing keys (may be empty).
     signer: Arc<Signer>,
+    /// `[authentication]`, when any check is on.
+    checker: Option<Arc<Checker>>,
     /// Our name, for the `Received:` field.
     hostname: String,
+}
+
+/// What a configuration puts into the intake's steps (screen, authenticate, sign).
+pub struct Steps {
+    pub screener: Screener,
+    /// `[authentication]`, when any check is on.
+    pub checker: Option<Checker>,
+    pub signer: Signer,
+}
+
+impl Default for Steps {
+    /// No filter, no check, no key.
+    fn default() -> Steps {
+        Steps {
+            screener: Screener::new(&[]),
+            checker: None,
+            signer: Signer::default(),
+        }
+    }
 }
 
 impl Intake {
     pub fn new(
         spool: Spool,
         delivery: delivery::Handle,
-        screener: Arc<Screener>,
+        steps: Steps,
         metrics: Arc<Metrics>,
         budget: Arc<MemoryBudget>,
-        signer: Arc<Signer>,
         hostname: String,
     ) -> Intake {
         Intake {
             spool,
             delivery,
-            screener,
+            screener: Arc::new(steps.screener),
             metrics,
             budget,
-            signer,
+            signer: Arc::new(steps.signer),
+            checker: steps.checker.map(Arc::new),
             hostname,
         }
     }
@@ -204,11 +233,13 @@ impl Intake {
         let sender = sender_text(&message.sender);
         let (route, body) = self.screen(message, id, &sender, body).await?;
         let (route, body) = self
+            .authenticate(message, id, route, relayed, body, reservation)
+            .await?;
+        let (route, body) = self
             .milters(message, id, route, body, reservation, milters)
             .await?;
         // A milter may have changed the sender.
         let sender = sender_text(&message.sender);
-        // Authentication checks come here (module header).
         let (body, signatures) = self.sign(id, relayed, body).await?;
         let body = self.trace(message, id, &route, &signatures, body);
         Ok(self.spool(message, id, sender, route, body).await)
@@ -280,7 +311,68 @@ impl Intake {
         }
     }
 
-    /// Step 3. The milters at end of message (`crate::milter`). Their decisions are
+    /// Step 3. `[authentication]` on mail from clients neither trusted nor authenticated:
+    /// SPF, DKIM and DMARC on the message as the client sent it (before any milter
+    /// changes it, which would break the signatures it verifies); our
+    /// `Authentication-Results:` on top and forged ones removed; DMARC or SPF enforcement.
+    async fn authenticate(
+        &self,
+        message: &Message,
+        id: QueueId,
+        route: Route,
+        relayed: bool,
+        body: Vec<u8>,
+        reservation: &mut Reservation,
+    ) -> Step<(Route, Vec<u8>)> {
+        let Some(checker) = self.checker.as_deref().filter(|_| !relayed) else {
+            return Ok((route, body));
+        };
+        let sender = match &message.sender {
+            ReversePath::Null => None,
+            ReversePath::Mailbox(a) => Some(a.to_string()),
+        };
+        let facts = ClientFacts {
+            ip: message.peer.ip(),
+            helo: &message.helo,
+            mail_from: sender.as_deref(),
+            hostname: &self.hostname,
+        };
+        let verdict = checker.check(&facts, &body).await;
+        let id_text = id.to_string();
+        maillog::authentication(&id_text, message.peer, &verdict.log_fields());
+        self.metrics.authentication(&verdict);
+        let route = match verdict.action {
+            AuthAction::Accept => route,
+            AuthAction::Reject(ref reply) => {
+                maillog::authentication_refused(&id_text, message.peer, reply);
+                return Err(Outcome::AuthRefused {
+                    id,
+                    reply: reply.clone(),
+                });
+            }
+            AuthAction::Quarantine(ref reason) => match route {
+                // A filter's quarantine stands; its rule says more.
+                Route::Quarantine { .. } => route,
+                _ => Route::Quarantine {
+                    rule: "dmarc".to_string(),
+                    reason: reason.clone(),
+                },
+            },
+        };
+        // The rewritten copy (our field on top, forged ones out) is one more body.
+        let grown = reservation.held() + body.len() as u64 + verdict.header.len() as u64;
+        if !reservation.resize(grown) {
+            return Err(Outcome::Tempfailed {
+                why: Tempfail::Memory {
+                    wanted: body.len() as u64,
+                },
+                reply: catalogue::insufficient_storage(),
+            });
+        }
+        Ok((route, verdict.rewrite(&body)))
+    }
+
+    /// Step 4. The milters at end of message (`crate::milter`). Their decisions are
     /// logged and counted where they are made; the outcome here.
     async fn milters(
         &self,
@@ -328,7 +420,7 @@ impl Intake {
         }
     }
 
-    /// Step 4. DKIM signatures for relayed mail: the `DKIM-Signature:` fields to put in
+    /// Step 5. DKIM signatures for relayed mail: the `DKIM-Signature:` fields to put in
     /// front (empty when nothing is signed). Off the executor: an RSA signature costs
     /// about a millisecond of CPU.
     async fn sign(&self, id: QueueId, relayed: bool, body: Vec<u8>) -> Step<(Vec<u8>, String)> {
@@ -362,7 +454,7 @@ impl Intake {
         Ok((body, signed.fields))
     }
 
-    /// Step 5. Our trace fields go in front of the body in place: no second copy of the
+    /// Step 6. Our trace fields go in front of the body in place: no second copy of the
     /// message (and exactly the room they need, not a doubled buffer). The signatures
     /// come first, as a signing milter would add them (RFC 6376 5.6: at the top).
     fn trace(
@@ -391,7 +483,7 @@ impl Intake {
         data
     }
 
-    /// Step 6. Stores the message durably, in the quarantine or the queue; the reply is
+    /// Step 7. Stores the message durably, in the quarantine or the queue; the reply is
     /// 250 only once it is on disk.
     async fn spool(
         &self,
@@ -485,6 +577,7 @@ impl Intake {
             }
             Outcome::Rejected { .. } => self.metrics.message_rejected(Rejection::Filter),
             Outcome::MilterRefused { .. } => self.metrics.message_rejected(Rejection::Milter),
+            Outcome::AuthRefused { .. } => self.metrics.message_rejected(Rejection::Authentication),
             Outcome::Tempfailed { why, .. } => match why {
                 Tempfail::Memory { wanted } => {
                     maillog::memory_refused(peer, *wanted, self.budget.used());
@@ -585,10 +678,12 @@ mod tests {
         let intake = Intake::new(
             spool.clone(),
             handle,
-            Arc::new(Screener::new(&filters)),
+            Steps {
+                screener: Screener::new(&filters),
+                ..Steps::default()
+            },
             Arc::clone(&metrics),
             Arc::clone(&budget),
-            Arc::new(crate::dkim::Signer::default()),
             "relay.test".into(),
         );
         Fixture {

@@ -108,6 +108,17 @@ pub fn message_accepted<R: std::fmt::Display>(
         "message accepted");
 }
 
+/// `[authentication]`'s results for one message: `spf=... dkim=... dmarc=...`.
+pub fn authentication(id: &str, client: SocketAddr, results: &str) {
+    tracing::info!(target: "maillog", id = %id, %client, "authentication {results}");
+}
+
+/// `[authentication]` enforcement refused a message.
+pub fn authentication_refused(id: &str, client: SocketAddr, reply: &Reply) {
+    tracing::info!(target: "maillog", id = %id, %client, reply = %reply.one_line(),
+        "message refused by authentication checks");
+}
+
 /// A relayed message was signed with one `[[dkim]]` key.
 pub fn dkim_signed(id: &str, domain: &str, selector: &str, algorithm: crate::dkim::key::Algorithm) {
     tracing::info!(target: "maillog", id = %id, d = %domain, s = %selector,

@@ -37,7 +37,7 @@ use crate::budget::MemoryBudget;
 use crate::config::{AuthMode, Config, TlsMode};
 use crate::dkim::Signer;
 use crate::filter::Screener;
-use crate::intake::Intake;
+use crate::intake::{Intake, Steps};
 use crate::listener::{self, ConnectionLimits};
 use crate::metrics::{self, Metrics};
 use crate::policy::dnsbl::Dnsbl;
@@ -225,6 +225,7 @@ struct Prepared {
     dnsbl: Option<Dnsbl>,
     screener: Screener,
     signer: Signer,
+    checker: Option<crate::authentication::Checker>,
     /// Taken at start to start the runner; given to it on commit otherwise.
     delivery: Option<delivery::Settings>,
 }
@@ -259,6 +260,14 @@ fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<P
     };
     let screener = Screener::new(&config.filters);
     let signer = Signer::new(&config.dkim).map_err(|e| anyhow::anyhow!("[[dkim]] key {e}"))?;
+    let checker = if config.authentication.any() {
+        Some(
+            crate::authentication::Checker::new(&config)
+                .map_err(|e| anyhow::anyhow!("[authentication]: {e}"))?,
+        )
+    } else {
+        None
+    };
     let delivery = delivery::Settings::new(&config)?;
     Ok(Prepared {
         config,
@@ -268,6 +277,7 @@ fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<P
         dnsbl,
         screener,
         signer,
+        checker,
         delivery: Some(delivery),
     })
 }
@@ -386,10 +396,13 @@ impl Server {
             intake: Intake::new(
                 self.spool.clone(),
                 self.delivery.clone(),
-                Arc::new(p.screener),
+                Steps {
+                    screener: p.screener,
+                    checker: p.checker,
+                    signer: p.signer,
+                },
                 Arc::clone(&self.metrics),
                 Arc::clone(&self.budget),
-                Arc::new(p.signer),
                 config.hostname.clone(),
             ),
             tls: p.tls,

@@ -533,7 +533,6 @@ async fn flush<S: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::filter::Screener;
     use crate::ourselves::Ourselves;
     use crate::queue::{Spool, SpoolOptions};
     use tokio::io::{DuplexStream, duplex};
@@ -559,10 +558,9 @@ mod tests {
         let intake = Intake::new(
             spool,
             handle,
-            Arc::new(Screener::new(&[])),
+            crate::intake::Steps::default(),
             Arc::clone(&metrics),
             Arc::clone(&budget),
-            Arc::new(crate::dkim::Signer::default()),
             config.hostname.clone(),
         );
         let listener = config.listeners[0].clone();

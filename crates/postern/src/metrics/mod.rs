@@ -54,9 +54,12 @@ pub enum Rejection {
     Memory,
     /// A milter refused it at end of message (its reply, or 550 5.7.1 / 451 4.7.1).
     Milter,
+    /// `[authentication]`: DMARC p=reject enforced (550 5.7.1) or SPF fail with
+    /// `spf_reject` (550 5.7.23).
+    Authentication,
 }
 
-const REJECTIONS: [(Rejection, &str); 8] = [
+const REJECTIONS: [(Rejection, &str); 9] = [
     (Rejection::Filter, "filter"),
     (Rejection::Size, "size"),
     (Rejection::BareLineEnding, "bare_line_ending"),
@@ -65,6 +68,7 @@ const REJECTIONS: [(Rejection, &str); 8] = [
     (Rejection::TooManyHops, "too_many_hops"),
     (Rejection::Memory, "memory"),
     (Rejection::Milter, "milter"),
+    (Rejection::Authentication, "authentication"),
 ];
 
 /// What a milter decided (`postern_milter_actions_total{milter,action}`): its reply at
@@ -136,6 +140,18 @@ struct MilterCounters {
     sum_us: AtomicU64,
 }
 
+/// The checks of `[authentication]`, and their results (RFC 8601 names).
+pub(crate) const AUTH_CHECKS: [&str; 3] = ["spf", "dkim", "dmarc"];
+pub(crate) const AUTH_RESULTS: [&str; 7] = [
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "temperror",
+    "permerror",
+];
+
 /// The connection limits, as `listener::ConnectionLimits::acquire` names them.
 const LIMITS: [&str; 2] = ["max_connections", "per_ip_connections"];
 
@@ -167,6 +183,8 @@ pub struct Metrics {
     bounces: AtomicU64,
     queue_messages: AtomicU64,
     filter_actions: [AtomicU64; FilterAction::NAMES.len()],
+    /// `[authentication]` results, per check (spf, dkim, dmarc) and result.
+    auth_results: [[AtomicU64; AUTH_RESULTS.len()]; 3],
     /// DKIM signatures made, rsa-sha256 then ed25519-sha256.
     dkim_signatures: [AtomicU64; 2],
     /// Relayed messages from a signing domain that left unsigned.
@@ -206,6 +224,7 @@ impl Metrics {
             bounces: AtomicU64::new(0),
             queue_messages: AtomicU64::new(0),
             filter_actions: Default::default(),
+            auth_results: Default::default(),
             dkim_signatures: Default::default(),
             dkim_unsigned: AtomicU64::new(0),
             milters: Default::default(),
@@ -326,6 +345,20 @@ impl Metrics {
 
     pub fn filter_action(&self, action: &FilterAction) {
         bump(&self.filter_actions[action.index()]);
+    }
+
+    /// The results of the inbound checks on one message.
+    pub fn authentication(&self, verdict: &crate::authentication::Verdict) {
+        for (i, result) in [verdict.spf, verdict.dkim, verdict.dmarc]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(r) = result
+                && let Some(j) = AUTH_RESULTS.iter().position(|n| *n == r.as_str())
+            {
+                bump(&self.auth_results[i][j]);
+            }
+        }
     }
 
     /// A DKIM signature was made.

@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    DeliveryStatus, LIMITS, ListenerCounters, MILTER_LATENCY_BUCKETS, Metrics, MilterAction,
-    REJECTIONS,
+    AUTH_CHECKS, AUTH_RESULTS, DeliveryStatus, LIMITS, ListenerCounters, MILTER_LATENCY_BUCKETS,
+    Metrics, MilterAction, REJECTIONS,
 };
 use crate::config::FilterAction;
 use crate::dkim::key::Algorithm;
@@ -147,6 +147,21 @@ impl Metrics {
                 .iter()
                 .zip(&self.filter_actions)
                 .map(|(action, n)| (labels(&[("action", action)]), get(n))),
+        );
+        family(
+            &mut out,
+            "postern_authentication_results_total",
+            "counter",
+            "[authentication] results on mail from untrusted clients, per check and result.",
+            AUTH_CHECKS
+                .iter()
+                .zip(&self.auth_results)
+                .flat_map(|(check, results)| {
+                    AUTH_RESULTS
+                        .iter()
+                        .zip(results)
+                        .map(move |(r, n)| (labels(&[("check", check), ("result", r)]), get(n)))
+                }),
         );
         family(
             &mut out,
@@ -368,7 +383,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(families.len(), 18, "{families:?}");
+        assert_eq!(families.len(), 19, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

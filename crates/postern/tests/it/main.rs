@@ -6,6 +6,8 @@
 
 mod common;
 
+mod authentication;
+
 mod delivery;
 mod dkim;
 mod filtering;
