@@ -34,6 +34,7 @@
 //! rules) and by the memory budget; the envelope was checked by the core and, recipient by
 //! recipient, by the relay policy.
 
+use std::borrow::Cow;
 use std::fmt::Display;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -41,7 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use postern_smtp::server::Message;
 use postern_smtp::{Reply, ReversePath, catalogue};
 
-use crate::authentication::{Action as AuthAction, Checker, ClientFacts};
+use crate::authentication::{Action as AuthAction, Checker, ClientFacts, strip_forged};
 use crate::budget::{MemoryBudget, Reservation};
 use crate::config::FilterAction;
 use crate::delivery;
@@ -98,8 +99,8 @@ pub enum Tempfail {
     Memory { wanted: u64 },
     /// Screening itself failed; unscreened mail is never accepted (451 4.3.0).
     Screening,
-    /// Signing failed unexpectedly (451 4.3.0); relayed mail is not sent unsigned
-    /// because of a fault of ours.
+    /// Signing failed (451 4.3.0): a key could not sign, or the task failed; relayed
+    /// mail is not sent unsigned because of a fault of ours.
     Signing,
     /// The quarantine or the spool could not write it (451 4.3.0).
     Store(SpoolError),
@@ -325,7 +326,16 @@ impl Intake {
         reservation: &mut Reservation,
     ) -> Step<(Route, Vec<u8>)> {
         let Some(checker) = self.checker.as_deref().filter(|_| !relayed) else {
-            return Ok((route, body));
+            // Unchecked mail (a trusted or authenticated client, or no checks on) still
+            // loses any Authentication-Results: field claiming to be ours (RFC 8601 5):
+            // the internal server trusts our authserv-id.
+            return match strip_forged(&body, &self.hostname) {
+                Cow::Borrowed(_) => Ok((route, body)),
+                Cow::Owned(stripped) => {
+                    maillog::forged_results_removed(&id.to_string(), message.peer);
+                    Ok((route, stripped))
+                }
+            };
         };
         let sender = match &message.sender {
             ReversePath::Null => None,
@@ -446,6 +456,13 @@ impl Intake {
         for made in &signed.made {
             maillog::dkim_signed(&id, &made.domain, &made.selector, made.algorithm);
             self.metrics.dkim_signed(made.algorithm);
+        }
+        if let Some(why) = &signed.error {
+            tracing::error!(id = %id, why = %why, "DKIM signing failed; the message is refused with 451");
+            return Err(Outcome::Tempfailed {
+                why: Tempfail::Signing,
+                reply: catalogue::local_error(),
+            });
         }
         if let Some(why) = &signed.failed {
             maillog::dkim_unsigned(&id, why);

@@ -113,6 +113,13 @@ pub fn authentication(id: &str, client: SocketAddr, results: &str) {
     tracing::info!(target: "maillog", id = %id, %client, "authentication {results}");
 }
 
+/// A message from a client that is not checked carried an Authentication-Results: field
+/// with our authserv-id; it was removed.
+pub fn forged_results_removed(id: &str, client: SocketAddr) {
+    tracing::info!(target: "maillog", id = %id, %client,
+        "forged Authentication-Results removed");
+}
+
 /// `[authentication]` enforcement refused a message.
 pub fn authentication_refused(id: &str, client: SocketAddr, reply: &Reply) {
     tracing::info!(target: "maillog", id = %id, %client, reply = %reply.one_line(),

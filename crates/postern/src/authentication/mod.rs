@@ -54,6 +54,13 @@ pub const CACHE_ENTRIES: usize = 4096;
 /// key lookup and a public-key operation, and a sender can add as many as it likes.
 pub const MAX_SIGNATURES: usize = 10;
 
+/// The longest all the checks of one message may take.
+const CHECK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// mail-auth's time limit for one SPF evaluation (its `LookupLimit`), after which it
+/// answers permerror; an evaluation that took this long is recorded as temperror.
+const SPF_SLOW: std::time::Duration = std::time::Duration::from_secs(19);
+
 /// What the session knows about the client, for SPF (RFC 7208 4.1 `check_host()`).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientFacts<'a> {
@@ -218,17 +225,59 @@ impl Checker {
 
     /// Runs the configured checks on `message` (header and body as received, CRLF lines,
     /// before [`strip_forged`]) from the client described by `facts`.
+    /// All the checks of one message take at most [`CHECK_DEADLINE`]: a client whose
+    /// message names ten signatures with unresponsive selectors must not hold its session
+    /// (and its body's memory) for minutes. Past it, every check is temperror (the DNS
+    /// did not answer in time), which never refuses.
     pub async fn check(&self, facts: &ClientFacts<'_>, message: &[u8]) -> Verdict {
+        match tokio::time::timeout(CHECK_DEADLINE, self.check_all(facts, message)).await {
+            Ok(v) => v,
+            Err(_) => self.timed_out(facts),
+        }
+    }
+
+    fn timed_out(&self, facts: &ClientFacts<'_>) -> Verdict {
+        let s = self.settings;
+        let mut h = header::Builder::new(facts.hostname);
+        let why = Some("DNS did not answer in time");
+        let mut result = |on: bool, method: &str| {
+            on.then(|| {
+                h.result(method, Outcome::TempError.as_str(), why, &[]);
+                Outcome::TempError
+            })
+        };
+        let (spf, dkim, dmarc) = (
+            result(s.spf, "spf"),
+            result(s.dkim, "dkim"),
+            result(s.dmarc, "dmarc"),
+        );
+        Verdict {
+            header: h.finish(),
+            action: Action::Accept,
+            spf,
+            dkim,
+            dmarc,
+            authserv_id: facts.hostname.to_string(),
+        }
+    }
+
+    async fn check_all(&self, facts: &ClientFacts<'_>, message: &[u8]) -> Verdict {
         let s = self.settings;
         let mut parsed = if s.dkim {
             AuthenticatedMessage::parse(message)
         } else {
             None
         };
+        // At most MAX_SIGNATURES results in all: mail-auth reports every malformed
+        // DKIM-Signature field (`errors`) as a result of its own too, and a message with
+        // thousands of them must not make a field of hundreds of kilobytes.
         let unverified = parsed.as_mut().map_or(0, |m| {
             let n = m.dkim_headers.len().saturating_sub(MAX_SIGNATURES);
             m.dkim_headers.truncate(MAX_SIGNATURES);
-            n
+            let room = MAX_SIGNATURES - m.dkim_headers.len();
+            let dropped = m.errors.len().saturating_sub(room);
+            m.errors.truncate(room);
+            n + dropped
         });
         let (spf, dkim) = tokio::join!(
             async {
@@ -349,9 +398,17 @@ impl Checker {
                 true,
             ),
         };
+        let started = std::time::Instant::now();
         let out: SpfOutput = self.auth.verify_spf(self.params(params)).await;
+        // mail-auth answers permerror once an evaluation has taken 20 s, whether or not a
+        // lookup failed: that is slow DNS, a temporary condition (RFC 7208 2.6.7), and a
+        // permerror could let DMARC refuse what a retry would deliver.
+        let result = match out.result() {
+            SpfResult::PermError if started.elapsed() >= SPF_SLOW => SpfResult::TempError,
+            r => r,
+        };
         Spf {
-            result: out.result(),
+            result,
             domain: out.domain().trim_end_matches('.').to_ascii_lowercase(),
             helo_identity,
         }

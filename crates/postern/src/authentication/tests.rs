@@ -425,6 +425,25 @@ async fn signatures_beyond_the_limit_are_not_verified() {
     assert!(key_lookups <= MAX_SIGNATURES, "{key_lookups}");
 }
 
+/// Malformed signatures (mail-auth reports each one as a result of its own) count toward
+/// the same limit: thousands of them make a field of a bounded size.
+#[tokio::test]
+async fn malformed_signatures_do_not_grow_the_field() {
+    let dns = DnsServer::start();
+    let bad =
+        "DKIM-Signature: v=1; a=rsa-sha256; d=a.example; s=s1; h=from; bh=AAAA; b=AAAA; l=5\r\n";
+    let msg = [bad.repeat(5000).into_bytes(), message("a.example")].concat();
+    let v = checker(&dns, dkim_only())
+        .check(&facts(GOOD_IP, "mta.a.example", None), &msg)
+        .await;
+    assert!(
+        v.header.matches("dkim=").count() <= MAX_SIGNATURES + 1,
+        "{}",
+        v.header.len()
+    );
+    assert!(v.header.len() < 8 * 1024, "{}", v.header.len());
+}
+
 // ---- DMARC ----
 
 async fn dmarc_check(

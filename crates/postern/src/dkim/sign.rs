@@ -52,8 +52,11 @@ pub struct Signed {
     pub fields: String,
     /// Each signature made.
     pub made: Vec<Made>,
-    /// The message's `From:` domain is a signing domain but nothing was signed: why.
+    /// The message's `From:` names a signing domain but could not be used: why.
     pub failed: Option<String>,
+    /// A key that should have signed failed to (a fault of ours): why. The message is
+    /// then not taken (451): relayed mail does not leave half-signed.
+    pub error: Option<String>,
 }
 
 impl Signer {
@@ -122,7 +125,7 @@ impl Signer {
                     });
                 }
                 Err(e) => {
-                    signed.failed = Some(format!(
+                    signed.error = Some(format!(
                         "signing with {} s={} failed: {e}",
                         k.domain, k.selector
                     ));

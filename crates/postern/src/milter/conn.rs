@@ -31,7 +31,19 @@ pub enum Failure {
     Io(String),
     /// Its changes at end of message would take the message over `max_message_size`.
     TooBig(u64),
+    /// More than [`MAX_ACTIONS`] header and envelope changes for one message.
+    TooManyActions,
 }
+
+/// Header and envelope changes one milter may make to one message (body replacement
+/// chunks are bounded by size instead). Each change is applied with a scan of the header
+/// or the recipients, so an unbounded number would be quadratic work on the executor;
+/// real milters make a handful (rspamd's headers, OpenDKIM's one signature).
+pub(super) const MAX_ACTIONS: usize = 1000;
+
+/// What one change costs in memory beyond its text (the entry, its strings' headers):
+/// counted against the size limit, so that tiny changes cannot add up unseen.
+const ACTION_OVERHEAD: u64 = 128;
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -43,6 +55,10 @@ impl fmt::Display for Failure {
             Failure::TooBig(limit) => write!(
                 f,
                 "its changes would make the message larger than max_message_size ({limit} bytes)"
+            ),
+            Failure::TooManyActions => write!(
+                f,
+                "it sent more than {MAX_ACTIONS} header and envelope changes for one message"
             ),
         }
     }
@@ -154,6 +170,8 @@ impl Conn {
         let mut deadline = started + timeout;
         let last = started + timeout.saturating_mul(MAX_PROGRESS);
         let mut held: u64 = actions.iter().map(action_size).sum();
+        let is_change = |a: &Action| !matches!(a, Action::ReplBody(_));
+        let mut changes = actions.iter().filter(|a| is_change(a)).count();
         loop {
             while let Some(event) = self.codec.poll_event() {
                 match event.map_err(Failure::Protocol)? {
@@ -166,6 +184,12 @@ impl Conn {
                         held += action_size(&a);
                         if held > limit {
                             return Err(Failure::TooBig(limit));
+                        }
+                        if is_change(&a) {
+                            changes += 1;
+                            if changes > MAX_ACTIONS {
+                                return Err(Failure::TooManyActions);
+                            }
                         }
                         actions.push(a);
                     }
@@ -221,5 +245,5 @@ pub(super) fn action_size(a: &Action) -> u64 {
         Action::ReplBody(b) => b.len(),
         Action::Quarantine { reason } => reason.len(),
     };
-    n as u64
+    n as u64 + ACTION_OVERHEAD
 }

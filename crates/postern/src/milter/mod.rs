@@ -582,7 +582,8 @@ impl Chain {
                 .collect::<Vec<_>>()
                 .join(", ");
             let summary = match &asked {
-                Some(reason) => format!("{summary}; quarantine: {reason}"),
+                // The milter's text, escaped: it goes into one log line.
+                Some(reason) => format!("{summary}; quarantine: {}", reason.escape_debug()),
                 None => summary,
             };
             self.log_decision(i, stage, &d, summary.trim_start_matches("; "));
@@ -782,7 +783,7 @@ fn apply_envelope(
                         .retain(|r| !r.to_string().eq_ignore_ascii_case(addr)),
                 }
                 if env.recipients.len() < before {
-                    parts.push(format!("removed=<{addr}>"));
+                    parts.push(format!("removed=<{}>", addr.escape_debug()));
                 }
             }
             _ => {}

@@ -241,3 +241,53 @@ async fn progress_keeps_a_reply_alive_for_ten_timeouts_at_most() {
     // Progress every second, timeout 2 s: cut at 10 x 2 s.
     assert_eq!(started.elapsed(), Duration::from_secs(20));
 }
+
+/// At end of message, a flood of header inserts (tiny each).
+fn flood(code: u8, _: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
+    Some(match code {
+        SMFIC_OPTNEG => optneg(),
+        SMFIC_BODYEOB => {
+            let mut v: Vec<(u8, Vec<u8>)> = (0..5000)
+                .map(|_| (SMFIR_INSHEADER, b"\0\0\0\0X\0\0".to_vec()))
+                .collect();
+            v.push((SMFIR_ACCEPT, vec![]));
+            v
+        }
+        _ => vec![(SMFIR_CONTINUE, vec![])],
+    })
+}
+
+/// Thousands of changes for one message are a failure of the milter (on_failure
+/// decides), not thousands of header scans on the executor.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_changes_is_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.sock");
+    start_fake(&path, flood);
+    let metrics = Arc::new(Metrics::new([]));
+    let mut c = chain(milter(&path, OnFailure::Tempfail), &metrics);
+    c.mail(&sender(), false).await.unwrap();
+    let rcpt = parse_mailbox("x@y.test").unwrap();
+    c.rcpt(&rcpt).await.unwrap();
+    let budget = MemoryBudget::new(1 << 30);
+    let mut reservation = budget.reservation();
+    let (mut s, mut params, mut rcpts) = (ReversePath::Null, vec![], vec![rcpt]);
+    let mut data = b"Subject: x\r\n\r\nbody\r\n".to_vec();
+    let verdict = c
+        .end_of_message(
+            "ID1",
+            Envelope {
+                sender: &mut s,
+                params: &mut params,
+                recipients: &mut rcpts,
+            },
+            &mut data,
+            &mut reservation,
+        )
+        .await;
+    let Verdict::Refused { reply, .. } = verdict else {
+        panic!("{verdict:?}");
+    };
+    assert_eq!(reply.code, 451);
+    assert!(!String::from_utf8_lossy(&data).contains("X:"));
+}

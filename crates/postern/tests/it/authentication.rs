@@ -116,11 +116,18 @@ fn spf_and_dmarc_are_checked_enforced_and_reported() {
         "{data}"
     );
 
-    // A trusted client is not checked: relayed, no results added.
-    let (code, _) = send(&server, INSIDE, "a@bad.example", "inside", "");
+    // A trusted client is not checked: relayed, no results added; a field in our name
+    // is removed all the same (the internal server trusts it).
+    let forged = "Authentication-Results: RELAY.test (comment);\r\n\tdmarc=pass\r\n";
+    let (code, _) = send(&server, INSIDE, "a@bad.example", "inside", forged);
     assert_eq!(code, 250);
     let data = delivered(&sink, 3, "inside");
     assert!(!data.contains("Authentication-Results:"), "{data}");
+    assert!(
+        server
+            .log()
+            .contains("forged Authentication-Results removed")
+    );
 
     let log = server.log();
     assert!(log.contains("authentication spf=fail"), "{log}");
