@@ -19,8 +19,8 @@
 //! 4. **Milters** ([`Intake::milters`]): the session's `[[milter]]`s at end of message
 //!    (`crate::milter`), in order, each seeing the message as the previous one left it
 //!    (the authentication results included); they may change header fields, the envelope
-//!    and the body, and reject, tempfail, discard or quarantine it. Not for a message
-//!    already bound for the quarantine (it is held for a person anyway).
+//!    and the body, and reject, tempfail, discard or quarantine it. Also for a message
+//!    bound for the quarantine: a release must deliver scanned mail.
 //! 5. **Sign** ([`Intake::sign`]): DKIM signatures (`[[dkim]]`) for mail from trusted or
 //!    authenticated clients, over the message as it will be stored and sent; after the
 //!    milters and before the trace, so every change is covered (interface: "Mail
@@ -393,7 +393,10 @@ impl Intake {
         reservation: &mut Reservation,
         milters: &mut Chain,
     ) -> Step<(Route, Vec<u8>)> {
-        if milters.is_empty() || matches!(route, Route::Quarantine { .. }) {
+        // Also for a message bound for the quarantine (a filter's or DMARC's): a person
+        // may release it, and it must have been scanned then; a milter's reject or
+        // discard wins over holding it.
+        if milters.is_empty() {
             return Ok((route, body));
         }
         let id_text = id.to_string();
@@ -407,6 +410,10 @@ impl Intake {
             .await
         {
             milter::Verdict::Go { quarantine: None } => Ok((route, body)),
+            // Already held (a filter's or DMARC's rule names it first).
+            milter::Verdict::Go {
+                quarantine: Some(_),
+            } if matches!(route, Route::Quarantine { .. }) => Ok((route, body)),
             milter::Verdict::Go {
                 quarantine: Some((milter, reason)),
             } => Ok((

@@ -766,3 +766,32 @@ fn a_reload_that_adds_a_milter_applies_to_new_sessions() {
     assert_eq!(r.text(), "550 5.7.0 custom sender refusal");
     old.expect("MAIL FROM:<mail-reject@outside.test>", 250);
 }
+
+/// A message a filter holds is still scanned: released later, it must have been seen by
+/// the milters; a milter's reject wins over holding it.
+#[test]
+fn held_mail_still_goes_through_the_milters() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port().to_string();
+    let _milter = scenario(&port, "scenario", "script");
+    let filter = "\n[[filter]]\nname = \"hold-all\"\nkeywords = [\"Hello from the test\"]\naction = \"quarantine\"\n";
+    let server = relay(
+        &sink,
+        &format!(
+            "{filter}{}",
+            milter_section("scenario", &format!("127.0.0.1:{port}"), "")
+        ),
+    );
+    // The filter would hold it; the milter refuses it.
+    let (code, text) = send(&server, OUTSIDE, "sender@outside.test", "reject-me", "");
+    assert_eq!(code, 554, "{text}");
+    // Held, and scanned (the milter's header is on the held copy).
+    let (code, _) = send(&server, OUTSIDE, "sender@outside.test", "plain", "");
+    assert_eq!(code, 250);
+    let cfg = server.config.to_str().unwrap();
+    let (_, list, _) = run_cli(&["quarantine", "list", "--config", cfg]);
+    assert!(list.contains("rule hold-all"), "{list}");
+    let id = list.split_whitespace().next().unwrap();
+    let (_, shown, _) = run_cli(&["quarantine", "show", id, "--config", cfg]);
+    assert!(shown.contains("X-Scenario: scenario"), "{shown}");
+}
