@@ -513,7 +513,22 @@ impl Chain {
             }
             let limit = self.max_message_size;
             let mut actions = Vec::new();
-            let result = self.message(i, id, &split, data, limit, &mut actions).await;
+            // The whole end of message (every header and body chunk, each reply within
+            // `timeout`) within MAX_PROGRESS x `timeout`: a milter answering each 64 KiB
+            // chunk just in time would otherwise hold a 25 MB message for hours.
+            let whole = self.links[i]
+                .config
+                .timeout
+                .saturating_mul(conn::MAX_PROGRESS);
+            let result = match tokio::time::timeout(
+                whole,
+                self.message(i, id, &split, data, limit, &mut actions),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Timeout(postern_smtp::milter::Command::Eom)),
+            };
             let (stage, d) = match result {
                 Ok(x) => x,
                 Err(e) => match self.failed::<()>(i, "eom", e) {
