@@ -206,7 +206,20 @@ impl Split {
         if self.separator || !body.is_empty() || self.new_body.is_some() {
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(body);
+        if self.new_body.is_some() {
+            // A milter's body: a CR without its LF (which our own SMTP reader refuses
+            // from clients, RFC 5321 2.3.8) becomes a line end, so the next hop gets
+            // only CRLF lines.
+            let mut bytes = body.iter().peekable();
+            while let Some(&b) = bytes.next() {
+                out.push(b);
+                if b == b'\r' && bytes.peek() != Some(&&b'\n') {
+                    out.push(b'\n');
+                }
+            }
+        } else {
+            out.extend_from_slice(body);
+        }
         if !out.is_empty() && !out.ends_with(b"\r\n") {
             out.extend_from_slice(b"\r\n");
         }
@@ -268,5 +281,18 @@ mod tests {
         assert_eq!(s.fields.len(), 1);
         assert_eq!(s.body(data), b"");
         assert_eq!(s.rebuild(data), data);
+    }
+
+    #[test]
+    fn a_replaced_body_has_crlf_lines_only() {
+        let mut s = Split::parse(MSG);
+        s.replace_body(b"one\rtwo\nthree\r", true);
+        s.replace_body(b"\nfour\r\n", false);
+        let out = s.rebuild(MSG);
+        assert!(
+            out.ends_with(b"\r\n\r\none\r\ntwo\r\nthree\r\nfour\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
 }
