@@ -231,7 +231,7 @@ fn strip_status(text: &[u8], len: usize) -> &[u8] {
 }
 
 /// Reply text fit for logs and bounces: lossy UTF-8, control characters as '?'.
-fn clean_text(text: &[u8]) -> String {
+pub(crate) fn clean_text(text: &[u8]) -> String {
     String::from_utf8_lossy(text)
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })

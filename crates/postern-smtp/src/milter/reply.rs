@@ -104,7 +104,7 @@ pub fn parse_replycode(data: &[u8]) -> Result<Reply, &'static str> {
                 },
                 _ => text,
             };
-            Cow::Owned(clean(&unpercent(text)))
+            Cow::Owned(crate::client::reply::clean_text(&unpercent(text)))
         })
         .collect();
     Ok(Reply {
@@ -135,14 +135,6 @@ fn unpercent(text: &[u8]) -> Vec<u8> {
         }
     }
     out
-}
-
-/// Lossy UTF-8, control characters as '?'.
-fn clean(text: &[u8]) -> String {
-    String::from_utf8_lossy(text)
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 #[cfg(test)]

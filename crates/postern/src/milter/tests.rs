@@ -215,25 +215,8 @@ async fn progress_keeps_a_reply_alive_for_ten_timeouts_at_most() {
     c.mail(&sender(), false).await.unwrap();
     let rcpt = parse_mailbox("x@y.test").unwrap();
     c.rcpt(&rcpt).await.unwrap();
-    let budget = MemoryBudget::new(1 << 20);
-    let mut reservation = budget.reservation();
-    let mut s = ReversePath::Null;
-    let mut params = vec![];
-    let mut rcpts = vec![rcpt];
-    let mut data = b"Subject: x\r\n\r\nbody\r\n".to_vec();
     let started = tokio::time::Instant::now();
-    let verdict = c
-        .end_of_message(
-            "ID1",
-            Envelope {
-                sender: &mut s,
-                params: &mut params,
-                recipients: &mut rcpts,
-            },
-            &mut data,
-            &mut reservation,
-        )
-        .await;
+    let (verdict, _) = end_of_message(&mut c, rcpt).await;
     let Verdict::Refused { reply, .. } = verdict else {
         panic!("{verdict:?}");
     };
@@ -269,6 +252,16 @@ async fn a_flood_of_changes_is_a_failure() {
     c.mail(&sender(), false).await.unwrap();
     let rcpt = parse_mailbox("x@y.test").unwrap();
     c.rcpt(&rcpt).await.unwrap();
+    let (verdict, data) = end_of_message(&mut c, rcpt).await;
+    let Verdict::Refused { reply, .. } = verdict else {
+        panic!("{verdict:?}");
+    };
+    assert_eq!(reply.code, 451);
+    assert!(!String::from_utf8_lossy(&data).contains("X:"));
+}
+
+/// The end of a one-recipient message through `c`: its verdict and the message after it.
+async fn end_of_message(c: &mut Chain, rcpt: Address) -> (Verdict, Vec<u8>) {
     let budget = MemoryBudget::new(1 << 30);
     let mut reservation = budget.reservation();
     let (mut s, mut params, mut rcpts) = (ReversePath::Null, vec![], vec![rcpt]);
@@ -285,9 +278,5 @@ async fn a_flood_of_changes_is_a_failure() {
             &mut reservation,
         )
         .await;
-    let Verdict::Refused { reply, .. } = verdict else {
-        panic!("{verdict:?}");
-    };
-    assert_eq!(reply.code, 451);
-    assert!(!String::from_utf8_lossy(&data).contains("X:"));
+    (verdict, data)
 }
