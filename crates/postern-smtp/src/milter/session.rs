@@ -989,6 +989,9 @@ fn bare_macro(name: &str) -> &str {
         .unwrap_or(name)
 }
 
+/// The longest line of a message, CRLF excluded (RFC 5322 2.1.1).
+const MAX_LINE: usize = 998;
+
 /// A header field from the milter: a name (printable ASCII, no colon) and a value made
 /// ready for the message (see [`Action`]). A value line that would start a new field or
 /// end the header section is refused: a milter may add headers, not smuggle them.
@@ -1008,6 +1011,10 @@ fn header_pair(d: &mut &[u8], lead: bool) -> Result<(String, String), &'static s
     }
     let mut lines = value.split('\n');
     let first = lines.next().unwrap_or_default();
+    // RFC 5322 2.1.1: at most 998 octets a line, the field's name and colon included.
+    if name.len() + 2 + first.len() > MAX_LINE {
+        return Err("a header line over 998 octets");
+    }
     let mut out = String::with_capacity(value.len() + 8);
     if !lead && !first.is_empty() {
         out.push(' ');
@@ -1016,6 +1023,13 @@ fn header_pair(d: &mut &[u8], lead: bool) -> Result<(String, String), &'static s
     for line in lines {
         if !line.starts_with([' ', '\t']) {
             return Err("a header value line that is not a fold");
+        }
+        // RFC 5322 3.2.2: a folded line holds more than white space.
+        if line.trim_matches([' ', '\t']).is_empty() {
+            return Err("a header value line of white space only");
+        }
+        if line.len() > MAX_LINE {
+            return Err("a header line over 998 octets");
         }
         out.push_str("\r\n");
         out.push_str(line);

@@ -497,6 +497,24 @@ fn malformed_actions_are_errors() {
             pkt(SMFIR_ADDHEADER, b"X-A\0v\rBcc: x\0"),
             "bare CR in a header value",
         ),
+        (
+            pkt(SMFIR_ADDHEADER, b"X-A\0v\n  \n more\0"),
+            "a header value line of white space only",
+        ),
+        (
+            pkt(
+                SMFIR_ADDHEADER,
+                &[b"X-A\0".as_slice(), &[b'v'; 995], b"\0"].concat(),
+            ),
+            "a header line over 998 octets",
+        ),
+        (
+            pkt(
+                SMFIR_ADDHEADER,
+                &[b"X-A\0v\n ".as_slice(), &[b'v'; 998], b"\0"].concat(),
+            ),
+            "a header line over 998 octets",
+        ),
         (pkt(SMFIR_INSHEADER, b"\0\0\0"), "no index"),
         (pkt(SMFIR_CHGHEADER, b"\0\0\0\x01X-A\0"), "no header value"),
         (pkt(SMFIR_ADDRCPT, b"<a@b>"), "no address"),
