@@ -70,30 +70,8 @@ enum Command {
     CheckPolicy {
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// The client's address.
-        #[arg(long, value_name = "IP")]
-        client: IpAddr,
-        /// The EHLO name (default: the client's address literal).
-        #[arg(long, value_name = "NAME")]
-        helo: Option<String>,
-        /// The client authenticated as USER (no password is checked).
-        #[arg(long, value_name = "USER")]
-        auth: Option<String>,
-        /// The client uses TLS (STARTTLS done).
-        #[arg(long)]
-        tls: bool,
-        /// MAIL FROM address ("" for the null sender <>).
-        #[arg(long, value_name = "ADDR")]
-        from: String,
-        /// RCPT TO address; repeat for several.
-        #[arg(long = "to", value_name = "ADDR", required = true)]
-        to: Vec<String>,
-        /// The listener the client connects to (default: the first one).
-        #[arg(long, value_name = "IP:PORT")]
-        listener: Option<SocketAddr>,
-        /// Look the client up in the configured DNS blocklists (real DNS queries).
-        #[arg(long)]
-        dnsbl: bool,
+        #[command(flatten)]
+        question: PolicyQuestion,
     },
     /// Run every known relay trick through the configured policy; exit 1 if any relays.
     SelfTest {
@@ -225,29 +203,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Quarantine { action, config } => print_result(quarantine_cmd(action, config)),
-        Command::CheckPolicy {
-            config,
-            client,
-            helo,
-            auth,
-            tls,
-            from,
-            to,
-            listener,
-            dnsbl,
-        } => {
-            let question = PolicyQuestion {
-                client,
-                helo,
-                auth,
-                tls,
-                from,
-                to,
-                listener,
-                dnsbl,
-            };
-            print_result(check_policy(config, question))
-        }
+        Command::CheckPolicy { config, question } => print_result(check_policy(config, question)),
         Command::SelfTest {
             config,
             client,
@@ -666,14 +622,31 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
 }
 
 /// `postern check-policy`'s arguments.
+#[derive(clap::Args, Debug)]
 struct PolicyQuestion {
+    /// The client's address.
+    #[arg(long, value_name = "IP")]
     client: IpAddr,
+    /// The EHLO name (default: the client's address literal).
+    #[arg(long, value_name = "NAME")]
     helo: Option<String>,
+    /// The client authenticated as USER (no password is checked).
+    #[arg(long, value_name = "USER")]
     auth: Option<String>,
+    /// The client uses TLS (STARTTLS done).
+    #[arg(long)]
     tls: bool,
+    /// MAIL FROM address ("" for the null sender <>).
+    #[arg(long, value_name = "ADDR")]
     from: String,
+    /// RCPT TO address; repeat for several.
+    #[arg(long = "to", value_name = "ADDR", required = true)]
     to: Vec<String>,
+    /// The listener the client connects to (default: the first one).
+    #[arg(long, value_name = "IP:PORT")]
     listener: Option<SocketAddr>,
+    /// Look the client up in the configured DNS blocklists (real DNS queries).
+    #[arg(long)]
     dnsbl: bool,
 }
 
