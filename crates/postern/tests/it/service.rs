@@ -235,7 +235,7 @@ fn unit_file_passes_systemd_analyze_verify() {
 }
 
 /// Our effective uid, from /proc (no libc in the tests).
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     ids(Path::new("/proc/self/status"), "Uid:")[1]
 }
 
