@@ -406,6 +406,20 @@ pub mod catalogue {
     pub fn auth_line_too_long() -> Reply {
         Reply::new(500, st(5, 5, 6), "Authentication exchange line is too long")
     }
+    /// 451 4.7.1: a rate limit would be exceeded by this MAIL or RCPT; the client tries
+    /// again later (RFC 5321 4.2.5: transient, nothing bounces; RFC 3463 X.7.1).
+    pub fn rate_limited() -> Reply {
+        Reply::new(451, st(4, 7, 1), "Rate limit exceeded, try again later")
+    }
+    /// 421 4.7.0: too many new connections from this address lately (`connection_rate`);
+    /// the connection is closed after it.
+    pub fn connection_rate_exceeded() -> Reply {
+        Reply::new(
+            421,
+            st(4, 7, 0),
+            "Too many connections from your address lately, try again later",
+        )
+    }
     /// 220 after STARTTLS (RFC 3207 4).
     pub fn ready_for_tls() -> Reply {
         Reply::new(220, st(2, 0, 0), "Ready to start TLS")

@@ -14,6 +14,14 @@
 //! any banner, within `command_timeout` and [`proxy::MAX_HEADER`] octets) and from then
 //! on treats the address it carries as the client: the per-IP slot is taken for that
 //! address, after the header. Anything wrong closes the connection without a word.
+//!
+//! `connection_rate` bounds the new connections per client (per block, as above) in a
+//! sliding window (`policy::window`: bounded memory, no burst at a window edge), on this
+//! node; the connection over it gets `421 4.7.0` and is closed before any TLS handshake
+//! or banner, so a flood costs an accept and one write. Only connections that got a
+//! session count. Clients in `trusted_networks` are exempt, as Postfix exempts
+//! `$mynetworks` from its anvil limits (`smtpd_client_event_limit_exceptions`): the
+//! internal servers a relay exists for make many connections.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,8 +39,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Rate;
 use crate::maillog;
 use crate::policy::client_block;
+use crate::policy::window::{DEFAULT_CAPACITY, Table};
 use crate::session::{self, Settings, Shared};
 
 /// Binds a listening socket. IPv6 addresses are bound IPv6-only so that `[::]:25` and
@@ -63,6 +73,8 @@ pub struct ConnectionLimits {
     /// Connections of a proxy listener still waiting for their PROXY header: they count
     /// toward `max_total` (interface: every connection from accept to close).
     waiting: AtomicUsize,
+    /// `connection_rate` and the new connections per block in its window.
+    rate: Mutex<Option<(Rate, Table)>>,
 }
 
 /// Held while a proxy connection's header is read; counts toward `max_connections`.
@@ -96,11 +108,20 @@ impl ConnectionLimits {
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
+            rate: Mutex::new(None),
         })
     }
 
     /// New limits (a reload). Connections over them stay open; new ones wait for room.
+    /// The connection-rate counts carry over while its window stays the same.
     pub fn set(&self, limits: &Limits) {
+        let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        *rate = match (rate.take(), limits.connection_rate) {
+            (Some((old, table)), Some(new)) if old.window == new.window => Some((new, table)),
+            (_, Some(new)) => Some((new, Table::new(new.window, DEFAULT_CAPACITY, rate_clock()))),
+            (_, None) => None,
+        };
+        drop(rate);
         self.max_total
             .store(limits.max_connections, Ordering::Release);
         self.max_per_ip
@@ -132,7 +153,12 @@ impl ConnectionLimits {
     }
 
     /// Takes a slot for a new connection from `ip`, or names the limit that is full.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, (&'static str, usize)> {
+    /// `trusted`: the client is in `trusted_networks` (exempt from `connection_rate`).
+    pub fn acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        trusted: bool,
+    ) -> Result<ConnectionSlot, (&'static str, usize)> {
         let block = client_block(ip, self.ipv6_prefix.load(Ordering::Acquire));
         // Sessions of a proxy listener acquire from their own tasks, so the total is
         // checked and incremented under the lock; releases only make room.
@@ -145,6 +171,20 @@ impl ConnectionLimits {
         let n = per_ip.entry(block).or_insert(0);
         if *n >= max_per_ip {
             return Err(("per_ip_connections", max_per_ip));
+        }
+        if !trusted {
+            let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((limit, table)) = rate.as_mut()
+                && table.add(&block, limit.count, 1, rate_clock()).is_err()
+            {
+                if *n == 0 {
+                    per_ip.remove(&block);
+                }
+                return Err((
+                    "connection_rate",
+                    usize::try_from(limit.count).unwrap_or(usize::MAX),
+                ));
+            }
         }
         *n += 1;
         self.total.fetch_add(1, Ordering::AcqRel);
@@ -159,6 +199,11 @@ impl ConnectionLimits {
     pub fn open(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
+}
+
+/// The clock of `connection_rate`: tokio's, so that tests with paused time control it.
+fn rate_clock() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 impl Drop for ConnectionSlot {
@@ -183,6 +228,7 @@ pub struct Limits {
     pub ipv6_prefix: u8,
     /// `Some(proxy_from)` on a `proxy_protocol` listener.
     pub proxy_from: Option<Vec<IpNet>>,
+    pub connection_rate: Option<Rate>,
 }
 
 /// What a new connection on a listener gets: the listener's limits and session
@@ -295,7 +341,7 @@ fn start(
     shutdown: &watch::Receiver<bool>,
     tracker: &TaskTracker,
 ) {
-    match limits.acquire(client.ip()) {
+    match limits.acquire(client.ip(), shared.policy.is_trusted(client.ip())) {
         Ok(slot) => {
             maillog::connected(local, client);
             let open = shared.metrics.connection_opened(local);
@@ -367,13 +413,13 @@ fn describe(header: &proxy::Header) -> String {
 
 /// Tells an over-limit client why, without letting it hold us up.
 async fn refuse(mut stream: TcpStream, limit: &'static str) {
-    let which = if limit == "per_ip_connections" {
-        "from your address"
-    } else {
-        "to this server"
+    let reply = match limit {
+        "per_ip_connections" => catalogue::too_many_connections("from your address"),
+        "connection_rate" => catalogue::connection_rate_exceeded(),
+        _ => catalogue::too_many_connections("to this server"),
     };
     let mut out = Vec::new();
-    catalogue::too_many_connections(which).write_to(&mut out);
+    reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         stream.write_all(&out).await?;
         stream.shutdown().await
@@ -385,22 +431,66 @@ async fn refuse(mut stream: TcpStream, limit: &'static str) {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn limits_connection_rate_counts_new_connections_per_block() {
+        let limits = ConnectionLimits::new(100, 100, 64);
+        let limits_of = |rate| Limits {
+            address: "127.0.0.1:25".parse().unwrap(),
+            max_connections: 100,
+            per_ip_connections: 100,
+            ipv6_prefix: 64,
+            proxy_from: None,
+            connection_rate: rate,
+        };
+        let rate = Rate {
+            count: 2,
+            window: Duration::from_secs(16),
+        };
+        limits.set(&limits_of(Some(rate)));
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        drop(limits.acquire(a, false).unwrap());
+        drop(limits.acquire(b, false).unwrap());
+        assert_eq!(
+            limits.acquire(a, false).unwrap_err(),
+            ("connection_rate", 2)
+        );
+        assert_eq!(limits.open(), 0, "a refusal holds no slot");
+        let _trusted = limits.acquire(a, true).unwrap();
+        let _other = limits.acquire("192.0.2.1".parse().unwrap(), false).unwrap();
+        // A reload with the same window keeps the counts; the window then slides on.
+        limits.set(&limits_of(Some(rate)));
+        assert!(limits.acquire(a, false).is_err());
+        tokio::time::advance(Duration::from_secs(18)).await;
+        drop(limits.acquire(a, false).unwrap());
+        limits.set(&limits_of(None));
+        for _ in 0..10 {
+            drop(limits.acquire(a, false).unwrap());
+        }
+    }
+
     #[test]
     fn limits_count_and_release() {
         let limits = ConnectionLimits::new(3, 2, 64);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let s1 = limits.acquire(a).unwrap();
-        let _s2 = limits.acquire(a).unwrap();
-        assert_eq!(limits.acquire(a).unwrap_err().0, "per_ip_connections");
+        let s1 = limits.acquire(a, false).unwrap();
+        let _s2 = limits.acquire(a, false).unwrap();
+        assert_eq!(
+            limits.acquire(a, false).unwrap_err().0,
+            "per_ip_connections"
+        );
         // The mapped form of the same IPv4 address is the same client.
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert_eq!(limits.acquire(mapped).unwrap_err().0, "per_ip_connections");
-        let _s3 = limits.acquire(b).unwrap();
-        assert_eq!(limits.acquire(b).unwrap_err().0, "max_connections");
+        assert_eq!(
+            limits.acquire(mapped, false).unwrap_err().0,
+            "per_ip_connections"
+        );
+        let _s3 = limits.acquire(b, false).unwrap();
+        assert_eq!(limits.acquire(b, false).unwrap_err().0, "max_connections");
         drop(s1);
         assert_eq!(limits.open(), 2);
-        let _s4 = limits.acquire(b).unwrap();
+        let _s4 = limits.acquire(b, false).unwrap();
         assert_eq!(limits.per_ip.lock().unwrap().get(&a), Some(&1));
     }
 
@@ -411,10 +501,10 @@ mod tests {
         let w1 = limits.hold().unwrap();
         let _w2 = limits.hold().unwrap();
         assert_eq!(limits.hold().unwrap_err().0, "max_connections");
-        assert_eq!(limits.acquire(a).unwrap_err().0, "max_connections");
+        assert_eq!(limits.acquire(a, false).unwrap_err().0, "max_connections");
         // The header arrived: the waiting count becomes the session's slot.
         drop(w1);
-        let _s = limits.acquire(a).unwrap();
+        let _s = limits.acquire(a, false).unwrap();
         assert_eq!(limits.hold().unwrap_err().0, "max_connections");
     }
 
@@ -422,25 +512,25 @@ mod tests {
     fn limits_count_ipv6_clients_per_block() {
         let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
         let limits = ConnectionLimits::new(100, 2, 64);
-        let _a = limits.acquire(v6("2001:db8:1:2::1")).unwrap();
-        let _b = limits.acquire(v6("2001:db8:1:2::2")).unwrap();
+        let _a = limits.acquire(v6("2001:db8:1:2::1"), false).unwrap();
+        let _b = limits.acquire(v6("2001:db8:1:2::2"), false).unwrap();
         // A third address of the same /64 is the same client.
-        let err = limits.acquire(v6("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        let err = limits.acquire(v6("2001:db8:1:2:ffff:ffff:ffff:ffff"), false);
         assert_eq!(err.unwrap_err().0, "per_ip_connections");
         // The next /64 is another.
-        let c = limits.acquire(v6("2001:db8:1:3::1")).unwrap();
+        let c = limits.acquire(v6("2001:db8:1:3::1"), false).unwrap();
         assert_eq!(limits.per_ip.lock().unwrap().len(), 2);
         drop(c);
         assert_eq!(limits.per_ip.lock().unwrap().len(), 1);
         // IPv4 addresses are counted one by one whatever the prefix.
-        let _d = limits.acquire(v6("192.0.2.1")).unwrap();
-        let _e = limits.acquire(v6("192.0.2.1")).unwrap();
-        let _f = limits.acquire(v6("192.0.2.2")).unwrap();
+        let _d = limits.acquire(v6("192.0.2.1"), false).unwrap();
+        let _e = limits.acquire(v6("192.0.2.1"), false).unwrap();
+        let _f = limits.acquire(v6("192.0.2.2"), false).unwrap();
 
         // ipv6_prefix = 128: per address.
         let limits = ConnectionLimits::new(100, 1, 128);
-        let _a = limits.acquire(v6("2001:db8::1")).unwrap();
-        let _b = limits.acquire(v6("2001:db8::2")).unwrap();
-        assert!(limits.acquire(v6("2001:db8::1")).is_err());
+        let _a = limits.acquire(v6("2001:db8::1"), false).unwrap();
+        let _b = limits.acquire(v6("2001:db8::2"), false).unwrap();
+        assert!(limits.acquire(v6("2001:db8::1"), false).is_err());
     }
 }

@@ -84,6 +84,18 @@ pub fn recipient_refused(
 }
 
 /// A recipient was accepted (debug level: the accepted message line lists them all).
+/// A MAIL or RCPT over a `[[rate_limit]]` (451 4.7.1): which limit, which key.
+pub fn rate_limited(
+    client: SocketAddr,
+    sender: &ReversePath,
+    over: &crate::policy::rate::Exceeded,
+) {
+    tracing::info!(target: "maillog", %client, from = %sender, limit = %over.limit,
+        key = %over.key, counted = over.counted.as_str(), max = over.max,
+        window = %crate::config::format_duration(over.window), rule = "rate_limit",
+        "rate limit exceeded");
+}
+
 pub fn recipient_accepted(client: SocketAddr, rcpt: &Address, rule: Rule) {
     tracing::debug!(target: "maillog", %client, to = %format_args!("<{rcpt}>"),
         rule = %rule.as_str(), "recipient accepted");

@@ -41,6 +41,7 @@ use crate::intake::{Intake, Steps};
 use crate::listener::{self, ConnectionLimits};
 use crate::metrics::{self, Metrics};
 use crate::policy::dnsbl::Dnsbl;
+use crate::policy::rate::RateLimits;
 use crate::policy::{RecipientList, RelayPolicy};
 use crate::queue::{Spool, SpoolOptions};
 use crate::session::{Settings, Shared};
@@ -133,6 +134,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         delivery,
         metrics,
         auth: None,
+        rate_limits: Arc::new(RateLimits::default()),
         listeners: HashMap::new(),
         shutdown: stop_rx,
         sessions: TaskTracker::new(),
@@ -317,6 +319,8 @@ struct Server {
     budget: Arc<MemoryBudget>,
     /// The authenticator in effect (its failure counts carry over to the next).
     auth: Option<Arc<Authenticator>>,
+    /// The `[[rate_limit]]`s in effect (their counts carry over to the next).
+    rate_limits: Arc<RateLimits>,
     listeners: HashMap<SocketAddr, Running>,
     shutdown: watch::Receiver<bool>,
     sessions: TaskTracker,
@@ -391,6 +395,13 @@ impl Server {
         self.metrics
             .add_listeners(config.listeners.iter().map(|l| l.address));
         let auth = p.auth.map(Arc::new);
+        let rate_limits = Arc::new(RateLimits::new(
+            &config.rate_limits,
+            config.ipv6_prefix,
+            Some(&self.rate_limits),
+        ));
+        self.metrics
+            .add_rate_limits(config.rate_limits.iter().map(|r| r.name.as_str()));
         let shared = Arc::new(Shared {
             policy: p.policy,
             intake: Intake::new(
@@ -412,7 +423,9 @@ impl Server {
             budget: Arc::clone(&self.budget),
             ourselves: crate::ourselves::Ourselves::from_config(config),
             milters: config.milters.clone(),
+            rate_limits: Arc::clone(&rate_limits),
         });
+        self.rate_limits = rate_limits;
         self.metrics
             .add_milters(config.milters.iter().map(|m| m.name.as_str()));
         self.auth = auth;
@@ -428,6 +441,7 @@ impl Server {
                     per_ip_connections: l.per_ip_connections,
                     ipv6_prefix: config.ipv6_prefix,
                     proxy_from: l.proxy_protocol.then(|| l.proxy_from.clone()),
+                    connection_rate: l.connection_rate,
                 },
                 settings: Arc::new(Settings::new(
                     config,
@@ -460,6 +474,7 @@ impl Server {
             current.limits.per_ip_connections,
             current.limits.ipv6_prefix,
         );
+        limits.set(&current.limits);
         let current = Arc::new(ArcSwap::from_pointee(current));
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(listener::run(

@@ -27,7 +27,8 @@ use crate::maillog;
 use crate::metrics::{Metrics, Rejection};
 use crate::milter::{self, Chain};
 use crate::policy::dnsbl::Dnsbl;
-use crate::policy::{Client, Decision, Facts, RelayPolicy};
+use crate::policy::rate::{Counted, Exceeded, Hold, RateLimits, Who};
+use crate::policy::{Client, Decision, Facts, RelayPolicy, Rule};
 use crate::tls::ServerTls;
 use std::sync::Arc;
 
@@ -48,6 +49,8 @@ pub struct Shared {
     pub ourselves: crate::ourselves::Ourselves,
     /// The `[[milter]]`s, in order: each session talks to them (`crate::milter`).
     pub milters: Vec<crate::config::Milter>,
+    /// The `[[rate_limit]]`s (`policy::rate`).
+    pub rate_limits: Arc<RateLimits>,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -202,7 +205,7 @@ pub async fn run(
         settings.protocol.max_message_size,
     );
     let mut session = Session::new(settings.protocol.clone(), Peer { addr: peer, tls });
-    if !milters.is_empty() {
+    if !milters.is_empty() || !shared.rate_limits.is_empty() {
         session.ask_sender();
     }
     // The DNSBL answer for this client, looked up at most once per connection.
@@ -281,6 +284,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     // When the transfer in progress (DATA or BDAT) must be over (tokio's clock, so that
     // tests can run it paused).
     let mut transfer_deadline: Option<tokio::time::Instant> = None;
+    // The message the transaction in progress took from the rate limits at MAIL: kept
+    // at its 250, given back (dropped) otherwise.
+    let mut message_hold: Option<Hold> = None;
     loop {
         let event = session.poll();
         shared.metrics.core_refusals(session.take_refusals());
@@ -302,6 +308,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // milters still in it are told (SMFIC_ABORT) before the next command.
                 if !session.in_transaction() {
                     milters.reset().await;
+                    message_hold = None;
                 }
                 let mut wait = timeout;
                 if session.in_message() {
@@ -339,9 +346,28 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Event::Sender(req) => {
-                let relayed =
-                    req.authenticated.is_some() || shared.policy.is_trusted(session.peer().ip());
-                let answer = milters.mail(&req, relayed).await;
+                // A new MAIL: whatever an earlier transaction held is over (an RSET in
+                // the same pipelined batch comes here without a NeedInput).
+                message_hold = None;
+                let ip = session.peer().ip();
+                let trusted = shared.policy.is_trusted(ip);
+                let who = Who {
+                    ip,
+                    trusted,
+                    user: req.authenticated.as_deref(),
+                    sender: &req.sender,
+                };
+                let answer = match shared.rate_limits.take(Counted::Messages, &who) {
+                    Err(over) => Err(rate_limited(shared, session.peer(), &req.sender, &over)),
+                    Ok(hold) => {
+                        let relayed = req.authenticated.is_some() || trusted;
+                        let answer = milters.mail(&req, relayed).await;
+                        if answer.is_ok() {
+                            message_hold = Some(hold);
+                        }
+                        answer
+                    }
+                };
                 session.answer_sender(answer);
             }
             Event::Recipient(req) => {
@@ -357,13 +383,30 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     authenticated: req.authenticated.as_deref(),
                     dnsbl: dnsbl.as_ref().and_then(|d| d.as_deref()),
                 };
-                let decision = RecipientCheck {
+                let mut decision = RecipientCheck {
                     policy: &shared.policy,
                     auth: shared.auth.as_deref(),
                     ourselves: &shared.ourselves,
                     mx_port: settings.mx_port,
                 }
                 .decide(client, &req);
+                // The limits count what the relay rules accepted, and only that.
+                let mut recipient_hold = None;
+                if let Decision::Accept(_) = decision {
+                    let who = Who {
+                        ip,
+                        trusted: shared.policy.is_trusted(ip),
+                        user: req.authenticated.as_deref(),
+                        sender: &req.sender,
+                    };
+                    match shared.rate_limits.take(Counted::Recipients, &who) {
+                        Ok(hold) => recipient_hold = Some(hold),
+                        Err(over) => {
+                            let reply = rate_limited(shared, session.peer(), &req.sender, &over);
+                            decision = Decision::Refuse(Rule::RateLimit, reply);
+                        }
+                    }
+                }
                 match &decision {
                     Decision::Accept(rule) => {
                         maillog::recipient_accepted(session.peer(), &req.recipient, *rule)
@@ -383,6 +426,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut answer = decision.into_result();
                 if answer.is_ok() {
                     answer = milters.rcpt(&req.recipient).await;
+                }
+                // Counted at RCPT 250; a milter's refusal gives it back (the drop).
+                if answer.is_ok()
+                    && let Some(hold) = recipient_hold
+                {
+                    hold.keep();
                 }
                 session.answer_recipient(answer);
             }
@@ -408,12 +457,21 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // Trusted or authenticated: its mail is signed (`[[dkim]]`).
                 let relayed =
                     message.authenticated.is_some() || shared.policy.is_trusted(message.peer.ip());
+                let hold = message_hold.take();
                 let outcome = shared
                     .intake
                     .accept(*message, &mut reservation, milters, relayed)
                     .await;
                 reservation.resize(0);
-                session.answer_message(outcome.into_reply());
+                let reply = outcome.into_reply();
+                // Counted at 250 (discarded and quarantined mail too: the client was told
+                // it was taken); any other answer gives the message back.
+                if reply.is_positive()
+                    && let Some(hold) = hold
+                {
+                    hold.keep();
+                }
+                session.answer_message(reply);
             }
             Event::StartTls => {
                 // The 220 must reach the client before the handshake starts.
@@ -433,6 +491,18 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// A `[[rate_limit]]` said no: logged with the limit and the key, counted, answered 451.
+fn rate_limited(
+    shared: &Shared,
+    client: SocketAddr,
+    sender: &ReversePath,
+    over: &Exceeded,
+) -> postern_smtp::Reply {
+    maillog::rate_limited(client, sender, over);
+    shared.metrics.rate_limit_hit(&over.limit);
+    catalogue::rate_limited()
 }
 
 /// Before reading up to `read` more octets of a message: grows the session's reservation
@@ -575,6 +645,7 @@ mod tests {
             budget,
             ourselves: Ourselves::from_config(&config),
             milters: Vec::new(),
+            rate_limits: Default::default(),
         };
         Fixture {
             _dir: dir,

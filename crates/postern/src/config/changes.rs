@@ -80,6 +80,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         milters,
         authentication,
         metrics,
+        rate_limits,
     } = new;
     c.note("hostname", &old.hostname, hostname);
     // Refused before it gets here (the spool cannot move under a running server).
@@ -127,6 +128,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     c.note("dkim", &old.dkim, dkim);
     c.note("milter", &old.milters, milters);
     c.note("authentication", &old.authentication, authentication);
+    // Counters of a limit whose name, clients, key and window stay carry over.
+    c.note("rate_limit", &old.rate_limits, rate_limits);
     c.restart_note("metrics", &old.metrics, metrics);
     c
 }

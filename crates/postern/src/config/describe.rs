@@ -186,6 +186,24 @@ pub(crate) fn describe(c: &Config) -> String {
         ));
     }
 
+    for r in &c.rate_limits {
+        let mut what = Vec::new();
+        if let Some(n) = r.messages {
+            what.push(format!("{n} messages"));
+        }
+        if let Some(n) = r.recipients {
+            what.push(format!("{n} recipients"));
+        }
+        line(format!(
+            "rate limit {}: {} per {} per {} ({} clients), then 451 4.7.1",
+            r.name,
+            what.join(" and "),
+            r.per.as_str(),
+            format_duration(r.window),
+            r.clients.as_str(),
+        ));
+    }
+
     line(describe_authentication(c));
     line(format!("spool: {}", c.spool_dir.display()));
     line(describe_privileges(c));
@@ -308,6 +326,9 @@ fn describe_listener(l: &Listener) -> String {
         "max {} connections, {} per IP",
         l.max_connections, l.per_ip_connections
     ));
+    if let Some(rate) = l.connection_rate {
+        parts.push(format!("at most {rate} new connections per IP"));
+    }
     if l.proxy_protocol {
         let from: Vec<String> = l.proxy_from.iter().map(|n| n.to_string()).collect();
         parts.push(format!("PROXY protocol from {}", from.join(", ")));

@@ -102,6 +102,8 @@ pub struct Config {
     /// authenticated; all off when the section is absent.
     pub authentication: Authentication,
     pub metrics: Option<Metrics>,
+    /// `[[rate_limit]]`s, in file order; each counts in its own window (`policy::rate`).
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// Whom `postern serve` runs as after it has bound its listeners, opened the spool and
@@ -133,6 +135,83 @@ pub struct Listener {
     pub proxy_protocol: bool,
     /// The peers allowed to send that header; empty unless `proxy_protocol`.
     pub proxy_from: Vec<ipnet::IpNet>,
+    /// New connections allowed per client address (IPv6: per `ipv6_prefix` block) in a
+    /// sliding window (`connection_rate = "60/1m"`); beyond: 421 4.7.0 and close.
+    pub connection_rate: Option<Rate>,
+}
+
+/// So many per window (`"60/1m"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub window: Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.count, units::format_duration(self.window))
+    }
+}
+
+/// One `[[rate_limit]]` (interface: "Rate limits and shared state").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Unique; in the log and the metrics' `limit` label.
+    pub name: String,
+    pub clients: RateClients,
+    pub per: RateKey,
+    /// Messages accepted per window (counted at 250).
+    pub messages: Option<u64>,
+    /// Recipients accepted per window (counted at RCPT 250).
+    pub recipients: Option<u64>,
+    pub window: Duration,
+}
+
+/// Which sessions a rate limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateClients {
+    /// Sessions that authenticated (SMTP AUTH).
+    Authenticated,
+    /// Clients in `trusted_networks`, authenticated or not.
+    Trusted,
+    /// Clients neither trusted nor authenticated.
+    Untrusted,
+    Any,
+}
+
+impl RateClients {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateClients::Authenticated => "authenticated",
+            RateClients::Trusted => "trusted",
+            RateClients::Untrusted => "untrusted",
+            RateClients::Any => "any",
+        }
+    }
+}
+
+/// What a rate limit counts per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateKey {
+    /// The authenticated user name.
+    User,
+    /// The client address (IPv6: its `ipv6_prefix` block).
+    ClientIp,
+    /// The MAIL FROM address, compared without regard to case (`<>` is one key).
+    Sender,
+    /// The MAIL FROM domain, in A-label form (`<>` is one key).
+    SenderDomain,
+}
+
+impl RateKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateKey::User => "user",
+            RateKey::ClientIp => "client_ip",
+            RateKey::Sender => "sender",
+            RateKey::SenderDomain => "sender_domain",
+        }
+    }
 }
 
 /// `log_format`: how log lines are written.
@@ -542,6 +621,7 @@ impl Config {
             milters: Vec::new(),
             authentication: Authentication::default(),
             metrics: None,
+            rate_limits: Vec::new(),
         }
     }
 
@@ -617,6 +697,7 @@ impl Listener {
             per_ip_connections: validate::DEFAULT_PER_IP_CONNECTIONS,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            connection_rate: None,
         }
     }
 }

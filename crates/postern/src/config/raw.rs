@@ -50,6 +50,8 @@ pub(crate) struct RawConfig {
     pub milter: Vec<S<RawMilter>>,
     pub authentication: Option<S<RawAuthentication>>,
     pub metrics: Option<S<RawMetrics>>,
+    #[serde(default)]
+    pub rate_limit: Vec<S<RawRateLimit>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +66,7 @@ pub(crate) struct RawListener {
     pub per_ip_connections: Option<S<i64>>,
     pub proxy_protocol: Option<S<bool>>,
     pub proxy_from: Option<S<Vec<S<String>>>>,
+    pub connection_rate: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +211,35 @@ pub(crate) enum RawMilterClients {
 pub(crate) enum RawOnFailure {
     Tempfail,
     Accept,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub name: S<String>,
+    pub clients: Option<S<RawRateClients>>,
+    pub per: S<RawRateKey>,
+    pub messages: Option<S<i64>>,
+    pub recipients: Option<S<i64>>,
+    pub window: S<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawRateClients {
+    Authenticated,
+    Trusted,
+    Untrusted,
+    Any,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawRateKey {
+    User,
+    ClientIp,
+    Sender,
+    SenderDomain,
 }
 
 #[derive(Debug, Deserialize)]

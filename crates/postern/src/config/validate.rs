@@ -16,13 +16,15 @@ use super::error::ConfigError;
 use super::raw::{
     RawAuth, RawAuthMode, RawAuthentication, RawConfig, RawDelivery, RawDkim, RawFilter,
     RawFilterAction, RawListener, RawLogFormat, RawMilter, RawMilterClients, RawOnFailure,
-    RawRelay, RawRoute, RawRouteTls, RawSize, RawTls, RawTlsMode, S,
+    RawRateClients, RawRateKey, RawRateLimit, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls,
+    RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
     Auth, AuthMode, Authentication, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter,
     FilterAction, Listener, LogFormat, Mechanism, Metrics, Milter, MilterAddress, MilterClients,
-    NextHop, OnFailure, Privileges, Relay, Route, RouteTls, Tls, TlsMode,
+    NextHop, OnFailure, Privileges, Rate, RateClients, RateKey, RateLimit, Relay, Route, RouteTls,
+    Tls, TlsMode,
 };
 
 pub(crate) const DEFAULT_SPOOL_DIR: &str = "./postern-spool";
@@ -501,6 +503,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     let filters = filters(&v, &raw.filter)?;
     let dkim = dkim_keys(&v, &raw.dkim)?;
     let milters = milters(&v, &raw.milter)?;
+    let rate_limits = rate_limits(&v, &raw.rate_limit)?;
     let authentication = match &raw.authentication {
         Some(a) => authentication_section(&v, a.get_ref())?,
         None => Authentication::default(),
@@ -551,6 +554,7 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         milters,
         authentication,
         metrics,
+        rate_limits,
     })
 }
 
@@ -900,6 +904,113 @@ fn listeners(v: &Validator, raw: &[S<RawListener>], auth: &Auth) -> Result<Vec<L
             per_ip_connections,
             proxy_protocol,
             proxy_from,
+            connection_rate: l
+                .connection_rate
+                .as_ref()
+                .map(|r| v.parse(r, "listener.connection_rate", parse_rate))
+                .transpose()?,
+        });
+    }
+    Ok(out)
+}
+
+/// `"60/1m"`: a count of at least 1 per a window greater than zero.
+pub(crate) fn parse_rate(s: &str) -> std::result::Result<Rate, String> {
+    let bad = || format!("`{s}` is not a rate (expected a count per window, like \"60/1m\")");
+    let (count, window) = s.trim().split_once('/').ok_or_else(bad)?;
+    let count: u64 = count.trim().parse().map_err(|_| bad())?;
+    if count == 0 {
+        return Err("the count must be at least 1".into());
+    }
+    let window = parse_duration(window.trim())?;
+    if window.is_zero() {
+        return Err("the window must be greater than zero".into());
+    }
+    Ok(Rate { count, window })
+}
+
+/// Most `[[rate_limit]]` sections: each is a table (or Redis keys) per client.
+const MAX_RATE_LIMITS: usize = 64;
+/// The longest window: a counter is kept that long after its last use.
+const MAX_RATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn rate_limits(v: &Validator, raw: &[S<RawRateLimit>]) -> Result<Vec<RateLimit>> {
+    let mut out: Vec<RateLimit> = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        if i == MAX_RATE_LIMITS {
+            return v.err(
+                r.span(),
+                "rate_limit",
+                format!("at most {MAX_RATE_LIMITS} rate limits"),
+            );
+        }
+        let span = r.span();
+        let r = r.get_ref();
+        let name = r.name.get_ref().trim().to_string();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return v.err(
+                r.name.span(),
+                "rate_limit.name",
+                "letters, digits, `-`, `_` and `.` only, not empty (it is a metrics label and a \
+                 log field)",
+            );
+        }
+        if out.iter().any(|other| other.name == name) {
+            return v.err(
+                r.name.span(),
+                "rate_limit.name",
+                format!("another rate limit is already named `{name}`"),
+            );
+        }
+        let clients = match r.clients.as_ref().map(|c| *c.get_ref()) {
+            Some(RawRateClients::Authenticated) => RateClients::Authenticated,
+            Some(RawRateClients::Trusted) => RateClients::Trusted,
+            Some(RawRateClients::Untrusted) => RateClients::Untrusted,
+            None | Some(RawRateClients::Any) => RateClients::Any,
+        };
+        let per = match *r.per.get_ref() {
+            RawRateKey::User => RateKey::User,
+            RawRateKey::ClientIp => RateKey::ClientIp,
+            RawRateKey::Sender => RateKey::Sender,
+            RawRateKey::SenderDomain => RateKey::SenderDomain,
+        };
+        if per == RateKey::User && clients != RateClients::Authenticated {
+            return v.err(
+                r.per.span(),
+                "rate_limit.per",
+                "per = \"user\" counts authenticated users: it needs clients = \"authenticated\"",
+            );
+        }
+        let count = |value: &Option<S<i64>>, key: &str| -> Result<Option<u64>> {
+            value
+                .as_ref()
+                .map(|n| v.int(Some(n), key, 1, i64::from(u32::MAX), 0u64))
+                .transpose()
+        };
+        let messages = count(&r.messages, "rate_limit.messages")?;
+        let recipients = count(&r.recipients, "rate_limit.recipients")?;
+        if messages.is_none() && recipients.is_none() {
+            return v.err(
+                span,
+                "rate_limit",
+                format!("rate limit `{name}` limits nothing: give messages, recipients or both"),
+            );
+        }
+        let window = v.duration(Some(&r.window), "rate_limit.window", Duration::ZERO)?;
+        if window > MAX_RATE_WINDOW {
+            return v.err(r.window.span(), "rate_limit.window", "at most 7d");
+        }
+        out.push(RateLimit {
+            name,
+            clients,
+            per,
+            messages,
+            recipients,
+            window,
         });
     }
     Ok(out)

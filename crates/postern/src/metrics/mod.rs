@@ -153,7 +153,7 @@ pub(crate) const AUTH_RESULTS: [&str; 7] = [
 ];
 
 /// The connection limits, as `listener::ConnectionLimits::acquire` names them.
-const LIMITS: [&str; 2] = ["max_connections", "per_ip_connections"];
+const LIMITS: [&str; 3] = ["max_connections", "per_ip_connections", "connection_rate"];
 
 /// The counters of one listener address.
 #[derive(Debug)]
@@ -192,6 +192,9 @@ pub struct Metrics {
     /// Per milter name, in the order first seen; a reload keeps the series of milters it
     /// removes (counters never go back).
     milters: std::sync::Mutex<Vec<(String, Arc<MilterCounters>)>>,
+    /// MAILs and RCPTs refused per `[[rate_limit]]` name, in the order first seen (a
+    /// reload keeps the series of limits it removes).
+    rate_limits: std::sync::Mutex<Vec<(String, Arc<AtomicU64>)>>,
 }
 
 /// Held for the life of a session; `postern_connections_open` counts these.
@@ -228,6 +231,7 @@ impl Metrics {
             dkim_signatures: Default::default(),
             dkim_unsigned: AtomicU64::new(0),
             milters: Default::default(),
+            rate_limits: Default::default(),
         };
         metrics.add_listeners(listeners);
         metrics
@@ -388,6 +392,29 @@ impl Metrics {
         for name in names {
             self.milter(name);
         }
+    }
+
+    /// The hit counter of the rate limit `name` (from the configuration only).
+    fn rate_limit(&self, name: &str) -> Arc<AtomicU64> {
+        let mut all = self.rate_limits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = all.iter().find(|(n, _)| n == name) {
+            return Arc::clone(c);
+        }
+        let c = Arc::new(AtomicU64::new(0));
+        all.push((name.to_string(), Arc::clone(&c)));
+        c
+    }
+
+    /// Series for the configured rate limits, at zero.
+    pub fn add_rate_limits<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            self.rate_limit(name);
+        }
+    }
+
+    /// A MAIL or RCPT refused by the rate limit `name`.
+    pub fn rate_limit_hit(&self, name: &str) {
+        bump(&self.rate_limit(name));
     }
 
     pub fn milter_action(&self, name: &str, action: MilterAction) {

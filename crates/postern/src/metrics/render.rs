@@ -181,6 +181,20 @@ impl Metrics {
              log says why; there should be none).",
             get(&self.dkim_unsigned),
         );
+        let rate_limits = self
+            .rate_limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        family(
+            &mut out,
+            "postern_rate_limit_hits_total",
+            "counter",
+            "MAIL and RCPT commands answered 451 4.7.1 by a [[rate_limit]], per limit.",
+            rate_limits
+                .iter()
+                .map(|(name, n)| (labels(&[("limit", name)]), get(n))),
+        );
         let milters = self
             .milters
             .lock()
@@ -306,6 +320,8 @@ mod tests {
         m.set_queue_messages(7);
         m.filter_action(&FilterAction::Redirect("x@y.test".into()));
         m.add_milters(["rspamd"]);
+        m.add_rate_limits(["users", "ips"]);
+        m.rate_limit_hit("ips");
         m.milter_action("clamav", MilterAction::Reject);
         m.milter_latency("clamav", std::time::Duration::from_millis(7));
         let text = m.render(42);
@@ -317,6 +333,7 @@ mod tests {
             "postern_connections_total{listener=\"[::]:587\"} 0\n",
             "postern_connections_refused_total{listener=\"0.0.0.0:25\",limit=\"per_ip_connections\"} 1\n",
             "postern_connections_refused_total{listener=\"0.0.0.0:25\",limit=\"max_connections\"} 0\n",
+            "postern_connections_refused_total{listener=\"0.0.0.0:25\",limit=\"connection_rate\"} 0\n",
             "# TYPE postern_connections_open gauge\npostern_connections_open 1\n",
             "postern_messages_accepted_total 1\n",
             "postern_messages_rejected_total{reason=\"filter\"} 1\n",
@@ -331,6 +348,8 @@ mod tests {
             "postern_deliveries_total{status=\"deferred\"} 1\n",
             "postern_deliveries_total{status=\"delivered\"} 0\n",
             "postern_bounces_total 1\n",
+            "postern_rate_limit_hits_total{limit=\"users\"} 0\n",
+            "postern_rate_limit_hits_total{limit=\"ips\"} 1\n",
             "# TYPE postern_queue_messages gauge\npostern_queue_messages 7\n",
             "postern_spool_fsyncs_total 42\n",
             "postern_filter_actions_total{action=\"redirect\"} 1\n",
@@ -383,7 +402,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(families.len(), 19, "{families:?}");
+        assert_eq!(families.len(), 20, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

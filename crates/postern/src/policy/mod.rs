@@ -12,7 +12,9 @@
 //! the socket; the authenticated identity from a successful SMTP AUTH.
 
 pub mod dnsbl;
+pub mod rate;
 pub mod tricks;
+pub mod window;
 mod recipients;
 
 use std::collections::HashSet;
@@ -80,12 +82,15 @@ pub enum Rule {
     /// An address literal (`user@[ip]`) that is this server: with no local delivery,
     /// relaying it would loop back here.
     LiteralIsUs,
+    /// A `[[rate_limit]]` would be exceeded (451 4.7.1; `policy::rate`). Decided in the
+    /// session after the rules above accepted, never by `decide`.
+    RateLimit,
 }
 
 impl Rule {
     /// Every rule, in declaration order (`rule as usize` is its index here): what the
     /// metrics, the decision log and `check-config` name.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::AcceptedDomain,
         Rule::TrustedNetwork,
         Rule::Authenticated,
@@ -97,6 +102,7 @@ impl Rule {
         Rule::SenderNotOwned,
         Rule::Postmaster,
         Rule::LiteralIsUs,
+        Rule::RateLimit,
     ];
 
     /// True for the rules that refuse a recipient, false for those that accept one.
@@ -107,7 +113,8 @@ impl Rule {
             | Rule::RelayDenied
             | Rule::Dnsbl
             | Rule::SenderNotOwned
-            | Rule::LiteralIsUs => true,
+            | Rule::LiteralIsUs
+            | Rule::RateLimit => true,
             Rule::AcceptedDomain
             | Rule::TrustedNetwork
             | Rule::Authenticated
@@ -129,6 +136,7 @@ impl Rule {
             Rule::Dnsbl => "dnsbl",
             Rule::Postmaster => "postmaster",
             Rule::LiteralIsUs => "literal_is_us",
+            Rule::RateLimit => "rate_limit",
         }
     }
 }

@@ -18,6 +18,7 @@ mod hardening_session;
 mod milter;
 mod ops;
 mod proxy;
+mod rate_limits;
 mod reload;
 mod server;
 mod service;

@@ -1,0 +1,405 @@
+//! `[[rate_limit]]`: messages and recipients per user, client address, sender or sender
+//! domain, each limit in its own sliding window (interface: "Rate limits and shared
+//! state"; the window arithmetic and the memory bound are `policy::window`'s).
+//!
+//! **When it counts.** A message is taken at MAIL, when the sender is known: the MAIL
+//! that would exceed a limit gets 451 4.7.1, and a taken message that does not end in
+//! 250 (RSET, a refused or failed DATA, a client gone) is given back, so what stays
+//! counted is what was accepted. Taking at MAIL, not at 250, is what holds the limit
+//! when fifty sessions of one user send at once: they cannot all pass a check and then
+//! all be counted. A recipient is taken at the RCPT that the policy accepted (after the
+//! relay rules, before the milters: a milter that refuses it gives it back); the RCPT
+//! that would exceed gets 451 4.7.1. Deferring, never refusing, is the rule: a client
+//! over its limit retries later and nothing bounces.
+//!
+//! **Which limits.** Every limit whose `clients` match the session, in file order; a
+//! limit counts only if all the limits before it allowed (nothing is taken from a limit
+//! for a message another one refused). Mail Postern makes itself (DSNs) never passes
+//! through a session, so it is never counted.
+//!
+//! **Keys.** `user`: the authenticated name as the users file has it; `client_ip`: the
+//! address, IPv6 per `ipv6_prefix` block (one site, one key); `sender`: the MAIL FROM
+//! address, the local part in lower case and the domain in A-label form (changing case
+//! or script buys no fresh count); `sender_domain`: that domain; the null sender is the
+//! key `<>` of both.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use postern_smtp::{Domain, ReversePath};
+
+use super::client_block;
+use super::window::{Bucket, DEFAULT_CAPACITY, Table};
+use crate::config::{RateClients, RateKey, RateLimit};
+
+/// Who is sending, as far as rate limits are concerned.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub ip: IpAddr,
+    /// In `trusted_networks`.
+    pub trusted: bool,
+    /// The authenticated name, if the session authenticated.
+    pub user: Option<&'a str>,
+    pub sender: &'a ReversePath,
+}
+
+/// What a limit counts: messages or recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counted {
+    Messages,
+    Recipients,
+}
+
+impl Counted {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counted::Messages => "messages",
+            Counted::Recipients => "recipients",
+        }
+    }
+}
+
+/// A limit that said no: for the log line and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exceeded {
+    pub limit: String,
+    pub key: String,
+    pub counted: Counted,
+    /// The limit's value and window.
+    pub max: u64,
+    pub window: Duration,
+}
+
+/// One configured limit and its counters. The counters outlive a reload that keeps the
+/// limit's name, clients, key and window (`RateLimits::new`).
+#[derive(Debug)]
+struct Limit {
+    config: RateLimit,
+    table: Arc<Mutex<Table>>,
+}
+
+impl Limit {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // Plain counters: consistent after any panic elsewhere, keep going.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn applies(&self, who: &Who<'_>) -> bool {
+        match self.config.clients {
+            RateClients::Any => true,
+            RateClients::Authenticated => who.user.is_some(),
+            RateClients::Trusted => who.trusted,
+            RateClients::Untrusted => !who.trusted && who.user.is_none(),
+        }
+    }
+
+    fn max(&self, counted: Counted) -> Option<u64> {
+        match counted {
+            Counted::Messages => self.config.messages,
+            Counted::Recipients => self.config.recipients,
+        }
+    }
+
+    /// This limit's key for `who`; `None` when it has none (no user name).
+    fn key(&self, who: &Who<'_>, ipv6_prefix: u8) -> Option<String> {
+        Some(match self.config.per {
+            RateKey::User => who.user?.to_string(),
+            RateKey::ClientIp => client_block(who.ip, ipv6_prefix).to_string(),
+            RateKey::Sender => match who.sender {
+                ReversePath::Null => "<>".to_string(),
+                ReversePath::Mailbox(a) => {
+                    // The local part as written on the wire (quoted if it needs it, so the
+                    // key reads unambiguously in a log line), in lower case.
+                    let written = a.to_string();
+                    let local = written.rsplit_once('@').map_or("", |(l, _)| l);
+                    format!("{}@{}", local.to_lowercase(), domain_key(a.domain()))
+                }
+            },
+            RateKey::SenderDomain => match who.sender {
+                ReversePath::Null => "<>".to_string(),
+                ReversePath::Mailbox(a) => domain_key(a.domain()),
+            },
+        })
+    }
+}
+
+fn domain_key(d: &Domain) -> String {
+    match d.ascii_name() {
+        Some(name) => name.into_owned(),
+        None => d.to_string(),
+    }
+}
+
+/// What one session took from the limits: given back when dropped, unless kept.
+#[derive(Debug, Default)]
+#[must_use = "dropping a hold gives back what it took"]
+pub struct Hold {
+    taken: Vec<Taken>,
+}
+
+#[derive(Debug)]
+struct Taken {
+    table: Arc<Mutex<Table>>,
+    counted: Counted,
+    key: String,
+    bucket: Bucket,
+}
+
+impl Hold {
+    /// What was taken stays counted (the message got its 250).
+    pub fn keep(mut self) {
+        self.taken.clear();
+    }
+
+    /// Nothing was taken (no limit applied).
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        for t in self.taken.drain(..) {
+            let mut table = t.table.lock().unwrap_or_else(|p| p.into_inner());
+            table.refund(&(t.counted, t.key.as_str()), t.bucket, 1);
+        }
+    }
+}
+
+/// Every `[[rate_limit]]` of a configuration.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    limits: Vec<Limit>,
+    ipv6_prefix: u8,
+}
+
+/// The clock: tokio's, so that tests with paused time control it too.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl RateLimits {
+    /// The limits of a configuration; with `previous` (a reload) a limit whose name,
+    /// clients, key and window are unchanged keeps what it has counted.
+    pub fn new(limits: &[RateLimit], ipv6_prefix: u8, previous: Option<&RateLimits>) -> Self {
+        let limits = limits
+            .iter()
+            .map(|config| {
+                let kept = previous.and_then(|p| {
+                    p.limits.iter().find(|old| {
+                        let o = &old.config;
+                        o.name == config.name
+                            && o.clients == config.clients
+                            && o.per == config.per
+                            && o.window == config.window
+                    })
+                });
+                Limit {
+                    config: config.clone(),
+                    table: match kept {
+                        Some(old) => Arc::clone(&old.table),
+                        None => Arc::new(Mutex::new(Table::new(
+                            config.window,
+                            DEFAULT_CAPACITY,
+                            now(),
+                        ))),
+                    },
+                }
+            })
+            .collect();
+        RateLimits {
+            limits,
+            ipv6_prefix,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+
+    /// Takes one message (at MAIL) or one recipient (at an accepted RCPT) from every
+    /// limit that applies to `who`; on the first that would exceed, gives back what the
+    /// others took and says which.
+    pub fn take(&self, counted: Counted, who: &Who<'_>) -> Result<Hold, Exceeded> {
+        let mut hold = Hold::default();
+        let now = now();
+        for limit in &self.limits {
+            let Some(max) = limit.max(counted) else {
+                continue;
+            };
+            if !limit.applies(who) {
+                continue;
+            }
+            let Some(key) = limit.key(who, self.ipv6_prefix) else {
+                continue;
+            };
+            match limit.table().add(&(counted, key.as_str()), max, 1, now) {
+                Ok(bucket) => hold.taken.push(Taken {
+                    table: Arc::clone(&limit.table),
+                    counted,
+                    key,
+                    bucket,
+                }),
+                Err(_) => {
+                    return Err(Exceeded {
+                        limit: limit.config.name.clone(),
+                        key,
+                        counted,
+                        max,
+                        window: limit.config.window,
+                    });
+                }
+            }
+        }
+        Ok(hold)
+    }
+
+    /// The limits that would count `who`, for `postern check-policy`: name and key.
+    pub fn applying(&self, who: &Who<'_>) -> Vec<(&str, String)> {
+        self.limits
+            .iter()
+            .filter(|l| l.applies(who))
+            .filter_map(|l| Some((l.config.name.as_str(), l.key(who, self.ipv6_prefix)?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(name: &str, clients: RateClients, per: RateKey, messages: u64) -> RateLimit {
+        RateLimit {
+            name: name.to_string(),
+            clients,
+            per,
+            messages: Some(messages),
+            recipients: None,
+            window: Duration::from_secs(60),
+        }
+    }
+
+    fn sender(s: &str) -> ReversePath {
+        ReversePath::Mailbox(postern_smtp::address::parse_mailbox(s).expect("address"))
+    }
+
+    fn who<'a>(ip: &str, user: Option<&'a str>, sender: &'a ReversePath) -> Who<'a> {
+        Who {
+            ip: ip.parse().unwrap(),
+            trusted: ip.starts_with("10."),
+            user,
+            sender,
+        }
+    }
+
+    #[tokio::test]
+    async fn rate_counts_per_key_and_gives_back_what_was_not_kept() {
+        let limits = RateLimits::new(
+            &[limit("users", RateClients::Authenticated, RateKey::User, 2)],
+            64,
+            None,
+        );
+        let from = sender("bob@example.com");
+        let bob = who("192.0.2.1", Some("bob"), &from);
+        limits.take(Counted::Messages, &bob).unwrap().keep();
+        let held = limits.take(Counted::Messages, &bob).unwrap();
+        let over = limits.take(Counted::Messages, &bob).unwrap_err();
+        assert_eq!((over.limit.as_str(), over.key.as_str()), ("users", "bob"));
+        drop(held); // that message never got its 250
+        limits.take(Counted::Messages, &bob).unwrap().keep();
+        limits.take(Counted::Messages, &bob).unwrap_err();
+        // Another user, and a client that did not authenticate, are not bob.
+        let alice = who("192.0.2.1", Some("alice"), &from);
+        limits.take(Counted::Messages, &alice).unwrap().keep();
+        let anon = who("192.0.2.1", None, &from);
+        assert!(limits.take(Counted::Messages, &anon).unwrap().is_empty());
+        // The limit counts messages only.
+        assert!(limits.take(Counted::Recipients, &bob).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn rate_a_refusal_gives_back_what_earlier_limits_took() {
+        let limits = RateLimits::new(
+            &[
+                limit("ip", RateClients::Any, RateKey::ClientIp, 2),
+                limit("sender", RateClients::Any, RateKey::Sender, 1),
+            ],
+            64,
+            None,
+        );
+        let (bob, bob_again) = (sender("bob@example.com"), sender("Bob@Example.COM"));
+        let (carol, dave) = (sender("carol@example.com"), sender("dave@example.com"));
+        let ip = "192.0.2.1";
+        limits
+            .take(Counted::Messages, &who(ip, None, &bob))
+            .unwrap()
+            .keep();
+        let over = limits
+            .take(Counted::Messages, &who(ip, None, &bob_again))
+            .unwrap_err();
+        assert_eq!(
+            (over.limit.as_str(), over.key.as_str()),
+            ("sender", "bob@example.com")
+        );
+        // The address limit took nothing for that refused message: carol still fits.
+        limits
+            .take(Counted::Messages, &who(ip, None, &carol))
+            .unwrap()
+            .keep();
+        let over = limits
+            .take(Counted::Messages, &who(ip, None, &dave))
+            .unwrap_err();
+        assert_eq!(over.limit, "ip");
+    }
+
+    #[tokio::test]
+    async fn rate_keys_ipv6_blocks_domains_and_the_null_sender() {
+        let limits = RateLimits::new(
+            &[
+                limit("ip", RateClients::Untrusted, RateKey::ClientIp, 1),
+                limit("dom", RateClients::Trusted, RateKey::SenderDomain, 1),
+            ],
+            64,
+            None,
+        );
+        let null = ReversePath::Null;
+        limits
+            .take(Counted::Messages, &who("2001:db8::1", None, &null))
+            .unwrap()
+            .keep();
+        let over = limits
+            .take(Counted::Messages, &who("2001:db8::2", None, &null))
+            .unwrap_err();
+        assert_eq!(over.key, "2001:db8::");
+        limits
+            .take(Counted::Messages, &who("10.0.0.1", None, &null))
+            .unwrap()
+            .keep();
+        assert_eq!(
+            limits
+                .take(Counted::Messages, &who("10.0.0.2", None, &null))
+                .unwrap_err()
+                .key,
+            "<>"
+        );
+        let idn = sender("a@BÜCHER.example");
+        let idn_key = limits.applying(&who("10.0.0.1", None, &idn));
+        assert_eq!(idn_key, vec![("dom", "xn--bcher-kva.example".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn rate_a_reload_keeps_the_counts_of_an_unchanged_limit() {
+        let mut config = vec![limit("users", RateClients::Authenticated, RateKey::User, 1)];
+        let first = RateLimits::new(&config, 64, None);
+        let from = sender("bob@example.com");
+        let bob = who("192.0.2.1", Some("bob"), &from);
+        first.take(Counted::Messages, &bob).unwrap().keep();
+        config[0].messages = Some(1);
+        let second = RateLimits::new(&config, 64, Some(&first));
+        second.take(Counted::Messages, &bob).unwrap_err();
+        config[0].window = Duration::from_secs(30);
+        let third = RateLimits::new(&config, 64, Some(&second));
+        third.take(Counted::Messages, &bob).unwrap().keep();
+    }
+}
