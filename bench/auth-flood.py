@@ -8,10 +8,17 @@ inbound listener, then for DURATION seconds:
     session and send AUTH PLAIN with wrong passwords as fast as replies come back;
   - one ordinary client sends small messages on the inbound port, one after another,
     and records the time each takes.
-Prints attempts/s by reply (535 wrong password, 454 locked out) and the ordinary
-client's message latency (median, p99, max).
+Prints attempts/s by reply (535 wrong password, 454 locked out, 235 a guess that got
+in) and the ordinary client's message latency (median, p99, max).
 
-Usage: bench/auth-flood.py [ATTACKERS=100] [DURATION=20] [MAX_FAILURES=5]
+NODES=2 (environment): two Postern nodes sharing one Redis ([cluster], a redis-server
+started here on a free port, no persistence), as behind a load balancer. Each attacker
+moves to the other node after every connection, and every attacker's guess number
+MAX_FAILURES + 1 is the right password: without shared counting a node that has not
+seen that attacker would still let it guess. A legitimate user (bob, right password)
+logs in on alternate nodes every 50 ms meanwhile; its AUTH latency is reported as well.
+
+Usage: [NODES=1|2] bench/auth-flood.py [ATTACKERS=100] [DURATION=20] [MAX_FAILURES=5]
 """
 import base64, os, socket, ssl, statistics, subprocess, sys, tempfile, threading, time
 
@@ -20,6 +27,7 @@ DURATION = float(sys.argv[2]) if len(sys.argv) > 2 else 20
 MAX_FAILURES = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("BIN", os.path.join(ROOT, "target/release/postern"))
+NODES = int(os.environ.get("NODES", "1"))
 
 
 def free_port():
@@ -41,14 +49,27 @@ def reply(f):
             return int(line[:3])
 
 
-def main():
-    tmp = tempfile.mkdtemp()
+def start_redis(tmp):
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", tmp],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+def start_node(tmp, name, users, cluster):
     sub, inbound = free_port(), free_port()
-    users = os.path.join(tmp, "users")
-    conf = os.path.join(tmp, "postern.toml")
+    os.makedirs(os.path.join(tmp, name))
+    conf = os.path.join(tmp, name, "postern.toml")
     with open(conf, "w") as f:
-        f.write(f"""hostname = "bench.local"
-spool_dir = "{tmp}/spool"
+        f.write(f"""hostname = "{name}.bench.local"
+spool_dir = "{tmp}/{name}/spool"
 [[listener]]
 address = "127.0.0.1:{inbound}"
 tls = "none"
@@ -69,10 +90,9 @@ lockout = "15m"
 [[route]]
 domains = ["*"]
 next_hop = "[127.0.0.1]:1"
+{cluster}
 """)
-    subprocess.run([BIN, "user", "add", "alice", "--password-stdin", "--config", conf],
-                   input=b"the right one\n", check=True)
-    log = open(os.path.join(tmp, "log"), "w")
+    log = open(os.path.join(tmp, name, "log"), "w")
     server = subprocess.Popen([BIN, "serve", "--config", conf], stderr=log,
                               env=dict(os.environ, RUST_LOG="error"))
     for _ in range(100):
@@ -81,6 +101,23 @@ next_hop = "[127.0.0.1]:1"
             break
         except OSError:
             time.sleep(0.05)
+    return server, sub, inbound, conf
+
+
+def main():
+    tmp = tempfile.mkdtemp()
+    users = os.path.join(tmp, "users")
+    open(users, "w").close()
+    redis = None
+    cluster = ""
+    if NODES > 1:
+        redis, rport = start_redis(tmp)
+        cluster = f'[cluster]\nredis = "redis://127.0.0.1:{rport}/0"\n'
+    nodes = [start_node(tmp, f"node{i}", users, cluster) for i in range(NODES)]
+    for name, password in (("alice", b"the right one\n"), ("bob", b"bob's own\n")):
+        subprocess.run([BIN, "user", "add", name, "--password-stdin", "--config", nodes[0][3]],
+                       input=password, check=True)
+    time.sleep(1.5)  # the users file is read again when it changes
     stop = time.time() + DURATION
     counts = {}
     lock = threading.Lock()
@@ -88,35 +125,45 @@ next_hop = "[127.0.0.1]:1"
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
 
+    def tls_session(src, port):
+        s = socket.create_connection(("127.0.0.1", port), source_address=(src, 0), timeout=30)
+        f = s.makefile("rb")
+        reply(f)
+        s.sendall(b"EHLO client\r\n"); reply(f)
+        s.sendall(b"STARTTLS\r\n"); reply(f)
+        t = ctx.wrap_socket(s)
+        f = t.makefile("rb")
+        t.sendall(b"EHLO client\r\n"); reply(f)
+        return t, f
+
     def attacker(i):
         src = f"127.0.{1 + (i + 1) // 250}.{1 + (i + 1) % 250}"
         n = 0
+        node = i % NODES
         while time.time() < stop:
             try:
-                s = socket.create_connection(("127.0.0.1", sub), source_address=(src, 0), timeout=30)
-                f = s.makefile("rb")
-                reply(f)
-                s.sendall(b"EHLO attacker\r\n"); reply(f)
-                s.sendall(b"STARTTLS\r\n"); reply(f)
-                t = ctx.wrap_socket(s)
-                f = t.makefile("rb")
-                t.sendall(b"EHLO attacker\r\n"); reply(f)
+                t, f = tls_session(src, nodes[node][1])
+                node = (node + 1) % NODES
                 while time.time() < stop:
                     n += 1
-                    cred = base64.b64encode(f"\0alice\0guess{i}-{n}".encode())
+                    password = "the right one" if n == MAX_FAILURES + 1 else f"guess{i}-{n}"
+                    cred = base64.b64encode(f"\0alice\0{password}".encode())
                     t.sendall(b"AUTH PLAIN " + cred + b"\r\n")
                     code = reply(f)
                     with lock:
                         counts[code] = counts.get(code, 0) + 1
+                    if code == 235 or NODES > 1:
+                        break  # in, or on to the other node with a new connection
                 t.close()
             except (OSError, EOFError, ssl.SSLError):
                 with lock:
                     counts["conn-error"] = counts.get("conn-error", 0) + 1
 
     latencies = []
+    logins = []
 
     def ordinary():
-        s = socket.create_connection(("127.0.0.1", inbound), timeout=30)
+        s = socket.create_connection(("127.0.0.1", nodes[0][2]), timeout=30)
         f = s.makefile("rb")
         reply(f)
         s.sendall(b"EHLO ordinary\r\n"); reply(f)
@@ -129,24 +176,49 @@ next_hop = "[127.0.0.1]:1"
             latencies.append(time.time() - t0)
             time.sleep(0.05)
 
+    def legitimate():
+        node = 0
+        while time.time() < stop:
+            try:
+                t, f = tls_session("127.0.0.1", nodes[node][1])
+                t0 = time.time()
+                t.sendall(b"AUTH PLAIN " + base64.b64encode(b"\0bob\0bob's own") + b"\r\n")
+                code = reply(f)
+                logins.append((time.time() - t0, code))
+                t.close()
+            except (OSError, EOFError, ssl.SSLError):
+                logins.append((0.0, "conn-error"))
+            node = (node + 1) % NODES
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=attacker, args=(i,)) for i in range(ATTACKERS)]
     threads.append(threading.Thread(target=ordinary))
+    threads.append(threading.Thread(target=legitimate))
     t0 = time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.time() - t0
-    server.terminate()
-    server.wait()
+    for server, *_ in nodes:
+        server.terminate()
+        server.wait()
+    if redis:
+        redis.terminate()
+        redis.wait()
     total = sum(v for k, v in counts.items() if isinstance(k, int))
-    print(f"attackers={ATTACKERS} max_failures={MAX_FAILURES} seconds={elapsed:.1f} "
-          f"auth_answers_per_s={total / elapsed:.0f} "
+    print(f"nodes={NODES} attackers={ATTACKERS} max_failures={MAX_FAILURES} "
+          f"seconds={elapsed:.1f} auth_answers_per_s={total / elapsed:.0f} "
+          f"successes={counts.get(235, 0)} "
           + " ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=str)))
-    if latencies:
-        lat = sorted(latencies)
-        print(f"ordinary messages={len(lat)} median_ms={1000 * statistics.median(lat):.1f} "
-              f"p99_ms={1000 * lat[int(0.99 * (len(lat) - 1))]:.1f} max_ms={1000 * lat[-1]:.1f}")
+    for name, lat in (("ordinary messages", sorted(latencies)),
+                      ("legitimate logins", sorted(l for l, _ in logins))):
+        if lat:
+            print(f"{name}={len(lat)} median_ms={1000 * statistics.median(lat):.1f} "
+                  f"p99_ms={1000 * lat[int(0.99 * (len(lat) - 1))]:.1f} "
+                  f"max_ms={1000 * lat[-1]:.1f}")
+    refused = sum(1 for _, c in logins if c != 235)
+    print(f"legitimate logins refused={refused}")
 
 
 main()

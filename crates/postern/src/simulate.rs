@@ -26,6 +26,7 @@ use crate::auth::{AuthError, Authenticator};
 use crate::config::{AuthMode, Config, TlsMode};
 use crate::delivery::route::{Destination, domain_of, next_hop};
 use crate::ourselves::Ourselves;
+use crate::policy::rate::{RateLimits, Who};
 use crate::policy::tricks::{self, TRICKS, Targets};
 use crate::policy::{Client, Decision, RecipientList, RecipientListError, RelayPolicy};
 use crate::session::{RecipientCheck, Settings};
@@ -135,6 +136,9 @@ pub struct Verdict {
     /// Where an accepted recipient would go: `route company.com 10.0.0.5:25`, `MX lookup
     /// for gmail.com`.
     pub route: Option<String>,
+    /// The `[[rate_limit]]`s that would count this message or recipient, with the key
+    /// (the simulator counts nothing, so it never answers 451 for them).
+    pub rate_limits: Vec<String>,
     /// MAIL FROM was refused: what was sent, the reply and its rule.
     pub mail_refused: Option<(String, Answer, String)>,
 }
@@ -152,6 +156,10 @@ impl Verdict {
         if let Some(route) = &self.route {
             s.push_str(" -> ");
             s.push_str(route);
+        }
+        if !self.rate_limits.is_empty() {
+            s.push_str("; counted by rate limits ");
+            s.push_str(&self.rate_limits.join(", "));
         }
         s
     }
@@ -293,6 +301,22 @@ impl<'c> Simulator<'c> {
             }
             _ => None,
         };
+        let rate_limits = match (&recipient, postern_smtp::address::parse_reverse_path(from)) {
+            (Some(_), Ok(sender)) if (200..300).contains(&reply.code) => {
+                let who = Who {
+                    ip: probe.client,
+                    trusted: self.policy.is_trusted(probe.client),
+                    user: probe.auth,
+                    sender: &sender,
+                };
+                RateLimits::new(&self.config.rate_limits, self.config.ipv6_prefix, None)
+                    .applying(&who)
+                    .into_iter()
+                    .map(|(name, key)| format!("{name} (key {key})"))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         Ok(Verdict {
             sent: to.to_string(),
             reply,
@@ -301,6 +325,7 @@ impl<'c> Simulator<'c> {
             decision,
             postmaster,
             route,
+            rate_limits,
             mail_refused,
         })
     }

@@ -288,3 +288,41 @@ fn check_config_names_the_limits_and_refuses_nonsense() {
         assert!(err.contains(says), "{bad}: {err}");
     }
 }
+
+#[test]
+fn check_policy_names_the_limits_that_would_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("postern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = \"{}\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\ntls = \"none\"\n\
+             [relay]\naccepted_domains = [\"company.test\"]\n\
+             [[rate_limit]]\nname = \"inbound\"\nclients = \"untrusted\"\nper = \"sender_domain\"\n\
+             recipients = 100\nwindow = \"1h\"\n\
+             [[rate_limit]]\nname = \"internal\"\nclients = \"trusted\"\nper = \"client_ip\"\n\
+             messages = 100\nwindow = \"1h\"\n",
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let (code, out, err) = run_cli(&[
+        "check-policy",
+        "--config",
+        path,
+        "--client",
+        "192.0.2.1",
+        "--from",
+        "a@Sender.example",
+        "--to",
+        "bob@company.test",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("(rule accepted_domain)")
+            && out.contains("; counted by rate limits inbound (key sender.example)")
+            && !out.contains("internal"),
+        "{out}"
+    );
+}
