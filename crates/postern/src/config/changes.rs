@@ -80,6 +80,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         milters,
         authentication,
         metrics,
+        cluster,
     } = new;
     c.note("hostname", &old.hostname, hostname);
     // Refused before it gets here (the spool cannot move under a running server).
@@ -128,6 +129,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     c.note("milter", &old.milters, milters);
     c.note("authentication", &old.authentication, authentication);
     c.restart_note("metrics", &old.metrics, metrics);
+    // A reload makes a new Redis client (serve.rs keeps the old one when unchanged).
+    c.note("cluster", &old.cluster, cluster);
     c
 }
 

@@ -50,6 +50,7 @@ pub(crate) struct RawConfig {
     pub milter: Vec<S<RawMilter>>,
     pub authentication: Option<S<RawAuthentication>>,
     pub metrics: Option<S<RawMetrics>>,
+    pub cluster: Option<S<RawCluster>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +225,14 @@ pub(crate) struct RawAuthentication {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMetrics {
     pub address: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    pub redis: S<String>,
+    pub node: Option<S<String>>,
+    pub timeout: Option<S<String>>,
 }
 
 /// `max_message_size` is either a TOML integer (bytes) or a string with a unit.
