@@ -48,6 +48,9 @@ pub struct Shared {
     pub ourselves: crate::ourselves::Ourselves,
     /// The `[[milter]]`s, in order: each session talks to them (`crate::milter`).
     pub milters: Vec<crate::config::Milter>,
+    /// `[cluster]`: counters shared with the other nodes through Redis (AUTH lockouts,
+    /// rate limits); `None`: this node counts alone.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -575,6 +578,7 @@ mod tests {
             budget,
             ourselves: Ourselves::from_config(&config),
             milters: Vec::new(),
+            cluster: None,
         };
         Fixture {
             _dir: dir,
