@@ -577,6 +577,15 @@ fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
             "expected a redis://[user:password@]host:port/db or rediss:// (TLS) URL",
         );
     }
+    if url.contains('#') {
+        // The client reads `#insecure` as "do not verify the certificate".
+        return v.err(
+            k.redis.span(),
+            "cluster.redis",
+            "a URL fragment (`#insecure`) is not supported: the certificate of a rediss:// \
+             server is always verified (write a `#` in a password as %23)",
+        );
+    }
     if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
         // The client's message names the part it did not like, never the password.
         let why = e.to_string();
