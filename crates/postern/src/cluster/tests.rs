@@ -366,3 +366,27 @@ async fn a_key_of_the_wrong_type_is_a_local_count_not_an_outage() {
     assert_eq!(c.window_add("rl:odd", MIN, 5, 1).await, None);
     assert!(c.is_up());
 }
+
+/// A burst of parallel guesses (as from several nodes at once) settles atomically:
+/// exactly max_failures of them are counted, every later one is refused.
+#[tokio::test]
+async fn a_burst_of_parallel_failures_cannot_get_past_the_lockout() {
+    let redis = RedisServer::start(None).unwrap();
+    let c = up(&redis.url()).await;
+    let s = settings();
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move { c.auth_settle(ip(3), "alice", true, false, &s).await })
+        })
+        .collect();
+    let (mut counted, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(Settled::Failed(_)) => counted += 1,
+            Some(Settled::Refused(_)) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((counted, refused), (3, 9));
+}
