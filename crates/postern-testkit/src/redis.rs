@@ -21,6 +21,12 @@ impl RedisServer {
     /// `requirepass`.
     pub fn start(password: Option<&str>) -> std::io::Result<RedisServer> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        RedisServer::start_on(port, password)
+    }
+
+    /// Like [`start`](Self::start) on a given port (a restart of a server that was
+    /// dropped: its clients reconnect to the same address).
+    pub fn start_on(port: u16, password: Option<&str>) -> std::io::Result<RedisServer> {
         let dir = std::env::temp_dir().join(format!("postern-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut cmd = Command::new("redis-server");

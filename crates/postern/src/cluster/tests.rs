@@ -390,3 +390,22 @@ async fn a_burst_of_parallel_failures_cannot_get_past_the_lockout() {
     }
     assert_eq!((counted, refused), (3, 9));
 }
+
+/// Redis gone (killed) and started again on the same address: the client goes down,
+/// then reconnects by itself and shares again.
+#[tokio::test]
+async fn a_restarted_redis_is_found_again() {
+    let redis = RedisServer::start(None).unwrap();
+    let port = redis.port();
+    let c = up(&redis.url()).await;
+    drop(redis);
+    wait_for(&c, false).await;
+    assert_eq!(c.window_add("rl:again", MIN, 5, 1).await, None);
+    let redis = RedisServer::start_on(port, None).unwrap();
+    wait_for(&c, true).await;
+    assert!(matches!(
+        c.window_add("rl:again", MIN, 5, 1).await,
+        Some(WindowAdd::Added { .. })
+    ));
+    drop(redis);
+}
