@@ -1,15 +1,18 @@
 //! Test helpers for Postern's integration tests: a real DNS responder
-//! ([`DnsServer`]), a scriptable capturing SMTP server ([`Sink`]) and a test
-//! certificate authority ([`TestCa`]), all on loopback and all synchronous
+//! ([`DnsServer`]), a scriptable capturing SMTP server ([`Sink`]), a test
+//! certificate authority ([`TestCa`]) and a real `redis-server` ([`RedisServer`]), all
+//! on loopback and all synchronous
 //! (std threads and std sockets, no async runtime), so blocking tests can use
 //! them directly. Everything stops when dropped.
 
 pub mod ca;
 pub mod dns;
+pub mod redis;
 pub mod sink;
 
 pub use ca::{TestCa, TlsIdentity};
 pub use dns::DnsServer;
+pub use redis::RedisServer;
 pub use sink::{ReceivedMessage, Sink, SinkConfig};
 
 use std::sync::{Mutex, MutexGuard};

@@ -42,6 +42,7 @@ pub mod delivery;
 // Beside it.
 pub mod auth;
 pub mod budget;
+pub mod cluster;
 pub mod cli;
 pub mod config;
 pub mod control;

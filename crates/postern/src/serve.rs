@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::budget::MemoryBudget;
+use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config, TlsMode};
 use crate::dkim::Signer;
 use crate::filter::Screener;
@@ -77,11 +78,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
     tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
         "spool open");
+    let metrics = Arc::new(Metrics::new(config.listeners.iter().map(|l| l.address)));
     // After the spool lock: the self-signed certificate lives in the spool.
-    let mut prepared = prepare(config, None)?;
-    let metrics = Arc::new(Metrics::new(
-        prepared.config.listeners.iter().map(|l| l.address),
-    ));
+    let mut prepared = prepare(config, None, None, &metrics)?;
     // Bind everything before serving anything, so a bad address fails the start.
     let bound = bind_new(&prepared.config, &HashMap::new())?;
     let metrics_socket = match &prepared.config.metrics {
@@ -135,6 +134,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         auth: None,
         rate_limits: Arc::new(RateLimits::default()),
+        cluster: None,
         listeners: HashMap::new(),
         shutdown: stop_rx,
         sessions: TaskTracker::new(),
@@ -228,13 +228,30 @@ struct Prepared {
     screener: Screener,
     signer: Signer,
     checker: Option<crate::authentication::Checker>,
+    /// `[cluster]`: the previous client when the section is unchanged, else a new one.
+    cluster: Option<Arc<Cluster>>,
     /// Taken at start to start the runner; given to it on commit otherwise.
     delivery: Option<delivery::Settings>,
 }
 
 /// Reads the files the configuration names and builds its parts. `previous`: the
-/// authenticator in use (a reload), whose failure counts carry over.
-fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<Prepared> {
+/// authenticator in use (a reload), whose failure counts carry over; `previous_cluster`:
+/// the Redis client in use, kept when `[cluster]` has not changed.
+fn prepare(
+    config: Config,
+    previous: Option<&Authenticator>,
+    previous_cluster: Option<&Arc<Cluster>>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Prepared> {
+    let cluster = match (&config.cluster, previous_cluster) {
+        (Some(k), Some(c)) if c.config() == k => Some(Arc::clone(c)),
+        (Some(k), _) => {
+            tracing::info!(redis = %k.shown_url(), node = %k.node,
+                "[cluster]: sharing AUTH lockouts and rate-limit counters through redis");
+            Some(Cluster::new(k, Arc::clone(metrics))?)
+        }
+        (None, _) => None,
+    };
     let recipients = match &config.relay.recipients_file {
         Some(path) => Some(RecipientList::load(path)?),
         None => None,
@@ -246,11 +263,10 @@ fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<P
         None
     };
     let auth = if config.listeners.iter().any(|l| l.auth != AuthMode::None) {
-        Some(Authenticator::reloaded(
-            &config.auth,
-            config.ipv6_prefix,
-            previous,
-        )?)
+        Some(
+            Authenticator::reloaded(&config.auth, config.ipv6_prefix, previous)?
+                .with_cluster(cluster.clone()),
+        )
     } else {
         None
     };
@@ -280,6 +296,7 @@ fn prepare(config: Config, previous: Option<&Authenticator>) -> anyhow::Result<P
         screener,
         signer,
         checker,
+        cluster,
         delivery: Some(delivery),
     })
 }
@@ -321,6 +338,8 @@ struct Server {
     auth: Option<Arc<Authenticator>>,
     /// The `[[rate_limit]]`s in effect (their counts carry over to the next).
     rate_limits: Arc<RateLimits>,
+    /// The Redis client in effect (kept by a reload that leaves `[cluster]` alone).
+    cluster: Option<Arc<Cluster>>,
     listeners: HashMap<SocketAddr, Running>,
     shutdown: watch::Receiver<bool>,
     sessions: TaskTracker,
@@ -344,6 +363,8 @@ impl Server {
     async fn try_reload(&mut self) -> Result<String, String> {
         let source = self.config.source.clone();
         let previous = self.auth.clone();
+        let previous_cluster = self.cluster.clone();
+        let metrics = Arc::clone(&self.metrics);
         let old_spool = self.config.spool_dir.clone();
         let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<Prepared> {
             let config = Config::load_default_or_file(source.as_deref())?;
@@ -359,7 +380,12 @@ impl Server {
             // The start's refusal holds for a reload too: root with a listener off
             // loopback and no `user` (after a drop, a different `user` needs a restart).
             crate::privileges::plan(&config)?;
-            prepare(config, previous.as_deref())
+            prepare(
+                config,
+                previous.as_deref(),
+                previous_cluster.as_ref(),
+                &metrics,
+            )
         })
         .await
         .map_err(|e| e.to_string())?
@@ -424,8 +450,13 @@ impl Server {
             ourselves: crate::ourselves::Ourselves::from_config(config),
             milters: config.milters.clone(),
             rate_limits: Arc::clone(&rate_limits),
+            cluster: p.cluster.clone(),
         });
         self.rate_limits = rate_limits;
+        if p.cluster.is_none() {
+            self.metrics.cluster_off();
+        }
+        self.cluster = p.cluster.take();
         self.metrics
             .add_milters(config.milters.iter().map(|m| m.name.as_str()));
         self.auth = auth;

@@ -51,6 +51,9 @@ pub struct Shared {
     pub milters: Vec<crate::config::Milter>,
     /// The `[[rate_limit]]`s (`policy::rate`).
     pub rate_limits: Arc<RateLimits>,
+    /// `[cluster]`: counters shared with the other nodes through Redis (AUTH lockouts,
+    /// rate limits); `None`: this node counts alone.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// First read buffer: small, so that 10,000 idle sessions stay cheap. A read that
@@ -646,6 +649,7 @@ mod tests {
             ourselves: Ourselves::from_config(&config),
             milters: Vec::new(),
             rate_limits: Default::default(),
+            cluster: None,
         };
         Fixture {
             _dir: dir,

@@ -7,8 +7,11 @@
 //! - [`limiter`]: failure counts and lockouts, pure, with the clock passed in.
 //!
 //! This module adds what needs a runtime: password checks on blocking threads, bounded by a
-//! semaphore; the tarpit (a growing delay before each 535); and the log lines fail2ban
-//! reads (`docs/auth.md`, "Log lines").
+//! semaphore; the tarpit (a growing delay before each 535); the log lines fail2ban
+//! reads (`docs/auth.md`, "Log lines"); and, with `[cluster]`, the counts and lockouts
+//! every node shares (`crate::cluster::lockout`): while Redis answers, its lockouts refuse
+//! on every node; the local limiter records every attempt all the same, so a node whose
+//! Redis is down or slow goes on counting on its own.
 //!
 //! Trust: everything in an `AuthRequest` is hostile: the user name reaches the logs only
 //! escaped and shortened, the password reaches nothing but Argon2, and how long an answer
@@ -24,6 +27,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cluster::Cluster;
+use crate::cluster::lockout::Settled as SharedSettled;
 use crate::maillog;
 
 use postern_smtp::{AuthRequest, Reply, catalogue};
@@ -84,6 +89,8 @@ pub struct Authenticator {
     /// One permit per CPU: how many password checks run at once.
     hashing: Arc<Semaphore>,
     restrict_senders: bool,
+    /// `[cluster]`: the counts shared with the other nodes (untrusted clients only).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// The outcome of a password check.
@@ -162,7 +169,14 @@ impl Authenticator {
                 |p| Arc::clone(&p.hashing),
             ),
             restrict_senders: auth.restrict_senders,
+            cluster: None,
         })
+    }
+
+    /// Shares failure counts and lockouts with the other nodes through `cluster`.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Authenticator {
+        self.cluster = cluster;
+        self
     }
 
     /// Makes this authenticator's lockout settings those of the limiter it shares (a
@@ -187,7 +201,13 @@ impl Authenticator {
         request: &AuthRequest,
     ) -> Result<String, Reply> {
         let name = request.username.as_str();
-        let locked = self.limiter().check(client, name, trusted, now());
+        let mut locked = self.limiter().check(client, name, trusted, now());
+        if locked.is_none()
+            && !trusted
+            && let Some(c) = &self.cluster
+        {
+            locked = c.auth_check(client, name, &self.settings).await.flatten();
+        }
         if let Some(lock) = locked {
             log_refused(client, name, lock);
             return Err(catalogue::auth_temporarily_refused());
@@ -204,7 +224,7 @@ impl Authenticator {
             },
         };
 
-        let outcome = match self.settle(client, name, trusted, check) {
+        let outcome = match self.settle(client, name, trusted, check).await {
             Settled::Refused(lock) => {
                 log_refused(client, name, lock);
                 return Err(catalogue::auth_temporarily_refused());
@@ -228,20 +248,41 @@ impl Authenticator {
         Err(catalogue::auth_failed())
     }
 
-    /// Record the outcome of a check in the limiter. Other attempts may have started a
-    /// lockout while this one was being checked: a burst of parallel guesses must not get
-    /// past it, so the lockout is looked at again first.
-    fn settle(&self, client: IpAddr, name: &str, trusted: bool, check: Check) -> Settled {
+    /// Record the outcome of a check in the limiter (and in Redis). Other attempts may
+    /// have started a lockout while this one was being checked: a burst of parallel
+    /// guesses must not get past it, so the lockout is looked at again first, locally and
+    /// in Redis (whose script checks and records in one atomic step, so a burst spread
+    /// over several nodes cannot get past it either). Redis is asked first and the local
+    /// limiter's lock is only taken after it answered: no lock is held across an await.
+    async fn settle(&self, client: IpAddr, name: &str, trusted: bool, check: Check) -> Settled {
+        let ok = check == Check::Ok;
+        let shared = match &self.cluster {
+            Some(c) if !trusted => {
+                c.auth_settle(client, name, check.known_user(), ok, &self.settings)
+                    .await
+            }
+            _ => None,
+        };
         let now = now();
         let mut limiter = self.limiter();
         if let Some(lock) = limiter.check(client, name, trusted, now) {
-            Settled::Refused(lock)
-        } else if check == Check::Ok {
-            limiter.record_success(name, now);
-            Settled::Granted
-        } else {
-            let known = check.known_user().then_some(name);
-            Settled::Failed(limiter.record_failure(client, known, trusted, now))
+            return Settled::Refused(lock);
+        }
+        match shared {
+            // Refused by Redis, which did not count it: nor does the local limiter.
+            Some(SharedSettled::Refused(lock)) => Settled::Refused(lock),
+            _ if ok => {
+                limiter.record_success(name, now);
+                Settled::Granted
+            }
+            shared => {
+                let known = check.known_user().then_some(name);
+                let mut outcome = limiter.record_failure(client, known, trusted, now);
+                if let Some(SharedSettled::Failed(s)) = shared {
+                    merge(&mut outcome, s);
+                }
+                Settled::Failed(outcome)
+            }
         }
     }
 
@@ -304,6 +345,18 @@ impl Authenticator {
             .get(identity)
             .is_some_and(|u| u.addresses.iter().any(|a| same_address(a, sender)))
     }
+}
+
+/// The local and the shared outcome of one failure as one: the larger failure count (the
+/// tarpit), and every lockout either started, once per scope, the address's first.
+fn merge(local: &mut FailureOutcome, shared: FailureOutcome) {
+    local.ip_failures = local.ip_failures.max(shared.ip_failures);
+    for lock in shared.started {
+        if !local.started.iter().any(|l| l.scope == lock.scope) {
+            local.started.push(lock);
+        }
+    }
+    local.started.sort_by_key(|l| l.scope != limiter::Scope::Ip);
 }
 
 /// Two addresses are the same mailbox, ignoring case (in practice no two mailboxes differ

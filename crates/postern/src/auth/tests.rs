@@ -447,3 +447,40 @@ fn auth_log_lines_have_the_documented_format() {
     assert!(!text.contains("secret-guess") && !text.contains("wonderland"));
     assert!(!text.contains("builder"));
 }
+
+#[test]
+fn shared_and_local_failure_outcomes_merge() {
+    use super::limiter::{FailureOutcome, Lockout, Scope};
+    let lock = |scope| Lockout {
+        scope,
+        remaining: Duration::from_secs(900),
+    };
+    // Node-local: 2 failures, nothing started; Redis: 5, both lockouts started.
+    let mut local = FailureOutcome {
+        ip_failures: 2,
+        started: vec![],
+    };
+    super::merge(
+        &mut local,
+        FailureOutcome {
+            ip_failures: 5,
+            started: vec![lock(Scope::User), lock(Scope::Ip)],
+        },
+    );
+    assert_eq!(local.ip_failures, 5);
+    assert_eq!(local.started, [lock(Scope::Ip), lock(Scope::User)]);
+    // Both started the address's: logged once.
+    let mut local = FailureOutcome {
+        ip_failures: 7,
+        started: vec![lock(Scope::Ip)],
+    };
+    super::merge(
+        &mut local,
+        FailureOutcome {
+            ip_failures: 3,
+            started: vec![lock(Scope::Ip)],
+        },
+    );
+    assert_eq!(local.ip_failures, 7);
+    assert_eq!(local.started, [lock(Scope::Ip)]);
+}

@@ -81,6 +81,7 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
         authentication,
         metrics,
         rate_limits,
+        cluster,
     } = new;
     c.note("hostname", &old.hostname, hostname);
     // Refused before it gets here (the spool cannot move under a running server).
@@ -131,6 +132,8 @@ pub fn changes(old: &Config, new: &Config) -> Changes {
     // Counters of a limit whose name, clients, key and window stay carry over.
     c.note("rate_limit", &old.rate_limits, rate_limits);
     c.restart_note("metrics", &old.metrics, metrics);
+    // A reload makes a new Redis client (serve.rs keeps the old one when unchanged).
+    c.note("cluster", &old.cluster, cluster);
     c
 }
 

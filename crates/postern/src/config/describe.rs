@@ -242,6 +242,16 @@ pub(crate) fn describe(c: &Config) -> String {
         Some(m) => format!("metrics: http://{}/metrics", m.address),
         None => "metrics: off".to_string(),
     });
+    line(match &c.cluster {
+        Some(k) => format!(
+            "cluster: node {}, AUTH lockouts and rate-limit counters shared through {} \
+             (over {} or down: counted on this node alone until it answers)",
+            k.node,
+            k.shown_url(),
+            format_duration(k.timeout)
+        ),
+        None => "cluster: off (counters are this node's own)".to_string(),
+    });
     out
 }
 

@@ -104,6 +104,9 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     /// `[[rate_limit]]`s, in file order; each counts in its own window (`policy::rate`).
     pub rate_limits: Vec<RateLimit>,
+    /// `[cluster]`: counters shared with the other nodes through Redis; `None`: this
+    /// node counts alone.
+    pub cluster: Option<Cluster>,
 }
 
 /// Whom `postern serve` runs as after it has bound its listeners, opened the spool and
@@ -589,6 +592,55 @@ pub struct Metrics {
     pub address: SocketAddr,
 }
 
+/// `[cluster]`: where the shared counters live (`crate::cluster`, `docs/cluster.md`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The Redis URL as written, password included: never print it, print
+    /// [`Cluster::shown_url`].
+    pub redis: String,
+    /// This node's name (logs, `check-config`); default: the host name.
+    pub node: String,
+    /// The longest any Redis call may take before this node counts locally.
+    pub timeout: Duration,
+}
+
+impl Cluster {
+    /// The URL with its password (and a bare user-info part, which may be one) as `***`.
+    pub fn shown_url(&self) -> String {
+        redact_url(&self.redis)
+    }
+}
+
+/// Never the password, even in a debug print of the whole configuration.
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("redis", &self.shown_url())
+            .field("node", &self.node)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host...` as `scheme://user:***@host...`, and
+/// `scheme://secret@host` (user-info without a colon: Redis would take it as a user name,
+/// but it is often a misplaced password) as `scheme://***@host`. The user-info ends at
+/// the last `@`, as URL parsers read it, so a password holding a raw `@` is hidden whole.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // Not a URL: it cannot be told apart from a password, so show nothing of it.
+        return "***".to_string();
+    };
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let (userinfo, host) = rest.split_at(at);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => format!("{scheme}://***{host}"),
+    }
+}
+
 impl Config {
     /// The configuration used when there is no file: listen on 127.0.0.1:2525, trust
     /// loopback only, accept mail for no domain, never an open relay.
@@ -622,6 +674,7 @@ impl Config {
             authentication: Authentication::default(),
             metrics: None,
             rate_limits: Vec::new(),
+            cluster: None,
         }
     }
 

@@ -52,6 +52,7 @@ pub(crate) struct RawConfig {
     pub metrics: Option<S<RawMetrics>>,
     #[serde(default)]
     pub rate_limit: Vec<S<RawRateLimit>>,
+    pub cluster: Option<S<RawCluster>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +257,14 @@ pub(crate) struct RawAuthentication {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMetrics {
     pub address: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCluster {
+    pub redis: S<String>,
+    pub node: Option<S<String>>,
+    pub timeout: Option<S<String>>,
 }
 
 /// `max_message_size` is either a TOML integer (bytes) or a string with a unit.

@@ -985,3 +985,57 @@ fn config_authentication_defaults_off_and_is_described() {
     assert_eq!(changes(&old, &new).changed, ["authentication"]);
     assert_eq!(new.unsupported_features(), Vec::<String>::new());
 }
+
+#[test]
+fn config_cluster_section() {
+    let c = parse(
+        "[cluster]\nredis = \"rediss://postern:hunter2@redis.internal:6380/2\"\nnode = \"edge-1\"\n",
+    )
+    .unwrap();
+    let k = c.cluster.as_ref().unwrap();
+    assert_eq!(k.node, "edge-1");
+    assert_eq!(k.timeout, Duration::from_millis(200));
+    assert_eq!(k.shown_url(), "rediss://postern:***@redis.internal:6380/2");
+    // Neither check-config's words nor a debug print of the whole configuration show it.
+    assert!(!c.describe().contains("hunter2"), "{}", c.describe());
+    assert!(
+        c.describe()
+            .contains("cluster: node edge-1, AUTH lockouts and rate-limit counters shared through rediss://postern:***@redis.internal:6380/2"),
+        "{}",
+        c.describe()
+    );
+    assert!(!format!("{c:?}").contains("hunter2"));
+    // Nor an error about the URL.
+    let err = parse_err("[cluster]\nredis = \"redis://:hunter2@/0\"\n");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let c = parse("[cluster]\nredis = \"redis://127.0.0.1:6379\"\ntimeout = \"50ms\"\n").unwrap();
+    let k = c.cluster.unwrap();
+    assert_eq!(k.node, validate::default_hostname());
+    assert_eq!(k.timeout, Duration::from_millis(50));
+    assert!(parse("").unwrap().cluster.is_none());
+    assert!(parse("").unwrap().describe().contains("cluster: off"));
+}
+
+#[test]
+fn config_redis_urls_are_redacted() {
+    for (url, shown) in [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("redis://user:pw@h:1/0", "redis://user:***@h:1/0"),
+        ("rediss://user:p@ss:w@rd@h:1", "rediss://user:***@h:1"),
+        ("redis://lonely@h", "redis://***@h"),
+        ("no url at all", "***"),
+    ] {
+        assert_eq!(redact_url(url), shown, "{url}");
+    }
+}
+
+#[test]
+fn config_cluster_changes_are_noted() {
+    let old = parse("").unwrap();
+    let new = parse("[cluster]\nredis = \"redis://127.0.0.1:6379\"\n").unwrap();
+    let c = changes(&old, &new);
+    assert_eq!(c.changed, ["cluster"]);
+    assert!(c.need_restart.is_empty());
+}

@@ -14,14 +14,14 @@ use ipnet::IpNet;
 
 use super::error::ConfigError;
 use super::raw::{
-    RawAuth, RawAuthMode, RawAuthentication, RawConfig, RawDelivery, RawDkim, RawFilter,
-    RawFilterAction, RawListener, RawLogFormat, RawMilter, RawMilterClients, RawOnFailure,
-    RawRateClients, RawRateKey, RawRateLimit, RawRelay, RawRoute, RawRouteTls, RawSize, RawTls,
-    RawTlsMode, S,
+    RawAuth, RawAuthMode, RawAuthentication, RawCluster, RawConfig, RawDelivery, RawDkim,
+    RawFilter, RawFilterAction, RawListener, RawLogFormat, RawMilter, RawMilterClients,
+    RawOnFailure, RawRateClients, RawRateKey, RawRateLimit, RawRelay, RawRoute, RawRouteTls,
+    RawSize, RawTls, RawTlsMode, S,
 };
 use super::units::{format_size, parse_duration, parse_size};
 use super::{
-    Auth, AuthMode, Authentication, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter,
+    Auth, AuthMode, Authentication, Cluster, Config, DKIM_HEADERS, Delivery, DkimSigning, Filter,
     FilterAction, Listener, LogFormat, Mechanism, Metrics, Milter, MilterAddress, MilterClients,
     NextHop, OnFailure, Privileges, Rate, RateClients, RateKey, RateLimit, Relay, Route, RouteTls,
     Tls, TlsMode,
@@ -40,6 +40,10 @@ pub(crate) const DEFAULT_MAX_FAILURES: u32 = 5;
 pub(crate) const DEFAULT_FAILURE_WINDOW: Duration = Duration::from_secs(10 * 60);
 pub(crate) const DEFAULT_LOCKOUT: Duration = Duration::from_secs(15 * 60);
 pub(crate) const DEFAULT_MX_PORT: u16 = 25;
+/// `[cluster] timeout`: the most mail ever waits on Redis (interface: "Rate limits and
+/// shared state"), and the most it may be set to.
+pub(crate) const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_millis(200);
+const MAX_CLUSTER_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_MAX_QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 86_400);
 pub(crate) const DEFAULT_MAX_CONCURRENCY: usize = 100;
 pub(crate) const DEFAULT_PER_DOMAIN_CONCURRENCY: usize = 10;
@@ -523,6 +527,12 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         }
     };
 
+    let cluster = raw
+        .cluster
+        .as_ref()
+        .map(|k| cluster_section(&v, k.get_ref()))
+        .transpose()?;
+
     Ok(Config {
         source: Some(origin.to_path_buf()),
         hostname,
@@ -555,6 +565,76 @@ pub(crate) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         authentication,
         metrics,
         rate_limits,
+        cluster,
+    })
+}
+
+/// `[cluster]`: the URL must be one the Redis client can use (checked here, so a typo is
+/// an error at the line, not a node that silently counts alone). Messages never quote
+/// the URL: it may hold the password.
+fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
+    let url = k.redis.get_ref().trim();
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return v.err(
+            k.redis.span(),
+            "cluster.redis",
+            "expected a redis://[user:password@]host:port/db or rediss:// (TLS) URL",
+        );
+    }
+    if url.contains('#') {
+        // The client reads `#insecure` as "do not verify the certificate".
+        return v.err(
+            k.redis.span(),
+            "cluster.redis",
+            "a URL fragment (`#insecure`) is not supported: the certificate of a rediss:// \
+             server is always verified (write a `#` in a password as %23)",
+        );
+    }
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+        // The client's message names the part it did not like, never the password.
+        let why = e.to_string();
+        return v.err(
+            k.redis.span(),
+            "cluster.redis",
+            format!("not a usable Redis URL ({why})"),
+        );
+    }
+    let node = match &k.node {
+        Some(n) => v.parse(n, "cluster.node", |s| {
+            let s = s.trim();
+            if s.is_empty() || s.len() > 64 {
+                return Err("1 to 64 characters".to_string());
+            }
+            if !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(
+                    "letters, digits, `-`, `_` and `.` only (it is a log field)".to_string()
+                );
+            }
+            Ok(s.to_string())
+        })?,
+        None => default_hostname(),
+    };
+    let timeout = v.duration(
+        k.timeout.as_ref(),
+        "cluster.timeout",
+        DEFAULT_CLUSTER_TIMEOUT,
+    )?;
+    if timeout > MAX_CLUSTER_TIMEOUT
+        && let Some(t) = &k.timeout
+    {
+        return v.err(
+            t.span(),
+            "cluster.timeout",
+            "must be at most 5s: mail waits this long on a slow Redis",
+        );
+    }
+    Ok(Cluster {
+        redis: url.to_string(),
+        node,
+        timeout,
     })
 }
 

@@ -130,6 +130,24 @@ impl MilterAction {
 pub const MILTER_LATENCY_BUCKETS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
 
+/// Upper bounds (seconds) of the Redis latency histogram's buckets, `+Inf` aside; the
+/// default `[cluster] timeout` (200 ms) is one of them.
+pub const REDIS_LATENCY_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5,
+];
+
+/// `[cluster]`: the Redis client's state and round trips.
+#[derive(Debug, Default)]
+struct ClusterCounters {
+    /// 0: no `[cluster]` (the series are not shown), 1: Redis down, 2: up.
+    state: AtomicU64,
+    /// Cumulative counts, one per bucket, and one for +Inf.
+    buckets: [AtomicU64; REDIS_LATENCY_BUCKETS.len() + 1],
+    /// Microseconds.
+    sum_us: AtomicU64,
+    failures: AtomicU64,
+}
+
 /// The series of one milter (by name: the configuration's, fixed at load or reload).
 #[derive(Debug, Default)]
 struct MilterCounters {
@@ -195,6 +213,7 @@ pub struct Metrics {
     /// MAILs and RCPTs refused per `[[rate_limit]]` name, in the order first seen (a
     /// reload keeps the series of limits it removes).
     rate_limits: std::sync::Mutex<Vec<(String, Arc<AtomicU64>)>>,
+    cluster: ClusterCounters,
 }
 
 /// Held for the life of a session; `postern_connections_open` counts these.
@@ -232,6 +251,7 @@ impl Metrics {
             dkim_unsigned: AtomicU64::new(0),
             milters: Default::default(),
             rate_limits: Default::default(),
+            cluster: ClusterCounters::default(),
         };
         metrics.add_listeners(listeners);
         metrics
@@ -438,5 +458,38 @@ impl Metrics {
             u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// `[cluster]` is set and Redis answers (`true`) or does not (`false`).
+    pub fn cluster_redis_up(&self, up: bool) {
+        self.cluster
+            .state
+            .store(if up { 2 } else { 1 }, Ordering::Relaxed);
+    }
+
+    /// `[cluster]` is no longer set (a reload removed it): its series are not shown.
+    pub fn cluster_off(&self) {
+        self.cluster.state.store(0, Ordering::Relaxed);
+    }
+
+    /// One Redis round trip (a call or a probe) took `took` (or was given up after it).
+    pub fn cluster_redis_latency(&self, took: std::time::Duration) {
+        let c = &self.cluster;
+        let secs = took.as_secs_f64();
+        for (bound, n) in REDIS_LATENCY_BUCKETS.iter().zip(&c.buckets) {
+            if secs <= *bound {
+                bump(n);
+            }
+        }
+        bump(&c.buckets[REDIS_LATENCY_BUCKETS.len()]);
+        c.sum_us.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A Redis call failed or ran over the bound: it was counted locally.
+    pub fn cluster_redis_failure(&self) {
+        bump(&self.cluster.failures);
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     AUTH_CHECKS, AUTH_RESULTS, DeliveryStatus, LIMITS, ListenerCounters, MILTER_LATENCY_BUCKETS,
-    Metrics, MilterAction, REJECTIONS,
+    Metrics, MilterAction, REDIS_LATENCY_BUCKETS, REJECTIONS,
 };
 use crate::config::FilterAction;
 use crate::dkim::key::Algorithm;
@@ -237,6 +237,47 @@ impl Metrics {
                 get(&c.buckets[MILTER_LATENCY_BUCKETS.len()])
             ));
         }
+        let k = &self.cluster;
+        let state = get(&k.state);
+        if state != 0 {
+            single(
+                &mut out,
+                "postern_cluster_redis_up",
+                "gauge",
+                "[cluster]: 1 while Redis answers within the timeout (counters shared), 0 \
+                 while this node counts locally.",
+                u64::from(state == 2),
+            );
+            out.push_str(
+                "# HELP postern_cluster_redis_latency_seconds Time of each Redis round trip \
+                 (calls and probes; a call given up at the timeout counts its wait).\n\
+                 # TYPE postern_cluster_redis_latency_seconds histogram\n",
+            );
+            for (i, n) in k.buckets.iter().enumerate() {
+                let le = REDIS_LATENCY_BUCKETS
+                    .get(i)
+                    .map_or("+Inf".to_string(), |b| b.to_string());
+                out.push_str(&format!(
+                    "postern_cluster_redis_latency_seconds_bucket{} {}\n",
+                    labels(&[("le", &le)]),
+                    get(n)
+                ));
+            }
+            out.push_str(&format!(
+                "postern_cluster_redis_latency_seconds_sum {}\n\
+                 postern_cluster_redis_latency_seconds_count {}\n",
+                get(&k.sum_us) as f64 / 1e6,
+                get(&k.buckets[REDIS_LATENCY_BUCKETS.len()])
+            ));
+            single(
+                &mut out,
+                "postern_cluster_redis_failures_total",
+                "counter",
+                "[cluster]: Redis calls that failed or ran over the timeout, counted locally \
+                 instead.",
+                get(&k.failures),
+            );
+        }
         out
     }
 }
@@ -324,6 +365,11 @@ mod tests {
         m.rate_limit_hit("ips");
         m.milter_action("clamav", MilterAction::Reject);
         m.milter_latency("clamav", std::time::Duration::from_millis(7));
+        // Without [cluster] its series are not shown at all.
+        assert!(!m.render(42).contains("postern_cluster"));
+        m.cluster_redis_up(true);
+        m.cluster_redis_latency(std::time::Duration::from_micros(1500));
+        m.cluster_redis_failure();
         let text = m.render(42);
 
         for line in [
@@ -344,6 +390,12 @@ mod tests {
             "postern_recipients_refused_total{rule=\"relay_denied\"} 1\n",
             "postern_recipients_refused_total{rule=\"unknown_recipient\"} 0\n",
             "postern_auth_failures_total 2\n",
+            "# TYPE postern_cluster_redis_up gauge\npostern_cluster_redis_up 1\n",
+            "postern_cluster_redis_latency_seconds_bucket{le=\"0.001\"} 0\n",
+            "postern_cluster_redis_latency_seconds_bucket{le=\"0.0025\"} 1\n",
+            "postern_cluster_redis_latency_seconds_sum 0.0015\n",
+            "postern_cluster_redis_latency_seconds_count 1\n",
+            "postern_cluster_redis_failures_total 1\n",
             "postern_auth_successes_total 1\n",
             "postern_deliveries_total{status=\"deferred\"} 1\n",
             "postern_deliveries_total{status=\"delivered\"} 0\n",
@@ -388,9 +440,10 @@ mod tests {
                 assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
             } else {
                 let (series, value) = line.rsplit_once(' ').unwrap();
-                let histogram = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .any(|s| series.starts_with(&format!("{current}{s}{{")));
+                let histogram = ["_bucket", "_sum", "_count"].iter().any(|s| {
+                    series.starts_with(&format!("{current}{s}{{"))
+                        || series == format!("{current}{s}")
+                });
                 assert!(
                     series == current || series.starts_with(&format!("{current}{{")) || histogram,
                     "{line} outside {current}"
@@ -402,7 +455,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(families.len(), 20, "{families:?}");
+        assert_eq!(families.len(), 23, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

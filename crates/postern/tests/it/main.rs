@@ -7,6 +7,7 @@
 mod common;
 
 mod authentication;
+mod cluster;
 
 mod delivery;
 mod dkim;

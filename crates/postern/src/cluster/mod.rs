@@ -1,0 +1,435 @@
+//! `[cluster]`: the counters several Postern nodes share through one Redis (interface:
+//! "Rate limits and shared state", `docs/cluster.md`): AUTH failure counts and lockouts
+//! ([`lockout`]) and the sliding-window counters of the rate limits ([`Cluster::window_add`]).
+//!
+//! Mail never waits on Redis longer than `[cluster] timeout` (200 ms by default). The
+//! client is in one of three states:
+//! - starting: not yet answered (start-up never waits for Redis);
+//! - up: calls go to Redis, each bounded by the timeout;
+//! - down: a call failed or ran over the timeout. One warning line, and from then on
+//!   every call returns `None` at once without touching Redis, so the callers count on
+//!   this node alone. A probe (PING, bounded) runs every second in every state; when it
+//!   answers, one info line and back to up.
+//!
+//! A Redis that answers a call with an error (a key of the wrong type, a script error)
+//! is not down: that call is counted locally, the failure metric grows, and a warning is
+//! logged at most once a minute. Flapping between up and down logs at most one
+//! down/up pair a minute; the metrics count every change.
+//!
+//! Trust: Redis is ours but its replies are parsed as untrusted (any shape that is not
+//! the expected one is a failed call, never a panic). Keys hold client addresses and user
+//! names, which are hostile: they only ever go into keys as data, never into the scripts'
+//! code. The URL's password is never printed (`config::redact_url`), and error texts are
+//! scrubbed of it before they are logged.
+//!
+//! Not supported: Redis Cluster (the lockout script touches several keys that would
+//! live in different slots) and Sentinel URLs (see `docs/cluster.md`).
+
+pub mod lockout;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+
+use crate::metrics::Metrics;
+
+/// Every key Postern writes starts with this.
+pub const KEY_PREFIX: &str = "postern:";
+/// Buckets of a sliding window (the same as the rate limits' local table): the count is
+/// the sum of the current bucket and the `BUCKETS` before it.
+pub const BUCKETS: u32 = 16;
+/// How often the probe asks Redis whether it answers.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// At most one down/up pair of log lines (and one "answered with an error") per this.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// Durations sent to the scripts are capped here (about 300 years in microseconds), so
+/// no configured value overflows a Redis expiry or loses precision in Lua's doubles.
+const MAX_US: u128 = 10_000_000_000_000_000;
+
+const STARTING: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// The answer of [`Cluster::window_add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowAdd {
+    /// Added; `bucket` is where (give it to [`Cluster::window_refund`]).
+    Added { bucket: i64 },
+    /// Not added: the window already holds `count`, and `count + amount` is over the limit.
+    Over { count: u64 },
+}
+
+/// The Lua scripts, each loaded once per connection by its hash (EVALSHA; the client
+/// sends the script itself on NOSCRIPT).
+struct Scripts {
+    window_add: redis::Script,
+    window_refund: redis::Script,
+    auth_settle: redis::Script,
+}
+
+/// What the log lines last said, so that a flapping Redis does not flood the log.
+#[derive(Default)]
+struct LogGate {
+    /// When the last "unreachable" line was written.
+    last_down: Option<Instant>,
+    /// Whether the current down spell was logged (its "answers again" is logged too).
+    down_logged: bool,
+    /// When the last "answered with an error" line was written.
+    last_error: Option<Instant>,
+}
+
+/// The shared-counter client of one configuration; cheap to share (`Arc`).
+pub struct Cluster {
+    config: crate::config::Cluster,
+    /// The URL with the password as `***`, for every log line.
+    shown: String,
+    /// The password, scrubbed from error texts before they are logged.
+    secret: Option<String>,
+    manager: ConnectionManager,
+    state: AtomicU8,
+    gate: Mutex<LogGate>,
+    metrics: Arc<Metrics>,
+    scripts: Scripts,
+    /// Unique failure marks across nodes: a random prefix and a counter.
+    nonce_prefix: u64,
+    nonce: AtomicU64,
+}
+
+impl Cluster {
+    /// A client for `config` (validated: the URL parses). Never waits for Redis: the
+    /// connection is made by the first probe, in the background, and until Redis has
+    /// answered every call returns `None`. Needs a tokio runtime.
+    pub fn new(
+        config: &crate::config::Cluster,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        // rediss:// builds its rustls config from the process default provider: ours is
+        // ring (the only one compiled in). Installing it twice is harmless (an Err).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let shown = config.shown_url();
+        let client = redis::Client::open(config.redis.as_str())
+            .with_context(|| format!("[cluster] redis {shown}"))?;
+        let secret = client
+            .get_connection_info()
+            .redis_settings()
+            .password()
+            .filter(|p| !p.is_empty())
+            .map(str::to_string);
+        let bound = config.timeout;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(bound))
+            .set_response_timeout(Some(bound))
+            // Our probe retries every second; the manager need not retry on its own.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(PROBE_EVERY);
+        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .with_context(|| format!("[cluster] redis {shown}"))?;
+        metrics.cluster_redis_up(false);
+        let cluster = Arc::new(Cluster {
+            config: config.clone(),
+            shown,
+            secret,
+            manager,
+            state: AtomicU8::new(STARTING),
+            gate: Mutex::new(LogGate::default()),
+            metrics,
+            scripts: Scripts {
+                window_add: redis::Script::new(include_str!("window_add.lua")),
+                window_refund: redis::Script::new(include_str!("window_refund.lua")),
+                auth_settle: redis::Script::new(include_str!("auth_settle.lua")),
+            },
+            nonce_prefix: rand::random(),
+            nonce: AtomicU64::new(0),
+        });
+        tokio::spawn(probe(Arc::downgrade(&cluster)));
+        Ok(cluster)
+    }
+
+    /// This node's name (`[cluster] node`).
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    /// Whether calls go to Redis now (false while starting and while down).
+    pub fn is_up(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == UP
+    }
+
+    /// The configuration this client was made for (a reload keeps the client when it
+    /// is unchanged).
+    pub fn config(&self) -> &crate::config::Cluster {
+        &self.config
+    }
+
+    /// The URL as it may be printed.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
+    /// Check-and-add `amount` to the sliding-window counter `key` (built by the caller,
+    /// e.g. `rl:roaming-users:user:bob`; stored under [`KEY_PREFIX`]). When the window's
+    /// count plus `amount` is at most `limit` it is added and `Added { bucket }` says
+    /// where (for a refund); otherwise nothing is added and `Over { count }`. `None`:
+    /// Redis is down, slow or failed (the caller counts locally).
+    ///
+    /// The window is [`BUCKETS`] buckets of `window / 16` (in microseconds, at least 1)
+    /// by Redis's clock; bucket `n = floor(now_us / width)`, and the count is the sum of
+    /// buckets `n - 16 ..= n`, which cover at least the whole window: no span of
+    /// `window` ever holds more than `limit`, and counting errs towards refusing for at
+    /// most one bucket width. One round trip, atomic (a Lua script); the key expires by
+    /// itself `window + width` after its last add.
+    pub async fn window_add(
+        &self,
+        key: &str,
+        window: Duration,
+        limit: u64,
+        amount: u64,
+    ) -> Option<WindowAdd> {
+        let (width, expire_ms) = window_math(window);
+        let key = format!("{KEY_PREFIX}{key}");
+        let mut con = self.manager.clone();
+        let mut invocation = self.scripts.window_add.key(key);
+        invocation.arg(width).arg(limit).arg(amount).arg(expire_ms);
+        let reply: Value = self
+            .call("window_add", invocation.invoke_async(&mut con))
+            .await?;
+        match ints(&reply).as_deref() {
+            Some([1, bucket]) => Some(WindowAdd::Added { bucket: *bucket }),
+            Some([0, count]) => Some(WindowAdd::Over {
+                count: u64::try_from(*count).unwrap_or(0),
+            }),
+            _ => self.odd_reply("window_add", &reply),
+        }
+    }
+
+    /// Takes back `amount` added to `bucket` of `key` earlier (a transaction that did not
+    /// reach 250). Best effort and bounded like every call; never below zero.
+    pub async fn window_refund(&self, key: &str, window: Duration, bucket: i64, amount: u64) {
+        // The window is not needed to find the bucket; it is part of the contract so that
+        // a later version may check the bucket is still inside it.
+        let _ = window;
+        let key = format!("{KEY_PREFIX}{key}");
+        let mut con = self.manager.clone();
+        let mut invocation = self.scripts.window_refund.key(key);
+        invocation.arg(bucket).arg(amount);
+        let _: Option<Value> = self
+            .call("window_refund", invocation.invoke_async(&mut con))
+            .await;
+    }
+
+    /// A unique name for one failure mark (unique across nodes and calls).
+    fn nonce(&self) -> String {
+        let n = self.nonce.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}.{n:x}", self.nonce_prefix)
+    }
+
+    /// Runs one Redis call within the bound, or not at all when Redis is not up.
+    async fn call<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        if !self.is_up() {
+            return None;
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.timeout, call).await;
+        let took = started.elapsed();
+        self.metrics.cluster_redis_latency(took);
+        match result {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) if answered(&e) => {
+                self.metrics.cluster_redis_failure();
+                self.log_error(what, &self.scrub(&e.to_string()));
+                None
+            }
+            Ok(Err(e)) => {
+                self.metrics.cluster_redis_failure();
+                self.mark_down(&self.scrub(&e.to_string()));
+                None
+            }
+            Err(_) => {
+                self.metrics.cluster_redis_failure();
+                self.mark_down(&format!(
+                    "{what}: no answer within {}",
+                    crate::config::format_duration(self.config.timeout)
+                ));
+                None
+            }
+        }
+    }
+
+    /// A reply of a shape the script never returns: counted locally, like an error.
+    fn odd_reply<T>(&self, what: &'static str, reply: &Value) -> Option<T> {
+        self.metrics.cluster_redis_failure();
+        let mut text = format!("{reply:?}");
+        text.truncate(200);
+        self.log_error(what, &format!("unexpected reply {text}"));
+        None
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        match &self.secret {
+            Some(s) => text.replace(s.as_str(), "***"),
+            None => text.to_string(),
+        }
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, LogGate> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Redis answered a call with an error: this call counts locally, Redis stays up.
+    fn log_error(&self, what: &str, error: &str) {
+        let now = Instant::now();
+        let mut gate = self.gate();
+        if gate
+            .last_error
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+        {
+            gate.last_error = Some(now);
+            drop(gate);
+            tracing::warn!(redis = %self.shown, node = %self.config.node, call = what,
+                error = %error, "redis answered with an error, this call counted locally");
+        }
+    }
+
+    fn mark_down(&self, error: &str) {
+        if self.state.swap(DOWN, Ordering::Relaxed) == DOWN {
+            return;
+        }
+        self.metrics.cluster_redis_up(false);
+        let now = Instant::now();
+        let mut gate = self.gate();
+        let log = gate
+            .last_down
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
+        gate.down_logged = log;
+        if log {
+            gate.last_down = Some(now);
+        }
+        drop(gate);
+        if log {
+            tracing::warn!(redis = %self.shown, node = %self.config.node, error = %error,
+                "redis unreachable or slow, counting locally");
+        } else {
+            tracing::debug!(redis = %self.shown, error = %error, "redis down again");
+        }
+    }
+
+    fn mark_up(&self) {
+        let before = self.state.swap(UP, Ordering::Relaxed);
+        if before == UP {
+            return;
+        }
+        self.metrics.cluster_redis_up(true);
+        let logged = std::mem::take(&mut self.gate().down_logged);
+        if before == STARTING {
+            tracing::info!(redis = %self.shown, node = %self.config.node,
+                "redis answers, counters shared");
+        } else if logged {
+            tracing::info!(redis = %self.shown, node = %self.config.node,
+                "redis answers again, counters shared");
+        } else {
+            tracing::debug!(redis = %self.shown, "redis up again");
+        }
+    }
+
+    /// One probe: PING within the bound. Its answer decides the state.
+    async fn probe_once(&self) {
+        let mut con = self.manager.clone();
+        let started = Instant::now();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut con);
+        let result = tokio::time::timeout(self.config.timeout, ping).await;
+        self.metrics.cluster_redis_latency(started.elapsed());
+        match result {
+            Ok(Ok(pong)) if pong == "PONG" => self.mark_up(),
+            Ok(Ok(other)) => {
+                let mut other = other;
+                other.truncate(64);
+                self.mark_down(&format!("PING answered {other:?}"));
+            }
+            Ok(Err(e)) => self.mark_down(&self.scrub(&e.to_string())),
+            Err(_) => self.mark_down(&format!(
+                "PING: no answer within {}",
+                crate::config::format_duration(self.config.timeout)
+            )),
+        }
+        // Every second, not only on changes: a client made by a reload that then failed
+        // (and was dropped) must not leave its state in the gauge.
+        self.metrics.cluster_redis_up(self.is_up());
+    }
+}
+
+/// The probe task: every second for as long as the client is in use (it holds only a
+/// weak reference, so a reload that replaces the client ends it).
+async fn probe(cluster: Weak<Cluster>) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(c) = cluster.upgrade() else {
+            return;
+        };
+        c.probe_once().await;
+    }
+}
+
+/// An error that Redis itself answered (the connection is fine): a script error, a key
+/// of the wrong type, a reply of the wrong type. Anything else (I/O, timeouts, loading,
+/// read-only replica, refused authentication) means this Redis cannot serve us now.
+fn answered(e: &RedisError) -> bool {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return false;
+    }
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::ResponseError)
+            | ErrorKind::Server(ServerErrorKind::NoScript)
+            | ErrorKind::Extension
+            | ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+    )
+}
+
+/// A reply that is an array of integers (or of strings holding integers).
+fn ints(v: &Value) -> Option<Vec<i64>> {
+    let Value::Array(items) = v else {
+        return None;
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::Int(n) => Some(*n),
+            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            Value::SimpleString(s) => s.parse().ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A duration in whole microseconds, at least 1, at most [`MAX_US`].
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros().clamp(1, MAX_US)).unwrap_or(1)
+}
+
+/// A duration in whole milliseconds (rounded up), at least 1, at most `MAX_US / 1000`.
+fn millis(d: Duration) -> u64 {
+    micros(d).div_ceil(1000)
+}
+
+/// The bucket width (microseconds) of `window`, and the key's expiry (milliseconds):
+/// the window plus one bucket, so the oldest bucket still counted is never lost early.
+fn window_math(window: Duration) -> (u64, u64) {
+    let whole = micros(window);
+    let width = (whole / u64::from(BUCKETS)).max(1);
+    (width, whole.saturating_add(width).div_ceil(1000).max(1))
+}

@@ -1,0 +1,273 @@
+//! `[cluster]` (issue 13, docs/cluster.md) against the real binary and a real
+//! `redis-server` (started per test on a free loopback port, no persistence):
+//! - an AUTH lockout earned on one node holds on another node sharing the Redis, and
+//!   not on a node without `[cluster]`;
+//! - Redis hanging (SIGSTOP) while mail flows: every message is accepted, the node logs
+//!   one "unreachable" line and shows `postern_cluster_redis_up 0`; after SIGCONT it
+//!   says so once, shows 1, and lockouts are shared again;
+//! - the Redis password is never printed (check-config, the log).
+//!
+//! AUTH runs on a plain-text listener (`allow_plaintext_auth`), as in hardening_auth.rs.
+
+use std::time::Duration;
+
+use base64::Engine;
+use postern_testkit::RedisServer;
+
+use crate::common::{INSIDE, OUTSIDE, Server, free_port, http_get, run_cli, wait_until};
+
+const ALICE: &str = "correct horse";
+const BOB: &str = "battery staple";
+const DOWN_LINE: &str = "redis unreachable or slow, counting locally";
+const UP_AGAIN_LINE: &str = "redis answers again, counters shared";
+
+/// A node's configuration: a plain-text AUTH listener, lockout after 3 failures, a
+/// metrics endpoint, and `cluster` as its `[cluster]` section (empty: none).
+fn node_config(dir: &std::path::Path, port: u16, metrics: u16, cluster: &str) -> String {
+    format!(
+        r#"hostname = "relay.test"
+spool_dir = "{spool}"
+
+[[listener]]
+address = "127.0.0.1:{port}"
+tls = "none"
+auth = "optional"
+allow_plaintext_auth = true
+
+[relay]
+accepted_domains = ["accepted.test"]
+trusted_networks = ["127.0.0.1/32"]
+
+[auth]
+users_file = "{users}"
+max_failures = 3
+
+[metrics]
+address = "127.0.0.1:{metrics}"
+
+[[route]]
+domains = ["*"]
+next_hop = "[127.0.0.1]:1"
+
+{cluster}
+"#,
+        spool = dir.join("spool").display(),
+        users = dir.join("users").display(),
+    )
+}
+
+/// A running node with users alice and bob; `metrics` is its metrics port.
+struct Node {
+    server: Server,
+    metrics: u16,
+}
+
+impl Node {
+    /// A node on `redis_url` named `name`, or a node without `[cluster]` when `None`.
+    /// Waits until it has reached Redis, so the test starts with shared counters.
+    fn start(redis_url: Option<&str>, name: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, metrics) = (free_port(), free_port());
+        let cluster = match redis_url {
+            Some(url) => format!("[cluster]\nredis = \"{url}\"\nnode = \"{name}\"\n"),
+            None => String::new(),
+        };
+        let text = node_config(dir.path(), port, metrics, &cluster);
+        let config = dir.path().join("postern.toml");
+        std::fs::write(&config, &text).unwrap();
+        crate::common::add_user(&config, "alice", ALICE);
+        crate::common::add_user(&config, "bob", BOB);
+        let node = Node {
+            server: Server::start_with_config(dir, port, &text),
+            metrics,
+        };
+        if redis_url.is_some() {
+            wait_until("the node to reach redis", Duration::from_secs(10), || {
+                node.server.log().contains("redis answers, counters shared")
+            });
+        }
+        node
+    }
+
+    /// One AUTH PLAIN from `from` in a fresh session; the reply code.
+    fn auth(&self, from: &str, user: &str, pass: &str) -> u16 {
+        let mut c = self.server.client(from);
+        c.hello();
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
+        c.cmd(&format!("AUTH PLAIN {plain}")).code
+    }
+
+    /// `postern_cluster_redis_up`'s value, if shown.
+    fn redis_up(&self) -> Option<String> {
+        let (_, _, body) = http_get(self.metrics, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("postern_cluster_redis_up "))
+            .map(str::to_string)
+    }
+
+    /// Locks `from` (and `user`, when it is a known name) out: max_failures (3) wrong
+    /// passwords.
+    fn lock_out(&self, from: &str, user: &str) {
+        for _ in 0..3 {
+            assert_eq!(self.auth(from, user, "wrong"), 535);
+        }
+    }
+}
+
+#[test]
+fn a_lockout_earned_on_one_node_holds_on_the_other() {
+    let redis = RedisServer::start(None).unwrap();
+    let a = Node::start(Some(&redis.url()), "edge-a");
+    let b = Node::start(Some(&redis.url()), "edge-b");
+    let alone = Node::start(None, "alone");
+
+    a.lock_out(OUTSIDE, "alice");
+    // Node B refuses the address, even with the right password, and alice from any
+    // other untrusted address (her name is locked out too); bob elsewhere is fine.
+    assert_eq!(b.auth(OUTSIDE, "alice", ALICE), 454);
+    assert_eq!(b.auth(OUTSIDE, "bob", BOB), 454);
+    assert_eq!(b.auth("127.0.0.3", "alice", ALICE), 454);
+    assert_eq!(b.auth("127.0.0.3", "bob", BOB), 235);
+    // Trusted clients are never locked out.
+    assert_eq!(b.auth(INSIDE, "alice", ALICE), 235);
+    assert!(
+        b.server
+            .log()
+            .contains("client=127.0.0.2 user=alice scope=ip"),
+        "{}",
+        b.server.log()
+    );
+    // A node that counts alone knows nothing of it.
+    assert_eq!(alone.auth(OUTSIDE, "alice", ALICE), 235);
+    assert_eq!(alone.redis_up(), None);
+    assert_eq!(a.redis_up().as_deref(), Some("1"));
+}
+
+#[test]
+fn redis_hanging_while_mail_flows_means_local_counting_then_shared_again() {
+    let password = "s3cret-redis-pw";
+    let redis = RedisServer::start(Some(password)).unwrap();
+    let url = format!("redis://:{password}@127.0.0.1:{}/0", redis.port());
+    let a = Node::start(Some(&url), "edge-a");
+    let b = Node::start(Some(&url), "edge-b");
+    assert_eq!(a.redis_up().as_deref(), Some("1"));
+
+    redis.pause();
+    // Authenticated submissions keep flowing: each AUTH asks Redis first (the first one
+    // waits at most the timeout, the others not at all), and every message gets its 250.
+    for n in 0..3 {
+        let mut c = a.server.client(OUTSIDE);
+        c.hello();
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{ALICE}"));
+        assert_eq!(c.cmd(&format!("AUTH PLAIN {plain}")).code, 235);
+        let r = c.send_mail(
+            "alice@accepted.test",
+            &["someone@elsewhere.test"],
+            &crate::common::message(&format!("while-down-{n}")),
+        );
+        assert_eq!(r.code, 250, "{}", r.text());
+        c.expect("QUIT", 221);
+    }
+    wait_until("the down metric", Duration::from_secs(5), || {
+        a.redis_up().as_deref() == Some("0")
+    });
+    assert_eq!(
+        a.server.log().matches(DOWN_LINE).count(),
+        1,
+        "{}",
+        a.server.log()
+    );
+    // Counting goes on locally meanwhile.
+    a.lock_out("127.0.0.4", "nobody");
+    assert_eq!(a.auth("127.0.0.4", "bob", BOB), 454);
+
+    redis.resume();
+    for node in [&a, &b] {
+        wait_until("the up metric", Duration::from_secs(5), || {
+            node.redis_up().as_deref() == Some("1")
+        });
+    }
+    assert_eq!(
+        a.server.log().matches(UP_AGAIN_LINE).count(),
+        1,
+        "{}",
+        a.server.log()
+    );
+    assert_eq!(a.server.log().matches(DOWN_LINE).count(), 1);
+    // Shared again: a lockout earned on A now holds on B.
+    a.lock_out("127.0.0.5", "nobody");
+    assert_eq!(b.auth("127.0.0.5", "bob", BOB), 454);
+    // The password was in no log line.
+    assert!(!a.server.log().contains(password));
+    assert!(
+        a.server.log().contains(":***@127.0.0.1"),
+        "{}",
+        a.server.log()
+    );
+}
+
+#[test]
+fn check_config_hides_the_redis_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = node_config(
+        dir.path(),
+        free_port(),
+        free_port(),
+        "[cluster]\nredis = \"redis://postern:hunter2@127.0.0.1:6379/0\"\nnode = \"edge-1\"\n",
+    );
+    let config = dir.path().join("postern.toml");
+    std::fs::write(&config, text).unwrap();
+    let (code, out, err) = run_cli(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("cluster: node edge-1, AUTH lockouts and rate-limit counters shared through redis://postern:***@127.0.0.1:6379/0"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn reload_keeps_an_unchanged_client_and_replaces_a_changed_one() {
+    const SHARING: &str = "[cluster]: sharing AUTH lockouts";
+    let redis = RedisServer::start(None).unwrap();
+    let a = Node::start(Some(&redis.url()), "edge-a");
+    let reload = || {
+        let (code, out, err) = run_cli(&["reload", "--config", a.server.config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+        out + &err
+    };
+    reload();
+    assert_eq!(a.server.log().matches(SHARING).count(), 1);
+    assert_eq!(a.redis_up().as_deref(), Some("1"));
+
+    let text = std::fs::read_to_string(&a.server.config).unwrap();
+    std::fs::write(&a.server.config, text.replace("edge-a", "edge-renamed")).unwrap();
+    assert!(reload().contains("cluster"));
+    assert_eq!(a.server.log().matches(SHARING).count(), 2);
+    wait_until(
+        "the new client to reach redis",
+        Duration::from_secs(5),
+        || {
+            a.server
+                .log()
+                .matches("redis answers, counters shared")
+                .count()
+                == 2
+        },
+    );
+    a.lock_out(OUTSIDE, "nobody");
+    assert_eq!(
+        redis.cli(&["EXISTS", "postern:auth:lock:ip:127.0.0.2"]),
+        "1"
+    );
+
+    // Without [cluster] the node counts alone, and its metrics say nothing of Redis.
+    let text = std::fs::read_to_string(&a.server.config).unwrap();
+    let (before, _) = text.split_once("[cluster]").unwrap();
+    std::fs::write(&a.server.config, before).unwrap();
+    reload();
+    assert_eq!(a.redis_up(), None);
+}
