@@ -421,10 +421,11 @@ impl Server {
         self.metrics
             .add_listeners(config.listeners.iter().map(|l| l.address));
         let auth = p.auth.map(Arc::new);
-        let rate_limits = Arc::new(RateLimits::new(
+        let rate_limits = Arc::new(RateLimits::shared(
             &config.rate_limits,
             config.ipv6_prefix,
             Some(&self.rate_limits),
+            p.cluster.clone(),
         ));
         self.metrics
             .add_rate_limits(config.rate_limits.iter().map(|r| r.name.as_str()));

@@ -360,7 +360,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     user: req.authenticated.as_deref(),
                     sender: &req.sender,
                 };
-                let answer = match shared.rate_limits.take(Counted::Messages, &who) {
+                let answer = match shared.rate_limits.take(Counted::Messages, &who).await {
                     Err(over) => Err(rate_limited(shared, session.peer(), &req.sender, &over)),
                     Ok(hold) => {
                         let relayed = req.authenticated.is_some() || trusted;
@@ -402,7 +402,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         user: req.authenticated.as_deref(),
                         sender: &req.sender,
                     };
-                    match shared.rate_limits.take(Counted::Recipients, &who) {
+                    match shared.rate_limits.take(Counted::Recipients, &who).await {
                         Ok(hold) => recipient_hold = Some(hold),
                         Err(over) => {
                             let reply = rate_limited(shared, session.peer(), &req.sender, &over);

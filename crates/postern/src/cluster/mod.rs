@@ -65,6 +65,25 @@ pub enum WindowAdd {
     Over { count: u64 },
 }
 
+/// One counter of [`Cluster::window_take`].
+#[derive(Debug, Clone, Copy)]
+pub struct WindowCounter<'a> {
+    /// Without [`KEY_PREFIX`], e.g. `rl:roaming-users:m:bob`.
+    pub key: &'a str,
+    pub window: Duration,
+    pub limit: u64,
+    pub amount: u64,
+}
+
+/// The answer of [`Cluster::window_take`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Every amount was added; where, per counter in order.
+    Added(Vec<i64>),
+    /// Counter `index` (0-based) would exceed its limit, at `count`; nothing was added.
+    Over { index: usize, count: u64 },
+}
+
 /// The Lua scripts, each loaded once per connection by its hash (EVALSHA; the client
 /// sends the script itself on NOSCRIPT).
 struct Scripts {
@@ -99,6 +118,17 @@ pub struct Cluster {
     /// Unique failure marks across nodes: a random prefix and a counter.
     nonce_prefix: u64,
     nonce: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    /// The redacted URL and the state: never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("redis", &self.shown)
+            .field("node", &self.config.node)
+            .field("up", &self.is_up())
+            .finish()
+    }
 }
 
 impl Cluster {
@@ -177,14 +207,8 @@ impl Cluster {
     /// e.g. `rl:roaming-users:user:bob`; stored under [`KEY_PREFIX`]). When the window's
     /// count plus `amount` is at most `limit` it is added and `Added { bucket }` says
     /// where (for a refund); otherwise nothing is added and `Over { count }`. `None`:
-    /// Redis is down, slow or failed (the caller counts locally).
-    ///
-    /// The window is [`BUCKETS`] buckets of `window / 16` (in microseconds, at least 1)
-    /// by Redis's clock; bucket `n = floor(now_us / width)`, and the count is the sum of
-    /// buckets `n - 16 ..= n`, which cover at least the whole window: no span of
-    /// `window` ever holds more than `limit`, and counting errs towards refusing for at
-    /// most one bucket width. One round trip, atomic (a Lua script); the key expires by
-    /// itself `window + width` after its last add.
+    /// Redis is down, slow or failed (the caller counts locally). One counter of
+    /// [`Cluster::window_take`].
     pub async fn window_add(
         &self,
         key: &str,
@@ -192,33 +216,85 @@ impl Cluster {
         limit: u64,
         amount: u64,
     ) -> Option<WindowAdd> {
-        let (width, expire_ms) = window_math(window);
-        let key = format!("{KEY_PREFIX}{key}");
+        let one = [WindowCounter {
+            key,
+            window,
+            limit,
+            amount,
+        }];
+        Some(match self.window_take(&one).await? {
+            Taken::Added(buckets) => WindowAdd::Added {
+                bucket: *buckets.first()?,
+            },
+            Taken::Over { count, .. } => WindowAdd::Over { count },
+        })
+    }
+
+    /// Check-and-add to several sliding-window counters at once, all or none (the
+    /// `[[rate_limit]]`s of one MAIL or RCPT: one round trip, however many limits apply).
+    /// Each counter is as in [`Cluster::window_add`]. `Added(buckets)`: every amount was
+    /// added, `buckets[i]` is where counter `i`'s went; `Over { index, count }`: counter
+    /// `index`, the first in order whose count plus amount is over its limit, holds
+    /// `count`, and nothing was added anywhere. `None`: Redis is down, slow or failed.
+    ///
+    /// The window is [`BUCKETS`] buckets of `window / 16` (in microseconds, at least 1)
+    /// by Redis's clock; bucket `n = floor(now_us / width)`, and the count is the sum of
+    /// buckets `n - 16 ..= n`, which cover at least the whole window: no span of
+    /// `window` ever holds more than `limit`, and counting errs towards refusing for at
+    /// most one bucket width. Atomic (a Lua script); each key expires by itself `window +
+    /// width` after its last add.
+    pub async fn window_take(&self, counters: &[WindowCounter<'_>]) -> Option<Taken> {
+        if counters.is_empty() {
+            return Some(Taken::Added(Vec::new()));
+        }
         let mut con = self.manager.clone();
-        let mut invocation = self.scripts.window_add.key(key);
-        invocation.arg(width).arg(limit).arg(amount).arg(expire_ms);
+        let mut invocation = self.scripts.window_add.prepare_invoke();
+        for c in counters {
+            let (width, expire_ms) = window_math(c.window);
+            invocation
+                .key(format!("{KEY_PREFIX}{}", c.key))
+                .arg(width)
+                .arg(c.limit)
+                .arg(c.amount)
+                .arg(expire_ms);
+        }
         let reply: Value = self
-            .call("window_add", invocation.invoke_async(&mut con))
+            .call("window_take", invocation.invoke_async(&mut con))
             .await?;
         match ints(&reply).as_deref() {
-            Some([1, bucket]) => Some(WindowAdd::Added { bucket: *bucket }),
-            Some([0, count]) => Some(WindowAdd::Over {
-                count: u64::try_from(*count).unwrap_or(0),
-            }),
-            _ => self.odd_reply("window_add", &reply),
+            Some([1, buckets @ ..]) if buckets.len() == counters.len() => {
+                Some(Taken::Added(buckets.to_vec()))
+            }
+            Some([0, index, count]) if (1..=counters.len() as i64).contains(index) => {
+                Some(Taken::Over {
+                    index: usize::try_from(*index - 1).unwrap_or(0),
+                    count: u64::try_from(*count).unwrap_or(0),
+                })
+            }
+            _ => self.odd_reply("window_take", &reply),
         }
     }
 
     /// Takes back `amount` added to `bucket` of `key` earlier (a transaction that did not
     /// reach 250). Best effort and bounded like every call; never below zero.
-    pub async fn window_refund(&self, key: &str, window: Duration, bucket: i64, amount: u64) {
-        // The window is not needed to find the bucket; it is part of the contract so that
-        // a later version may check the bucket is still inside it.
-        let _ = window;
-        let key = format!("{KEY_PREFIX}{key}");
+    pub async fn window_refund(&self, key: &str, bucket: i64, amount: u64) {
+        self.window_give_back(&[(key, bucket, amount)]).await;
+    }
+
+    /// [`Cluster::window_refund`] for several counters in one round trip: each
+    /// `(key, bucket, amount)`.
+    pub async fn window_give_back(&self, given: &[(&str, i64, u64)]) {
+        if given.is_empty() {
+            return;
+        }
         let mut con = self.manager.clone();
-        let mut invocation = self.scripts.window_refund.key(key);
-        invocation.arg(bucket).arg(amount);
+        let mut invocation = self.scripts.window_refund.prepare_invoke();
+        for (key, bucket, amount) in given {
+            invocation
+                .key(format!("{KEY_PREFIX}{key}"))
+                .arg(*bucket)
+                .arg(*amount);
+        }
         let _: Option<Value> = self
             .call("window_refund", invocation.invoke_async(&mut con))
             .await;

@@ -117,8 +117,7 @@ async fn window_adds_up_to_the_limit_refuses_beyond_and_refunds() {
         Some(WindowAdd::Over { count: 0 })
     );
     // A refund makes room for exactly what it took back.
-    c.window_refund("rl:test:user:bob", hour, buckets[0], 1)
-        .await;
+    c.window_refund("rl:test:user:bob", buckets[0], 1).await;
     assert!(matches!(
         c.window_add("rl:test:user:bob", hour, 3, 1).await,
         Some(WindowAdd::Added { .. })
@@ -135,14 +134,49 @@ async fn window_adds_up_to_the_limit_refuses_beyond_and_refunds() {
     assert!(pttl > 3_600_000 && pttl <= 3_825_000, "{pttl}");
     // Never below zero: refunding more than was added removes the bucket.
     for b in &buckets {
-        c.window_refund("rl:test:user:bob", hour, *b, 100).await;
+        c.window_refund("rl:test:user:bob", *b, 100).await;
     }
-    c.window_refund("rl:test:user:bob", hour, 12345, 1).await;
+    c.window_refund("rl:test:user:bob", 12345, 1).await;
     let fields = redis.cli(&["HGETALL", "postern:rl:test:user:bob"]);
     assert!(!fields.contains('-'), "{fields}");
     // Emptied, the hash is gone.
     assert_eq!(redis.cli(&["EXISTS", "postern:rl:test:user:bob"]), "0");
     assert!(c.is_up());
+}
+
+#[tokio::test]
+async fn window_take_adds_to_every_counter_or_to_none() {
+    let redis = RedisServer::start(None).unwrap();
+    let c = up(&redis.url()).await;
+    let counter = |key, limit| WindowCounter {
+        key,
+        window: Duration::from_secs(60),
+        limit,
+        amount: 1,
+    };
+    let both = [counter("rl:a", 5), counter("rl:b", 1)];
+    let Some(Taken::Added(buckets)) = c.window_take(&both).await else {
+        panic!("first take refused");
+    };
+    assert_eq!(buckets.len(), 2);
+    // rl:b is full: nothing is added to rl:a either, and the answer names rl:b.
+    assert_eq!(
+        c.window_take(&both).await,
+        Some(Taken::Over { index: 1, count: 1 })
+    );
+    let sum = |key| -> u64 {
+        redis
+            .cli(&["HVALS", key])
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!((sum("postern:rl:a"), sum("postern:rl:b")), (1, 1));
+    // Both given back in one call.
+    c.window_give_back(&[("rl:a", buckets[0], 1), ("rl:b", buckets[1], 1)])
+        .await;
+    assert_eq!(redis.cli(&["EXISTS", "postern:rl:a", "postern:rl:b"]), "0");
+    assert_eq!(c.window_take(&[]).await, Some(Taken::Added(Vec::new())));
 }
 
 #[tokio::test]

@@ -1,14 +1,18 @@
--- Takes back an amount added to one bucket earlier (cluster/mod.rs, Cluster::window_refund).
--- KEYS[1]: the hash of buckets; ARGV[1]: the bucket; ARGV[2]: the amount.
--- Never below zero; a bucket at zero is removed. Returns 1 if the bucket was there.
-local c = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
-if c == nil then
-  return 0
+-- Takes back amounts added to buckets earlier (cluster/mod.rs, Cluster::window_give_back).
+-- KEYS[i]: the hash of buckets of counter i; ARGV[2i-1]: its bucket; ARGV[2i]: the amount.
+-- Never below zero; a bucket at zero is removed. Returns how many buckets were there.
+local found = 0
+for i = 1, #KEYS do
+  local field = ARGV[2 * i - 1]
+  local c = tonumber(redis.call('HGET', KEYS[i], field))
+  if c ~= nil then
+    found = found + 1
+    local amount = tonumber(ARGV[2 * i])
+    if c <= amount then
+      redis.call('HDEL', KEYS[i], field)
+    else
+      redis.call('HINCRBY', KEYS[i], field, -amount)
+    end
+  end
 end
-local amount = tonumber(ARGV[2])
-if c <= amount then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-else
-  redis.call('HINCRBY', KEYS[1], ARGV[1], -amount)
-end
-return 1
+return found

@@ -22,6 +22,13 @@
 //! address, the local part in lower case and the domain in A-label form (changing case
 //! or script buys no fresh count); `sender_domain`: that domain; the null sender is the
 //! key `<>` of both.
+//!
+//! **Shared.** With `[cluster]` and Redis up, the counts that decide are Redis's
+//! (`crate::cluster`, the same window arithmetic on Redis's clock): all the limits of one
+//! MAIL or RCPT are taken in one atomic round trip, all or none, and given back in one.
+//! The local tables record what Redis allowed as well, so when Redis goes away (down, or
+//! slower than `[cluster] timeout`) this node goes on counting from what it has seen
+//! itself: then each node allows up to the limit on its own.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +38,7 @@ use postern_smtp::{Domain, ReversePath};
 
 use super::client_block;
 use super::window::{Bucket, DEFAULT_CAPACITY, Table};
+use crate::cluster::{Cluster, Taken as SharedTaken, WindowCounter};
 use crate::config::{RateClients, RateKey, RateLimit};
 
 /// Who is sending, as far as rate limits are concerned.
@@ -136,6 +144,15 @@ fn domain_key(d: &Domain) -> String {
 #[must_use = "dropping a hold gives back what it took"]
 pub struct Hold {
     taken: Vec<Taken>,
+    /// What Redis counted.
+    shared: Option<SharedHold>,
+}
+
+/// The Redis part of a hold: the client, and each counter's key and bucket.
+#[derive(Debug)]
+struct SharedHold {
+    cluster: Arc<Cluster>,
+    counted: Vec<(String, i64)>,
 }
 
 #[derive(Debug)]
@@ -150,6 +167,7 @@ impl Hold {
     /// What was taken stays counted (the message got its 250).
     pub fn keep(mut self) {
         self.taken.clear();
+        self.shared = None;
     }
 
     /// Nothing was taken (no limit applied).
@@ -164,14 +182,26 @@ impl Drop for Hold {
             let mut table = t.table.lock().unwrap_or_else(|p| p.into_inner());
             table.refund(&(t.counted, t.key.as_str()), t.bucket, 1);
         }
+        // Redis is given its part back off the session's path (bounded like every call).
+        if let Some(SharedHold { cluster, counted }) = self.shared.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let given: Vec<(&str, i64, u64)> =
+                    counted.iter().map(|(k, b)| (k.as_str(), *b, 1)).collect();
+                cluster.window_give_back(&given).await;
+            });
+        }
     }
 }
 
 /// Every `[[rate_limit]]` of a configuration.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RateLimits {
     limits: Vec<Limit>,
     ipv6_prefix: u8,
+    /// `[cluster]`: the counts are Redis's while it answers.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// The clock: tokio's, so that tests with paused time control it too.
@@ -183,6 +213,16 @@ impl RateLimits {
     /// The limits of a configuration; with `previous` (a reload) a limit whose name,
     /// clients, key and window are unchanged keeps what it has counted.
     pub fn new(limits: &[RateLimit], ipv6_prefix: u8, previous: Option<&RateLimits>) -> Self {
+        RateLimits::shared(limits, ipv6_prefix, previous, None)
+    }
+
+    /// [`RateLimits::new`], counting in Redis through `cluster` while it answers.
+    pub fn shared(
+        limits: &[RateLimit],
+        ipv6_prefix: u8,
+        previous: Option<&RateLimits>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
         let limits = limits
             .iter()
             .map(|config| {
@@ -211,6 +251,7 @@ impl RateLimits {
         RateLimits {
             limits,
             ipv6_prefix,
+            cluster,
         }
     }
 
@@ -220,20 +261,52 @@ impl RateLimits {
 
     /// Takes one message (at MAIL) or one recipient (at an accepted RCPT) from every
     /// limit that applies to `who`; on the first that would exceed, gives back what the
-    /// others took and says which.
-    pub fn take(&self, counted: Counted, who: &Who<'_>) -> Result<Hold, Exceeded> {
+    /// others took and says which. With `[cluster]` up, Redis decides (one round trip,
+    /// at most `[cluster] timeout`); otherwise, or when it does not answer, this node.
+    pub async fn take(&self, counted: Counted, who: &Who<'_>) -> Result<Hold, Exceeded> {
+        let wanted: Vec<(&Limit, String, u64)> = self
+            .limits
+            .iter()
+            .filter(|l| l.applies(who))
+            .filter_map(|l| Some((l, l.key(who, self.ipv6_prefix)?, l.max(counted)?)))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Hold::default());
+        }
+        if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_up()) {
+            let keys: Vec<String> = wanted
+                .iter()
+                .map(|(l, key, _)| shared_key(l, counted, key))
+                .collect();
+            let counters: Vec<WindowCounter<'_>> = wanted
+                .iter()
+                .zip(&keys)
+                .map(|((l, _, max), key)| WindowCounter {
+                    key,
+                    window: l.config.window,
+                    limit: *max,
+                    amount: 1,
+                })
+                .collect();
+            match cluster.window_take(&counters).await {
+                Some(SharedTaken::Added(buckets)) => {
+                    let mut hold = self.record(counted, &wanted);
+                    hold.shared = Some(SharedHold {
+                        cluster: Arc::clone(cluster),
+                        counted: keys.into_iter().zip(buckets).collect(),
+                    });
+                    return Ok(hold);
+                }
+                Some(SharedTaken::Over { index, .. }) => {
+                    let (l, key, max) = &wanted[index.min(wanted.len() - 1)];
+                    return Err(exceeded(l, key, counted, *max));
+                }
+                None => {} // down or slow: this node counts
+            }
+        }
         let mut hold = Hold::default();
         let now = now();
-        for limit in &self.limits {
-            let Some(max) = limit.max(counted) else {
-                continue;
-            };
-            if !limit.applies(who) {
-                continue;
-            }
-            let Some(key) = limit.key(who, self.ipv6_prefix) else {
-                continue;
-            };
+        for (limit, key, max) in wanted {
             match limit.table().add(&(counted, key.as_str()), max, 1, now) {
                 Ok(bucket) => hold.taken.push(Taken {
                     table: Arc::clone(&limit.table),
@@ -241,18 +314,28 @@ impl RateLimits {
                     key,
                     bucket,
                 }),
-                Err(_) => {
-                    return Err(Exceeded {
-                        limit: limit.config.name.clone(),
-                        key,
-                        counted,
-                        max,
-                        window: limit.config.window,
-                    });
-                }
+                Err(_) => return Err(exceeded(limit, &key, counted, max)),
             }
         }
         Ok(hold)
+    }
+
+    /// Records in the local tables what Redis allowed.
+    fn record(&self, counted: Counted, wanted: &[(&Limit, String, u64)]) -> Hold {
+        let now = now();
+        let taken = wanted
+            .iter()
+            .map(|(limit, key, _)| Taken {
+                table: Arc::clone(&limit.table),
+                counted,
+                bucket: limit.table().record(&(counted, key.as_str()), 1, now),
+                key: key.clone(),
+            })
+            .collect();
+        Hold {
+            taken,
+            shared: None,
+        }
     }
 
     /// The limits that would count `who`, for `postern check-policy`: name and key.
@@ -262,6 +345,32 @@ impl RateLimits {
             .filter(|l| l.applies(who))
             .filter_map(|l| Some((l.config.name.as_str(), l.key(who, self.ipv6_prefix)?)))
             .collect()
+    }
+}
+
+/// The Redis key of a limit's counter: the limit's name, what it counts, its key kind
+/// and window (a changed window is a new counter, as it is locally), then the key.
+fn shared_key(limit: &Limit, counted: Counted, key: &str) -> String {
+    let c = &limit.config;
+    format!(
+        "rl:{}:{}:{}:{}:{key}",
+        c.name,
+        match counted {
+            Counted::Messages => "m",
+            Counted::Recipients => "r",
+        },
+        c.per.as_str(),
+        crate::config::format_duration(c.window),
+    )
+}
+
+fn exceeded(limit: &Limit, key: &str, counted: Counted, max: u64) -> Exceeded {
+    Exceeded {
+        limit: limit.config.name.clone(),
+        key: key.to_string(),
+        counted,
+        max,
+        window: limit.config.window,
     }
 }
 
@@ -302,20 +411,32 @@ mod tests {
         );
         let from = sender("bob@example.com");
         let bob = who("192.0.2.1", Some("bob"), &from);
-        limits.take(Counted::Messages, &bob).unwrap().keep();
-        let held = limits.take(Counted::Messages, &bob).unwrap();
-        let over = limits.take(Counted::Messages, &bob).unwrap_err();
+        limits.take(Counted::Messages, &bob).await.unwrap().keep();
+        let held = limits.take(Counted::Messages, &bob).await.unwrap();
+        let over = limits.take(Counted::Messages, &bob).await.unwrap_err();
         assert_eq!((over.limit.as_str(), over.key.as_str()), ("users", "bob"));
         drop(held); // that message never got its 250
-        limits.take(Counted::Messages, &bob).unwrap().keep();
-        limits.take(Counted::Messages, &bob).unwrap_err();
+        limits.take(Counted::Messages, &bob).await.unwrap().keep();
+        limits.take(Counted::Messages, &bob).await.unwrap_err();
         // Another user, and a client that did not authenticate, are not bob.
         let alice = who("192.0.2.1", Some("alice"), &from);
-        limits.take(Counted::Messages, &alice).unwrap().keep();
+        limits.take(Counted::Messages, &alice).await.unwrap().keep();
         let anon = who("192.0.2.1", None, &from);
-        assert!(limits.take(Counted::Messages, &anon).unwrap().is_empty());
+        assert!(
+            limits
+                .take(Counted::Messages, &anon)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // The limit counts messages only.
-        assert!(limits.take(Counted::Recipients, &bob).unwrap().is_empty());
+        assert!(
+            limits
+                .take(Counted::Recipients, &bob)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -333,10 +454,12 @@ mod tests {
         let ip = "192.0.2.1";
         limits
             .take(Counted::Messages, &who(ip, None, &bob))
+            .await
             .unwrap()
             .keep();
         let over = limits
             .take(Counted::Messages, &who(ip, None, &bob_again))
+            .await
             .unwrap_err();
         assert_eq!(
             (over.limit.as_str(), over.key.as_str()),
@@ -345,10 +468,12 @@ mod tests {
         // The address limit took nothing for that refused message: carol still fits.
         limits
             .take(Counted::Messages, &who(ip, None, &carol))
+            .await
             .unwrap()
             .keep();
         let over = limits
             .take(Counted::Messages, &who(ip, None, &dave))
+            .await
             .unwrap_err();
         assert_eq!(over.limit, "ip");
     }
@@ -366,19 +491,23 @@ mod tests {
         let null = ReversePath::Null;
         limits
             .take(Counted::Messages, &who("2001:db8::1", None, &null))
+            .await
             .unwrap()
             .keep();
         let over = limits
             .take(Counted::Messages, &who("2001:db8::2", None, &null))
+            .await
             .unwrap_err();
         assert_eq!(over.key, "2001:db8::");
         limits
             .take(Counted::Messages, &who("10.0.0.1", None, &null))
+            .await
             .unwrap()
             .keep();
         assert_eq!(
             limits
                 .take(Counted::Messages, &who("10.0.0.2", None, &null))
+                .await
                 .unwrap_err()
                 .key,
             "<>"
@@ -394,12 +523,12 @@ mod tests {
         let first = RateLimits::new(&config, 64, None);
         let from = sender("bob@example.com");
         let bob = who("192.0.2.1", Some("bob"), &from);
-        first.take(Counted::Messages, &bob).unwrap().keep();
+        first.take(Counted::Messages, &bob).await.unwrap().keep();
         config[0].messages = Some(1);
         let second = RateLimits::new(&config, 64, Some(&first));
-        second.take(Counted::Messages, &bob).unwrap_err();
+        second.take(Counted::Messages, &bob).await.unwrap_err();
         config[0].window = Duration::from_secs(30);
         let third = RateLimits::new(&config, 64, Some(&second));
-        third.take(Counted::Messages, &bob).unwrap().keep();
+        third.take(Counted::Messages, &bob).await.unwrap().keep();
     }
 }

@@ -5,6 +5,8 @@
 //! - Redis hanging (SIGSTOP) while mail flows: every message is accepted, the node logs
 //!   one "unreachable" line and shows `postern_cluster_redis_up 0`; after SIGCONT it
 //!   says so once, shows 1, and lockouts are shared again;
+//! - a `[[rate_limit]]` counts the messages of both nodes together, its keys expire on
+//!   their own, and with Redis hanging each node counts alone;
 //! - the Redis password is never printed (check-config, the log).
 //!
 //! AUTH runs on a plain-text listener (`allow_plaintext_auth`), as in hardening_auth.rs.
@@ -66,11 +68,16 @@ impl Node {
     /// A node on `redis_url` named `name`, or a node without `[cluster]` when `None`.
     /// Waits until it has reached Redis, so the test starts with shared counters.
     fn start(redis_url: Option<&str>, name: &str) -> Node {
+        Node::start_with(redis_url, name, "")
+    }
+
+    /// [`Node::start`] with `extra` (`[[rate_limit]]`s) in the configuration.
+    fn start_with(redis_url: Option<&str>, name: &str, extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let (port, metrics) = (free_port(), free_port());
         let cluster = match redis_url {
-            Some(url) => format!("[cluster]\nredis = \"{url}\"\nnode = \"{name}\"\n"),
-            None => String::new(),
+            Some(url) => format!("[cluster]\nredis = \"{url}\"\nnode = \"{name}\"\n{extra}"),
+            None => extra.to_string(),
         };
         let text = node_config(dir.path(), port, metrics, &cluster);
         let config = dir.path().join("postern.toml");
@@ -204,6 +211,89 @@ fn redis_hanging_while_mail_flows_means_local_counting_then_shared_again() {
         "{}",
         a.server.log()
     );
+}
+
+/// One authenticated message from `from` as alice; the reply to MAIL if it was not 250,
+/// else to the dot.
+fn alice_sends(node: &Node, from: &str) -> u16 {
+    let mut c = node.server.client(from);
+    c.hello();
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{ALICE}"));
+    c.expect(&format!("AUTH PLAIN {plain}"), 235);
+    let r = c.cmd("MAIL FROM:<alice@accepted.test>");
+    if r.code != 250 {
+        return r.code;
+    }
+    c.expect("RCPT TO:<someone@elsewhere.test>", 250);
+    c.data(&crate::common::message("limited")).code
+}
+
+const ALICE_LIMIT: &str = r#"
+[[rate_limit]]
+name = "roaming"
+clients = "authenticated"
+per = "user"
+messages = 3
+window = "1m"
+"#;
+
+#[test]
+fn a_rate_limit_counts_the_messages_of_every_node_together() {
+    let redis = RedisServer::start(None).unwrap();
+    let a = Node::start_with(Some(&redis.url()), "edge-a", ALICE_LIMIT);
+    let b = Node::start_with(Some(&redis.url()), "edge-b", ALICE_LIMIT);
+    let alone = Node::start_with(None, "alone", ALICE_LIMIT);
+    assert_eq!(alice_sends(&a, OUTSIDE), 250);
+    assert_eq!(alice_sends(&b, "127.0.0.3"), 250);
+    // A message refused at its end (too many hops) is given back on Redis too.
+    let mut c = a.server.client(OUTSIDE);
+    c.hello();
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{ALICE}"));
+    c.expect(&format!("AUTH PLAIN {plain}"), 235);
+    c.expect("MAIL FROM:<alice@accepted.test>", 250);
+    c.expect("RCPT TO:<someone@elsewhere.test>", 250);
+    let looped = "Received: x\r\n".repeat(120) + &crate::common::message("loop");
+    assert_eq!(c.data(&looped).code, 554);
+    // Given back off the session's path: wait until Redis holds 2 again.
+    let key = "postern:rl:roaming:m:user:1m:alice";
+    wait_until("the refund", Duration::from_secs(5), || {
+        let fields = redis.cli(&["hvals", key]);
+        fields
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum::<u64>()
+            == 2
+    });
+    assert_eq!(alice_sends(&b, OUTSIDE), 250);
+    // Three in the window, across both nodes: the fourth is refused on either.
+    assert_eq!(alice_sends(&a, OUTSIDE), 451);
+    assert_eq!(alice_sends(&b, "127.0.0.4"), 451);
+    assert!(
+        b.server.log().contains("limit=roaming"),
+        "{}",
+        b.server.log()
+    );
+    // The key expires by itself: within the window plus one bucket (60 s + 3.75 s).
+    let ttl: i64 = redis.cli(&["pttl", key]).trim().parse().unwrap();
+    assert!(ttl > 50_000 && ttl <= 63_750, "pttl {ttl}");
+    // A node that counts alone has its own three.
+    for _ in 0..3 {
+        assert_eq!(alice_sends(&alone, OUTSIDE), 250);
+    }
+    assert_eq!(alice_sends(&alone, OUTSIDE), 451);
+
+    // Redis hanging: each node counts what it has seen itself (A saw one message kept,
+    // so it allows two more), and mail never waits on Redis beyond the bound.
+    redis.pause();
+    assert_eq!(alice_sends(&a, OUTSIDE), 250);
+    assert_eq!(alice_sends(&a, OUTSIDE), 250);
+    assert_eq!(alice_sends(&a, OUTSIDE), 451);
+    redis.resume();
+    wait_until("the up metric", Duration::from_secs(5), || {
+        a.redis_up().as_deref() == Some("1")
+    });
+    // Shared again: Redis still holds the three of before the pause.
+    assert_eq!(alice_sends(&a, OUTSIDE), 451);
 }
 
 #[test]
