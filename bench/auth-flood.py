@@ -17,6 +17,8 @@ moves to the other node after every connection, and every attacker's guess numbe
 MAX_FAILURES + 1 is the right password: without shared counting a node that has not
 seen that attacker would still let it guess. A legitimate user (bob, right password)
 logs in on alternate nodes every 50 ms meanwhile; its AUTH latency is reported as well.
+SHARED=0 with NODES=2: the same two nodes without [cluster] (each counts alone), the
+control run.
 
 Usage: [NODES=1|2] bench/auth-flood.py [ATTACKERS=100] [DURATION=20] [MAX_FAILURES=5]
 """
@@ -28,6 +30,7 @@ MAX_FAILURES = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("BIN", os.path.join(ROOT, "target/release/postern"))
 NODES = int(os.environ.get("NODES", "1"))
+SHARED = os.environ.get("SHARED", "1") != "0"
 
 
 def free_port():
@@ -110,7 +113,7 @@ def main():
     open(users, "w").close()
     redis = None
     cluster = ""
-    if NODES > 1:
+    if NODES > 1 and SHARED:
         redis, rport = start_redis(tmp)
         cluster = f'[cluster]\nredis = "redis://127.0.0.1:{rport}/0"\n'
     nodes = [start_node(tmp, f"node{i}", users, cluster) for i in range(NODES)]
@@ -207,7 +210,7 @@ def main():
         redis.terminate()
         redis.wait()
     total = sum(v for k, v in counts.items() if isinstance(k, int))
-    print(f"nodes={NODES} attackers={ATTACKERS} max_failures={MAX_FAILURES} "
+    print(f"nodes={NODES} shared={int(NODES > 1 and SHARED)} attackers={ATTACKERS} max_failures={MAX_FAILURES} "
           f"seconds={elapsed:.1f} auth_answers_per_s={total / elapsed:.0f} "
           f"successes={counts.get(235, 0)} "
           + " ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=str)))
