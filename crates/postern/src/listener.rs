@@ -21,7 +21,9 @@
 //! or banner, so a flood costs an accept and one write. Only connections that got a
 //! session count. Clients in `trusted_networks` are exempt, as Postfix exempts
 //! `$mynetworks` from its anvil limits (`smtpd_client_event_limit_exceptions`): the
-//! internal servers a relay exists for make many connections.
+//! internal servers a relay exists for make many connections. So are a load balancer's
+//! own connections on a `proxy_protocol` listener (v2 LOCAL, v1 UNKNOWN: its health
+//! checks, which would otherwise mark the node dead).
 
 use std::collections::HashMap;
 use std::io;
@@ -271,7 +273,7 @@ pub async fn run(
         let (settings, shared) = (&now.settings, &now.shared);
         let Some(proxy_from) = &now.limits.proxy_from else {
             start(
-                stream, peer, local, &limits, settings, shared, &shutdown, &tracker,
+                stream, peer, local, false, &limits, settings, shared, &shutdown, &tracker,
             );
             continue;
         };
@@ -312,12 +314,22 @@ pub async fn run(
             match header {
                 Ok(header) => {
                     // v2 LOCAL and UNKNOWN/UNSPEC: the peer's own address (spec 2.1, 2.2).
-                    let client = header
-                        .source()
-                        .map_or(peer, |s| SocketAddr::new(s.ip().to_canonical(), s.port()));
+                    let source = header.source();
+                    let client =
+                        source.map_or(peer, |s| SocketAddr::new(s.ip().to_canonical(), s.port()));
                     maillog::proxied(local, peer, client, &describe(&header));
+                    // The load balancer's own connections (its health checks) are not
+                    // a client's: `connection_rate` does not count them.
                     start(
-                        stream, client, local, &limits, &settings, &shared, &shutdown, &inner,
+                        stream,
+                        client,
+                        local,
+                        source.is_none(),
+                        &limits,
+                        &settings,
+                        &shared,
+                        &shutdown,
+                        &inner,
                     );
                 }
                 Err(why) => {
@@ -330,18 +342,22 @@ pub async fn run(
 }
 
 /// Takes a connection slot for `client` and runs its session, or refuses it.
+/// `health_check`: a proxy's own connection (v2 LOCAL, v1 UNKNOWN), exempt from
+/// `connection_rate` as trusted clients are.
 #[allow(clippy::too_many_arguments)]
 fn start(
     stream: TcpStream,
     client: SocketAddr,
     local: SocketAddr,
+    health_check: bool,
     limits: &Arc<ConnectionLimits>,
     settings: &Arc<Settings>,
     shared: &Arc<Shared>,
     shutdown: &watch::Receiver<bool>,
     tracker: &TaskTracker,
 ) {
-    match limits.acquire(client.ip(), shared.policy.is_trusted(client.ip())) {
+    let exempt = health_check || shared.policy.is_trusted(client.ip());
+    match limits.acquire(client.ip(), exempt) {
         Ok(slot) => {
             maillog::connected(local, client);
             let open = shared.metrics.connection_opened(local);

@@ -454,6 +454,12 @@ impl Server {
             cluster: p.cluster.clone(),
         });
         self.rate_limits = rate_limits;
+        // A client the reload replaced or removed leaves the gauge and the log alone.
+        if let Some(old) = &self.cluster
+            && !p.cluster.as_ref().is_some_and(|new| Arc::ptr_eq(new, old))
+        {
+            old.retire();
+        }
         if p.cluster.is_none() {
             self.metrics.cluster_off();
         }

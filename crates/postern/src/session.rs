@@ -27,7 +27,7 @@ use crate::maillog;
 use crate::metrics::{Metrics, Rejection};
 use crate::milter::{self, Chain};
 use crate::policy::dnsbl::Dnsbl;
-use crate::policy::rate::{Counted, Exceeded, Hold, RateLimits, Who};
+use crate::policy::rate::{Counted, Exceeded, Hold, RateLimits, RecipientHolds, Who};
 use crate::policy::{Client, Decision, Facts, RelayPolicy, Rule};
 use crate::tls::ServerTls;
 use std::sync::Arc;
@@ -290,6 +290,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     // The message the transaction in progress took from the rate limits at MAIL: kept
     // at its 250, given back (dropped) otherwise.
     let mut message_hold: Option<Hold> = None;
+    // The recipients it took at their RCPT 250.
+    let mut recipient_holds = RecipientHolds::default();
     loop {
         let event = session.poll();
         shared.metrics.core_refusals(session.take_refusals());
@@ -312,6 +314,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if !session.in_transaction() {
                     milters.reset().await;
                     message_hold = None;
+                    recipient_holds.settle();
                 }
                 let mut wait = timeout;
                 if session.in_message() {
@@ -352,6 +355,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // A new MAIL: whatever an earlier transaction held is over (an RSET in
                 // the same pipelined batch comes here without a NeedInput).
                 message_hold = None;
+                recipient_holds.settle();
                 let ip = session.peer().ip();
                 let trusted = shared.policy.is_trusted(ip);
                 let who = Who {
@@ -434,7 +438,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if answer.is_ok()
                     && let Some(hold) = recipient_hold
                 {
-                    hold.keep();
+                    recipient_holds.push(hold);
                 }
                 session.answer_recipient(answer);
             }
@@ -473,6 +477,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     && let Some(hold) = hold
                 {
                     hold.keep();
+                }
+                if reply.is_transient() {
+                    recipient_holds.give_back();
+                } else {
+                    recipient_holds.settle();
                 }
                 session.answer_message(reply);
             }

@@ -202,11 +202,22 @@ impl Authenticator {
     ) -> Result<String, Reply> {
         let name = request.username.as_str();
         let mut locked = self.limiter().check(client, name, trusted, now());
+        // One AUTH waits on Redis at most `[cluster] timeout` in all, its check and its
+        // settling together.
+        let mut redis_left = self
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.timeout());
         if locked.is_none()
             && !trusted
             && let Some(c) = &self.cluster
         {
-            locked = c.auth_check(client, name, &self.settings).await.flatten();
+            let asked = Instant::now();
+            locked = c
+                .auth_check(client, name, &self.settings, redis_left)
+                .await
+                .flatten();
+            redis_left = redis_left.saturating_sub(asked.elapsed());
         }
         if let Some(lock) = locked {
             log_refused(client, name, lock);
@@ -224,7 +235,7 @@ impl Authenticator {
             },
         };
 
-        let outcome = match self.settle(client, name, trusted, check).await {
+        let outcome = match self.settle(client, name, trusted, check, redis_left).await {
             Settled::Refused(lock) => {
                 log_refused(client, name, lock);
                 return Err(catalogue::auth_temporarily_refused());
@@ -254,12 +265,27 @@ impl Authenticator {
     /// in Redis (whose script checks and records in one atomic step, so a burst spread
     /// over several nodes cannot get past it either). Redis is asked first and the local
     /// limiter's lock is only taken after it answered: no lock is held across an await.
-    async fn settle(&self, client: IpAddr, name: &str, trusted: bool, check: Check) -> Settled {
+    /// `redis_left`: what the attempt may still wait on Redis.
+    async fn settle(
+        &self,
+        client: IpAddr,
+        name: &str,
+        trusted: bool,
+        check: Check,
+        redis_left: Duration,
+    ) -> Settled {
         let ok = check == Check::Ok;
         let shared = match &self.cluster {
             Some(c) if !trusted => {
-                c.auth_settle(client, name, check.known_user(), ok, &self.settings)
-                    .await
+                c.auth_settle(
+                    client,
+                    name,
+                    check.known_user(),
+                    ok,
+                    &self.settings,
+                    redis_left,
+                )
+                .await
             }
             _ => None,
         };

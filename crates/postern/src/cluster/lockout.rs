@@ -12,6 +12,7 @@
 //! a checked attempt one Lua script (`auth_settle.lua`).
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use redis::Value;
 
@@ -63,11 +64,13 @@ impl Cluster {
     /// Whether an attempt from `ip` (an untrusted client) for `user` is locked out on
     /// the cluster: the address (its block) first, then the user name when
     /// `per_user`, as `Limiter::check`. `None`: Redis cannot say (count locally).
+    /// Waits at most `bound` (one AUTH's check and settle share `[cluster] timeout`).
     pub async fn auth_check(
         &self,
         ip: IpAddr,
         user: &str,
         s: &Settings,
+        bound: Duration,
     ) -> Option<Option<Lockout>> {
         let keys = Keys::new(ip, user, s);
         let mut pipe = redis::pipe();
@@ -76,7 +79,9 @@ impl Cluster {
             pipe.cmd("PTTL").arg(&keys.user_lock);
         }
         let mut con = self.manager.clone();
-        let reply: Value = self.call("auth_check", pipe.query_async(&mut con)).await?;
+        let reply: Value = self
+            .call_within("auth_check", bound, pipe.query_async(&mut con))
+            .await?;
         match ints(&reply).as_deref() {
             Some([ip_ms, rest @ ..]) if rest.len() == usize::from(s.per_user) => Some(
                 lock(Scope::Ip, *ip_ms)
@@ -89,7 +94,7 @@ impl Cluster {
     /// Settles a checked attempt of an untrusted client: refused if a lockout began
     /// meanwhile (on any node), else a success clears `user`'s failures, or a failure is
     /// counted for the address and, when `known` (in the users file) and `per_user`, for
-    /// the name. `None`: Redis cannot say (count locally).
+    /// the name. `None`: Redis cannot say (count locally). Waits at most `bound`.
     pub async fn auth_settle(
         &self,
         ip: IpAddr,
@@ -97,6 +102,7 @@ impl Cluster {
         known: bool,
         success: bool,
         s: &Settings,
+        bound: Duration,
     ) -> Option<Settled> {
         let keys = Keys::new(ip, user, s);
         let keep = usize::try_from(s.max_failures)
@@ -118,7 +124,7 @@ impl Cluster {
             .arg(flag(s.per_user && known));
         let mut con = self.manager.clone();
         let reply: Value = self
-            .call("auth_settle", invocation.invoke_async(&mut con))
+            .call_within("auth_settle", bound, invocation.invoke_async(&mut con))
             .await?;
         let scope = |n: i64| if n == 1 { Scope::User } else { Scope::Ip };
         match ints(&reply).as_deref() {

@@ -112,6 +112,9 @@ pub struct Cluster {
     secret: Option<String>,
     manager: ConnectionManager,
     state: AtomicU8,
+    /// Replaced or removed by a reload: sessions that started before may still use it,
+    /// but it no longer probes, logs its state or writes the shared gauge.
+    retired: std::sync::atomic::AtomicBool,
     gate: Mutex<LogGate>,
     metrics: Arc<Metrics>,
     scripts: Scripts,
@@ -168,6 +171,7 @@ impl Cluster {
             secret,
             manager,
             state: AtomicU8::new(STARTING),
+            retired: std::sync::atomic::AtomicBool::new(false),
             gate: Mutex::new(LogGate::default()),
             metrics,
             scripts: Scripts {
@@ -306,17 +310,45 @@ impl Cluster {
         format!("{:x}.{n:x}", self.nonce_prefix)
     }
 
+    /// A reload replaced or removed this client: from now on it stops probing and
+    /// leaves the state gauge and the log to its successor (calls of the sessions that
+    /// still hold it go on; once it is down it stays down, and they count locally).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// The most one command waits on Redis (`[cluster] timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
     /// Runs one Redis call within the bound, or not at all when Redis is not up.
     async fn call<T>(
         &self,
         what: &'static str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        if !self.is_up() {
+        self.call_within(what, self.config.timeout, call).await
+    }
+
+    /// [`Cluster::call`] within `bound` (what is left of one command's bound when it
+    /// makes more than one call); a call that runs over it marks Redis down, as a call
+    /// over the whole bound does.
+    async fn call_within<T>(
+        &self,
+        what: &'static str,
+        bound: Duration,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        if !self.is_up() || bound.is_zero() {
             return None;
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(self.config.timeout, call).await;
+        let result = tokio::time::timeout(bound, call).await;
         let took = started.elapsed();
         self.metrics.cluster_redis_latency(took);
         match result {
@@ -345,8 +377,8 @@ impl Cluster {
     /// A reply of a shape the script never returns: counted locally, like an error.
     fn odd_reply<T>(&self, what: &'static str, reply: &Value) -> Option<T> {
         self.metrics.cluster_redis_failure();
-        let mut text = format!("{reply:?}");
-        text.truncate(200);
+        // Cut on a character, never inside one (the reply may hold any UTF-8).
+        let text: String = format!("{reply:?}").chars().take(200).collect();
         self.log_error(what, &format!("unexpected reply {text}"));
         None
     }
@@ -378,7 +410,7 @@ impl Cluster {
     }
 
     fn mark_down(&self, error: &str) {
-        if self.state.swap(DOWN, Ordering::Relaxed) == DOWN {
+        if self.state.swap(DOWN, Ordering::Relaxed) == DOWN || self.is_retired() {
             return;
         }
         self.metrics.cluster_redis_up(false);
@@ -402,7 +434,7 @@ impl Cluster {
 
     fn mark_up(&self) {
         let before = self.state.swap(UP, Ordering::Relaxed);
-        if before == UP {
+        if before == UP || self.is_retired() {
             return;
         }
         self.metrics.cluster_redis_up(true);
@@ -429,8 +461,7 @@ impl Cluster {
         match result {
             Ok(Ok(pong)) if pong == "PONG" => self.mark_up(),
             Ok(Ok(other)) => {
-                let mut other = other;
-                other.truncate(64);
+                let other: String = other.chars().take(64).collect();
                 self.mark_down(&format!("PING answered {other:?}"));
             }
             Ok(Err(e)) => self.mark_down(&self.scrub(&e.to_string())),
@@ -441,7 +472,9 @@ impl Cluster {
         }
         // Every second, not only on changes: a client made by a reload that then failed
         // (and was dropped) must not leave its state in the gauge.
-        self.metrics.cluster_redis_up(self.is_up());
+        if !self.is_retired() {
+            self.metrics.cluster_redis_up(self.is_up());
+        }
     }
 }
 
@@ -452,7 +485,7 @@ async fn probe(cluster: Weak<Cluster>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let Some(c) = cluster.upgrade() else {
+        let Some(c) = cluster.upgrade().filter(|c| !c.is_retired()) else {
             return;
         };
         c.probe_once().await;
@@ -460,7 +493,8 @@ async fn probe(cluster: Weak<Cluster>) {
 }
 
 /// An error that Redis itself answered (the connection is fine): a script error, a key
-/// of the wrong type, a reply of the wrong type. Anything else (I/O, timeouts, loading,
+/// of the wrong type, a reply of the wrong type, a command the ACL does not allow.
+/// Anything else (I/O, timeouts, loading,
 /// read-only replica, refused authentication) means this Redis cannot serve us now.
 fn answered(e: &RedisError) -> bool {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
@@ -470,6 +504,8 @@ fn answered(e: &RedisError) -> bool {
         e.kind(),
         ErrorKind::Server(ServerErrorKind::ResponseError)
             | ErrorKind::Server(ServerErrorKind::NoScript)
+            // An ACL that lacks a command: PING still works, so "down" would flap.
+            | ErrorKind::Server(ServerErrorKind::NoPerm)
             | ErrorKind::Extension
             | ErrorKind::Parse
             | ErrorKind::UnexpectedReturnType

@@ -209,24 +209,47 @@ async fn lockout_is_shared_and_follows_the_limiter() {
     let c = up(&redis.url()).await;
     let s = settings();
     for n in 1..=2 {
-        let o = failed(c.auth_settle(ip(7), "alice", true, false, &s).await);
+        let o = failed(
+            c.auth_settle(ip(7), "alice", true, false, &s, c.timeout())
+                .await,
+        );
         assert_eq!(o.ip_failures, n);
         assert!(o.started.is_empty());
-        assert_eq!(c.auth_check(ip(7), "alice", &s).await, Some(None));
+        assert_eq!(
+            c.auth_check(ip(7), "alice", &s, c.timeout()).await,
+            Some(None)
+        );
     }
-    let o = failed(c.auth_settle(ip(7), "alice", true, false, &s).await);
+    let o = failed(
+        c.auth_settle(ip(7), "alice", true, false, &s, c.timeout())
+            .await,
+    );
     assert_eq!(o.ip_failures, 3);
     let scopes: Vec<Scope> = o.started.iter().map(|l| l.scope).collect();
     assert_eq!(scopes, [Scope::Ip, Scope::User]);
     // The address is refused whatever the name; the name from any address.
-    let lock = c.auth_check(ip(7), "bob", &s).await.unwrap().unwrap();
+    let lock = c
+        .auth_check(ip(7), "bob", &s, c.timeout())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lock.scope, Scope::Ip);
     assert!(lock.remaining > 14 * MIN && lock.remaining <= 15 * MIN);
-    let lock = c.auth_check(ip(8), "alice", &s).await.unwrap().unwrap();
+    let lock = c
+        .auth_check(ip(8), "alice", &s, c.timeout())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lock.scope, Scope::User);
-    assert_eq!(c.auth_check(ip(8), "bob", &s).await, Some(None));
+    assert_eq!(
+        c.auth_check(ip(8), "bob", &s, c.timeout()).await,
+        Some(None)
+    );
     // An attempt checked before the lockout began is refused when it settles.
-    match c.auth_settle(ip(7), "alice", true, true, &s).await {
+    match c
+        .auth_settle(ip(7), "alice", true, true, &s, c.timeout())
+        .await
+    {
         Some(Settled::Refused(l)) => assert_eq!(l.scope, Scope::Ip),
         other => panic!("{other:?}"),
     }
@@ -249,17 +272,33 @@ async fn lockout_success_clears_only_the_users_count() {
     let redis = RedisServer::start(None).unwrap();
     let c = up(&redis.url()).await;
     let s = settings();
-    failed(c.auth_settle(ip(1), "alice", true, false, &s).await);
-    failed(c.auth_settle(ip(2), "alice", true, false, &s).await);
+    failed(
+        c.auth_settle(ip(1), "alice", true, false, &s, c.timeout())
+            .await,
+    );
+    failed(
+        c.auth_settle(ip(2), "alice", true, false, &s, c.timeout())
+            .await,
+    );
     assert_eq!(
-        c.auth_settle(ip(3), "alice", true, true, &s).await,
+        c.auth_settle(ip(3), "alice", true, true, &s, c.timeout())
+            .await,
         Some(Settled::Granted)
     );
     // Her count restarted: two more failures do not reach three.
-    failed(c.auth_settle(ip(4), "alice", true, false, &s).await);
-    let o = failed(c.auth_settle(ip(5), "alice", true, false, &s).await);
+    failed(
+        c.auth_settle(ip(4), "alice", true, false, &s, c.timeout())
+            .await,
+    );
+    let o = failed(
+        c.auth_settle(ip(5), "alice", true, false, &s, c.timeout())
+            .await,
+    );
     assert!(o.started.is_empty());
-    assert_eq!(c.auth_check(ip(6), "alice", &s).await, Some(None));
+    assert_eq!(
+        c.auth_check(ip(6), "alice", &s, c.timeout()).await,
+        Some(None)
+    );
 
     // The address's count is not reset by a success; unknown names are not counted.
     let s = Settings {
@@ -267,14 +306,21 @@ async fn lockout_success_clears_only_the_users_count() {
         ..settings()
     };
     for n in 1..=2 {
-        let o = failed(c.auth_settle(ip(9), "nobody", false, false, &s).await);
+        let o = failed(
+            c.auth_settle(ip(9), "nobody", false, false, &s, c.timeout())
+                .await,
+        );
         assert_eq!(o.ip_failures, n);
         assert_eq!(
-            c.auth_settle(ip(9), "bob", true, true, &s).await,
+            c.auth_settle(ip(9), "bob", true, true, &s, c.timeout())
+                .await,
             Some(Settled::Granted)
         );
     }
-    let o = failed(c.auth_settle(ip(9), "nobody", false, false, &s).await);
+    let o = failed(
+        c.auth_settle(ip(9), "nobody", false, false, &s, c.timeout())
+            .await,
+    );
     assert_eq!(o.started.len(), 1);
     assert_eq!(redis.cli(&["EXISTS", "postern:auth:fail:user:nobody"]), "0");
 }
@@ -286,12 +332,18 @@ async fn lockout_counts_ipv6_per_block_and_merges_marks_beyond_the_cap() {
     let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
     let s = settings();
     for a in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::1"] {
-        failed(c.auth_settle(v6(a), "x", false, false, &s).await);
+        failed(
+            c.auth_settle(v6(a), "x", false, false, &s, c.timeout())
+                .await,
+        );
     }
-    let lock = c.auth_check(v6("2001:db8:1:2:abcd::9"), "x", &s).await;
+    let lock = c
+        .auth_check(v6("2001:db8:1:2:abcd::9"), "x", &s, c.timeout())
+        .await;
     assert_eq!(lock.unwrap().unwrap().scope, Scope::Ip);
     assert_eq!(
-        c.auth_check(v6("2001:db8:1:3::1"), "x", &s).await,
+        c.auth_check(v6("2001:db8:1:3::1"), "x", &s, c.timeout())
+            .await,
         Some(None)
     );
 
@@ -302,11 +354,17 @@ async fn lockout_counts_ipv6_per_block_and_merges_marks_beyond_the_cap() {
         ..settings()
     };
     for n in 1..40 {
-        let o = failed(c.auth_settle(ip(1), "x", false, false, &s).await);
+        let o = failed(
+            c.auth_settle(ip(1), "x", false, false, &s, c.timeout())
+                .await,
+        );
         assert_eq!(o.ip_failures, n);
         assert!(o.started.is_empty());
     }
-    let o = failed(c.auth_settle(ip(1), "x", false, false, &s).await);
+    let o = failed(
+        c.auth_settle(ip(1), "x", false, false, &s, c.timeout())
+            .await,
+    );
     assert_eq!(o.started.len(), 1);
     let marks: usize = redis
         .cli(&["ZCARD", "postern:auth:fail:ip:192.0.2.1"])
@@ -323,11 +381,20 @@ async fn a_window_of_failures_slides() {
         window: Duration::from_millis(300),
         ..settings()
     };
-    failed(c.auth_settle(ip(1), "x", false, false, &s).await);
-    failed(c.auth_settle(ip(1), "x", false, false, &s).await);
+    failed(
+        c.auth_settle(ip(1), "x", false, false, &s, c.timeout())
+            .await,
+    );
+    failed(
+        c.auth_settle(ip(1), "x", false, false, &s, c.timeout())
+            .await,
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The first two have left the window: this is failure 1, not 3.
-    let o = failed(c.auth_settle(ip(1), "x", false, false, &s).await);
+    let o = failed(
+        c.auth_settle(ip(1), "x", false, false, &s, c.timeout())
+            .await,
+    );
     assert_eq!(o.ip_failures, 1);
     assert!(o.started.is_empty());
 }
@@ -346,8 +413,14 @@ async fn down_and_slow_redis_means_none_at_once_and_it_comes_back() {
     )
     .unwrap();
     assert!(!c.is_up());
+    // Not up: no call goes out, nothing waits for the bound (200 ms).
+    let asked = std::time::Instant::now();
     assert_eq!(c.window_add("rl:x", MIN, 1, 1).await, None);
-    assert_eq!(c.auth_check(ip(1), "x", &settings()).await, None);
+    assert_eq!(
+        c.auth_check(ip(1), "x", &settings(), c.timeout()).await,
+        None
+    );
+    assert!(asked.elapsed() < c.timeout(), "{:?}", asked.elapsed());
 
     // Paused (SIGSTOP): the call gives up at the bound, then the client is down.
     let redis = RedisServer::start(None).unwrap();
@@ -411,7 +484,10 @@ async fn a_burst_of_parallel_failures_cannot_get_past_the_lockout() {
     let tasks: Vec<_> = (0..12)
         .map(|_| {
             let c = Arc::clone(&c);
-            tokio::spawn(async move { c.auth_settle(ip(3), "alice", true, false, &s).await })
+            tokio::spawn(async move {
+                c.auth_settle(ip(3), "alice", true, false, &s, c.timeout())
+                    .await
+            })
         })
         .collect();
     let (mut counted, mut refused) = (0, 0);

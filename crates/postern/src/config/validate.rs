@@ -1010,7 +1010,7 @@ pub(crate) fn parse_rate(s: &str) -> std::result::Result<Rate, String> {
 }
 
 /// Most `[[rate_limit]]` sections: each is a table (or Redis keys) per client.
-const MAX_RATE_LIMITS: usize = 64;
+const MAX_RATE_LIMITS: usize = 16;
 /// The longest window: a counter is kept that long after its last use.
 const MAX_RATE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 

@@ -9,7 +9,8 @@
 //! when fifty sessions of one user send at once: they cannot all pass a check and then
 //! all be counted. A recipient is taken at the RCPT that the policy accepted (after the
 //! relay rules, before the milters: a milter that refuses it gives it back); the RCPT
-//! that would exceed gets 451 4.7.1. Deferring, never refusing, is the rule: a client
+//! that would exceed gets 451 4.7.1. It stays counted whatever becomes of the
+//! transaction, unless the message is answered 4xx at its end ([`RecipientHolds`]). Deferring, never refusing, is the rule: a client
 //! over its limit retries later and nothing bounces.
 //!
 //! **Which limits.** Every limit whose `clients` match the session, in file order; a
@@ -195,6 +196,38 @@ impl Drop for Hold {
     }
 }
 
+/// The recipients one transaction took: counted at RCPT 250, and they stay counted when
+/// the transaction ends without a message (RSET, a client gone) or with a refused one, so
+/// that harvesting addresses with RSET between gets no fresh count. The one exception is
+/// a message answered 4xx at its end (a full disk, a milter's tempfail): the client will
+/// send the same recipients again, and they must not count twice.
+#[derive(Debug, Default)]
+pub struct RecipientHolds(Vec<Hold>);
+
+impl RecipientHolds {
+    pub fn push(&mut self, hold: Hold) {
+        self.0.push(hold);
+    }
+
+    /// The transaction is over: what it took stays counted.
+    pub fn settle(&mut self) {
+        for hold in self.0.drain(..) {
+            hold.keep();
+        }
+    }
+
+    /// The message got a 4xx at its end: give its recipients back.
+    pub fn give_back(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for RecipientHolds {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 /// Every `[[rate_limit]]` of a configuration.
 #[derive(Default)]
 pub struct RateLimits {
@@ -274,6 +307,16 @@ impl RateLimits {
             return Ok(Hold::default());
         }
         if let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_up()) {
+            // What this node counted itself is a part of what Redis should hold, except
+            // what it counted while Redis was away (or what a Redis that restarted
+            // empty forgot): that still counts here, so a node never lets more through
+            // than it would alone.
+            let now = now();
+            for (limit, key, max) in &wanted {
+                if limit.table().count(&(counted, key.as_str()), now) >= *max {
+                    return Err(exceeded(limit, key, counted, *max));
+                }
+            }
             let keys: Vec<String> = wanted
                 .iter()
                 .map(|(l, key, _)| shared_key(l, counted, key))
@@ -348,17 +391,19 @@ impl RateLimits {
     }
 }
 
-/// The Redis key of a limit's counter: the limit's name, what it counts, its key kind
-/// and window (a changed window is a new counter, as it is locally), then the key.
+/// The Redis key of a limit's counter: the limit's name, what it counts, its clients,
+/// key kind and window (a change of any of them is a new counter, as it is locally),
+/// then the key.
 fn shared_key(limit: &Limit, counted: Counted, key: &str) -> String {
     let c = &limit.config;
     format!(
-        "rl:{}:{}:{}:{}:{key}",
+        "rl:{}:{}:{}:{}:{}:{key}",
         c.name,
         match counted {
             Counted::Messages => "m",
             Counted::Recipients => "r",
         },
+        c.clients.as_str(),
         c.per.as_str(),
         crate::config::format_duration(c.window),
     )
@@ -518,17 +563,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rate_recipients_stay_counted_unless_given_back() {
+        let mut config = limit("rcpts", RateClients::Any, RateKey::ClientIp, 1);
+        (config.messages, config.recipients) = (None, Some(2));
+        let limits = RateLimits::new(&[config], 64, None);
+        let from = sender("a@example.com");
+        let a = who("192.0.2.1", None, &from);
+        // A transaction's recipients, then a 4xx at the end: given back.
+        let mut holds = RecipientHolds::default();
+        holds.push(limits.take(Counted::Recipients, &a).await.unwrap());
+        holds.push(limits.take(Counted::Recipients, &a).await.unwrap());
+        limits.take(Counted::Recipients, &a).await.unwrap_err();
+        holds.give_back();
+        // Settled (RSET, a 250, a 5xx) or dropped (the client went away): kept.
+        holds.push(limits.take(Counted::Recipients, &a).await.unwrap());
+        holds.settle();
+        let mut gone = RecipientHolds::default();
+        gone.push(limits.take(Counted::Recipients, &a).await.unwrap());
+        drop(gone);
+        limits.take(Counted::Recipients, &a).await.unwrap_err();
+    }
+
+    #[tokio::test]
     async fn rate_a_reload_keeps_the_counts_of_an_unchanged_limit() {
         let mut config = vec![limit("users", RateClients::Authenticated, RateKey::User, 1)];
         let first = RateLimits::new(&config, 64, None);
         let from = sender("bob@example.com");
         let bob = who("192.0.2.1", Some("bob"), &from);
         first.take(Counted::Messages, &bob).await.unwrap().keep();
-        config[0].messages = Some(1);
+        // A new value judges what was counted: 1 of 2 used, one more fits.
+        config[0].messages = Some(2);
         let second = RateLimits::new(&config, 64, Some(&first));
+        second.take(Counted::Messages, &bob).await.unwrap().keep();
         second.take(Counted::Messages, &bob).await.unwrap_err();
-        config[0].window = Duration::from_secs(30);
+        // Back to 1: the two counted are over it.
+        config[0].messages = Some(1);
         let third = RateLimits::new(&config, 64, Some(&second));
-        third.take(Counted::Messages, &bob).await.unwrap().keep();
+        third.take(Counted::Messages, &bob).await.unwrap_err();
+        // Another window is another limit: it starts at zero.
+        config[0].window = Duration::from_secs(30);
+        let fourth = RateLimits::new(&config, 64, Some(&third));
+        fourth.take(Counted::Messages, &bob).await.unwrap().keep();
     }
 }

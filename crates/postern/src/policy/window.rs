@@ -17,7 +17,7 @@
 //! kept as a 64-bit hash under a per-table random key (SipHash, as `HashMap` uses), not as
 //! text, so an entry costs about 100 bytes whatever the key (10 MB for the default
 //! 100,000). When the table is full, entries that count nothing any more go first; if that
-//! is not enough, the eighth of the entries with the smallest counts. A flood of new keys
+//! is not enough, the smallest counts, until the table is down to 7/8 of its capacity. A flood of new keys
 //! can so only push out keys that had used little of their limit (each gets back at most
 //! what it had counted), never the busy ones the limit is there for. Clearing costs one
 //! pass over the table per `capacity / 8` new keys: constant time per key, amortised.
@@ -117,6 +117,8 @@ pub struct Table {
     capacity: usize,
     hasher: RandomState,
     entries: HashMap<u64, Counter>,
+    /// Times `make_room` went over the table.
+    sweeps: u64,
 }
 
 /// Where an amount was added: give it to [`Table::refund`] to take it back.
@@ -132,6 +134,7 @@ impl Table {
             capacity: capacity.max(1),
             hasher: RandomState::new(),
             entries: HashMap::new(),
+            sweeps: 0,
         }
     }
 
@@ -200,13 +203,18 @@ impl Table {
         self.entries.is_empty()
     }
 
-    /// Room for one more key (module documentation, "Memory").
+    /// Room for one more key (module documentation, "Memory"): a full table is cut down
+    /// to 7/8 of its capacity at once (keys that count nothing first, then the smallest
+    /// counts), so the pass over the table runs once per `capacity / 8` new keys at most,
+    /// whatever the keys.
     fn make_room(&mut self, bucket: i64) {
         if self.entries.len() < self.capacity {
             return;
         }
+        self.sweeps += 1;
+        let low_water = self.capacity - self.capacity / 8;
         self.entries.retain(|_, c| c.count(bucket) > 0);
-        if self.entries.len() < self.capacity {
+        if self.entries.len() <= low_water.min(self.capacity - 1) {
             return;
         }
         let mut loads: Vec<(u64, u64)> = self
@@ -214,11 +222,17 @@ impl Table {
             .iter()
             .map(|(k, c)| (c.count(bucket), *k))
             .collect();
-        let drop = (self.capacity / 8).clamp(1, loads.len());
+        let drop = (loads.len() - low_water.min(self.capacity - 1)).clamp(1, loads.len());
         loads.select_nth_unstable(drop - 1);
         for (_, k) in &loads[..drop] {
             self.entries.remove(k);
         }
+    }
+
+    /// Passes over the whole table made to find room so far (for the tests).
+    #[cfg(test)]
+    fn sweeps(&self) -> u64 {
+        self.sweeps
     }
 }
 
@@ -305,6 +319,18 @@ mod tests {
             assert!(t.len() <= 64);
         }
         assert_eq!(t.add("busy", 5, 1, t0), Err(5), "the busy key was kept");
+        // One pass per capacity/8 new keys at most, even when each new key's count is
+        // given back at once (a MAIL and an RSET), so that every full pass frees room.
+        let mut t = Table::new(WINDOW, 800, t0);
+        for i in 0..800 {
+            t.add(&format!("k{i}"), 5, 1, t0).unwrap();
+        }
+        for i in 0..8_000 {
+            let key = format!("cycle-{i}");
+            let b = t.add(&key, 5, 1, t0).unwrap();
+            t.refund(&key, b, 1);
+        }
+        assert!(t.sweeps() <= 8_000 / 100 + 1, "{} passes", t.sweeps());
     }
 
     #[test]

@@ -255,7 +255,7 @@ fn a_rate_limit_counts_the_messages_of_every_node_together() {
     let looped = "Received: x\r\n".repeat(120) + &crate::common::message("loop");
     assert_eq!(c.data(&looped).code, 554);
     // Given back off the session's path: wait until Redis holds 2 again.
-    let key = "postern:rl:roaming:m:user:1m:alice";
+    let key = "postern:rl:roaming:m:authenticated:user:1m:alice";
     wait_until("the refund", Duration::from_secs(5), || {
         let fields = redis.cli(&["hvals", key]);
         fields
@@ -294,6 +294,12 @@ fn a_rate_limit_counts_the_messages_of_every_node_together() {
     });
     // Shared again: Redis still holds the three of before the pause.
     assert_eq!(alice_sends(&a, OUTSIDE), 451);
+    // What A counted alone still counts on A, even when Redis has forgotten everything
+    // (a Redis restarted empty): A has seen three in the window.
+    redis.cli(&["FLUSHALL"]);
+    assert_eq!(alice_sends(&a, OUTSIDE), 451);
+    // B, which saw two, may send one more now that Redis starts again from zero.
+    assert_eq!(alice_sends(&b, OUTSIDE), 250);
 }
 
 #[test]

@@ -326,3 +326,43 @@ fn check_policy_names_the_limits_that_would_count() {
         "{out}"
     );
 }
+
+#[test]
+fn parallel_sessions_of_one_user_get_exactly_the_limit_and_pipelined_rset_gives_back() {
+    let (s, _) = start(
+        "",
+        r#"[[rate_limit]]
+name = "roaming"
+clients = "authenticated"
+per = "user"
+messages = 5
+window = "1m"
+"#,
+    );
+    let s = std::sync::Arc::new(s);
+    let threads: Vec<_> = (0..20)
+        .map(|_| {
+            let s = std::sync::Arc::clone(&s);
+            std::thread::spawn(move || {
+                let mut c = login(&s, OUTSIDE, "alice", "correct horse");
+                send(&mut c, "alice@accepted.test", "x@remote.test")
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(codes.iter().filter(|&&c| c == 250).count(), 5, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 451).count(), 15, "{codes:?}");
+
+    // bob, limit 5: MAIL, RSET, MAIL in one write; the reset message is given back at
+    // once, so five whole messages still fit after it.
+    let mut bob = login(&s, OUTSIDE, "bob", "battery staple");
+    bob.send(b"MAIL FROM:<bob@accepted.test>\r\nRSET\r\nMAIL FROM:<bob@accepted.test>\r\n");
+    for _ in 0..3 {
+        assert_eq!(bob.reply().code, 250);
+    }
+    bob.expect("RSET", 250);
+    for _ in 0..5 {
+        assert_eq!(send(&mut bob, "bob@accepted.test", "x@remote.test"), 250);
+    }
+    assert_eq!(send(&mut bob, "bob@accepted.test", "x@remote.test"), 451);
+}
