@@ -12,7 +12,7 @@ pub mod sink;
 
 pub use ca::{TestCa, TlsIdentity};
 pub use dns::DnsServer;
-pub use redis::RedisServer;
+pub use redis::{RedisServer, RedisTls};
 pub use sink::{ReceivedMessage, Sink, SinkConfig};
 
 use std::sync::{Mutex, MutexGuard};

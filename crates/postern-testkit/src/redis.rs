@@ -13,7 +13,19 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Child,
     port: u16,
+    /// The TLS port of [`RedisServer::start_tls`].
+    tls_port: Option<u16>,
     dir: std::path::PathBuf,
+}
+
+/// What [`RedisServer::start_tls`] serves TLS with (PEM files).
+pub struct RedisTls<'a> {
+    pub cert: &'a std::path::Path,
+    pub key: &'a std::path::Path,
+    /// The CA client certificates must chain to (`tls-ca-cert-file`).
+    pub ca: &'a std::path::Path,
+    /// `tls-auth-clients yes` (Redis's default) rather than `no`.
+    pub client_certificates: bool,
 }
 
 impl RedisServer {
@@ -27,6 +39,21 @@ impl RedisServer {
     /// Like [`start`](Self::start) on a given port (a restart of a server that was
     /// dropped: its clients reconnect to the same address).
     pub fn start_on(port: u16, password: Option<&str>) -> std::io::Result<RedisServer> {
+        RedisServer::spawn(port, password, None)
+    }
+
+    /// A server that speaks plain text on [`port`](Self::port) (for [`cli`](Self::cli)
+    /// and the readiness check) and TLS on [`tls_port`](Self::tls_port).
+    pub fn start_tls(tls: &RedisTls<'_>) -> std::io::Result<RedisServer> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        RedisServer::spawn(port, None, Some(tls))
+    }
+
+    fn spawn(
+        port: u16,
+        password: Option<&str>,
+        tls: Option<&RedisTls<'_>>,
+    ) -> std::io::Result<RedisServer> {
         let dir = std::env::temp_dir().join(format!("postern-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut cmd = Command::new("redis-server");
@@ -40,8 +67,29 @@ impl RedisServer {
         if let Some(p) = password {
             cmd.args(["--requirepass", p]);
         }
+        let mut tls_port = None;
+        if let Some(t) = tls {
+            let p = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            tls_port = Some(p);
+            cmd.args(["--tls-port", &p.to_string()])
+                .arg("--tls-cert-file")
+                .arg(t.cert)
+                .arg("--tls-key-file")
+                .arg(t.key)
+                .arg("--tls-ca-cert-file")
+                .arg(t.ca)
+                .args([
+                    "--tls-auth-clients",
+                    if t.client_certificates { "yes" } else { "no" },
+                ]);
+        }
         let child = cmd.spawn()?;
-        let mut server = RedisServer { child, port, dir };
+        let mut server = RedisServer {
+            child,
+            port,
+            tls_port,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !server.answers(password) {
             if Instant::now() > deadline {
@@ -83,6 +131,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The TLS port (servers of [`start_tls`](Self::start_tls) only).
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -550,6 +550,15 @@ fn warn_unreadable(config: &Config) {
     for d in &config.dkim {
         files.push(("dkim.key", &d.key));
     }
+    if let Some(c) = &config.cluster {
+        if let Some(f) = &c.ca_file {
+            files.push(("cluster.ca_file", f));
+        }
+        if let Some((cert, key)) = &c.client_cert {
+            files.push(("cluster.cert_file", cert));
+            files.push(("cluster.key_file", key));
+        }
+    }
     if let Some(f) = &config.source {
         files.push(("the configuration file", f));
     }

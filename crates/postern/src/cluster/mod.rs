@@ -146,8 +146,56 @@ impl Cluster {
         // ring (the only one compiled in). Installing it twice is harmless (an Err).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let shown = config.shown_url();
-        let client = redis::Client::open(config.redis.as_str())
-            .with_context(|| format!("[cluster] redis {shown}"))?;
+        let client = if config.ca_file.is_some() || config.client_cert.is_some() {
+            let read = |key: &str, path: &std::path::Path| {
+                std::fs::read(path).with_context(|| format!("[cluster] {key} {}", path.display()))
+            };
+            let certificates = |key: &str, path: &std::path::Path| -> anyhow::Result<Vec<u8>> {
+                use rustls_pki_types::pem::PemObject;
+                let pem = read(key, path)?;
+                let n = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| anyhow::anyhow!("[cluster] {key} {}: {e}", path.display()))?
+                    .len();
+                anyhow::ensure!(
+                    n > 0,
+                    "[cluster] {key} {}: no PEM certificate in it",
+                    path.display()
+                );
+                Ok(pem)
+            };
+            let root_cert = match &config.ca_file {
+                Some(path) => Some(certificates("ca_file", path)?),
+                None => None,
+            };
+            let client_tls = match &config.client_cert {
+                Some((cert, key)) => {
+                    use rustls_pki_types::pem::PemObject;
+                    let client_key = read("key_file", key)?;
+                    rustls_pki_types::PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
+                        anyhow::anyhow!("[cluster] key_file {}: {e}", key.display())
+                    })?;
+                    Some(redis::ClientTlsConfig {
+                        client_cert: certificates("cert_file", cert)?,
+                        client_key,
+                    })
+                }
+                None => None,
+            };
+            // The PEM is parsed here: a file that holds no certificate (or key) is an
+            // error at start and at reload, not a node that silently counts alone.
+            redis::Client::build_with_tls(
+                config.redis.as_str(),
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("[cluster] TLS files: {e}"))?
+        } else {
+            redis::Client::open(config.redis.as_str())
+                .with_context(|| format!("[cluster] redis {shown}"))?
+        };
         let secret = client
             .get_connection_info()
             .redis_settings()

@@ -18,6 +18,8 @@ fn config(url: &str) -> crate::config::Cluster {
         redis: url.to_string(),
         node: "test-node".to_string(),
         timeout: Duration::from_millis(200),
+        ca_file: None,
+        client_cert: None,
     }
 }
 

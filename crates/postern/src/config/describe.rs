@@ -243,13 +243,22 @@ pub(crate) fn describe(c: &Config) -> String {
         None => "metrics: off".to_string(),
     });
     line(match &c.cluster {
-        Some(k) => format!(
-            "cluster: node {}, AUTH lockouts and rate-limit counters shared through {} \
-             (over {} or down: counted on this node alone until it answers)",
-            k.node,
-            k.shown_url(),
-            format_duration(k.timeout)
-        ),
+        Some(k) => {
+            let mut tls = String::new();
+            if let Some(ca) = &k.ca_file {
+                tls.push_str(&format!(", server checked against {}", ca.display()));
+            }
+            if let Some((cert, _)) = &k.client_cert {
+                tls.push_str(&format!(", client certificate {}", cert.display()));
+            }
+            format!(
+                "cluster: node {}, AUTH lockouts and rate-limit counters shared through {}{tls} \
+                 (over {} or down: counted on this node alone until it answers)",
+                k.node,
+                k.shown_url(),
+                format_duration(k.timeout)
+            )
+        }
         None => "cluster: off (counters are this node's own)".to_string(),
     });
     out

@@ -602,6 +602,12 @@ pub struct Cluster {
     pub node: String,
     /// The longest any Redis call may take before this node counts locally.
     pub timeout: Duration,
+    /// `rediss://` only: the trust anchors (PEM) the server's certificate is checked
+    /// against, in place of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `rediss://` only: this node's certificate chain and key (PEM), for a Redis that
+    /// wants client certificates (`tls-auth-clients yes`, its default).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl Cluster {
@@ -618,6 +624,8 @@ impl std::fmt::Debug for Cluster {
             .field("redis", &self.shown_url())
             .field("node", &self.node)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }

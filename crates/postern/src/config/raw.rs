@@ -265,6 +265,9 @@ pub(crate) struct RawCluster {
     pub redis: S<String>,
     pub node: Option<S<String>>,
     pub timeout: Option<S<String>>,
+    pub ca_file: Option<S<String>>,
+    pub cert_file: Option<S<String>>,
+    pub key_file: Option<S<String>>,
 }
 
 /// `max_message_size` is either a TOML integer (bytes) or a string with a unit.

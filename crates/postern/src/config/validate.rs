@@ -631,10 +631,42 @@ fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
             "must be at most 5s: mail waits this long on a slow Redis",
         );
     }
+    let tls_only = |value: &Option<S<String>>, key: &str| -> Result<Option<PathBuf>> {
+        match value {
+            Some(p) if !url.starts_with("rediss://") => v.err(
+                p.span(),
+                key,
+                "only for a rediss:// (TLS) URL: a redis:// connection has no certificates",
+            ),
+            other => v.opt_path(other.as_ref(), key),
+        }
+    };
+    let ca_file = tls_only(&k.ca_file, "cluster.ca_file")?;
+    let client_cert = match (
+        tls_only(&k.cert_file, "cluster.cert_file")?,
+        tls_only(&k.key_file, "cluster.key_file")?,
+    ) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            let span = k
+                .cert_file
+                .as_ref()
+                .or(k.key_file.as_ref())
+                .map_or(0..0, |s| s.span());
+            return v.err(
+                span,
+                "cluster.cert_file",
+                "cert_file and key_file go together (a client certificate and its key)",
+            );
+        }
+    };
     Ok(Cluster {
         redis: url.to_string(),
         node,
         timeout,
+        ca_file,
+        client_cert,
     })
 }
 

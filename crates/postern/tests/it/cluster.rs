@@ -7,6 +7,8 @@
 //!   says so once, shows 1, and lockouts are shared again;
 //! - a `[[rate_limit]]` counts the messages of both nodes together, its keys expire on
 //!   their own, and with Redis hanging each node counts alone;
+//! - `rediss://` with a private CA and a client certificate (Redis's default
+//!   `tls-auth-clients yes`); without the CA the node never trusts the server;
 //! - the Redis password is never printed (check-config, the log).
 //!
 //! AUTH runs on a plain-text listener (`allow_plaintext_auth`), as in hardening_auth.rs.
@@ -366,4 +368,60 @@ fn reload_keeps_an_unchanged_client_and_replaces_a_changed_one() {
     std::fs::write(&a.server.config, before).unwrap();
     reload();
     assert_eq!(a.redis_up(), None);
+}
+
+#[test]
+fn rediss_with_a_private_ca_and_a_client_certificate_shares_lockouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = postern_testkit::TestCa::new();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let server_dir = dir.path().join("server");
+    let client_dir = dir.path().join("client");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let (cert, key) = ca.issue(&["127.0.0.1"]).write_to(&server_dir);
+    let redis = postern_testkit::RedisServer::start_tls(&postern_testkit::RedisTls {
+        cert: &cert,
+        key: &key,
+        ca: &ca_file,
+        client_certificates: true,
+    })
+    .unwrap();
+    let (client_cert, client_key) = ca.issue(&["edge.test"]).write_to(&client_dir);
+    let url = format!("rediss://127.0.0.1:{}/0", redis.tls_port().unwrap());
+    let tls = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        ca_file.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let a = Node::start_with(Some(&url), "edge-a", &tls);
+    let b = Node::start_with(Some(&url), "edge-b", &tls);
+    a.lock_out(OUTSIDE, "alice");
+    assert_eq!(b.auth(OUTSIDE, "alice", ALICE), 454);
+    assert_eq!(
+        redis.cli(&["EXISTS", "postern:auth:lock:ip:127.0.0.2"]),
+        "1",
+        "the lockout is in Redis, reached over TLS"
+    );
+
+    // Without the private CA the server's certificate is not trusted: the node never
+    // shares (it says so once) and counts on its own.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics) = (free_port(), free_port());
+    let cluster = format!("[cluster]\nredis = \"{url}\"\nnode = \"edge-c\"\n");
+    let text = node_config(dir.path(), port, metrics, &cluster);
+    let config = dir.path().join("postern.toml");
+    std::fs::write(&config, &text).unwrap();
+    crate::common::add_user(&config, "alice", ALICE);
+    let c = Node {
+        server: Server::start_with_config(dir, port, &text),
+        metrics,
+    };
+    wait_until("the refusal", Duration::from_secs(10), || {
+        c.server.log().contains(DOWN_LINE)
+    });
+    assert_eq!(c.auth(OUTSIDE, "alice", ALICE), 235);
+    assert_eq!(c.redis_up().as_deref(), Some("0"));
 }
