@@ -18,6 +18,15 @@ pub struct RedisServer {
     dir: std::path::PathBuf,
 }
 
+/// What a server is started as.
+enum Role {
+    Primary,
+    /// A replica of the primary on this port.
+    Replica(u16),
+    /// A sentinel watching the primary on this port under this name.
+    Sentinel(u16, String),
+}
+
 /// What [`RedisServer::start_tls`] serves TLS with (PEM files).
 pub struct RedisTls<'a> {
     pub cert: &'a std::path::Path,
@@ -39,24 +48,59 @@ impl RedisServer {
     /// Like [`start`](Self::start) on a given port (a restart of a server that was
     /// dropped: its clients reconnect to the same address).
     pub fn start_on(port: u16, password: Option<&str>) -> std::io::Result<RedisServer> {
-        RedisServer::spawn(port, password, None)
+        RedisServer::spawn(port, password, None, Role::Primary)
     }
 
     /// A server that speaks plain text on [`port`](Self::port) (for [`cli`](Self::cli)
     /// and the readiness check) and TLS on [`tls_port`](Self::tls_port).
     pub fn start_tls(tls: &RedisTls<'_>) -> std::io::Result<RedisServer> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        RedisServer::spawn(port, None, Some(tls))
+        RedisServer::spawn(port, None, Some(tls), Role::Primary)
+    }
+
+    /// A replica of `primary` (`--replicaof`), for the Sentinel tests.
+    pub fn start_replica(primary: &RedisServer) -> std::io::Result<RedisServer> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        RedisServer::spawn(port, None, None, Role::Replica(primary.port))
+    }
+
+    /// A Redis Sentinel watching `primary` as master `name`, alone (quorum 1), quick to
+    /// fail over: the master is down after 500 ms without an answer.
+    pub fn start_sentinel(primary: &RedisServer, name: &str) -> std::io::Result<RedisServer> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        RedisServer::spawn(
+            port,
+            None,
+            None,
+            Role::Sentinel(primary.port, name.to_string()),
+        )
     }
 
     fn spawn(
         port: u16,
         password: Option<&str>,
         tls: Option<&RedisTls<'_>>,
+        role: Role,
     ) -> std::io::Result<RedisServer> {
         let dir = std::env::temp_dir().join(format!("postern-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut cmd = Command::new("redis-server");
+        if let Role::Sentinel(primary, name) = &role {
+            // A sentinel rewrites its configuration file: it must have one of its own.
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "sentinel monitor {name} 127.0.0.1 {primary} 1\n\
+                     sentinel down-after-milliseconds {name} 500\n\
+                     sentinel failover-timeout {name} 2000\n"
+                ),
+            )?;
+            cmd.arg(&conf).arg("--sentinel");
+        }
+        if let Role::Replica(primary) = role {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--dir"])

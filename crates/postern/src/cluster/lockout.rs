@@ -78,7 +78,7 @@ impl Cluster {
         if s.per_user {
             pipe.cmd("PTTL").arg(&keys.user_lock);
         }
-        let mut con = self.manager.clone();
+        let mut con = self.connection();
         let reply: Value = self
             .call_within("auth_check", bound, pipe.query_async(&mut con))
             .await?;
@@ -122,7 +122,7 @@ impl Cluster {
             .arg(self.nonce())
             .arg(flag(s.per_user))
             .arg(flag(s.per_user && known));
-        let mut con = self.manager.clone();
+        let mut con = self.connection();
         let reply: Value = self
             .call_within("auth_settle", bound, invocation.invoke_async(&mut con))
             .await?;

@@ -23,7 +23,8 @@
 //! scrubbed of it before they are logged.
 //!
 //! Not supported: Redis Cluster (the lockout script touches several keys that would
-//! live in different slots) and Sentinel URLs (see `docs/cluster.md`).
+//! live in different slots). Redis Sentinel is: with `sentinels`, the probe asks them
+//! where the master is and follows a failover (`Cluster::follow_master`).
 
 pub mod lockout;
 #[cfg(test)]
@@ -110,7 +111,13 @@ pub struct Cluster {
     shown: String,
     /// The password, scrubbed from error texts before they are logged.
     secret: Option<String>,
-    manager: ConnectionManager,
+    /// The connection to Redis (with `sentinels`: to the master they name; a failover
+    /// swaps in a new one).
+    manager: arc_swap::ArcSwap<ConnectionManager>,
+    /// With `sentinels`: asks them where the master is, once a second (`probe_once`).
+    sentinel: Option<Sentinel>,
+    /// The settings every connection manager is made with.
+    manager_config: ConnectionManagerConfig,
     state: AtomicU8,
     /// Replaced or removed by a reload: sessions that started before may still use it,
     /// but it no longer probes, logs its state or writes the shared gauge.
@@ -210,14 +217,26 @@ impl Cluster {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(PROBE_EVERY);
-        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let sentinel = if config.sentinels.is_empty() {
+            None
+        } else {
+            Some(
+                Sentinel::new(config, &client)
+                    .with_context(|| format!("[cluster] sentinels for {shown}"))?,
+            )
+        };
+        // With sentinels the URL's host is the master's name, not an address: the first
+        // probe asks them and makes the real connection.
+        let manager = ConnectionManager::new_lazy_with_config(client, manager_config.clone())
             .with_context(|| format!("[cluster] redis {shown}"))?;
         metrics.cluster_redis_up(false);
         let cluster = Arc::new(Cluster {
             config: config.clone(),
             shown,
             secret,
-            manager,
+            manager: arc_swap::ArcSwap::from_pointee(manager),
+            sentinel,
+            manager_config,
             state: AtomicU8::new(STARTING),
             retired: std::sync::atomic::AtomicBool::new(false),
             gate: Mutex::new(LogGate::default()),
@@ -299,7 +318,7 @@ impl Cluster {
         if counters.is_empty() {
             return Some(Taken::Added(Vec::new()));
         }
-        let mut con = self.manager.clone();
+        let mut con = self.connection();
         let mut invocation = self.scripts.window_add.prepare_invoke();
         for c in counters {
             let (width, expire_ms) = window_math(c.window);
@@ -339,7 +358,7 @@ impl Cluster {
         if given.is_empty() {
             return;
         }
-        let mut con = self.manager.clone();
+        let mut con = self.connection();
         let mut invocation = self.scripts.window_refund.prepare_invoke();
         for (key, bucket, amount) in given {
             invocation
@@ -498,9 +517,69 @@ impl Cluster {
         }
     }
 
-    /// One probe: PING within the bound. Its answer decides the state.
+    /// The connection calls go through now.
+    pub(super) fn connection(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.manager.load())
+    }
+
+    /// With `sentinels`: asks them where the master is (within the bound) and, when it
+    /// has moved (a failover), connects there from now on. False when no sentinel
+    /// answered: the probe then counts as failed.
+    async fn follow_master(&self, sentinel: &Sentinel) -> bool {
+        let asked = tokio::time::timeout(self.config.timeout, sentinel.master()).await;
+        let client = match asked {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                self.mark_down(&format!("sentinels: {}", self.scrub(&e.to_string())));
+                return false;
+            }
+            Err(_) => {
+                self.mark_down(&format!(
+                    "sentinels: no answer within {}",
+                    crate::config::format_duration(self.config.timeout)
+                ));
+                return false;
+            }
+        };
+        let addr = client.get_connection_info().addr().to_string();
+        if sentinel
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(&addr)
+        {
+            return true;
+        }
+        match ConnectionManager::new_lazy_with_config(client, self.manager_config.clone()) {
+            Ok(manager) => {
+                self.manager.store(Arc::new(manager));
+                *sentinel.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
+                if !self.is_retired() {
+                    tracing::info!(redis = %self.shown, node = %self.config.node, master = %addr,
+                        "redis master named by the sentinels");
+                }
+                true
+            }
+            Err(e) => {
+                self.mark_down(&self.scrub(&e.to_string()));
+                false
+            }
+        }
+    }
+
+    /// One probe: PING within the bound (with `sentinels`, after asking them where the
+    /// master is). Its answer decides the state.
     async fn probe_once(&self) {
-        let mut con = self.manager.clone();
+        if let Some(sentinel) = &self.sentinel
+            && !self.follow_master(sentinel).await
+        {
+            if !self.is_retired() {
+                self.metrics.cluster_redis_up(false);
+            }
+            return;
+        }
+        let mut con = self.connection();
         let started = Instant::now();
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut con);
@@ -523,6 +602,48 @@ impl Cluster {
         if !self.is_retired() {
             self.metrics.cluster_redis_up(self.is_up());
         }
+    }
+}
+
+/// The sentinels of `[cluster] sentinels` and what they said last.
+struct Sentinel {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// The master's address the connection manager goes to now.
+    current: Mutex<Option<String>>,
+}
+
+impl Sentinel {
+    /// The master is the URL's host name as the sentinels know it (`sentinel monitor
+    /// NAME ...`); the URL's user, password, database and TLS apply to it.
+    fn new(config: &crate::config::Cluster, client: &redis::Client) -> redis::RedisResult<Self> {
+        use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+        let info = client.get_connection_info();
+        let (name, tls) = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, _) => (host.clone(), false),
+            redis::ConnectionAddr::TcpTls { host, .. } => (host.clone(), true),
+            other => (other.to_string(), false),
+        };
+        let mut node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(info.redis_settings().clone());
+        if tls {
+            node = node.set_tls_mode(redis::TlsMode::Secure);
+        }
+        let sentinels: Vec<String> = config
+            .sentinels
+            .iter()
+            .map(|a| format!("redis://{a}"))
+            .collect();
+        let client =
+            SentinelClient::build(sentinels, name, Some(node), SentinelServerType::Master)?;
+        Ok(Sentinel {
+            client: tokio::sync::Mutex::new(client),
+            current: Mutex::new(None),
+        })
+    }
+
+    /// A client for the master the sentinels name now.
+    async fn master(&self) -> redis::RedisResult<redis::Client> {
+        self.client.lock().await.async_get_client().await
     }
 }
 

@@ -20,6 +20,7 @@ fn config(url: &str) -> crate::config::Cluster {
         timeout: Duration::from_millis(200),
         ca_file: None,
         client_cert: None,
+        sentinels: Vec::new(),
     }
 }
 

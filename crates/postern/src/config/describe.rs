@@ -251,6 +251,12 @@ pub(crate) fn describe(c: &Config) -> String {
             if let Some((cert, _)) = &k.client_cert {
                 tls.push_str(&format!(", client certificate {}", cert.display()));
             }
+            if !k.sentinels.is_empty() {
+                tls.push_str(&format!(
+                    ", master found by the sentinels {}",
+                    k.sentinels.join(", ")
+                ));
+            }
             format!(
                 "cluster: node {}, AUTH lockouts and rate-limit counters shared through {}{tls} \
                  (over {} or down: counted on this node alone until it answers)",

@@ -608,6 +608,9 @@ pub struct Cluster {
     /// `rediss://` only: this node's certificate chain and key (PEM), for a Redis that
     /// wants client certificates (`tls-auth-clients yes`, its default).
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Redis Sentinel addresses (`host:port`); when given, the host of `redis` is the
+    /// name of the master they watch, and they say where it is.
+    pub sentinels: Vec<String>,
 }
 
 impl Cluster {
@@ -626,6 +629,7 @@ impl std::fmt::Debug for Cluster {
             .field("timeout", &self.timeout)
             .field("ca_file", &self.ca_file)
             .field("client_cert", &self.client_cert)
+            .field("sentinels", &self.sentinels)
             .finish()
     }
 }

@@ -268,6 +268,7 @@ pub(crate) struct RawCluster {
     pub ca_file: Option<S<String>>,
     pub cert_file: Option<S<String>>,
     pub key_file: Option<S<String>>,
+    pub sentinels: Option<Vec<S<String>>>,
 }
 
 /// `max_message_size` is either a TOML integer (bytes) or a string with a unit.

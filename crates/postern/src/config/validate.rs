@@ -661,12 +661,50 @@ fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
             );
         }
     };
+    let mut sentinels = Vec::new();
+    for a in k.sentinels.iter().flatten() {
+        let addr = v.parse(a, "cluster.sentinels", |s| {
+            let s = s.trim();
+            let bad = || format!("`{s}` is not a sentinel address (expected host:port)");
+            let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+                return Err(bad());
+            }
+            match port.parse::<u16>() {
+                Ok(p) if p != 0 => Ok(s.to_string()),
+                _ => Err(bad()),
+            }
+        })?;
+        if sentinels.len() == 16 {
+            return v.err(a.span(), "cluster.sentinels", "at most 16 sentinels");
+        }
+        if !sentinels.contains(&addr) {
+            sentinels.push(addr);
+        }
+    }
+    if !sentinels.is_empty() && (ca_file.is_some() || client_cert.is_some()) {
+        return v.err(
+            k.redis.span(),
+            "cluster.sentinels",
+            "ca_file, cert_file and key_file are not supported with sentinels (the \
+             master they name is checked against the system's roots)",
+        );
+    }
+    if k.sentinels.as_ref().is_some_and(|s| s.is_empty()) {
+        return v.err(
+            k.redis.span(),
+            "cluster.sentinels",
+            "an empty list: give the sentinels' addresses, or leave the key out",
+        );
+    }
     Ok(Cluster {
         redis: url.to_string(),
         node,
         timeout,
         ca_file,
         client_cert,
+        sentinels,
     })
 }
 

@@ -9,6 +9,8 @@
 //!   their own, and with Redis hanging each node counts alone;
 //! - `rediss://` with a private CA and a client certificate (Redis's default
 //!   `tls-auth-clients yes`); without the CA the node never trusts the server;
+//! - Redis Sentinel: a master, a replica and a sentinel; the nodes find the master
+//!   through the sentinel and follow it to the replica when it fails over;
 //! - the Redis password is never printed (check-config, the log).
 //!
 //! AUTH runs on a plain-text listener (`allow_plaintext_auth`), as in hardening_auth.rs.
@@ -424,4 +426,45 @@ fn rediss_with_a_private_ca_and_a_client_certificate_shares_lockouts() {
     });
     assert_eq!(c.auth(OUTSIDE, "alice", ALICE), 235);
     assert_eq!(c.redis_up().as_deref(), Some("0"));
+}
+
+#[test]
+fn with_sentinels_the_nodes_follow_a_failover() {
+    let primary = RedisServer::start(None).unwrap();
+    let replica = RedisServer::start_replica(&primary).unwrap();
+    let sentinel = RedisServer::start_sentinel(&primary, "postern").unwrap();
+    // The URL's host is the master's name; the sentinel says where it is.
+    let url = "redis://postern/0";
+    let sentinels = format!("sentinels = [\"127.0.0.1:{}\"]\n", sentinel.port());
+    let a = Node::start_with(Some(url), "edge-a", &sentinels);
+    let b = Node::start_with(Some(url), "edge-b", &sentinels);
+    let master_line = format!("master=127.0.0.1:{}", primary.port());
+    assert!(a.server.log().contains(&master_line), "{}", a.server.log());
+
+    a.lock_out(OUTSIDE, "alice");
+    assert_eq!(b.auth(OUTSIDE, "alice", ALICE), 454);
+    // The lockout reaches the replica, then the master dies and the sentinel promotes
+    // the replica.
+    let key = "postern:auth:lock:ip:127.0.0.2";
+    wait_until("replication", Duration::from_secs(10), || {
+        replica.cli(&["EXISTS", key]) == "1"
+    });
+    let promoted = format!("master=127.0.0.1:{}", replica.port());
+    drop(primary);
+    wait_until("the failover", Duration::from_secs(20), || {
+        a.server.log().contains(&promoted) && b.server.log().contains(&promoted)
+    });
+    for node in [&a, &b] {
+        wait_until("shared again", Duration::from_secs(10), || {
+            node.redis_up().as_deref() == Some("1")
+        });
+    }
+    // What was counted before is still there, and new counts go to the new master.
+    assert_eq!(b.auth(OUTSIDE, "alice", ALICE), 454);
+    a.lock_out("127.0.0.6", "nobody");
+    assert_eq!(b.auth("127.0.0.6", "bob", BOB), 454);
+    assert_eq!(
+        replica.cli(&["EXISTS", "postern:auth:lock:ip:127.0.0.6"]),
+        "1"
+    );
 }
