@@ -328,3 +328,44 @@ fn a_key_that_cannot_sign_is_a_config_error_with_file_and_reason() {
         "{err}"
     );
 }
+
+/// Signing comes after the milters (interface: "Mail authentication"): a message whose
+/// Subject, headers and body a milter changed is signed as it leaves them, so the
+/// signature covers the milter's changes and verifies at the next hop.
+#[test]
+fn a_message_a_milter_changed_is_signed_as_the_milter_left_it() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, record) = keygen(keys.path(), "s1", "ed25519");
+    let sink = Sink::start(SinkConfig::default());
+    let port = crate::common::free_port();
+    let _milter = crate::milter::scenario(&port.to_string(), "scenario", "script");
+    let extra = format!(
+        "{}{}\n[[milter]]\nname = \"scenario\"\naddress = \"127.0.0.1:{port}\"\n",
+        dkim_section("s1", &key, false),
+        route_to(&["*"], &sink)
+    );
+    let server = Server::start("", &extra);
+    let mut c = server.client(INSIDE);
+    c.hello();
+    let body = "From: <alice@company.test>\r\nTo: <bob@example.net>\r\n\
+                Subject: edit-headers replace-body\r\nX-Remove: gone\r\n\
+                Message-ID: <milter-signed@company.test>\r\n\r\nThe original body.\r\n";
+    let r = c.send_mail("alice@company.test", &["bob@example.net"], body);
+    assert_eq!(r.code, 250, "{}", r.text());
+    c.expect("QUIT", 221);
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    let data = got[0].data_str();
+    for change in [
+        "Subject: [edited] edit-headers replace-body",
+        "X-Added: added by scenario",
+        "This body was replaced by the milter.",
+    ] {
+        assert!(data.contains(change), "{change} missing:\n{data}");
+    }
+    assert!(!data.contains("X-Remove") && !data.contains("The original body"), "{data}");
+    let (ok, out) = verify(&data, &[("s1", record.as_str())]);
+    assert!(ok, "{out}\n{data}");
+    // The signature covers the milter's Subject: the one the client wrote fails.
+    let original = data.replace("Subject: [edited] ", "Subject: ");
+    assert!(!verify(&original, &[("s1", record.as_str())]).0, "{data}");
+}

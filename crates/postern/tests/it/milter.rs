@@ -14,7 +14,7 @@ use crate::common::{INSIDE, OUTSIDE, Server, free_port, http_get, route_to, run_
 use postern_testkit::sink::{ReceivedMessage, Sink, SinkConfig};
 
 /// A process killed when the test ends.
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -59,7 +59,7 @@ fn wait_listening(address: &str, what: &str) {
 }
 
 /// Starts `scenario.py ADDRESS NAME MODE`; returns it once it listens.
-fn scenario(address: &str, name: &str, mode: &str) -> Proc {
+pub(crate) fn scenario(address: &str, name: &str, mode: &str) -> Proc {
     let child = Command::new(python())
         .arg(testdata("scenario.py"))
         .args([address, name, mode])
