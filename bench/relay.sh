@@ -9,7 +9,9 @@
 #        bench/relay.sh 4096 10 1000 100
 # Builds the release binary, writes a config to a temp dir, starts Postern, runs the
 # harness with -w (peak RSS/PSS of Postern) and -Q (queue empty), stops Postern.
-# EXTRA_CONF is appended to the config (bench/milter.sh puts [[milter]] there).
+# EXTRA_CONF is appended to the config (bench/milter.sh puts [[milter]] there); it
+# starts inside [delivery], so keys of that section may come first. ACCEPTED and
+# TRUSTED replace [relay]'s accepted_domains and trusted_networks (TOML lists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=$1 CONC=$2 COUNT=$3 RCPTS=${4:-1}
@@ -31,8 +33,8 @@ max_connections = 5000
 per_ip_connections = 5000
 
 [relay]
-accepted_domains = []
-trusted_networks = ["127.0.0.1/32"]
+accepted_domains = ${ACCEPTED:-[]}
+trusted_networks = ${TRUSTED:-["127.0.0.1/32"]}
 
 [[route]]
 domains = ["bench.test"]

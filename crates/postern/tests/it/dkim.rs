@@ -362,7 +362,10 @@ fn a_message_a_milter_changed_is_signed_as_the_milter_left_it() {
     ] {
         assert!(data.contains(change), "{change} missing:\n{data}");
     }
-    assert!(!data.contains("X-Remove") && !data.contains("The original body"), "{data}");
+    assert!(
+        !data.contains("X-Remove") && !data.contains("The original body"),
+        "{data}"
+    );
     let (ok, out) = verify(&data, &[("s1", record.as_str())]);
     assert!(ok, "{out}\n{data}");
     // The signature covers the milter's Subject: the one the client wrote fails.
