@@ -244,7 +244,7 @@ fn prepare(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Prepared> {
     let cluster = match (&config.cluster, previous_cluster) {
-        (Some(k), Some(c)) if c.config() == k => Some(Arc::clone(c)),
+        (Some(k), Some(c)) if c.serves(k) => Some(Arc::clone(c)),
         (Some(k), _) => {
             tracing::info!(redis = %k.shown_url(), node = %k.node,
                 "[cluster]: sharing AUTH lockouts and rate-limit counters through redis");
@@ -390,7 +390,21 @@ impl Server {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{e:#}"))?;
-        let bound = bind_new(&prepared.config, &self.listeners).map_err(|e| format!("{e:#}"))?;
+        let bound = match bind_new(&prepared.config, &self.listeners) {
+            Ok(bound) => bound,
+            Err(e) => {
+                // A Redis client made for this reload is never used: it stays quiet.
+                if let Some(new) = &prepared.cluster
+                    && !self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|old| Arc::ptr_eq(old, new))
+                {
+                    new.retire();
+                }
+                return Err(format!("{e:#}"));
+            }
+        };
         let changes = crate::config::changes(&self.config, &prepared.config);
         // Keys only a restart applies keep their running values, so that the next reload
         // still reports them as pending.

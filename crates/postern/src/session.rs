@@ -327,7 +327,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         continue;
                     }
                     wait = wait.min(left);
-                    reserve_for_read(session, &mut reservation, buf.len(), shared);
+                    if reserve_for_read(session, &mut reservation, buf.len(), shared) {
+                        // Its 452 is a 4xx at the end: the client sends it again, with
+                        // the same recipients (`RecipientHolds`).
+                        recipient_holds.give_back();
+                    }
                 } else {
                     transfer_deadline = None;
                     reservation.resize(0);
@@ -521,20 +525,22 @@ fn rate_limited(
 /// to what the body will hold then. When the budget cannot cover it, the message is
 /// dropped as it arrives and answered 452 4.3.1 at its end (memory stays bounded, the
 /// client tries again later).
+/// True when it refused the body now.
 fn reserve_for_read(
     session: &mut Session,
     reservation: &mut Reservation,
     read: usize,
     shared: &Shared,
-) {
+) -> bool {
     let want = session.body_bytes_after(read) as u64;
     if want <= reservation.held() || reservation.resize(want) {
-        return;
+        return false;
     }
     maillog::memory_refused(session.peer(), want, shared.budget.used());
     shared.metrics.message_rejected(Rejection::Memory);
     session.refuse_body(catalogue::insufficient_storage());
     reservation.resize(session.body_bytes_after(0) as u64);
+    true
 }
 
 /// What deciding a recipient needs beside the request: the policy, the authenticator

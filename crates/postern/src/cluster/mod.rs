@@ -118,6 +118,9 @@ pub struct Cluster {
     sentinel: Option<Sentinel>,
     /// The settings every connection manager is made with.
     manager_config: ConnectionManagerConfig,
+    /// What `ca_file`, `cert_file` and `key_file` held when this client was made (a
+    /// reload that finds them changed makes a new client).
+    tls_files: Option<u64>,
     state: AtomicU8,
     /// Replaced or removed by a reload: sessions that started before may still use it,
     /// but it no longer probes, logs its state or writes the shared gauge.
@@ -153,55 +156,14 @@ impl Cluster {
         // ring (the only one compiled in). Installing it twice is harmless (an Err).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let shown = config.shown_url();
-        let client = if config.ca_file.is_some() || config.client_cert.is_some() {
-            let read = |key: &str, path: &std::path::Path| {
-                std::fs::read(path).with_context(|| format!("[cluster] {key} {}", path.display()))
-            };
-            let certificates = |key: &str, path: &std::path::Path| -> anyhow::Result<Vec<u8>> {
-                use rustls_pki_types::pem::PemObject;
-                let pem = read(key, path)?;
-                let n = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| anyhow::anyhow!("[cluster] {key} {}: {e}", path.display()))?
-                    .len();
-                anyhow::ensure!(
-                    n > 0,
-                    "[cluster] {key} {}: no PEM certificate in it",
-                    path.display()
-                );
-                Ok(pem)
-            };
-            let root_cert = match &config.ca_file {
-                Some(path) => Some(certificates("ca_file", path)?),
-                None => None,
-            };
-            let client_tls = match &config.client_cert {
-                Some((cert, key)) => {
-                    use rustls_pki_types::pem::PemObject;
-                    let client_key = read("key_file", key)?;
-                    rustls_pki_types::PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
-                        anyhow::anyhow!("[cluster] key_file {}: {e}", key.display())
-                    })?;
-                    Some(redis::ClientTlsConfig {
-                        client_cert: certificates("cert_file", cert)?,
-                        client_key,
-                    })
-                }
-                None => None,
-            };
-            // The PEM is parsed here: a file that holds no certificate (or key) is an
+        let certificates = tls_material(config)?;
+        let client = match &certificates {
+            // The PEM was parsed above: a file that holds no certificate (or key) is an
             // error at start and at reload, not a node that silently counts alone.
-            redis::Client::build_with_tls(
-                config.redis.as_str(),
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
-            .map_err(|e| anyhow::anyhow!("[cluster] TLS files: {e}"))?
-        } else {
-            redis::Client::open(config.redis.as_str())
-                .with_context(|| format!("[cluster] redis {shown}"))?
+            Some(certs) => redis::Client::build_with_tls(config.redis.as_str(), certs.clone())
+                .map_err(|e| anyhow::anyhow!("[cluster] TLS files: {e}"))?,
+            None => redis::Client::open(config.redis.as_str())
+                .with_context(|| format!("[cluster] redis {shown}"))?,
         };
         let secret = client
             .get_connection_info()
@@ -221,7 +183,7 @@ impl Cluster {
             None
         } else {
             Some(
-                Sentinel::new(config, &client)
+                Sentinel::new(config, &client, certificates.clone())
                     .with_context(|| format!("[cluster] sentinels for {shown}"))?,
             )
         };
@@ -229,13 +191,13 @@ impl Cluster {
         // probe asks them and makes the real connection.
         let manager = ConnectionManager::new_lazy_with_config(client, manager_config.clone())
             .with_context(|| format!("[cluster] redis {shown}"))?;
-        metrics.cluster_redis_up(false);
         let cluster = Arc::new(Cluster {
             config: config.clone(),
             shown,
             secret,
             manager: arc_swap::ArcSwap::from_pointee(manager),
             sentinel,
+            tls_files: certificates.as_ref().map(tls_digest),
             manager_config,
             state: AtomicU8::new(STARTING),
             retired: std::sync::atomic::AtomicBool::new(false),
@@ -267,6 +229,21 @@ impl Cluster {
     /// is unchanged).
     pub fn config(&self) -> &crate::config::Cluster {
         &self.config
+    }
+
+    /// Whether a reload with `config` may keep this client: the same section, and the
+    /// same contents in its TLS files (a certificate renewed in place needs a new
+    /// client). A file that cannot be read now: not the same (the new client's error
+    /// then fails the reload, naming it).
+    pub fn serves(&self, config: &crate::config::Cluster) -> bool {
+        if &self.config != config {
+            return false;
+        }
+        match (&self.tls_files, tls_material(config)) {
+            (None, Ok(None)) => true,
+            (Some(old), Ok(Some(new))) => *old == tls_digest(&new),
+            _ => false,
+        }
     }
 
     /// The URL as it may be printed.
@@ -430,11 +407,25 @@ impl Cluster {
                 self.mark_down(&self.scrub(&e.to_string()));
                 None
             }
+            // Over what was left of a command's bound, but not over the whole bound (an
+            // AUTH's settling after a slowish check): this call counts locally, Redis is
+            // not called down for it.
+            Err(_) if bound < self.config.timeout => {
+                self.metrics.cluster_redis_failure();
+                self.log_error(
+                    what,
+                    &format!(
+                        "no answer within the {} left of this command's bound",
+                        crate::config::format_duration(bound)
+                    ),
+                );
+                None
+            }
             Err(_) => {
                 self.metrics.cluster_redis_failure();
                 self.mark_down(&format!(
                     "{what}: no answer within {}",
-                    crate::config::format_duration(self.config.timeout)
+                    crate::config::format_duration(bound)
                 ));
                 None
             }
@@ -522,48 +513,36 @@ impl Cluster {
         ConnectionManager::clone(&self.manager.load())
     }
 
-    /// With `sentinels`: asks them where the master is (within the bound) and, when it
-    /// has moved (a failover), connects there from now on. False when no sentinel
-    /// answered: the probe then counts as failed.
-    async fn follow_master(&self, sentinel: &Sentinel) -> bool {
-        let asked = tokio::time::timeout(self.config.timeout, sentinel.master()).await;
-        let client = match asked {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                self.mark_down(&format!("sentinels: {}", self.scrub(&e.to_string())));
-                return false;
-            }
-            Err(_) => {
-                self.mark_down(&format!(
-                    "sentinels: no answer within {}",
-                    crate::config::format_duration(self.config.timeout)
-                ));
-                return false;
+    /// With `sentinels`: asks them where the master is and, when it has moved (a
+    /// failover), connects there from now on. Off the mail path (the probe), so it has
+    /// a bound of its own, [`SENTINEL_BOUND`]. When no sentinel answers, the connection
+    /// in use stays: the PING that follows decides whether Redis is down.
+    async fn follow_master(&self, sentinel: &Sentinel) {
+        let client = match sentinel.master(SENTINEL_BOUND).await {
+            Ok(client) => client,
+            Err(e) => {
+                self.log_error("sentinels", &self.scrub(&e));
+                return;
             }
         };
         let addr = client.get_connection_info().addr().to_string();
-        if sentinel
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_deref()
-            == Some(&addr)
-        {
-            return true;
+        let mut current = sentinel.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_deref() == Some(addr.as_str()) {
+            return;
         }
         match ConnectionManager::new_lazy_with_config(client, self.manager_config.clone()) {
             Ok(manager) => {
                 self.manager.store(Arc::new(manager));
-                *sentinel.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
+                *current = Some(addr.clone());
+                drop(current);
                 if !self.is_retired() {
                     tracing::info!(redis = %self.shown, node = %self.config.node, master = %addr,
                         "redis master named by the sentinels");
                 }
-                true
             }
             Err(e) => {
-                self.mark_down(&self.scrub(&e.to_string()));
-                false
+                drop(current);
+                self.log_error("sentinels", &self.scrub(&e.to_string()));
             }
         }
     }
@@ -571,13 +550,8 @@ impl Cluster {
     /// One probe: PING within the bound (with `sentinels`, after asking them where the
     /// master is). Its answer decides the state.
     async fn probe_once(&self) {
-        if let Some(sentinel) = &self.sentinel
-            && !self.follow_master(sentinel).await
-        {
-            if !self.is_retired() {
-                self.metrics.cluster_redis_up(false);
-            }
-            return;
+        if let Some(sentinel) = &self.sentinel {
+            self.follow_master(sentinel).await;
         }
         let mut con = self.connection();
         let started = Instant::now();
@@ -605,46 +579,155 @@ impl Cluster {
     }
 }
 
+/// How long the probe may spend asking the sentinels where the master is.
+const SENTINEL_BOUND: Duration = Duration::from_secs(1);
+
 /// The sentinels of `[cluster] sentinels` and what they said last.
 struct Sentinel {
-    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// One client per sentinel, asked side by side: the first good answer wins, so one
+    /// sentinel that hangs (its machine gone) holds nothing up.
+    clients: Vec<Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>>,
     /// The master's address the connection manager goes to now.
     current: Mutex<Option<String>>,
 }
 
 impl Sentinel {
     /// The master is the URL's host name as the sentinels know it (`sentinel monitor
-    /// NAME ...`); the URL's user, password, database and TLS apply to it.
-    fn new(config: &crate::config::Cluster, client: &redis::Client) -> redis::RedisResult<Self> {
-        use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+    /// NAME ...`); the URL's user, password, database and TLS (with `ca_file`,
+    /// `cert_file`, `key_file`) apply to it; `sentinel_password` to the sentinels.
+    fn new(
+        config: &crate::config::Cluster,
+        client: &redis::Client,
+        certificates: Option<redis::TlsCertificates>,
+    ) -> anyhow::Result<Self> {
+        use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
         let info = client.get_connection_info();
         let (name, tls) = match info.addr() {
             redis::ConnectionAddr::Tcp(host, _) => (host.clone(), false),
             redis::ConnectionAddr::TcpTls { host, .. } => (host.clone(), true),
-            other => (other.to_string(), false),
+            other => anyhow::bail!("the master's name must be the URL's host, not {other}"),
         };
-        let mut node = SentinelNodeConnectionInfo::default()
-            .set_redis_connection_info(info.redis_settings().clone());
-        if tls {
-            node = node.set_tls_mode(redis::TlsMode::Secure);
+        let settings = info.redis_settings();
+        let mut clients = Vec::new();
+        for address in &config.sentinels {
+            let (host, port) = split_host_port(address)
+                .ok_or_else(|| anyhow::anyhow!("{address}: not host:port"))?;
+            let mut b = SentinelClientBuilder::new(
+                [redis::ConnectionAddr::Tcp(host, port)],
+                &name,
+                SentinelServerType::Master,
+            )?
+            .set_client_to_redis_db(settings.db());
+            if let Some(user) = settings.username() {
+                b = b.set_client_to_redis_username(user);
+            }
+            if let Some(password) = settings.password() {
+                b = b.set_client_to_redis_password(password);
+            }
+            if tls {
+                b = b.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            }
+            if let Some(certs) = &certificates {
+                b = b.set_client_to_redis_certificates(certs.clone());
+            }
+            if let Some(password) = &config.sentinel_password {
+                b = b.set_client_to_sentinel_password(password);
+            }
+            clients.push(Arc::new(tokio::sync::Mutex::new(b.build()?)));
         }
-        let sentinels: Vec<String> = config
-            .sentinels
-            .iter()
-            .map(|a| format!("redis://{a}"))
-            .collect();
-        let client =
-            SentinelClient::build(sentinels, name, Some(node), SentinelServerType::Master)?;
         Ok(Sentinel {
-            client: tokio::sync::Mutex::new(client),
+            clients,
             current: Mutex::new(None),
         })
     }
 
-    /// A client for the master the sentinels name now.
-    async fn master(&self) -> redis::RedisResult<redis::Client> {
-        self.client.lock().await.async_get_client().await
+    /// A client for the master, from the first sentinel that names one within `bound`;
+    /// otherwise why not (the last error).
+    async fn master(&self, bound: Duration) -> Result<redis::Client, String> {
+        let mut asking = tokio::task::JoinSet::new();
+        for c in &self.clients {
+            let c = Arc::clone(c);
+            asking.spawn(async move {
+                tokio::time::timeout(bound, async { c.lock().await.async_get_client().await }).await
+            });
+        }
+        let mut why = format!("no answer within {}", crate::config::format_duration(bound));
+        while let Some(answer) = asking.join_next().await {
+            match answer {
+                Ok(Ok(Ok(client))) => return Ok(client),
+                Ok(Ok(Err(e))) => why = e.to_string(),
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+        Err(why)
     }
+}
+
+/// `host:port` or `[v6]:port`, as validated by the configuration.
+fn split_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+/// Reads and checks `ca_file`, `cert_file` and `key_file`: `None` when none is set.
+fn tls_material(config: &crate::config::Cluster) -> anyhow::Result<Option<redis::TlsCertificates>> {
+    use rustls_pki_types::pem::PemObject;
+    if config.ca_file.is_none() && config.client_cert.is_none() {
+        return Ok(None);
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("[cluster] {key} {}", path.display()))
+    };
+    let certificates = |key: &str, path: &std::path::Path| -> anyhow::Result<Vec<u8>> {
+        let pem = read(key, path)?;
+        let n = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("[cluster] {key} {}: {e}", path.display()))?
+            .len();
+        anyhow::ensure!(
+            n > 0,
+            "[cluster] {key} {}: no PEM certificate in it",
+            path.display()
+        );
+        Ok(pem)
+    };
+    let root_cert = match &config.ca_file {
+        Some(path) => Some(certificates("ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match &config.client_cert {
+        Some((cert, key)) => {
+            let client_key = read("key_file", key)?;
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(&client_key)
+                .map_err(|e| anyhow::anyhow!("[cluster] key_file {}: {e}", key.display()))?;
+            Some(redis::ClientTlsConfig {
+                client_cert: certificates("cert_file", cert)?,
+                client_key,
+            })
+        }
+        None => None,
+    };
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// A hash of the files' contents, to tell whether they changed (the key itself is not
+/// kept twice in memory).
+fn tls_digest(certs: &redis::TlsCertificates) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    certs.root_cert.hash(&mut h);
+    if let Some(c) = &certs.client_tls {
+        c.client_cert.hash(&mut h);
+        c.client_key.hash(&mut h);
+    }
+    h.finish()
 }
 
 /// The probe task: every second for as long as the client is in use (it holds only a

@@ -21,6 +21,7 @@ fn config(url: &str) -> crate::config::Cluster {
         ca_file: None,
         client_cert: None,
         sentinels: Vec::new(),
+        sentinel_password: None,
     }
 }
 
@@ -521,4 +522,27 @@ async fn a_restarted_redis_is_found_again() {
         Some(WindowAdd::Added { .. })
     ));
     drop(redis);
+}
+
+#[tokio::test]
+async fn a_client_serves_a_reload_only_while_its_tls_files_are_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = postern_testkit::TestCa::new();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let mut k = config("rediss://127.0.0.1:1/0");
+    k.ca_file = Some(ca_file.clone());
+    let c = Cluster::new(&k, Arc::new(Metrics::new([]))).unwrap();
+    assert!(c.serves(&k));
+    // Renewed in place: a new client is needed.
+    std::fs::write(&ca_file, postern_testkit::TestCa::new().ca_pem()).unwrap();
+    assert!(!c.serves(&k));
+    // No certificate in it: an error for the new client, never a silent reuse.
+    std::fs::write(&ca_file, "not a certificate").unwrap();
+    assert!(!c.serves(&k));
+    let err = Cluster::new(&k, Arc::new(Metrics::new([]))).unwrap_err();
+    assert!(format!("{err:#}").contains("no PEM certificate"), "{err:#}");
+    let mut other = k.clone();
+    other.node = "another".into();
+    assert!(!c.serves(&other));
 }

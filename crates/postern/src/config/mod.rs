@@ -611,6 +611,8 @@ pub struct Cluster {
     /// Redis Sentinel addresses (`host:port`); when given, the host of `redis` is the
     /// name of the master they watch, and they say where it is.
     pub sentinels: Vec<String>,
+    /// The password the sentinels ask for (their `requirepass`); never printed.
+    pub sentinel_password: Option<String>,
 }
 
 impl Cluster {
@@ -630,6 +632,10 @@ impl std::fmt::Debug for Cluster {
             .field("ca_file", &self.ca_file)
             .field("client_cert", &self.client_cert)
             .field("sentinels", &self.sentinels)
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }

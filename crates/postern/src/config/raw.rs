@@ -269,6 +269,7 @@ pub(crate) struct RawCluster {
     pub cert_file: Option<S<String>>,
     pub key_file: Option<S<String>>,
     pub sentinels: Option<Vec<S<String>>>,
+    pub sentinel_password: Option<S<String>>,
 }
 
 /// `max_message_size` is either a TOML integer (bytes) or a string with a unit.

@@ -661,35 +661,43 @@ fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
             );
         }
     };
-    let mut sentinels = Vec::new();
+    let mut sentinels: Vec<String> = Vec::new();
     for a in k.sentinels.iter().flatten() {
         let addr = v.parse(a, "cluster.sentinels", |s| {
             let s = s.trim();
-            let bad = || format!("`{s}` is not a sentinel address (expected host:port)");
+            if s.contains('@') {
+                // It may hold a password: never repeat it.
+                return Err("a sentinel address holds no user or password (`@`): give \
+                            host:port, and the password as sentinel_password"
+                    .to_string());
+            }
+            let bad =
+                || format!("`{s}` is not a sentinel address (expected host:port or [IPv6]:port)");
             let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+            let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+                Some(_) => return Err(bad()),
+                None => host,
+            };
+            if host.is_empty()
+                || (host.contains(':') && !s.starts_with('['))
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
+            {
                 return Err(bad());
             }
             match port.parse::<u16>() {
-                Ok(p) if p != 0 => Ok(s.to_string()),
+                Ok(p) if p != 0 => Ok(s.to_ascii_lowercase()),
                 _ => Err(bad()),
             }
         })?;
-        if sentinels.len() == 16 {
-            return v.err(a.span(), "cluster.sentinels", "at most 16 sentinels");
-        }
         if !sentinels.contains(&addr) {
+            if sentinels.len() == 16 {
+                return v.err(a.span(), "cluster.sentinels", "at most 16 sentinels");
+            }
             sentinels.push(addr);
         }
-    }
-    if !sentinels.is_empty() && (ca_file.is_some() || client_cert.is_some()) {
-        return v.err(
-            k.redis.span(),
-            "cluster.sentinels",
-            "ca_file, cert_file and key_file are not supported with sentinels (the \
-             master they name is checked against the system's roots)",
-        );
     }
     if k.sentinels.as_ref().is_some_and(|s| s.is_empty()) {
         return v.err(
@@ -698,6 +706,13 @@ fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
             "an empty list: give the sentinels' addresses, or leave the key out",
         );
     }
+    let sentinel_password = match &k.sentinel_password {
+        Some(p) if sentinels.is_empty() => {
+            return v.err(p.span(), "cluster.sentinel_password", "only with sentinels");
+        }
+        Some(p) => Some(p.get_ref().clone()),
+        None => None,
+    };
     Ok(Cluster {
         redis: url.to_string(),
         node,
@@ -705,6 +720,7 @@ fn cluster_section(v: &Validator, k: &RawCluster) -> Result<Cluster> {
         ca_file,
         client_cert,
         sentinels,
+        sentinel_password,
     })
 }
 

@@ -183,10 +183,18 @@ impl Drop for Hold {
             let mut table = t.table.lock().unwrap_or_else(|p| p.into_inner());
             table.refund(&(t.counted, t.key.as_str()), t.bucket, 1);
         }
-        // Redis is given its part back off the session's path (bounded like every call).
-        if let Some(SharedHold { cluster, counted }) = self.shared.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
+        if let Some(shared) = self.shared.take() {
+            shared.give_back();
+        }
+    }
+}
+
+impl SharedHold {
+    /// Gives Redis its part back, off the session's path (one call, bounded like every
+    /// call; lost if Redis does not answer, which errs towards refusing).
+    fn give_back(self) {
+        let SharedHold { cluster, counted } = self;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let given: Vec<(&str, i64, u64)> =
                     counted.iter().map(|(k, b)| (k.as_str(), *b, 1)).collect();
@@ -216,9 +224,28 @@ impl RecipientHolds {
         }
     }
 
-    /// The message got a 4xx at its end: give its recipients back.
+    /// The message got a 4xx at its end: give its recipients back (to Redis in one
+    /// call, however many there were).
     pub fn give_back(&mut self) {
-        self.0.clear();
+        let mut batch: Option<SharedHold> = None;
+        for mut hold in self.0.drain(..) {
+            if let Some(shared) = hold.shared.take() {
+                match &mut batch {
+                    Some(b) if Arc::ptr_eq(&b.cluster, &shared.cluster) => {
+                        b.counted.extend(shared.counted)
+                    }
+                    _ => {
+                        if let Some(other) = batch.replace(shared) {
+                            other.give_back();
+                        }
+                    }
+                }
+            }
+            // The local counts are given back as the hold drops.
+        }
+        if let Some(b) = batch {
+            b.give_back();
+        }
     }
 }
 

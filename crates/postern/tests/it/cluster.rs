@@ -468,3 +468,28 @@ fn with_sentinels_the_nodes_follow_a_failover() {
         "1"
     );
 }
+
+#[test]
+fn a_hanging_sentinel_does_not_stop_the_sharing() {
+    let primary = RedisServer::start(None).unwrap();
+    let hanging = RedisServer::start_sentinel(&primary, "postern").unwrap();
+    let good = RedisServer::start_sentinel(&primary, "postern").unwrap();
+    hanging.pause();
+    let sentinels = format!(
+        "sentinels = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+        hanging.port(),
+        good.port()
+    );
+    let a = Node::start_with(Some("redis://postern/0"), "edge-a", &sentinels);
+    let b = Node::start_with(Some("redis://postern/0"), "edge-b", &sentinels);
+    a.lock_out(OUTSIDE, "alice");
+    assert_eq!(b.auth(OUTSIDE, "alice", ALICE), 454);
+    // Both sentinels stopped: the master they named still answers, and sharing goes on.
+    good.pause();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(a.redis_up().as_deref(), Some("1"));
+    a.lock_out("127.0.0.7", "nobody");
+    assert_eq!(b.auth("127.0.0.7", "bob", BOB), 454);
+    good.resume();
+    hanging.resume();
+}

@@ -366,3 +366,45 @@ window = "1m"
     }
     assert_eq!(send(&mut bob, "bob@accepted.test", "x@remote.test"), 451);
 }
+
+/// Recipients are counted at RCPT 250 and stay counted after an RSET, but a message
+/// answered 4xx at its end (here a milter's tempfail) gives its recipients back: the
+/// client sends the same ones again.
+#[test]
+fn recipients_stay_counted_after_rset_but_come_back_after_a_4xx_at_the_end() {
+    let milter = crate::common::free_port();
+    let _scenario = crate::milter::scenario(&milter.to_string(), "scenario", "script");
+    let (s, _) = start(
+        "",
+        &format!(
+            r#"[[rate_limit]]
+name = "rcpts"
+per = "client_ip"
+recipients = 3
+window = "1m"
+
+[[milter]]
+name = "scenario"
+address = "127.0.0.1:{milter}"
+"#
+        ),
+    );
+    let mut c = s.client(OUTSIDE);
+    c.hello();
+    c.expect("MAIL FROM:<x@remote.test>", 250);
+    c.expect("RCPT TO:<a@accepted.test>", 250);
+    c.expect("RCPT TO:<b@accepted.test>", 250);
+    let r = c.data(&message("tempfail-me"));
+    assert_eq!(r.code, 451, "{}", r.text());
+    // Given back: the same two fit again, and the message goes through.
+    c.expect("MAIL FROM:<x@remote.test>", 250);
+    c.expect("RCPT TO:<a@accepted.test>", 250);
+    c.expect("RCPT TO:<b@accepted.test>", 250);
+    assert_eq!(c.data(&message("fine")).code, 250);
+    // An RSET gives nothing back: the third is counted, the fourth is over.
+    c.expect("MAIL FROM:<x@remote.test>", 250);
+    c.expect("RCPT TO:<c@accepted.test>", 250);
+    c.expect("RSET", 250);
+    c.expect("MAIL FROM:<x@remote.test>", 250);
+    assert_eq!(c.cmd("RCPT TO:<d@accepted.test>").code, 451);
+}
