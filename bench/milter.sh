@@ -16,13 +16,14 @@
 # (bench/relay.sh; "na" for Postfix).
 # Needs root (Postfix setup), postfix, gcc, libmilter-dev, python3-milter, clamav-daemon,
 # clamav-milter. RUNS (default 3), COUNT (default 5000), MILTERS="none noop noop-c clamav"
-# choose what runs.
+# choose what runs; a milter written NAME:nopool runs Postern only, with pool_size = 0
+# (a new milter connection per SMTP session, as before connections were kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 COUNT=${COUNT:-5000}
 MILTERS=${MILTERS:-none noop noop-c clamav}
-cargo build --release -q || exit 1
+cargo build --release -q -p postern || exit 1
 BIN=$(mktemp -d)/postern
 cp target/release/postern "$BIN"
 export BIN
@@ -121,19 +122,24 @@ measure() {
     'BEGIN { printf "%.1f %.1f %.2f %.2f %.1f %s\n", busy, harness, m / hz, c / hz, busy - harness - (m + c) / hz, own == "" ? "na" : own }')"
 }
 for run in $(seq "$RUNS"); do
-  for m in $MILTERS; do
+  for spec in $MILTERS; do
+    m=${spec%:nopool}
+    pool=""
+    [[ $spec == *:nopool ]] && pool=$'\npool_size = 0'
     if [[ $m == none ]]; then
       postconf -e "smtpd_milters =" >/dev/null
       extra=""
     else
       postconf -e "smtpd_milters = inet:$(address "$m")" >/dev/null
-      extra=$'[[milter]]\nname = "'"$m"$'"\naddress = "'"$(address "$m")"'"'
+      extra=$'[[milter]]\nname = "'"$m"$'"\naddress = "'"$(address "$m")"'"'"$pool"
     fi
-    postfix reload >/dev/null 2>&1
-    sleep 2
-    measure postfix "$m" "$H" -Q 'test -z "$(postqueue -j)"' -w "$(master_pid)" 127.0.0.1:2525 2626 4096 50 "$COUNT"
-    sleep 3
-    measure postern "$m" env EXTRA_CONF="$extra" PORT=2527 bench/relay.sh 4096 50 "$COUNT"
+    if [[ $spec == "$m" ]]; then
+      postfix reload >/dev/null 2>&1
+      sleep 2
+      measure postfix "$m" "$H" -Q 'test -z "$(postqueue -j)"' -w "$(master_pid)" 127.0.0.1:2525 2626 4096 50 "$COUNT"
+      sleep 3
+    fi
+    measure postern "$spec" env EXTRA_CONF="$extra" PORT=2527 bench/relay.sh 4096 50 "$COUNT"
     sleep 3
   done
 done
