@@ -3,7 +3,8 @@
 //! `postern_smtp::milter`.
 //!
 //! One [`Chain`] per SMTP session holds one connection to each configured milter
-//! (`[[milter]]`, in file order). A connection is opened lazily, at the first MAIL of the
+//! (`[[milter]]`, in file order), taken from its [`Endpoint`]'s pool of connections kept
+//! from earlier sessions or opened. A connection is taken lazily, at the first MAIL of the
 //! session that the milter's `clients` scope takes in: `clients` depends on AUTH, which
 //! comes after the greeting, and a session that never sends MAIL (a probe, a scanner)
 //! costs no milter anything. Then the conversation is replayed in order and follows the
@@ -17,7 +18,7 @@
 //! | RCPT (accepted by policy) | `SMFIC_RCPT` (`{rcpt_addr}`): a refusal is the reply to that RCPT |
 //! | end of DATA/BDAT          | `SMFIC_DATA`, each header field, `SMFIC_EOH`, the body in 64 KiB chunks, `SMFIC_BODYEOB` (`i`: the queue id) |
 //! | RSET, EHLO, STARTTLS, a refused message | `SMFIC_ABORT`, before Postern reads the next command |
-//! | end of session            | `SMFIC_QUIT`                                         |
+//! | end of session            | `SMFIC_QUIT_NC`, the connection kept for the next session (module `pool`), or `SMFIC_QUIT` |
 //!
 //! A decision at CONNECT or HELO holds for the session: accept takes the milter out of
 //! it, reject and tempfail become the reply to every MAIL (Postfix delays a connect-time
