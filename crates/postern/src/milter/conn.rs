@@ -164,10 +164,9 @@ impl Conn {
         !self.tainted && self.codec.can_quit_nc()
     }
 
-    /// `SMFIC_QUIT_NC`, written at once (it is 5 octets: a second at most).
-    pub(super) async fn quit_nc(&mut self) -> Result<(), Failure> {
-        self.codec.quit_nc().map_err(Failure::Protocol)?;
-        self.flush(Duration::from_secs(1)).await
+    /// `SMFIC_QUIT_NC`, to go out with the next command.
+    pub(super) fn quit_nc(&mut self) -> Result<(), Failure> {
+        self.codec.quit_nc().map(|_| ()).map_err(Failure::Protocol)
     }
 
     /// After a stage method: sends its packets and, when the milter answers that

@@ -18,7 +18,7 @@
 //! | RCPT (accepted by policy) | `SMFIC_RCPT` (`{rcpt_addr}`): a refusal is the reply to that RCPT |
 //! | end of DATA/BDAT          | `SMFIC_DATA`, each header field, `SMFIC_EOH`, the body in 64 KiB chunks, `SMFIC_BODYEOB` (`i`: the queue id) |
 //! | RSET, EHLO, STARTTLS, a refused message | `SMFIC_ABORT`, before Postern reads the next command |
-//! | end of session            | `SMFIC_QUIT_NC`, the connection kept for the next session (module `pool`), or `SMFIC_QUIT` |
+//! | end of session            | the connection kept for the next session, which starts with `SMFIC_QUIT_NC` (module `pool`), or `SMFIC_QUIT` |
 //!
 //! A decision at CONNECT or HELO holds for the session: accept takes the milter out of
 //! it, reject and tempfail become the reply to every MAIL (Postfix delays a connect-time
@@ -527,7 +527,8 @@ impl Chain {
     }
 
     /// The session is over: every open milter connection is kept for the next session
-    /// (`SMFIC_QUIT_NC`) if it can be, else closed with QUIT (module `pool`). A
+    /// (which sends `SMFIC_QUIT_NC` first) if it can be, else closed with QUIT (module
+    /// `pool`). A
     /// transaction still open is aborted first (SMFIC_ABORT: the milter's abort
     /// callback runs), as Postfix's smtpd resets its milters before it disconnects them.
     pub async fn quit(&mut self) {

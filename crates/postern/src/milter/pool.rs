@@ -8,6 +8,14 @@
 //! macros) and the next `SMFIC_CONNECT` starts another on the same milter connection,
 //! without a new negotiation (libmilter's state table: `ST_Q_NC` leads to `ST_CONN`).
 //!
+//! QUIT_NC is sent when the connection is taken again, in the same write as the next
+//! session's macros and CONNECT, not when it goes idle: after QUIT_NC libmilter takes
+//! nothing but CONNECT, so an idle connection that expires could not be closed with
+//! QUIT any more (libmilter would drop the QUIT and see the close as a failure); kept
+//! in its end-of-message state it takes QUIT. The milter's close callback for a session
+//! therefore runs when the next session begins, or at QUIT (`pool_idle_timeout` later
+//! at most).
+//!
 //! A connection goes back to the pool only if its state is clear: the codec says the
 //! milter will take QUIT_NC (`Session::can_quit_nc`: between transactions, version 6,
 //! where libmilter's engine accepts it), it never failed (a failure drops the
@@ -42,10 +50,6 @@ pub struct Endpoint {
 struct Pool {
     /// Idle connections, the most recently used last, with the time they went idle.
     idle: Mutex<Vec<(Box<Conn>, Instant)>>,
-    /// For the tests: take connections without checking them, as if the milter closed
-    /// them just after the check.
-    #[cfg(test)]
-    unchecked: std::sync::atomic::AtomicBool,
 }
 
 /// How often the idle connections are looked at, at most (and at least every
@@ -60,8 +64,6 @@ impl Endpoint {
             config,
             pool: Pool {
                 idle: Mutex::new(Vec::new()),
-                #[cfg(test)]
-                unchecked: Default::default(),
             },
         });
         if ep.config.pool_size > 0
@@ -86,15 +88,8 @@ impl Endpoint {
                 spawn_quits(std::iter::once(conn).chain(old.into_iter().map(|(c, _)| c)));
                 return None;
             }
-            #[cfg(test)]
-            let quiet = self
-                .pool
-                .unchecked
-                .load(std::sync::atomic::Ordering::SeqCst)
-                || conn.is_quiet();
-            #[cfg(not(test))]
-            let quiet = conn.is_quiet();
-            if quiet {
+            // QUIT_NC goes out with the next command (CONNECT).
+            if conn.is_quiet() && conn.quit_nc().is_ok() {
                 conn.resume();
                 return Some(conn);
             }
@@ -102,22 +97,13 @@ impl Endpoint {
         }
     }
 
-    /// Ends the SMTP session on `conn` (`SMFIC_QUIT_NC`) and keeps it, if its state
-    /// allows it and there is room; otherwise QUIT and close.
-    pub(super) async fn release(&self, mut conn: Box<Conn>) {
+    /// The SMTP session on `conn` is over: kept for the next one if its state allows it
+    /// and there is room (QUIT_NC is sent when it is taken), otherwise QUIT and close.
+    pub(super) async fn release(&self, conn: Box<Conn>) {
         if self.config.pool_size == 0 || !conn.reusable() {
             conn.quit().await;
             return;
         }
-        if self.lock().len() >= self.config.pool_size {
-            conn.quit().await;
-            return;
-        }
-        if conn.quit_nc().await.is_err() {
-            // It could not even take QUIT_NC: dropped, closed.
-            return;
-        }
-        // Others may have filled the pool meanwhile.
         let full = {
             let mut idle = self.lock();
             if idle.len() < self.config.pool_size {
@@ -130,14 +116,6 @@ impl Endpoint {
         if let Some(conn) = full {
             conn.quit().await;
         }
-    }
-
-    /// For the tests: [`Endpoint::take`] without its check.
-    #[cfg(test)]
-    pub(super) fn take_unchecked(&self) {
-        self.pool
-            .unchecked
-            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Idle connections now (for the tests).

@@ -61,13 +61,22 @@ impl Seen {
 }
 
 fn start_fake(path: &Path, script: Script) {
-    start_counted(path, script, false);
+    start_counted(path, script, Close::Never);
 }
 
-/// A fake milter that counts what it sees; `close_on_quit_nc`: it closes the
-/// connection after SMFIC_QUIT_NC instead of keeping it (as a milter whose idle timeout
-/// ran out would).
-fn start_counted(path: &Path, script: Script, close_on_quit_nc: bool) -> Arc<Seen> {
+/// When a counting fake milter closes a connection by itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Never,
+    /// Right after it answered end of message: as a milter whose idle timeout ran out
+    /// (or that restarted) while the connection was kept.
+    AfterEom,
+    /// At SMFIC_QUIT_NC: as if that happened in the instant the connection was taken.
+    AtQuitNc,
+}
+
+/// A fake milter that counts what it sees.
+fn start_counted(path: &Path, script: Script, close: Close) -> Arc<Seen> {
     let listener = UnixListener::bind(path).unwrap();
     let seen = Arc::new(Seen::default());
     let all = Arc::clone(&seen);
@@ -89,7 +98,7 @@ fn start_counted(path: &Path, script: Script, close_on_quit_nc: bool) -> Arc<See
                         let data = buf[5..4 + len].to_vec();
                         buf.drain(..4 + len);
                         seen.commands.lock().unwrap().push(code);
-                        if code == SMFIC_QUIT_NC && close_on_quit_nc {
+                        if code == SMFIC_QUIT_NC && close == Close::AtQuitNc {
                             return;
                         }
                         if unanswered(code) {
@@ -101,6 +110,9 @@ fn start_counted(path: &Path, script: Script, close_on_quit_nc: bool) -> Arc<See
                                     if s.write_all(&packet(c, &d)).await.is_err() {
                                         return;
                                     }
+                                }
+                                if code == SMFIC_BODYEOB && close == Close::AfterEom {
+                                    return;
                                 }
                             }
                             None => loop {
@@ -360,7 +372,7 @@ async fn one_session(ep: &Arc<Endpoint>, metrics: &Arc<Metrics>) -> Verdict {
 async fn the_next_session_reuses_the_connection_without_negotiating_again() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.sock");
-    let seen = start_counted(&path, continuing, false);
+    let seen = start_counted(&path, continuing, Close::Never);
     let metrics = Arc::new(Metrics::new([]));
     let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
     for _ in 0..3 {
@@ -373,10 +385,12 @@ async fn the_next_session_reuses_the_connection_without_negotiating_again() {
     assert_eq!(seen.count(SMFIC_OPTNEG), 1);
     assert_eq!(seen.count(SMFIC_CONNECT), 3);
     assert_eq!(seen.count(SMFIC_HELO), 3, "each session says HELO again");
-    assert_eq!(seen.count(SMFIC_QUIT_NC), 3);
+    // QUIT_NC goes with the next session's CONNECT: the last one is still idle.
+    assert_eq!(seen.count(SMFIC_QUIT_NC), 2);
     assert_eq!(seen.count(SMFIC_QUIT), 0);
 
-    // Unused for pool_idle_timeout: closed with QUIT.
+    // Unused for pool_idle_timeout: closed with QUIT (libmilter takes it there, at the
+    // end of a message; after QUIT_NC it would not).
     tokio::time::sleep(Duration::from_secs(16)).await;
     assert_eq!(ep.idle(), 0);
     settle().await;
@@ -397,35 +411,36 @@ async fn the_next_session_reuses_the_connection_without_negotiating_again() {
 #[tokio::test(start_paused = true)]
 async fn a_kept_connection_the_milter_closed_is_replaced_not_failed() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.sock");
-    // It closes every connection at QUIT_NC, the instant it goes idle.
-    let seen = start_counted(&path, continuing, true);
     let metrics = Arc::new(Metrics::new([]));
+    // Closed while idle: found closed when taken (the EOF is there), dropped, and a new
+    // connection opened.
+    let path = dir.path().join("idle.sock");
+    let seen = start_counted(&path, continuing, Close::AfterEom);
     let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
-    assert_eq!(
-        one_session(&ep, &metrics).await,
-        Verdict::Go { quarantine: None }
-    );
-    settle().await;
-    // Found closed when taken (EOF is there): dropped, a new one opened.
-    assert_eq!(
-        one_session(&ep, &metrics).await,
-        Verdict::Go { quarantine: None }
-    );
+    for _ in 0..2 {
+        assert_eq!(
+            one_session(&ep, &metrics).await,
+            Verdict::Go { quarantine: None }
+        );
+        settle().await;
+    }
     assert_eq!(seen.connections(), 2);
+    assert_eq!(seen.count(SMFIC_QUIT_NC), 0);
     assert!(!counted(&metrics, "failed"));
 
-    // Closed after the check: the first awaited answer finds it closed, and a new
-    // connection takes over (taken here without the check, as in the race).
+    // Closed in the instant it was taken: its first awaited answer (CONNECT's) finds it
+    // closed, and a new connection takes over.
+    let path = dir.path().join("race.sock");
+    let seen = start_counted(&path, continuing, Close::AtQuitNc);
     let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
-    one_session(&ep, &metrics).await;
-    settle().await;
-    ep.take_unchecked();
-    assert_eq!(ep.idle(), 1);
-    let mut c = chain_on(&ep, &metrics);
-    c.mail(&sender(), false).await.unwrap();
-    c.quit().await;
-    assert_eq!(seen.connections(), 4);
+    for _ in 0..3 {
+        assert_eq!(
+            one_session(&ep, &metrics).await,
+            Verdict::Go { quarantine: None }
+        );
+    }
+    assert_eq!(seen.connections(), 3);
+    assert_eq!(seen.count(SMFIC_QUIT_NC), 2);
     assert!(!counted(&metrics, "failed"));
 }
 
@@ -453,7 +468,7 @@ async fn a_connection_after_a_tempfail_a_timeout_or_an_accept_is_not_kept() {
     let metrics = Arc::new(Metrics::new([]));
 
     let path = dir.path().join("tempfail.sock");
-    let seen = start_counted(&path, tempfail_rcpt, false);
+    let seen = start_counted(&path, tempfail_rcpt, Close::Never);
     let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
     let mut c = chain_on(&ep, &metrics);
     c.mail(&sender(), false).await.unwrap();
@@ -466,7 +481,7 @@ async fn a_connection_after_a_tempfail_a_timeout_or_an_accept_is_not_kept() {
     assert_eq!(seen.count(SMFIC_QUIT_NC), 0);
 
     let path = dir.path().join("accept.sock");
-    let seen = start_counted(&path, accept_at_eom, false);
+    let seen = start_counted(&path, accept_at_eom, Close::Never);
     let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
     one_session(&ep, &metrics).await;
     one_session(&ep, &metrics).await;
@@ -476,7 +491,7 @@ async fn a_connection_after_a_tempfail_a_timeout_or_an_accept_is_not_kept() {
 
     // A reply timeout: the connection is dropped where it failed.
     let path = dir.path().join("stall.sock");
-    let seen = start_counted(&path, stalling, false);
+    let seen = start_counted(&path, stalling, Close::Never);
     let mut m = milter(&path, OnFailure::Accept);
     m.timeout = Duration::from_millis(100);
     let ep = Endpoint::new(m);
@@ -491,7 +506,7 @@ async fn a_connection_after_a_tempfail_a_timeout_or_an_accept_is_not_kept() {
 async fn the_pool_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.sock");
-    let seen = start_counted(&path, continuing, false);
+    let seen = start_counted(&path, continuing, Close::Never);
     let metrics = Arc::new(Metrics::new([]));
     let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
     // Six sessions at once: six connections; four kept, two closed.
