@@ -17,7 +17,8 @@
 # Needs root (Postfix setup), postfix, gcc, libmilter-dev, python3-milter, clamav-daemon,
 # clamav-milter. RUNS (default 3), COUNT (default 5000), MILTERS="none noop noop-c clamav"
 # choose what runs; a milter written NAME:nopool runs Postern only, with pool_size = 0
-# (a new milter connection per SMTP session, as before connections were kept).
+# (a new milter connection per SMTP session, as before connections were kept);
+# noop-c-unix is noop-c on a Unix socket, Postern only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -39,7 +40,7 @@ cleanup() {
 trap cleanup EXIT
 wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
-ticks() { local st; read -ra st <"/proc/$1/stat" 2>/dev/null || { echo 0; return; }; echo $((st[13] + st[14])); }
+ticks() { local st; read -ra st 2>/dev/null <"/proc/$1/stat" || { echo 0; return; }; echo $((st[13] + st[14])); }
 
 # The no-op milters: pymilter, and C on libmilter.
 NOOP_PORT=${NOOP_PORT:-2701}
@@ -48,11 +49,17 @@ noop_pid=$!
 pids+=($!)
 wait_port "$NOOP_PORT" || { echo "noop milter did not start" >&2; exit 1; }
 NOOPC_PORT=${NOOPC_PORT:-2703}
+POSTERN_PORT=${POSTERN_PORT:-2527}
 gcc -O2 -Wall -o "$work/noop-c" testdata/milter/noop.c -lmilter -lpthread || exit 1
 "$work/noop-c" "$NOOPC_PORT" >/dev/null 2>&1 &
 noopc_pid=$!
 pids+=($!)
 wait_port "$NOOPC_PORT" || { echo "noop-c milter did not start" >&2; exit 1; }
+# The same on a Unix socket, for Postern only (Postfix's smtpd runs chrooted).
+"$work/noop-c" "unix:$work/noop-c.sock" >/dev/null 2>&1 &
+noopcu_pid=$!
+pids+=($!)
+for _ in $(seq 200); do [[ -S $work/noop-c.sock ]] && break; sleep 0.05; done
 
 # clamd + clamav-milter on TCP (Postfix's smtpd and Postern both reach it).
 CLAM_PORT=${CLAM_PORT:-2702}
@@ -101,10 +108,19 @@ address() {
   case $1 in
     noop) echo "127.0.0.1:$NOOP_PORT" ;;
     noop-c) echo "127.0.0.1:$NOOPC_PORT" ;;
+    noop-c-unix) echo "unix:$work/noop-c.sock" ;;
     clamav) echo "127.0.0.1:$CLAM_PORT" ;;
   esac
 }
-milter_pid() { case $1 in noop) echo "$noop_pid" ;; noop-c) echo "$noopc_pid" ;; clamav) echo "$clamav_pid" ;; *) echo 0 ;; esac; }
+milter_pid() {
+  case ${1%:nopool} in
+    noop) echo "$noop_pid" ;;
+    noop-c) echo "$noopc_pid" ;;
+    noop-c-unix) echo "$noopcu_pid" ;;
+    clamav) echo "$clamav_pid" ;;
+    *) echo 0 ;;
+  esac
+}
 hz=$(getconf CLK_TCK)
 # One measured run: $1 relay, $2 milter, the rest the command; prints the result line.
 measure() {
@@ -112,7 +128,7 @@ measure() {
   shift 2
   mp=$(milter_pid "$m")
   cp=0
-  [[ $m == clamav ]] && cp=$clamd_pid
+  [[ ${m%:nopool} == clamav ]] && cp=$clamd_pid
   m0=$(ticks "$mp") c0=$(ticks "$cp")
   out=$("$@" 2>&1)
   echo "$relay $m $(summ <<<"$out") $(awk -v m=$(( $(ticks "$mp") - m0 )) -v c=$(( $(ticks "$cp") - c0 )) -v hz="$hz" \
@@ -129,17 +145,19 @@ for run in $(seq "$RUNS"); do
     if [[ $m == none ]]; then
       postconf -e "smtpd_milters =" >/dev/null
       extra=""
-    else
+    elif [[ $m != *-unix ]]; then
       postconf -e "smtpd_milters = inet:$(address "$m")" >/dev/null
       extra=$'[[milter]]\nname = "'"$m"$'"\naddress = "'"$(address "$m")"'"'"$pool"
+    else
+      extra=$'[[milter]]\nname = "'"$m"$'"\naddress = "'"$(address "$m")"'"'"$pool"
     fi
-    if [[ $spec == "$m" ]]; then
+    if [[ $spec == "$m" && $m != *-unix ]]; then
       postfix reload >/dev/null 2>&1
       sleep 2
       measure postfix "$m" "$H" -Q 'test -z "$(postqueue -j)"' -w "$(master_pid)" 127.0.0.1:2525 2626 4096 50 "$COUNT"
       sleep 3
     fi
-    measure postern "$spec" env EXTRA_CONF="$extra" PORT=2527 bench/relay.sh 4096 50 "$COUNT"
+    measure postern "$spec" env EXTRA_CONF="$extra" PORT="$POSTERN_PORT" bench/relay.sh 4096 50 "$COUNT"
     sleep 3
   done
 done

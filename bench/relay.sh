@@ -49,6 +49,9 @@ RUST_LOG=${RUST_LOG:-warn} "$BIN" serve --config "$tmp/postern.toml" 2>"$tmp/log
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+# Not some other server on that port: ours must be running.
+sleep 0.2
+kill -0 "$pid" 2>/dev/null || { echo "# postern did not start: $(tail -3 "$tmp/log" | tr '\n' ' ')" >&2; exit 1; }
 qempty="$BIN queue list --config $tmp/postern.toml | grep -q 'queue is empty'"
 # Postern's own CPU over the run (utime + stime of all its threads, /proc/PID/stat).
 ticks() { local st; read -ra st <"/proc/$1/stat"; echo $((st[13] + st[14])); }

@@ -7,7 +7,8 @@
  * an interpreter.
  *
  * Build: gcc -O2 -o noop-c noop.c -lmilter -lpthread
- * Usage: noop-c PORT      (listens on inet:PORT@127.0.0.1)
+ * Usage: noop-c PORT          (listens on inet:PORT@127.0.0.1)
+ *        noop-c unix:/PATH    (listens on a Unix socket)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -80,11 +81,14 @@ int main(int argc, char **argv)
 {
 	char conn[64];
 
-	if (argc != 2 || atoi(argv[1]) <= 0) {
-		fprintf(stderr, "usage: %s PORT\n", argv[0]);
+	if (argc != 2 || (strncmp(argv[1], "unix:", 5) != 0 && atoi(argv[1]) <= 0)) {
+		fprintf(stderr, "usage: %s PORT | unix:/PATH\n", argv[0]);
 		return 2;
 	}
-	snprintf(conn, sizeof conn, "inet:%s@127.0.0.1", argv[1]);
+	if (strncmp(argv[1], "unix:", 5) == 0)
+		snprintf(conn, sizeof conn, "%s", argv[1]);
+	else
+		snprintf(conn, sizeof conn, "inet:%s@127.0.0.1", argv[1]);
 	if (smfi_setconn(conn) == MI_FAILURE || smfi_register(desc) == MI_FAILURE) {
 		fprintf(stderr, "noop-c: cannot set up %s\n", conn);
 		return 1;
