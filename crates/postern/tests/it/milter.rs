@@ -896,3 +896,35 @@ fn a_milter_that_accepts_at_end_of_message_gets_a_new_connection_each_session() 
     );
     assert_eq!(connections.load(Ordering::SeqCst), 3);
 }
+
+/// A reload starts new pools: a connection negotiated under the old `[[milter]]` is not
+/// used under the new one; the new pool keeps its own.
+#[test]
+fn a_reload_starts_new_milter_pools() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port();
+    let _m = scenario(&port.to_string(), "kept", "continue");
+    let (proxy, connections) = counting_proxy(port);
+    let server = relay(
+        &sink,
+        &milter_section("kept", &format!("127.0.0.1:{proxy}"), ""),
+    );
+    let (code, text) = send(&server, OUTSIDE, "sender@outside.test", "before-reload", "");
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+    let text = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(
+        &server.config,
+        text.replace("name = \"kept\"\n", "name = \"kept\"\ntimeout = \"20s\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["reload", "--config", server.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for subject in ["after-reload-1", "after-reload-2"] {
+        let (code, text) = send(&server, OUTSIDE, "sender@outside.test", subject, "");
+        assert_eq!(code, 250, "{text}");
+        delivered(&sink, subject);
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
