@@ -8,7 +8,8 @@
 # e.g.   bench/relay.sh 4096 50 10000
 #        bench/relay.sh 4096 10 1000 100
 # Builds the release binary, writes a config to a temp dir, starts Postern, runs the
-# harness with -w (peak RSS/PSS of Postern) and -Q (queue empty), stops Postern.
+# harness with -w (peak RSS/PSS of Postern) and -Q (queue empty), stops Postern; prints
+# Postern's CPU over the run as "# postern_cpu_s=..." (stderr, after the harness's lines).
 # EXTRA_CONF is appended to the config (bench/milter.sh puts [[milter]] there); it
 # starts inside [delivery], so keys of that section may come first. ACCEPTED and
 # TRUSTED replace [relay]'s accepted_domains and trusted_networks (TOML lists).
@@ -50,5 +51,14 @@ RUST_LOG=${RUST_LOG:-warn} "$BIN" serve --config "$tmp/postern.toml" 2>"$tmp/log
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+# Not some other server on that port: ours must be running.
+sleep 0.2
+kill -0 "$pid" 2>/dev/null || { echo "# postern did not start: $(tail -3 "$tmp/log" | tr '\n' ' ')" >&2; exit 1; }
 qempty="$BIN queue list --config $tmp/postern.toml | grep -q 'queue is empty'"
-"$HARNESS" -r "$RCPTS" -w "$pid" -Q "$qempty" "$@" "127.0.0.1:$PORT" "$SINK_PORT" "$SIZE" "$CONC" "$COUNT"
+# Postern's own CPU over the run (utime + stime of all its threads, /proc/PID/stat).
+ticks() { local st; read -ra st <"/proc/$1/stat"; echo $((st[13] + st[14])); }
+t0=$(ticks "$pid")
+rc=0
+"$HARNESS" -r "$RCPTS" -w "$pid" -Q "$qempty" "$@" "127.0.0.1:$PORT" "$SINK_PORT" "$SIZE" "$CONC" "$COUNT" || rc=$?
+awk -v t="$(( $(ticks "$pid") - t0 ))" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "# postern_cpu_s=%.2f\n", t / hz }' >&2
+exit "$rc"

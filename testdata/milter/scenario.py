@@ -10,6 +10,9 @@ Usage: scenario.py ADDRESS NAME [MODE]
            "progress": at end of message sends SMFIR_PROGRESS every 0.3 s for 2 s, then
                        adds X-Progress and accepts
            "tag": adds "X-Order: NAME after <the X-Order values it saw>" and accepts
+           "continue": as "script", but answers end of message with continue, not
+                       accept (libmilter then takes SMFIC_QUIT_NC: the MTA may keep
+                       the connection for its next SMTP connection)
 
 In "script" mode, by what it sees:
 - MAIL from an address containing "mail-reject": 550 5.7.0 with its own text;
@@ -131,7 +134,7 @@ class Scenario(Milter.Base):
             "%s i=%s client=%s mail=%s rcpts=%s"
             % (NAME, self.getsymval("i"), self.client_addr, self.mail, ",".join(self.rcpts)),
         )
-        return Milter.ACCEPT
+        return Milter.CONTINUE if MODE == "continue" else Milter.ACCEPT
 
 
 def main():

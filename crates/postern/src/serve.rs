@@ -463,7 +463,13 @@ impl Server {
             metrics: Arc::clone(&self.metrics),
             budget: Arc::clone(&self.budget),
             ourselves: crate::ourselves::Ourselves::from_config(config),
-            milters: config.milters.clone(),
+            // New pools with each configuration: a connection negotiated under the old
+            // settings is never used under the new ones.
+            milters: config
+                .milters
+                .iter()
+                .map(|m| crate::milter::Endpoint::new(m.clone()))
+                .collect(),
             rate_limits: Arc::clone(&rate_limits),
             cluster: p.cluster.clone(),
         });

@@ -47,8 +47,9 @@ pub struct Shared {
     pub budget: Arc<MemoryBudget>,
     /// Our own addresses, to refuse address literals that are us.
     pub ourselves: crate::ourselves::Ourselves,
-    /// The `[[milter]]`s, in order: each session talks to them (`crate::milter`).
-    pub milters: Vec<crate::config::Milter>,
+    /// The `[[milter]]`s, in order, with their pools of kept connections: each
+    /// session talks to them (`crate::milter`).
+    pub milters: Vec<Arc<milter::Endpoint>>,
     /// The `[[rate_limit]]`s (`policy::rate`).
     pub rate_limits: Arc<RateLimits>,
     /// `[cluster]`: counters shared with the other nodes through Redis (AUTH lockouts,

@@ -390,6 +390,28 @@ pub enum Phase {
     Failed,
 }
 
+/// Where the milter's side stands, as far as `SMFIC_QUIT_NC` is concerned: a model of
+/// the state table of libmilter's engine (`libmilter/engine.c`, `next_states`; Sendmail
+/// 8.14 to 8.17). That table takes QUIT_NC only after end of message (`ST_ENDM`, i.e.
+/// `SMFIC_BODYEOB` answered with continue: any other final answer puts the engine back
+/// to `ST_HELO`), after an unknown command (`ST_UNKN`, never sent here), and after ABORT
+/// (`ST_ABRT`) only when `ST_UNKN` may be skipped, i.e. the milter set
+/// `SMFIP_NOUNKNOWN`. Anywhere else libmilter drops QUIT_NC without a word, and then the
+/// CONNECT that follows too, unanswered: the MTA would wait for its reply until its
+/// timeout. (Checked against Debian's libmilter 8.17.1.9, with testdata/milter/noop.c
+/// and pymilter.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    /// `ST_CONN`, `ST_HELO` and anything the table treats as them.
+    Outside,
+    /// `ST_MAIL` to `ST_BODY`: inside a transaction.
+    InMail,
+    /// `ST_ENDM`, after end of message answered with continue.
+    EndOfMessage,
+    /// `ST_ABRT`: ABORT taken inside a transaction.
+    Aborted,
+}
+
 /// One conversation with one milter (see the module documentation).
 #[derive(Debug)]
 pub struct Session {
@@ -400,6 +422,8 @@ pub struct Session {
     /// `SMFIR_SKIP` was received: no more body chunks for this message.
     skip_body: bool,
     quit_sent: bool,
+    /// The milter's side, for [`Session::can_quit_nc`].
+    engine: Engine,
     decoder: Decoder,
     out: Vec<u8>,
 }
@@ -418,6 +442,7 @@ impl Session {
             awaiting: Some(Command::OptNeg),
             skip_body: false,
             quit_sent: false,
+            engine: Engine::Outside,
             out,
         }
     }
@@ -455,11 +480,41 @@ impl Session {
         !self.out.is_empty()
     }
 
+    /// May this connection be kept for another SMTP connection ([`Session::quit_nc`])?
+    /// Only between transactions, with nothing awaited, with a version 6 milter, and
+    /// where libmilter's engine takes `SMFIC_QUIT_NC` (see `Engine`): after a message
+    /// whose end it answered with continue, or after ABORT when it set
+    /// `SMFIP_NOUNKNOWN`. Elsewhere the connection must be closed with QUIT.
+    pub fn can_quit_nc(&self) -> bool {
+        let Some(neg) = &self.negotiated else {
+            return false;
+        };
+        self.awaiting.is_none()
+            && self.phase == Phase::Connected
+            && neg.sends(Command::QuitNc)
+            && match self.engine {
+                Engine::EndOfMessage => true,
+                Engine::Aborted => neg.protocol & SMFIP_NOUNKNOWN != 0,
+                Engine::Outside | Engine::InMail => false,
+            }
+    }
+
     // --- output ---------------------------------------------------------------------
 
     /// The bytes to send to the milter, in order.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
+    }
+
+    /// The bytes to send, left in place: call [`Session::clear_output`] once they are
+    /// written (the buffer keeps its capacity for the next command).
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Forgets the bytes [`Session::output`] showed (they were written).
+    pub fn clear_output(&mut self) {
+        self.out.clear();
     }
 
     // --- input ----------------------------------------------------------------------
@@ -589,6 +644,14 @@ impl Session {
         if matches!(d, Skip) {
             self.skip_body = true;
         }
+        // libmilter's engine after the answer (mi_engine): accept sends it back to
+        // ST_HELO; reject, tempfail and discard too, except at RCPT (CT_IGNO: one
+        // recipient refused, the transaction goes on); continue and skip leave it.
+        self.engine = match (after, d) {
+            (_, Continue | Skip) => self.engine,
+            (Command::Rcpt, Reject | Tempfail | Discard | Reply(_)) => self.engine,
+            _ => Engine::Outside,
+        };
     }
 
     fn action(&mut self, p: Packet) -> Result<Action, Error> {
@@ -772,6 +835,16 @@ impl Session {
             return Ok(Sent::Skipped);
         }
         encode(&mut self.out);
+        self.engine = match c {
+            Command::Mail
+            | Command::Rcpt
+            | Command::Data
+            | Command::Header
+            | Command::Eoh
+            | Command::Body => Engine::InMail,
+            Command::Eom => Engine::EndOfMessage,
+            _ => Engine::Outside,
+        };
         Ok(if replies {
             self.awaiting = Some(c);
             Sent::AwaitReply
@@ -903,7 +976,9 @@ impl Session {
         if !neg.sends(Command::Body) {
             return Ok((body.len(), Sent::Skipped));
         }
-        if !neg.replies(Command::Body) {
+        let replies = neg.replies(Command::Body);
+        self.engine = Engine::InMail;
+        if !replies {
             encode::body(&mut self.out, body);
             return Ok((body.len(), Sent::NoReply));
         }
@@ -934,6 +1009,12 @@ impl Session {
         }
         self.phase = Phase::Connected;
         encode::abort(&mut self.out);
+        // libmilter takes ABORT inside a transaction only; elsewhere (after an accepted
+        // MAIL, say) it ignores it and goes back to ST_HELO.
+        self.engine = match self.engine {
+            Engine::InMail => Engine::Aborted,
+            _ => Engine::Outside,
+        };
         Ok(Sent::NoReply)
     }
 
@@ -949,17 +1030,20 @@ impl Session {
         Ok(Sent::NoReply)
     }
 
-    /// `SMFIC_QUIT_NC`: this SMTP connection is over and the next one will use this milter
-    /// connection: [`Session::connect`] is allowed again. Version 6 only (else
-    /// `NotReady`: close and reconnect).
+    /// `SMFIC_QUIT_NC` ("quit, new connection follows", version 6): this SMTP connection
+    /// is over and the next one will use this milter connection; [`Session::connect`] is
+    /// allowed again, without a new negotiation (libmilter negotiates once per
+    /// connection: `ST_Q_NC` leads to `ST_CONN` only). Only where
+    /// [`Session::can_quit_nc`] says so, else `NotReady`: send QUIT and close.
     pub fn quit_nc(&mut self) -> Result<Sent, Error> {
-        let neg = self.ready()?;
-        if !neg.sends(Command::QuitNc) || self.phase == Phase::Ready {
+        self.ready()?;
+        if !self.can_quit_nc() {
             return Err(Error::NotReady);
         }
         encode::quit_nc(&mut self.out);
         self.phase = Phase::Ready;
         self.skip_body = false;
+        self.engine = Engine::Outside;
         Ok(Sent::NoReply)
     }
 }

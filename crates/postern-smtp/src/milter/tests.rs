@@ -963,16 +963,107 @@ fn errors_read_well() {
     );
 }
 
+/// Ends the message of a session in a transaction: RCPT answered `rcpt`, end of message
+/// answered `eom`.
+fn finish_message(s: &mut Session, rcpt: u8, eom: u8) {
+    assert_eq!(s.rcpt(&[], "c@d.test", &[]), Ok(Sent::AwaitReply));
+    events(s, &pkt(rcpt, b""));
+    assert_eq!(s.eom(&[]), Ok(Sent::AwaitReply));
+    assert!(!s.can_quit_nc(), "a reply is awaited");
+    assert!(matches!(
+        events(s, &pkt(eom, b""))[..],
+        [Ok(Event::Decision(_))]
+    ));
+    s.take_output();
+}
+
 #[test]
-fn quit_nc_allows_a_new_connection() {
+fn quit_nc_after_end_of_message_answered_with_continue() {
     let mut s = in_transaction(0, 0);
+    // Inside a transaction libmilter would drop QUIT_NC.
+    assert!(!s.can_quit_nc());
+    assert_eq!(s.quit_nc(), Err(Error::NotReady));
+    // A refused recipient does not leave the transaction (CT_IGNO), continue at EOM
+    // leaves libmilter in ST_ENDM.
+    finish_message(&mut s, SMFIR_REJECT, SMFIR_CONTINUE);
+    assert!(s.can_quit_nc());
     assert_eq!(s.quit_nc(), Ok(Sent::NoReply));
     assert_eq!(s.take_output(), b"\0\0\0\x01K");
     assert_eq!(s.phase(), Phase::Ready);
+    assert!(!s.can_quit_nc());
+    // The next SMTP connection, with no new negotiation: CONNECT is allowed again, the
+    // skipped body of the last message is forgotten.
     assert_eq!(
-        s.connect(&[], "h", &ClientAddr::Unknown),
+        s.connect(&[("j", "mx.test")], "h", &ClientAddr::Unknown),
         Ok(Sent::AwaitReply)
     );
+    assert_eq!(
+        s.take_output(),
+        [
+            pkt(SMFIC_MACRO, b"Cj\0mx.test\0"),
+            pkt(SMFIC_CONNECT, b"h\0U")
+        ]
+        .concat()
+    );
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    assert_eq!(s.mail(&[], "a@b", &[]), Ok(Sent::AwaitReply));
+}
+
+#[test]
+fn no_quit_nc_where_libmilter_would_drop_it() {
+    // Accept, reject, tempfail, discard or a reply at end of message: ST_HELO.
+    for eom in [SMFIR_ACCEPT, SMFIR_REJECT, SMFIR_TEMPFAIL, SMFIR_DISCARD] {
+        let mut s = in_transaction(0, 0);
+        finish_message(&mut s, SMFIR_CONTINUE, eom);
+        assert_eq!(s.phase(), Phase::Connected);
+        assert!(!s.can_quit_nc(), "{}", eom as char);
+        assert_eq!(s.quit_nc(), Err(Error::NotReady));
+        assert!(!s.has_output());
+    }
+    // Before any message (a session that only said HELO).
+    let mut s = session(0, 0);
+    s.connect(&[], "h", &ClientAddr::Unknown).unwrap();
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    assert!(!s.can_quit_nc());
+    // After ABORT inside a transaction: only with SMFIP_NOUNKNOWN (ST_UNKN skipped).
+    for (protocol, ok) in [(0, false), (SMFIP_NOUNKNOWN, true)] {
+        let mut s = in_transaction(0, protocol);
+        assert_eq!(s.abort(), Ok(Sent::NoReply));
+        assert_eq!(s.can_quit_nc(), ok, "{protocol:x}");
+    }
+    // ABORT after the milter accepted the message at MAIL: libmilter is back in
+    // ST_HELO and ignores it.
+    let mut s = session(0, SMFIP_NOUNKNOWN);
+    s.connect(&[], "h", &ClientAddr::Unknown).unwrap();
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    s.mail(&[], "a@b", &[]).unwrap();
+    events(&mut s, &pkt(SMFIR_ACCEPT, b""));
+    assert_eq!(s.abort(), Ok(Sent::NoReply));
+    assert!(!s.can_quit_nc());
+    // A milter older than version 6 has no QUIT_NC.
+    let mut s = Session::new(Config::default());
+    events(&mut s, &optneg_reply(5, 0, 0));
+    s.connect(&[], "h", &ClientAddr::Unknown).unwrap();
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    s.mail(&[], "a@b", &[]).unwrap();
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    finish_message(&mut s, SMFIR_CONTINUE, SMFIR_CONTINUE);
+    assert!(!s.can_quit_nc());
+    // Nor does a conversation that failed.
+    let mut s = in_transaction(0, 0);
+    finish_message(&mut s, SMFIR_CONTINUE, SMFIR_CONTINUE);
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    assert_eq!(s.phase(), Phase::Failed);
+    assert!(!s.can_quit_nc());
+    assert_eq!(s.quit_nc(), Err(Error::NotReady));
+}
+
+#[test]
+fn output_is_written_in_place() {
+    let mut s = Session::new(Config::default());
+    assert_eq!(s.output(), OPTNEG_OUT);
+    s.clear_output();
+    assert!(!s.has_output() && s.output().is_empty());
 }
 
 /// Seeded pseudo-random input (the same every run): never a panic, the buffer bounded,

@@ -169,7 +169,7 @@ pub(crate) fn describe(c: &Config) -> String {
 
     for m in &c.milters {
         line(format!(
-            "milter {}: {} for {} clients, connect timeout {}, reply timeout {}, on failure {}",
+            "milter {}: {} for {} clients, connect timeout {}, reply timeout {}, on failure {}, {}",
             m.name,
             m.address,
             match m.clients {
@@ -182,6 +182,13 @@ pub(crate) fn describe(c: &Config) -> String {
             match m.on_failure {
                 crate::config::OnFailure::Tempfail => "tempfail (451 4.7.1)",
                 crate::config::OnFailure::Accept => "accept (skip it)",
+            },
+            match m.pool_size {
+                0 => "a new connection for every session".to_string(),
+                n => format!(
+                    "connections kept for the next session (up to {n} idle, {} each)",
+                    format_duration(m.pool_idle_timeout)
+                ),
             },
         ));
     }

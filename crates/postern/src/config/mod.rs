@@ -507,6 +507,11 @@ pub struct Milter {
     /// Each reply of the milter must come within this (`SMFIR_PROGRESS` restarts it).
     pub timeout: Duration,
     pub on_failure: OnFailure,
+    /// Connections kept open between SMTP sessions for the next one (`SMFIC_QUIT_NC`),
+    /// at most; 0: a new connection for every session.
+    pub pool_size: usize,
+    /// A kept connection unused for this long is closed.
+    pub pool_idle_timeout: Duration,
 }
 
 /// Where a milter listens.

@@ -197,6 +197,8 @@ pub(crate) struct RawMilter {
     pub connect_timeout: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub on_failure: Option<S<RawOnFailure>>,
+    pub pool_size: Option<S<i64>>,
+    pub pool_idle_timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

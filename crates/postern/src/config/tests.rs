@@ -866,6 +866,8 @@ clients = "untrusted"
 connect_timeout = "2s"
 timeout = "1m"
 on_failure = "accept"
+pool_size = 0
+pool_idle_timeout = "2m"
 
 [[milter]]
 name = "dkim"
@@ -881,6 +883,7 @@ clients = "relayed"
         (m.clients, m.connect_timeout, m.timeout, m.on_failure),
         (MilterClients::Any, secs(5), secs(30), OnFailure::Tempfail)
     );
+    assert_eq!((m.pool_size, m.pool_idle_timeout), (32, secs(10)));
     let m = &c.milters[1];
     assert_eq!(
         m.address,
@@ -895,6 +898,7 @@ clients = "relayed"
             OnFailure::Accept
         )
     );
+    assert_eq!((m.pool_size, m.pool_idle_timeout), (0, secs(120)));
     assert_eq!(c.milters[2].clients, MilterClients::Relayed);
     assert!(MilterClients::Relayed.applies(true) && !MilterClients::Relayed.applies(false));
     assert!(!MilterClients::Untrusted.applies(true) && MilterClients::Any.applies(true));
@@ -933,6 +937,22 @@ clients = "relayed"
         (
             "name = \"a\"\naddress = \"127.0.0.1:1\"\nmacros = []",
             "unknown key `macros` in [milter]",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\npool_size = 1001",
+            "milter.pool_size: must be at most 1000",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\npool_size = -1",
+            "must be at least 0",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\npool_idle_timeout = \"0s\"",
+            "greater than zero",
+        ),
+        (
+            "name = \"a\"\naddress = \"127.0.0.1:1\"\npool_idle_timeout = \"2h\"",
+            "must be at most 1h",
         ),
     ] {
         let err = parse_err(&format!("[[milter]]\n{text}\n"));

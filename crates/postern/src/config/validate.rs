@@ -1549,6 +1549,14 @@ fn filters(v: &Validator, raw: &[S<RawFilter>]) -> Result<Vec<Filter>> {
 /// a reply timeout like its milter_command_timeout (30s).
 pub const DEFAULT_MILTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MILTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle milter connections kept per `[[milter]]`: room for the sessions that end while
+/// others begin (each session holds its own connection while it runs).
+pub const DEFAULT_MILTER_POOL_SIZE: usize = 32;
+/// Below the idle timeouts milters apply themselves (clamav-milter's ReadTimeout 120 s,
+/// libmilter's default 7210 s), so that it is Postern that closes an idle connection.
+pub const DEFAULT_MILTER_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `pool_idle_timeout`.
+const MAX_MILTER_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 fn milters(v: &Validator, raw: &[S<RawMilter>]) -> Result<Vec<Milter>> {
     let mut out: Vec<Milter> = Vec::new();
@@ -1619,6 +1627,30 @@ fn milters(v: &Validator, raw: &[S<RawMilter>]) -> Result<Vec<Milter>> {
             on_failure: match m.on_failure.as_ref().map(|c| *c.get_ref()) {
                 None | Some(RawOnFailure::Tempfail) => OnFailure::Tempfail,
                 Some(RawOnFailure::Accept) => OnFailure::Accept,
+            },
+            pool_size: v.int(
+                m.pool_size.as_ref(),
+                "milter.pool_size",
+                0,
+                1000,
+                DEFAULT_MILTER_POOL_SIZE,
+            )?,
+            pool_idle_timeout: {
+                let d = v.duration(
+                    m.pool_idle_timeout.as_ref(),
+                    "milter.pool_idle_timeout",
+                    DEFAULT_MILTER_POOL_IDLE_TIMEOUT,
+                )?;
+                if d > MAX_MILTER_POOL_IDLE_TIMEOUT
+                    && let Some(value) = &m.pool_idle_timeout
+                {
+                    return v.err(
+                        value.span(),
+                        "milter.pool_idle_timeout",
+                        "must be at most 1h (a milter closes idle connections itself)",
+                    );
+                }
+                d
             },
         });
     }

@@ -72,6 +72,11 @@ pub(super) struct Conn {
     /// The HELO last sent (name, and whether TLS was up): sent again when it changes
     /// (a second EHLO, EHLO after STARTTLS).
     pub(super) helo: Option<(String, bool)>,
+    /// Taken from the pool and not answered anything yet in this session: if it turns
+    /// out closed, the milter closed it while it was idle (`Chain::mail` opens a new one).
+    pub(super) unproven: bool,
+    /// The milter answered with a tempfail in this session: not kept for the next one.
+    tainted: bool,
 }
 
 /// A reply extended by `SMFIR_PROGRESS` may take at most this many `timeout`s.
@@ -111,25 +116,57 @@ impl Conn {
             codec: codec::Session::new(codec::Config::default()),
             buf: vec![0; 8192],
             helo: None,
+            unproven: false,
+            tainted: false,
         };
         let left = deadline.saturating_duration_since(Instant::now());
         conn.answer(left, 0, &mut Vec::new(), &mut |_| {}).await?;
         Ok(conn)
     }
 
-    /// Writes what the codec has for the milter, within `timeout`.
+    /// Writes what the codec has for the milter, within `timeout`, in one write (the
+    /// codec's buffer keeps its capacity for the next command).
     pub(super) async fn flush(&mut self, timeout: Duration) -> Result<(), Failure> {
         if !self.codec.has_output() {
             return Ok(());
         }
-        let out = self.codec.take_output();
-        match tokio::time::timeout(timeout, self.io.write_all(&out)).await {
+        let written = tokio::time::timeout(timeout, self.io.write_all(self.codec.output())).await;
+        self.codec.clear_output();
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Failure::Io(e.to_string())),
             Err(_) => Err(Failure::Timeout(
                 self.codec.awaiting().unwrap_or(Command::Quit),
             )),
         }
+    }
+
+    /// Taken from the pool for a new SMTP session: nothing of the last one holds.
+    pub(super) fn resume(&mut self) {
+        self.helo = None;
+        self.unproven = true;
+        self.tainted = false;
+    }
+
+    /// Idle and still open: a read would block (nothing from the milter, no EOF, no
+    /// error). Polled once, never waited on.
+    pub(super) fn is_quiet(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        std::pin::Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    }
+
+    /// May it serve the next SMTP session (see `pool`)?
+    pub(super) fn reusable(&self) -> bool {
+        !self.tainted && self.codec.can_quit_nc()
+    }
+
+    /// `SMFIC_QUIT_NC`, to go out with the next command.
+    pub(super) fn quit_nc(&mut self) -> Result<(), Failure> {
+        self.codec.quit_nc().map(|_| ()).map_err(Failure::Protocol)
     }
 
     /// After a stage method: sends its packets and, when the milter answers that
@@ -149,6 +186,23 @@ impl Conn {
                 self.flush(timeout).await?;
                 Ok(Decision::Continue)
             }
+        }
+    }
+
+    /// As [`Conn::step`] inside a message, where an answered command always follows
+    /// (end of message at the latest): packets the milter does not answer
+    /// (`SMFIP_NR_HDR`, `SMFIP_NR_BODY`, ...) are not written at once but go out with
+    /// the next answered command, in the same write (a message's header fields in one
+    /// write instead of one each).
+    pub(super) async fn step_batched(
+        &mut self,
+        sent: Result<Sent, codec::Error>,
+        timeout: Duration,
+        latency: Latency<'_>,
+    ) -> Result<Decision, Failure> {
+        match sent.map_err(Failure::Protocol)? {
+            Sent::AwaitReply => self.answer(timeout, 0, &mut Vec::new(), latency).await,
+            Sent::NoReply | Sent::Skipped => Ok(Decision::Continue),
         }
     }
 
@@ -177,6 +231,7 @@ impl Conn {
                 match event.map_err(Failure::Protocol)? {
                     Event::Negotiated => {
                         latency(started.elapsed());
+                        self.unproven = false;
                         return Ok(Decision::Continue);
                     }
                     Event::Progress => deadline = (Instant::now() + timeout).min(last),
@@ -195,6 +250,12 @@ impl Conn {
                     }
                     Event::Decision(d) => {
                         latency(started.elapsed());
+                        self.unproven = false;
+                        if matches!(&d, Decision::Tempfail)
+                            || matches!(&d, Decision::Reply(r) if r.code < 500)
+                        {
+                            self.tainted = true;
+                        }
                         return Ok(d);
                     }
                 }

@@ -3,7 +3,8 @@
 //! `postern_smtp::milter`.
 //!
 //! One [`Chain`] per SMTP session holds one connection to each configured milter
-//! (`[[milter]]`, in file order). A connection is opened lazily, at the first MAIL of the
+//! (`[[milter]]`, in file order), taken from its [`Endpoint`]'s pool of connections kept
+//! from earlier sessions or opened. A connection is taken lazily, at the first MAIL of the
 //! session that the milter's `clients` scope takes in: `clients` depends on AUTH, which
 //! comes after the greeting, and a session that never sends MAIL (a probe, a scanner)
 //! costs no milter anything. Then the conversation is replayed in order and follows the
@@ -17,7 +18,7 @@
 //! | RCPT (accepted by policy) | `SMFIC_RCPT` (`{rcpt_addr}`): a refusal is the reply to that RCPT |
 //! | end of DATA/BDAT          | `SMFIC_DATA`, each header field, `SMFIC_EOH`, the body in 64 KiB chunks, `SMFIC_BODYEOB` (`i`: the queue id) |
 //! | RSET, EHLO, STARTTLS, a refused message | `SMFIC_ABORT`, before Postern reads the next command |
-//! | end of session            | `SMFIC_QUIT`                                         |
+//! | end of session            | the connection kept for the next session, which starts with `SMFIC_QUIT_NC` (module `pool`), or `SMFIC_QUIT` |
 //!
 //! A decision at CONNECT or HELO holds for the session: accept takes the milter out of
 //! it, reject and tempfail become the reply to every MAIL (Postfix delays a connect-time
@@ -44,6 +45,7 @@
 
 mod conn;
 mod message;
+mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,12 +55,13 @@ use postern_smtp::server::SenderRequest;
 use postern_smtp::{Address, Reply, ReversePath, Status, TlsInfo};
 
 use crate::budget::Reservation;
-use crate::config::{Milter, OnFailure};
+use crate::config::OnFailure;
 use crate::maillog;
 use crate::metrics::{Metrics, MilterAction};
 use conn::Conn;
 pub use conn::Failure;
 use message::Split;
+pub use pool::Endpoint;
 
 /// The milter's own reply, or ours: reject 550 5.7.1, tempfail 451 4.7.1 (Postfix's
 /// milter8 defaults, "5.7.1 Command rejected" and "4.7.1 Service unavailable").
@@ -89,7 +92,7 @@ enum State {
 }
 
 struct Link {
-    config: Milter,
+    ep: Arc<Endpoint>,
     state: State,
 }
 
@@ -136,18 +139,18 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// The milters `configs` for the session of `client`; nothing is opened yet.
+    /// The milters `endpoints` for the session of `client`; nothing is opened yet.
     pub fn new(
-        configs: &[Milter],
+        endpoints: &[Arc<Endpoint>],
         client: Client,
         metrics: Arc<Metrics>,
         max_message_size: u64,
     ) -> Chain {
         Chain {
-            links: configs
+            links: endpoints
                 .iter()
-                .map(|c| Link {
-                    config: c.clone(),
+                .map(|ep| Link {
+                    ep: Arc::clone(ep),
                     state: State::Idle,
                 })
                 .collect(),
@@ -209,39 +212,90 @@ impl Chain {
         }
         macros.extend(self.tls_macros());
         for i in 0..self.links.len() {
-            if !self.links[i].config.clients.applies(relayed) {
+            if !self.links[i].ep.config.clients.applies(relayed) {
                 continue;
             }
             match &self.links[i].state {
                 State::Done => continue,
                 State::Failed => return Err(tempfailed()),
                 State::Refused(r) => return Err(r.clone()),
-                State::Idle => self.open(i).await?,
-                State::Open(_) => {}
+                State::Idle | State::Open(_) => {}
             }
-            self.helo(i, &req.helo).await?;
-            if !matches!(self.links[i].state, State::Open(_)) {
-                // It accepted the connection, or failed with on_failure = "accept".
-                continue;
+            // A connection from the pool that the milter closed while it was idle shows
+            // at its first awaited answer: it is replaced by a new one, once.
+            let mut pooled = true;
+            loop {
+                if matches!(self.links[i].state, State::Idle) && !self.open(i, pooled).await? {
+                    pooled = false;
+                    continue;
+                }
+                if !self.helo(i, &req.helo).await? {
+                    pooled = false;
+                    continue;
+                }
+                if !matches!(self.links[i].state, State::Open(_)) {
+                    // It accepted the connection, or failed with on_failure = "accept".
+                    break;
+                }
+                let list: Vec<(&str, &str)> =
+                    macros.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let result = self.ask(i, |c| c.mail(&list, &sender, &args)).await;
+                if self.stale(i, &result) {
+                    pooled = false;
+                    continue;
+                }
+                self.decided(i, "mail", result)?;
+                break;
             }
-            let list: Vec<(&str, &str)> = macros.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let result = self.ask(i, |c| c.mail(&list, &sender, &args)).await;
-            self.decided(i, "mail", result)?;
         }
         Ok(())
     }
 
-    /// Opens link `i` and sends CONNECT; a decision there holds for the session.
-    async fn open(&mut self, i: usize) -> Result<(), Reply> {
-        let started = tokio::time::Instant::now();
-        let opened = Conn::open(&self.links[i].config).await;
-        self.metrics
-            .milter_latency(&self.links[i].config.name, started.elapsed());
-        let conn = match opened {
-            Ok(c) => c,
-            Err(e) => return self.failed(i, "connect", e),
+    /// `result` is the first answer awaited on a connection taken from the pool, and
+    /// the connection turned out closed: the milter closed it while it was idle (or
+    /// restarted). It is dropped (link `i` is idle again), with no failure: `true`.
+    fn stale(&mut self, i: usize, result: &Result<Decision, Failure>) -> bool {
+        let State::Open(conn) = &self.links[i].state else {
+            return false;
         };
-        self.links[i].state = State::Open(Box::new(conn));
+        let closed = matches!(
+            result,
+            Err(Failure::Io(_) | Failure::Protocol(postern_smtp::milter::Error::Closed(_)))
+        );
+        if !(conn.unproven && closed) {
+            return false;
+        }
+        tracing::debug!(
+            milter = %self.links[i].ep.config.name,
+            "a kept milter connection was closed by the milter; opening a new one"
+        );
+        self.links[i].state = State::Idle;
+        true
+    }
+
+    /// Opens link `i` (a connection from the pool if `pooled` and there is one) and
+    /// sends CONNECT; a decision there holds for the session. `Ok(false)`: the pooled
+    /// connection was closed, try again without the pool.
+    async fn open(&mut self, i: usize, pooled: bool) -> Result<bool, Reply> {
+        let kept = if pooled {
+            self.links[i].ep.take()
+        } else {
+            None
+        };
+        let conn = match kept {
+            Some(c) => c,
+            None => {
+                let started = tokio::time::Instant::now();
+                let opened = Conn::open(&self.links[i].ep.config).await;
+                self.metrics
+                    .milter_latency(&self.links[i].ep.config.name, started.elapsed());
+                match opened {
+                    Ok(c) => Box::new(c),
+                    Err(e) => return self.failed::<()>(i, "connect", e).map(|()| true),
+                }
+            }
+        };
+        self.links[i].state = State::Open(conn);
         let peer = self.client.peer;
         let ip = match peer.ip() {
             std::net::IpAddr::V6(a) => a
@@ -263,29 +317,36 @@ impl Chain {
         ];
         let list: Vec<(&str, &str)> = macros.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let result = self.ask(i, |c| c.connect(&list, &literal, &addr)).await;
-        self.connection_decided(i, "connect", result)
+        if self.stale(i, &result) {
+            return Ok(false);
+        }
+        self.connection_decided(i, "connect", result).map(|()| true)
     }
 
-    /// HELO to link `i` if it has not seen this one yet.
-    async fn helo(&mut self, i: usize, name: &str) -> Result<(), Reply> {
+    /// HELO to link `i` if it has not seen this one yet. `Ok(false)`: the connection
+    /// came from the pool and was closed (see [`Chain::stale`]).
+    async fn helo(&mut self, i: usize, name: &str) -> Result<bool, Reply> {
         let tls = self.client.tls.is_some();
         let State::Open(conn) = &self.links[i].state else {
-            return Ok(());
+            return Ok(true);
         };
         if conn
             .helo
             .as_ref()
             .is_some_and(|(n, t)| n == name && *t == tls)
         {
-            return Ok(());
+            return Ok(true);
         }
         let macros = self.tls_macros();
         let list: Vec<(&str, &str)> = macros.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let result = self.ask(i, |c| c.helo(&list, name)).await;
+        if self.stale(i, &result) {
+            return Ok(false);
+        }
         if let State::Open(conn) = &mut self.links[i].state {
             conn.helo = Some((name.to_string(), tls));
         }
-        self.connection_decided(i, "helo", result)
+        self.connection_decided(i, "helo", result).map(|()| true)
     }
 
     /// A decision at CONNECT or HELO.
@@ -332,7 +393,7 @@ impl Chain {
             Decision::Continue | Decision::Skip | Decision::Accept => Ok(()),
             Decision::Discard => {
                 self.discard
-                    .get_or_insert_with(|| self.links[i].config.name.clone());
+                    .get_or_insert_with(|| self.links[i].ep.config.name.clone());
                 Ok(())
             }
             Decision::ConnFail | Decision::Shutdown => {
@@ -352,9 +413,9 @@ impl Chain {
         e: Failure,
     ) -> Result<T, Reply> {
         let link = &mut self.links[i];
-        let on_failure = link.config.on_failure;
+        let on_failure = link.ep.config.on_failure;
         maillog::milter_failed(
-            &link.config.name,
+            &link.ep.config.name,
             stage,
             self.client.peer,
             &e,
@@ -364,7 +425,7 @@ impl Chain {
             },
         );
         self.metrics
-            .milter_action(&link.config.name, MilterAction::Failed);
+            .milter_action(&link.ep.config.name, MilterAction::Failed);
         // The connection is dropped without QUIT: it is broken or not a milter.
         match on_failure {
             OnFailure::Tempfail => {
@@ -385,7 +446,7 @@ impl Chain {
     }
 
     fn log_decision(&self, i: usize, stage: &str, d: &Decision, detail: &str) {
-        let name = &self.links[i].config.name;
+        let name = &self.links[i].ep.config.name;
         let action = MilterAction::of(d);
         self.metrics.milter_action(name, action);
         let reply = match d {
@@ -410,15 +471,14 @@ impl Chain {
             &mut postern_smtp::milter::Session,
         ) -> Result<postern_smtp::milter::Sent, postern_smtp::milter::Error>,
     ) -> Result<Decision, Failure> {
-        let timeout = self.links[i].config.timeout;
-        let metrics = Arc::clone(&self.metrics);
-        let name = self.links[i].config.name.clone();
+        let ep = Arc::clone(&self.links[i].ep);
+        let metrics = &self.metrics;
         let State::Open(conn) = &mut self.links[i].state else {
             return Ok(Decision::Continue);
         };
         let sent = f(&mut conn.codec);
-        conn.step(sent, timeout, 0, &mut Vec::new(), &mut |d| {
-            metrics.milter_latency(&name, d)
+        conn.step(sent, ep.config.timeout, 0, &mut Vec::new(), &mut |d| {
+            metrics.milter_latency(&ep.config.name, d)
         })
         .await
     }
@@ -446,7 +506,7 @@ impl Chain {
     pub async fn reset(&mut self) {
         self.discard = None;
         for i in 0..self.links.len() {
-            let timeout = self.links[i].config.timeout;
+            let timeout = self.links[i].ep.config.timeout;
             let State::Open(conn) = &mut self.links[i].state else {
                 continue;
             };
@@ -466,11 +526,21 @@ impl Chain {
         }
     }
 
-    /// The session is over: QUIT to every open milter.
+    /// The session is over: every open milter connection is kept for the next session
+    /// (which sends `SMFIC_QUIT_NC` first) if it can be, else closed with QUIT (module
+    /// `pool`). A
+    /// transaction still open is aborted first (SMFIC_ABORT: the milter's abort
+    /// callback runs), as Postfix's smtpd resets its milters before it disconnects them.
     pub async fn quit(&mut self) {
         for link in &mut self.links {
-            if let State::Open(conn) = std::mem::replace(&mut link.state, State::Done) {
-                conn.quit().await;
+            if let State::Open(mut conn) = std::mem::replace(&mut link.state, State::Done) {
+                if matches!(
+                    conn.codec.phase(),
+                    Phase::Transaction | Phase::MessageDecided
+                ) {
+                    let _ = conn.codec.abort();
+                }
+                link.ep.release(conn).await;
             }
         }
     }
@@ -504,7 +574,7 @@ impl Chain {
             match &self.links[i].state {
                 State::Failed => {
                     return Verdict::Refused {
-                        milter: self.links[i].config.name.clone(),
+                        milter: self.links[i].ep.config.name.clone(),
                         reply: tempfailed(),
                     };
                 }
@@ -517,6 +587,7 @@ impl Chain {
             // `timeout`) within MAX_PROGRESS x `timeout`: a milter answering each 64 KiB
             // chunk just in time would otherwise hold a 25 MB message for hours.
             let whole = self.links[i]
+                .ep
                 .config
                 .timeout
                 .saturating_mul(conn::MAX_PROGRESS);
@@ -535,13 +606,13 @@ impl Chain {
                     Ok(()) => continue,
                     Err(reply) => {
                         return Verdict::Refused {
-                            milter: self.links[i].config.name.clone(),
+                            milter: self.links[i].ep.config.name.clone(),
                             reply,
                         };
                     }
                 },
             };
-            let name = self.links[i].config.name.clone();
+            let name = self.links[i].ep.config.name.clone();
             match &d {
                 Decision::Continue | Decision::Accept | Decision::Skip => {}
                 Decision::Discard => {
@@ -635,28 +706,29 @@ impl Chain {
         limit: u64,
         actions: &mut Vec<Action>,
     ) -> Result<(&'static str, Decision), Failure> {
-        let timeout = self.links[i].config.timeout;
-        let metrics = Arc::clone(&self.metrics);
-        let name = self.links[i].config.name.clone();
+        let ep = Arc::clone(&self.links[i].ep);
+        let timeout = ep.config.timeout;
+        let metrics = &self.metrics;
         let State::Open(conn) = &mut self.links[i].state else {
             return Ok(("eom", Decision::Continue));
         };
-        let mut latency = |d| metrics.milter_latency(&name, d);
-        let none = &mut Vec::new();
+        let mut latency = |d| metrics.milter_latency(&ep.config.name, d);
+        // Commands the milter does not answer wait in the buffer for the next one it
+        // does (end of message at the latest): one write for all of them.
         let sent = conn.codec.data(&[]);
-        let d = conn.step(sent, timeout, 0, none, &mut latency).await?;
+        let d = conn.step_batched(sent, timeout, &mut latency).await?;
         if d != Decision::Continue {
             return Ok(("data", d));
         }
         for f in &split.fields {
             let sent = conn.codec.header(&f.name, &f.value);
-            let d = conn.step(sent, timeout, 0, none, &mut latency).await?;
+            let d = conn.step_batched(sent, timeout, &mut latency).await?;
             if d != Decision::Continue {
                 return Ok(("header", d));
             }
         }
         let sent = conn.codec.eoh(&[]);
-        let d = conn.step(sent, timeout, 0, none, &mut latency).await?;
+        let d = conn.step_batched(sent, timeout, &mut latency).await?;
         if d != Decision::Continue {
             return Ok(("eoh", d));
         }
@@ -666,7 +738,7 @@ impl Chain {
             let taken = sent.as_ref().map_or(body.len(), |(n, _)| *n);
             body = &body[taken.min(body.len())..];
             let d = conn
-                .step(sent.map(|(_, s)| s), timeout, 0, none, &mut latency)
+                .step_batched(sent.map(|(_, s)| s), timeout, &mut latency)
                 .await?;
             match d {
                 Decision::Continue => {}

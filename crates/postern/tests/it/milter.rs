@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::{INSIDE, OUTSIDE, Server, free_port, http_get, route_to, run_cli};
@@ -794,4 +796,135 @@ fn held_mail_still_goes_through_the_milters() {
     let id = list.split_whitespace().next().unwrap();
     let (_, shown, _) = run_cli(&["quarantine", "show", id, "--config", cfg]);
     assert!(shown.contains("X-Scenario: scenario"), "{shown}");
+}
+
+// --- connections kept between sessions ---------------------------------------------
+
+/// A TCP proxy in front of a milter on `target` that counts the connections it takes;
+/// when the milter closes one, the proxy closes it on the relay's side too.
+fn counting_proxy(target: u16) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let n = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for down in listener.incoming() {
+            let Ok(down) = down else { continue };
+            n.fetch_add(1, Ordering::SeqCst);
+            let Ok(up) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let (mut d1, mut d2) = (down.try_clone().unwrap(), down);
+            let (mut u1, mut u2) = (up.try_clone().unwrap(), up);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut d1, &mut u1);
+                let _ = u1.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut d2);
+                let _ = d2.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn milter_connections_are_kept_between_sessions_and_replaced_when_closed() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port();
+    let mut m = scenario(&port.to_string(), "kept", "continue");
+    let (proxy, connections) = counting_proxy(port);
+    let server = relay(
+        &sink,
+        &milter_section("kept", &format!("127.0.0.1:{proxy}"), ""),
+    );
+    // Three SMTP sessions, from two clients: one milter connection, and each session's
+    // own macros (libmilter clears them at QUIT_NC and CONNECT).
+    for (n, from) in [OUTSIDE, INSIDE, OUTSIDE].into_iter().enumerate() {
+        let subject = format!("kept-{n}");
+        let (code, text) = send(&server, from, "sender@outside.test", &subject, "");
+        assert_eq!(code, 250, "{text}");
+        let text = delivered(&sink, &subject).data_str();
+        assert!(
+            text.contains("X-Scenario: kept i=") && text.contains(&format!("client={from} ")),
+            "{text}"
+        );
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+    // The milter restarts: the kept connection is closed under Postern, which opens a
+    // new one instead of failing the message.
+    drop(m);
+    m = scenario(&port.to_string(), "kept", "continue");
+    let (code, text) = send(&server, OUTSIDE, "sender@outside.test", "after-restart", "");
+    assert_eq!(code, 250, "{text}");
+    delivered(&sink, "after-restart");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert!(!server.log().contains("milter failed"), "{}", server.log());
+    drop(m);
+}
+
+/// A libmilter milter that accepts at end of message is back in its HELO state, where
+/// it would drop SMFIC_QUIT_NC and the CONNECT after it unanswered: it gets QUIT and a
+/// new connection per session, and no session waits for a timeout.
+#[test]
+fn a_milter_that_accepts_at_end_of_message_gets_a_new_connection_each_session() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port();
+    let _m = scenario(&port.to_string(), "accepting", "tag");
+    let (proxy, connections) = counting_proxy(port);
+    let server = relay(
+        &sink,
+        &milter_section(
+            "accepting",
+            &format!("127.0.0.1:{proxy}"),
+            "timeout = \"20s\"",
+        ),
+    );
+    let started = Instant::now();
+    for n in 0..3 {
+        let subject = format!("accepted-{n}");
+        let (code, text) = send(&server, OUTSIDE, "sender@outside.test", &subject, "");
+        assert_eq!(code, 250, "{text}");
+        delivered(&sink, &subject);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+}
+
+/// A reload starts new pools: a connection negotiated under the old `[[milter]]` is not
+/// used under the new one; the new pool keeps its own.
+#[test]
+fn a_reload_starts_new_milter_pools() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port();
+    let _m = scenario(&port.to_string(), "kept", "continue");
+    let (proxy, connections) = counting_proxy(port);
+    let server = relay(
+        &sink,
+        &milter_section("kept", &format!("127.0.0.1:{proxy}"), ""),
+    );
+    let (code, text) = send(&server, OUTSIDE, "sender@outside.test", "before-reload", "");
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+    let text = std::fs::read_to_string(&server.config).unwrap();
+    std::fs::write(
+        &server.config,
+        text.replace("name = \"kept\"\n", "name = \"kept\"\ntimeout = \"20s\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&["reload", "--config", server.config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for subject in ["after-reload-1", "after-reload-2"] {
+        let (code, text) = send(&server, OUTSIDE, "sender@outside.test", subject, "");
+        assert_eq!(code, 250, "{text}");
+        delivered(&sink, subject);
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
 }
