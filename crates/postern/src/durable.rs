@@ -32,7 +32,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// How many times a failed directory fsync is tried again before giving up.
-const DIR_SYNC_RETRIES: u32 = 2;
+pub(crate) const DIR_SYNC_RETRIES: u32 = 2;
 
 /// What [`write`] does when the final name already exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,6 +252,15 @@ pub(crate) mod fault {
         let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
         failing.retain(|(d, _)| d != dir);
         failing.push((dir.to_path_buf(), count));
+    }
+
+    /// How many injected failures for `dir` are still to come.
+    pub(crate) fn remaining(dir: &Path) -> u32 {
+        let failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
+        failing
+            .iter()
+            .find(|(d, _)| d == dir)
+            .map_or(0, |(_, n)| *n)
     }
 
     /// Stops injecting failures for `dir`.

@@ -706,6 +706,13 @@ async fn gc_stops_when_a_segment_removal_may_not_be_durable() {
     durable::fault::fail_dir_syncs(&log_dir, FSYNC_FAILURES);
     spool.mark_done(m1.id).await.unwrap();
     eventually("the first segment removed", || !first.exists()).await;
+    // The removal is seen before its directory fsync runs: wait until that fsync and all
+    // its retries have failed (clearing the fault earlier would let a retry succeed).
+    let attempts = crate::durable::DIR_SYNC_RETRIES + 1;
+    eventually("the removal's fsyncs failed", || {
+        durable::fault::remaining(&log_dir) <= FSYNC_FAILURES - attempts
+    })
+    .await;
     durable::fault::clear(&log_dir);
     // m1's DONE record lives in a later segment: that one must not be collected now.
     spool.mark_done(m2.id).await.unwrap();
