@@ -22,6 +22,8 @@ PORT=${PORT:-2525} SINK_PORT=${SINK_PORT:-2626}
 BIN=${BIN:-}
 if [[ -z $BIN ]]; then cargo build --release -q; BIN=./target/release/postern; fi
 tmp=$(mktemp -d)
+ACCEPTED=${ACCEPTED:-'[]'}
+TRUSTED=${TRUSTED:-'["127.0.0.1/32"]'}
 cat >"$tmp/postern.toml" <<CONF
 hostname = "bench.local"
 spool_dir = "$tmp/spool"
@@ -34,8 +36,8 @@ max_connections = 5000
 per_ip_connections = 5000
 
 [relay]
-accepted_domains = ${ACCEPTED:-[]}
-trusted_networks = ${TRUSTED:-["127.0.0.1/32"]}
+accepted_domains = $ACCEPTED
+trusted_networks = $TRUSTED
 
 [[route]]
 domains = ["bench.test"]
