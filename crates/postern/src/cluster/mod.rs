@@ -109,8 +109,9 @@ pub struct Cluster {
     config: crate::config::Cluster,
     /// The URL with the password as `***`, for every log line.
     shown: String,
-    /// The password, scrubbed from error texts before they are logged.
-    secret: Option<String>,
+    /// The passwords (Redis's, the sentinels'), scrubbed from error texts before they
+    /// are logged.
+    secrets: Vec<String>,
     /// The connection to Redis (with `sentinels`: to the master they name; a failover
     /// swaps in a new one).
     manager: arc_swap::ArcSwap<ConnectionManager>,
@@ -165,12 +166,15 @@ impl Cluster {
             None => redis::Client::open(config.redis.as_str())
                 .with_context(|| format!("[cluster] redis {shown}"))?,
         };
-        let secret = client
-            .get_connection_info()
-            .redis_settings()
-            .password()
-            .filter(|p| !p.is_empty())
-            .map(str::to_string);
+        let secrets: Vec<String> = [
+            client.get_connection_info().redis_settings().password(),
+            config.sentinel_password.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
         let bound = config.timeout;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(bound))
@@ -194,7 +198,7 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             config: config.clone(),
             shown,
-            secret,
+            secrets,
             manager: arc_swap::ArcSwap::from_pointee(manager),
             sentinel,
             tls_files: certificates.as_ref().map(tls_digest),
@@ -442,10 +446,9 @@ impl Cluster {
     }
 
     fn scrub(&self, text: &str) -> String {
-        match &self.secret {
-            Some(s) => text.replace(s.as_str(), "***"),
-            None => text.to_string(),
-        }
+        self.secrets
+            .iter()
+            .fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
     }
 
     fn gate(&self) -> std::sync::MutexGuard<'_, LogGate> {
