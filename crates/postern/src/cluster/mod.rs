@@ -1,6 +1,6 @@
 //! `[cluster]`: the counters several Postern nodes share through one Redis (interface:
 //! "Rate limits and shared state", `docs/cluster.md`): AUTH failure counts and lockouts
-//! ([`lockout`]) and the sliding-window counters of the rate limits ([`Cluster::window_add`]).
+//! ([`lockout`]) and the sliding-window counters of the rate limits ([`Cluster::window_take`]).
 //!
 //! Mail never waits on Redis longer than `[cluster] timeout` (200 ms by default). The
 //! client is in one of three states:
@@ -56,15 +56,6 @@ const MAX_US: u128 = 10_000_000_000_000_000;
 const STARTING: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
-
-/// The answer of [`Cluster::window_add`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WindowAdd {
-    /// Added; `bucket` is where (give it to [`Cluster::window_refund`]).
-    Added { bucket: i64 },
-    /// Not added: the window already holds `count`, and `count + amount` is over the limit.
-    Over { count: u64 },
-}
 
 /// One counter of [`Cluster::window_take`].
 #[derive(Debug, Clone, Copy)]
@@ -255,36 +246,11 @@ impl Cluster {
         &self.shown
     }
 
-    /// Check-and-add `amount` to the sliding-window counter `key` (built by the caller,
-    /// e.g. `rl:roaming-users:user:bob`; stored under [`KEY_PREFIX`]). When the window's
-    /// count plus `amount` is at most `limit` it is added and `Added { bucket }` says
-    /// where (for a refund); otherwise nothing is added and `Over { count }`. `None`:
-    /// Redis is down, slow or failed (the caller counts locally). One counter of
-    /// [`Cluster::window_take`].
-    pub async fn window_add(
-        &self,
-        key: &str,
-        window: Duration,
-        limit: u64,
-        amount: u64,
-    ) -> Option<WindowAdd> {
-        let one = [WindowCounter {
-            key,
-            window,
-            limit,
-            amount,
-        }];
-        Some(match self.window_take(&one).await? {
-            Taken::Added(buckets) => WindowAdd::Added {
-                bucket: *buckets.first()?,
-            },
-            Taken::Over { count, .. } => WindowAdd::Over { count },
-        })
-    }
-
     /// Check-and-add to several sliding-window counters at once, all or none (the
     /// `[[rate_limit]]`s of one MAIL or RCPT: one round trip, however many limits apply).
-    /// Each counter is as in [`Cluster::window_add`]. `Added(buckets)`: every amount was
+    /// Each counter's key is built by the caller (e.g. `rl:roaming-users:m:...`) and
+    /// stored under [`KEY_PREFIX`]; its amount is added when the window's count plus it
+    /// stays within its limit. `Added(buckets)`: every amount was
     /// added, `buckets[i]` is where counter `i`'s went; `Over { index, count }`: counter
     /// `index`, the first in order whose count plus amount is over its limit, holds
     /// `count`, and nothing was added anywhere. `None`: Redis is down, slow or failed.
@@ -327,14 +293,10 @@ impl Cluster {
         }
     }
 
-    /// Takes back `amount` added to `bucket` of `key` earlier (a transaction that did not
-    /// reach 250). Best effort and bounded like every call; never below zero.
-    pub async fn window_refund(&self, key: &str, bucket: i64, amount: u64) {
-        self.window_give_back(&[(key, bucket, amount)]).await;
-    }
-
-    /// [`Cluster::window_refund`] for several counters in one round trip: each
-    /// `(key, bucket, amount)`.
+    /// Takes back amounts added earlier (a transaction that did not reach 250), for
+    /// several counters in one round trip: each `(key, bucket, amount)`, the bucket as
+    /// [`Cluster::window_take`] gave it. Best effort and bounded like every call; never
+    /// below zero.
     pub async fn window_give_back(&self, given: &[(&str, i64, u64)]) {
         if given.is_empty() {
             return;

@@ -11,6 +11,42 @@ use super::lockout::Settled;
 use super::*;
 use crate::auth::limiter::{Scope, Settings};
 
+/// One counter's answer, for the tests of [`Cluster::window_take`] one counter at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WindowAdd {
+    Added { bucket: i64 },
+    Over { count: u64 },
+}
+
+impl Cluster {
+    /// [`Cluster::window_take`] with one counter.
+    async fn window_add(
+        &self,
+        key: &str,
+        window: Duration,
+        limit: u64,
+        amount: u64,
+    ) -> Option<WindowAdd> {
+        let one = [WindowCounter {
+            key,
+            window,
+            limit,
+            amount,
+        }];
+        Some(match self.window_take(&one).await? {
+            Taken::Added(buckets) => WindowAdd::Added {
+                bucket: *buckets.first()?,
+            },
+            Taken::Over { count, .. } => WindowAdd::Over { count },
+        })
+    }
+
+    /// [`Cluster::window_give_back`] with one counter.
+    async fn window_refund(&self, key: &str, bucket: i64, amount: u64) {
+        self.window_give_back(&[(key, bucket, amount)]).await;
+    }
+}
+
 const MIN: Duration = Duration::from_secs(60);
 
 fn config(url: &str) -> crate::config::Cluster {

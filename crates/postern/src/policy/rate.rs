@@ -325,10 +325,9 @@ impl RateLimits {
     /// at most `[cluster] timeout`); otherwise, or when it does not answer, this node.
     pub async fn take(&self, counted: Counted, who: &Who<'_>) -> Result<Hold, Exceeded> {
         let wanted: Vec<(&Limit, String, u64)> = self
-            .limits
-            .iter()
-            .filter(|l| l.applies(who))
-            .filter_map(|l| Some((l, l.key(who, self.ipv6_prefix)?, l.max(counted)?)))
+            .counting(who)
+            .into_iter()
+            .filter_map(|(l, key)| Some((l, key, l.max(counted)?)))
             .collect();
         if wanted.is_empty() {
             return Ok(Hold::default());
@@ -410,10 +409,18 @@ impl RateLimits {
 
     /// The limits that would count `who`, for `postern check-policy`: name and key.
     pub fn applying(&self, who: &Who<'_>) -> Vec<(&str, String)> {
+        self.counting(who)
+            .into_iter()
+            .map(|(l, key)| (l.config.name.as_str(), key))
+            .collect()
+    }
+
+    /// The limits whose clients `who` is, each with its key for `who`.
+    fn counting(&self, who: &Who<'_>) -> Vec<(&Limit, String)> {
         self.limits
             .iter()
             .filter(|l| l.applies(who))
-            .filter_map(|l| Some((l.config.name.as_str(), l.key(who, self.ipv6_prefix)?)))
+            .filter_map(|l| Some((l, l.key(who, self.ipv6_prefix)?)))
             .collect()
     }
 }
