@@ -114,6 +114,20 @@ impl Decoder {
     }
 
     /// Octets fed and not yet handed out.
+    /// Drops capacity beyond `keep` octets when nothing is buffered (a connection kept
+    /// idle after a big packet).
+    pub fn shrink(&mut self, keep: usize) {
+        if self.buffered() == 0 && self.buf.capacity() > keep {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
+    /// Octets of buffer memory held.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
     }

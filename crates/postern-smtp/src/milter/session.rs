@@ -28,6 +28,8 @@ pub const DEFAULT_MAX_PACKET: usize = 128 * 1024;
 pub const MIN_MAX_PACKET: usize = MILTER_CHUNK_SIZE + 1;
 /// ... and lowered to this at most (so text from a stranger is never a valid length).
 pub const MAX_MAX_PACKET: usize = 16 * 1024 * 1024;
+/// Buffer capacity a connection kept idle may hold on to ([`Session::shrink_buffers`]).
+pub const KEPT_BUFFER: usize = 256 * 1024;
 
 /// The protocol flags we offer by default: every version 6 flag but `SMFIP_RCPT_REJ`
 /// (sending refused recipients too is not something the driver does).
@@ -489,7 +491,10 @@ impl Session {
         let Some(neg) = &self.negotiated else {
             return false;
         };
+        // Bytes the milter sent that nobody asked for would be read as the answer to
+        // the next session's CONNECT: such a connection is never kept.
         self.awaiting.is_none()
+            && self.decoder.buffered() == 0
             && self.phase == Phase::Connected
             && neg.sends(Command::QuitNc)
             && match self.engine {
@@ -515,6 +520,20 @@ impl Session {
     /// Forgets the bytes [`Session::output`] showed (they were written).
     pub fn clear_output(&mut self) {
         self.out.clear();
+    }
+
+    /// Octets of buffer memory held now (output and input), whatever is in them.
+    pub fn held(&self) -> usize {
+        self.out.capacity() + self.decoder.capacity()
+    }
+
+    /// Gives back buffer memory beyond [`KEPT_BUFFER`] (a big message's body passed
+    /// through): for a connection kept idle between SMTP sessions.
+    pub fn shrink_buffers(&mut self) {
+        if self.out.is_empty() && self.out.capacity() > KEPT_BUFFER {
+            self.out = Vec::new();
+        }
+        self.decoder.shrink(KEPT_BUFFER);
     }
 
     // --- input ----------------------------------------------------------------------

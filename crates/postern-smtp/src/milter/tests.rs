@@ -977,6 +977,49 @@ fn finish_message(s: &mut Session, rcpt: u8, eom: u8) {
     s.take_output();
 }
 
+/// A reply the milter sent beyond what was asked, still undecoded when the decision was
+/// taken, would be read as the next SMTP session's answer to CONNECT: not kept.
+#[test]
+fn no_quit_nc_with_bytes_nobody_asked_for() {
+    let mut s = in_transaction(0, 0);
+    assert_eq!(s.rcpt(&[], "c@d.test", &[]), Ok(Sent::AwaitReply));
+    events(&mut s, &pkt(SMFIR_CONTINUE, b""));
+    assert_eq!(s.eom(&[]), Ok(Sent::AwaitReply));
+    let mut both = pkt(SMFIR_CONTINUE, b"");
+    both.extend_from_slice(&pkt(SMFIR_ACCEPT, b""));
+    s.feed(&both);
+    assert!(matches!(s.poll_event(), Some(Ok(Event::Decision(_)))));
+    assert!(s.buffered() > 0);
+    assert!(!s.can_quit_nc());
+    assert_eq!(s.quit_nc(), Err(Error::NotReady));
+}
+
+/// A kept connection gives back what a big message made its buffers hold.
+#[test]
+fn shrink_buffers_gives_back_a_big_body_buffer() {
+    let mut s = in_transaction(0, SMFIP_NR_BODY);
+    let answer = |s: &mut Session, sent: Result<Sent, Error>| {
+        if sent == Ok(Sent::AwaitReply) {
+            events(s, &pkt(SMFIR_CONTINUE, b""));
+        }
+    };
+    let sent = s.rcpt(&[], "c@d.test", &[]);
+    answer(&mut s, sent);
+    let sent = s.data(&[]);
+    answer(&mut s, sent);
+    let sent = s.eoh(&[]);
+    answer(&mut s, sent);
+    s.take_output();
+    let big = vec![b'x'; 4 * super::session::KEPT_BUFFER];
+    assert_eq!(s.body(&big), Ok((big.len(), Sent::NoReply)));
+    assert!(s.output().len() > big.len());
+    s.clear_output();
+    use super::session::KEPT_BUFFER;
+    assert!(s.held() > 4 * KEPT_BUFFER, "{}", s.held());
+    s.shrink_buffers();
+    assert!(s.held() <= 2 * KEPT_BUFFER, "{}", s.held());
+}
+
 #[test]
 fn quit_nc_after_end_of_message_answered_with_continue() {
     let mut s = in_transaction(0, 0);

@@ -401,8 +401,15 @@ impl Cluster {
     /// A reply of a shape the script never returns: counted locally, like an error.
     fn odd_reply<T>(&self, what: &'static str, reply: &Value) -> Option<T> {
         self.metrics.cluster_redis_failure();
-        // Cut on a character, never inside one (the reply may hold any UTF-8).
-        let text: String = format!("{reply:?}").chars().take(200).collect();
+        // Its shape, not its whole text: a hostile reply may be huge.
+        let text = match reply {
+            Value::Array(items) => format!("an array of {} items", items.len()),
+            Value::BulkString(b) => format!("a string of {} octets", b.len()),
+            Value::SimpleString(s) => format!("a status of {} octets", s.len()),
+            Value::Int(n) => format!("the integer {n}"),
+            Value::Nil => "nil".to_string(),
+            _ => "a reply of another kind".to_string(),
+        };
         self.log_error(what, &format!("unexpected reply {text}"));
         None
     }

@@ -164,6 +164,11 @@ impl Conn {
         !self.tainted && self.codec.can_quit_nc()
     }
 
+    /// Gives back a big message's buffer memory before the connection goes idle.
+    pub(super) fn shrink_buffers(&mut self) {
+        self.codec.shrink_buffers();
+    }
+
     /// `SMFIC_QUIT_NC`, to go out with the next command.
     pub(super) fn quit_nc(&mut self) -> Result<(), Failure> {
         self.codec.quit_nc().map(|_| ()).map_err(Failure::Protocol)

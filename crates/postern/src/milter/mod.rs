@@ -254,21 +254,26 @@ impl Chain {
     /// `result` is the first answer awaited on a connection taken from the pool, and
     /// the connection turned out closed: the milter closed it while it was idle (or
     /// restarted). It is dropped (link `i` is idle again), with no failure: `true`.
+    /// A kept connection that got no answer at all in time is dropped the same way,
+    /// and this milter's connections are no longer kept: a milter that takes
+    /// `SMFIC_QUIT_NC` but then ignores the next CONNECT would otherwise cost every
+    /// other session a reply timeout.
     fn stale(&mut self, i: usize, result: &Result<Decision, Failure>) -> bool {
         let State::Open(conn) = &self.links[i].state else {
             return false;
         };
-        let closed = matches!(
-            result,
-            Err(Failure::Io(_) | Failure::Protocol(postern_smtp::milter::Error::Closed(_)))
-        );
-        if !(conn.unproven && closed) {
+        if !conn.unproven {
             return false;
         }
-        tracing::debug!(
-            milter = %self.links[i].ep.config.name,
-            "a kept milter connection was closed by the milter; opening a new one"
-        );
+        let ep = &self.links[i].ep;
+        match result {
+            Err(Failure::Io(_) | Failure::Protocol(postern_smtp::milter::Error::Closed(_))) => {
+                tracing::debug!(milter = %ep.config.name,
+                    "a kept milter connection was closed by the milter; opening a new one");
+            }
+            Err(Failure::Timeout(_)) => ep.stop_reuse(),
+            _ => return false,
+        }
         self.links[i].state = State::Idle;
         true
     }

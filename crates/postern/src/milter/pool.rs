@@ -45,6 +45,9 @@ use crate::config::Milter;
 pub struct Endpoint {
     pub config: Milter,
     pool: Pool,
+    /// A kept connection went unanswered: this milter's connections are not kept any
+    /// more (until a reload makes a new endpoint).
+    no_reuse: std::sync::atomic::AtomicBool,
 }
 
 struct Pool {
@@ -65,6 +68,7 @@ impl Endpoint {
             pool: Pool {
                 idle: Mutex::new(Vec::new()),
             },
+            no_reuse: std::sync::atomic::AtomicBool::new(false),
         });
         if ep.config.pool_size > 0
             && let Ok(rt) = tokio::runtime::Handle::try_current()
@@ -80,6 +84,9 @@ impl Endpoint {
     /// An idle connection, the most recently used first, checked to be still open and
     /// quiet; `None`: open a new one.
     pub(super) fn take(&self) -> Option<Box<Conn>> {
+        if self.reuse_stopped() {
+            return None;
+        }
         loop {
             let (mut conn, since) = self.lock().pop()?;
             if since.elapsed() >= self.config.pool_idle_timeout {
@@ -99,11 +106,13 @@ impl Endpoint {
 
     /// The SMTP session on `conn` is over: kept for the next one if its state allows it
     /// and there is room (QUIT_NC is sent when it is taken), otherwise QUIT and close.
-    pub(super) async fn release(&self, conn: Box<Conn>) {
-        if self.config.pool_size == 0 || !conn.reusable() {
+    pub(super) async fn release(&self, mut conn: Box<Conn>) {
+        if self.config.pool_size == 0 || self.reuse_stopped() || !conn.reusable() {
             conn.quit().await;
             return;
         }
+        // An idle connection holds no big message's buffers (up to `pool_size` of them).
+        conn.shrink_buffers();
         let full = {
             let mut idle = self.lock();
             if idle.len() < self.config.pool_size {
@@ -116,6 +125,23 @@ impl Endpoint {
         if let Some(conn) = full {
             conn.quit().await;
         }
+    }
+
+    /// A kept connection got no answer to the next session's CONNECT: keep none from
+    /// now on (the idle ones are closed), and say so once.
+    pub(super) fn stop_reuse(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.no_reuse.swap(true, Ordering::Relaxed) {
+            tracing::warn!(milter = %self.config.name, timeout = ?self.config.timeout,
+                "a kept milter connection did not answer the next session's CONNECT; \
+                 this milter's connections are no longer kept (set pool_size = 0 for it)");
+            let idle = std::mem::take(&mut *self.lock());
+            spawn_quits(idle.into_iter().map(|(c, _)| c));
+        }
+    }
+
+    fn reuse_stopped(&self) -> bool {
+        self.no_reuse.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Idle connections now (for the tests).

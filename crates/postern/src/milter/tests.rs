@@ -73,6 +73,9 @@ enum Close {
     AfterEom,
     /// At SMFIC_QUIT_NC: as if that happened in the instant the connection was taken.
     AtQuitNc,
+    /// Never: but after SMFIC_QUIT_NC it answers nothing more (a milter that takes
+    /// QUIT_NC and then ignores the next CONNECT).
+    MuteAfterQuitNc,
 }
 
 /// A fake milter that counts what it sees.
@@ -88,6 +91,7 @@ fn start_counted(path: &Path, script: Script, close: Close) -> Arc<Seen> {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
+                let mut mute = false;
                 loop {
                     while buf.len() >= 4 {
                         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
@@ -101,7 +105,8 @@ fn start_counted(path: &Path, script: Script, close: Close) -> Arc<Seen> {
                         if code == SMFIC_QUIT_NC && close == Close::AtQuitNc {
                             return;
                         }
-                        if unanswered(code) {
+                        mute |= code == SMFIC_QUIT_NC && close == Close::MuteAfterQuitNc;
+                        if unanswered(code) || mute {
                             continue;
                         }
                         match script(code, &data) {
@@ -442,6 +447,27 @@ async fn a_kept_connection_the_milter_closed_is_replaced_not_failed() {
     assert_eq!(seen.connections(), 3);
     assert_eq!(seen.count(SMFIC_QUIT_NC), 2);
     assert!(!counted(&metrics, "failed"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kept_connection_that_goes_unanswered_is_replaced_and_reuse_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new([]));
+    let path = dir.path().join("mute.sock");
+    let seen = start_counted(&path, continuing, Close::MuteAfterQuitNc);
+    let ep = Endpoint::new(milter(&path, OnFailure::Tempfail));
+    for _ in 0..3 {
+        assert_eq!(
+            one_session(&ep, &metrics).await,
+            Verdict::Go { quarantine: None }
+        );
+    }
+    // The second session's kept connection went unanswered: it got a fresh one without
+    // a failure, and from then on nothing is kept (the third opened its own).
+    assert!(!counted(&metrics, "failed"));
+    assert_eq!(ep.idle(), 0);
+    assert_eq!(seen.connections(), 3);
+    assert_eq!(seen.count(SMFIC_QUIT_NC), 1);
 }
 
 /// Continue to everything, but a tempfail to RCPT.
