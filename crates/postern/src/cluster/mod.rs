@@ -522,8 +522,14 @@ impl Cluster {
     /// One probe: PING within the bound (with `sentinels`, after asking them where the
     /// master is). Its answer decides the state.
     async fn probe_once(&self) {
+        // The sentinels are asked whenever Redis is not up (a failover shows as a
+        // master that is gone or refuses to write), and every SENTINEL_EVERY probes
+        // otherwise: each answer costs a connection to the master they name.
         if let Some(sentinel) = &self.sentinel {
-            self.follow_master(sentinel).await;
+            let n = sentinel.probes.fetch_add(1, Ordering::Relaxed);
+            if !self.is_up() || n % SENTINEL_EVERY == 0 {
+                self.follow_master(sentinel).await;
+            }
         }
         let mut con = self.connection();
         let started = Instant::now();
@@ -553,6 +559,8 @@ impl Cluster {
 
 /// How long the probe may spend asking the sentinels where the master is.
 const SENTINEL_BOUND: Duration = Duration::from_secs(1);
+/// While Redis answers, the sentinels are asked once in this many probes (seconds).
+const SENTINEL_EVERY: u64 = 10;
 
 /// The sentinels of `[cluster] sentinels` and what they said last.
 struct Sentinel {
@@ -561,6 +569,8 @@ struct Sentinel {
     clients: Vec<Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>>,
     /// The master's address the connection manager goes to now.
     current: Mutex<Option<String>>,
+    /// Probes made, to ask the sentinels only every [`SENTINEL_EVERY`] while up.
+    probes: AtomicU64,
 }
 
 impl Sentinel {
@@ -610,6 +620,7 @@ impl Sentinel {
         Ok(Sentinel {
             clients,
             current: Mutex::new(None),
+            probes: AtomicU64::new(0),
         })
     }
 
