@@ -73,11 +73,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     privileges.check_spool(&config.spool_dir)?;
     let spool_dir = config.spool_dir.clone();
     let options = spool_options();
-    let (spool, live) = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, options))
-        .await?
-        .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
-    tracing::info!(spool = %config.spool_dir.display(), messages = live.len(),
-        "spool open");
+    let (spool, backlog) =
+        tokio::task::spawn_blocking(move || Spool::open_in_background(&spool_dir, options))
+            .await?
+            .with_context(|| format!("cannot open the spool {}", config.spool_dir.display()))?;
+    tracing::info!(spool = %config.spool_dir.display(), "spool open");
     let metrics = Arc::new(Metrics::new(config.listeners.iter().map(|l| l.address)));
     // After the spool lock: the self-signed certificate lives in the spool.
     let mut prepared = prepare(config, None, None, &metrics)?;
@@ -110,11 +110,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     delivery::start(
         delivery_settings,
         spool.clone(),
-        live,
+        backlog,
         Arc::clone(&metrics),
         delivery.clone(),
         delivery_rx,
-    );
+    )?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(socket) = metrics_socket {

@@ -27,7 +27,7 @@ use crate::dns::{MailHost, ResolveError, Resolver};
 use crate::maillog;
 use crate::metrics::Metrics;
 use crate::ourselves::Ourselves;
-use crate::queue::{Envelope, Place, QueueId, RcptState, Spool, StoredMessage, unix_now};
+use crate::queue::{Envelope, QueueId, RcptState, Spool, StoredMessage, unix_now};
 
 /// Recipients per transaction (Postfix's smtp_destination_recipient_limit): RFC 5321
 /// 4.5.3.1.8 only promises 100, and big transactions make one 4xx costly.
@@ -77,6 +77,14 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// Attempts the runner keeps running at once. More than `max_concurrency` (the
+    /// deliveries, a semaphore taken once the hosts are known), so that destinations whose
+    /// DNS is slow hold attempts, not delivery slots; bounded, so that a big backlog
+    /// never becomes a task per message.
+    pub(crate) fn max_attempts(&self) -> usize {
+        self.max_concurrency.saturating_mul(4).max(256)
+    }
+
     fn client(&self, route: Option<usize>) -> &RouteClient {
         route
             .and_then(|i| self.route_clients.get(i))
@@ -183,7 +191,10 @@ impl Outcome {
 /// What the runner learns from an attempt.
 pub(crate) enum Report {
     /// Every recipient is final; the message is gone from the spool.
-    Finished(QueueId),
+    Finished {
+        id: QueueId,
+        contacts: Vec<(Destination, Option<String>)>,
+    },
     /// Some recipients wait for another attempt.
     Pending(Box<Pending>),
 }
@@ -194,6 +205,8 @@ pub(crate) struct Pending {
     pub(crate) attempts: u32,
     pub(crate) next: Instant,
     pub(crate) errors: Vec<Option<String>>,
+    /// Per destination tried: `None` if a host answered, else why none could be reached.
+    pub(crate) contacts: Vec<(Destination, Option<String>)>,
 }
 
 /// The message body, read from the spool only once a delivery slot is held, so that
@@ -223,8 +236,15 @@ impl Body {
     }
 }
 
-/// Runs one attempt for `msg` (which made `attempts` attempts before).
-pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32) -> Report {
+/// Runs one attempt for `msg` (which made `attempts` attempts before). Recipients at a
+/// destination in `skip` (suspended: no host reached lately) are deferred with its
+/// reason, without contacting it.
+pub(crate) async fn run(
+    ctx: Arc<Context>,
+    mut msg: StoredMessage,
+    attempts: u32,
+    skip: Vec<(Destination, Arc<str>)>,
+) -> Report {
     let id = msg.envelope.id;
     let mut errors: Vec<Option<String>> = vec![None; msg.states.len()];
     // This attempt's deferral per recipient, for an expiry report.
@@ -247,9 +267,31 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
     // Failures are recorded only after their bounce is safely queued (below), so a
     // crash can repeat a bounce but never lose one.
     let mut failed_now: Vec<(usize, Outcome)> = Vec::new();
+    let mut contacts: Vec<(Destination, Option<String>)> = Vec::new();
     for (key, indexes) in groups {
+        let skipped = skip.iter().find(|(d, _)| *d == key.destination);
         for chunk in indexes.chunks(RECIPIENTS_PER_TRANSACTION) {
-            let outcomes = deliver_group(&ctx, &key, &msg, &mut body, chunk).await;
+            let outcomes = match skipped {
+                Some((d, why)) => {
+                    let suspended = Outcome::local(
+                        DeliveryStatus::Deferred,
+                        "4.4.1",
+                        format!("delivery to {d} suspended: {why}"),
+                    );
+                    vec![suspended; chunk.len()]
+                }
+                None => {
+                    let (outcomes, reached) =
+                        deliver_group(&ctx, &key, &msg, &mut body, chunk).await;
+                    match contacts.iter_mut().find(|(d, _)| *d == key.destination) {
+                        // One chunk reaching a host is enough.
+                        Some(c) if reached.is_none() => c.1 = None,
+                        Some(_) => {}
+                        None => contacts.push((key.destination.clone(), reached)),
+                    }
+                    outcomes
+                }
+            };
             for (index, outcome) in chunk.iter().copied().zip(outcomes) {
                 log_outcome(&ctx, &msg.envelope, index, &key, &outcome);
                 match outcome.kind {
@@ -304,23 +346,13 @@ pub(crate) async fn run(ctx: Arc<Context>, mut msg: StoredMessage, attempts: u32
             tracing::error!(id = %id, error = %e, "cannot mark the message finished");
         }
         maillog::finished(&id);
-        return Report::Finished(id);
+        return Report::Finished { id, contacts };
     }
-    // Out of the log, so that a long wait does not pin the log's old segments.
-    if matches!(msg.place, Place::Log(_))
-        && let Ok(bytes) = body.get(&ctx, &msg).await
-    {
-        let bytes = bytes.to_vec();
-        match ctx
-            .spool
-            .move_to_deferred(&msg.envelope, bytes, &msg.states)
-            .await
-        {
-            Ok(()) => msg.place = Place::Deferred,
-            Err(e) => tracing::error!(id = %id, error = %e, "cannot move the message to deferred/"),
-        }
-    }
-    reschedule(&ctx, msg, attempts, errors)
+    // The message stays where it is in the log: a deferral writes nothing (the runner
+    // keeps the schedule; after a restart every message is attempted again). A message
+    // that waits long is carried forward by the runner's compaction when its segment is
+    // otherwise finished (`Spool::relocate`).
+    reschedule(&ctx, msg, attempts, errors, contacts)
 }
 
 fn reschedule(
@@ -328,6 +360,7 @@ fn reschedule(
     msg: StoredMessage,
     attempts: u32,
     errors: Vec<Option<String>>,
+    contacts: Vec<(Destination, Option<String>)>,
 ) -> Report {
     let attempts = attempts + 1;
     let jitter = rand::random::<f64>() * 2.0 - 1.0;
@@ -342,6 +375,7 @@ fn reschedule(
         attempts,
         next: Instant::now() + delay,
         errors,
+        contacts,
     }))
 }
 
@@ -471,15 +505,22 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
 ///   sent: the next host for them, as Postfix does; the last 4xx stands if no host
 ///   takes them;
 /// - once the message has been sent to a host, its answers are final for this attempt.
+///
+/// Also returns whether the destination was reached: `None` if a host answered (or the
+/// destination's name answered for good), else why none could be (connections failed,
+/// DNS failed temporarily): the runner suspends such a destination.
 async fn deliver_group(
     ctx: &Context,
     key: &NextHopKey,
     msg: &StoredMessage,
     body: &mut Body,
     indexes: &[usize],
-) -> Vec<Outcome> {
+) -> (Vec<Outcome>, Option<String>) {
     let env = &msg.envelope;
-    let all = |o: Outcome| vec![o; indexes.len()];
+    let all = |o: Outcome| {
+        let unreachable = (o.kind == DeliveryStatus::Deferred).then(|| o.reply.clone());
+        (vec![o; indexes.len()], unreachable)
+    };
     let _dest_slot = ctx
         .destination_slots(&key.destination)
         .acquire_owned()
@@ -496,11 +537,13 @@ async fn deliver_group(
     let body = match body.get(ctx, msg).await {
         Ok(b) => b,
         Err(why) => {
-            return all(Outcome::local(
+            let outcome = Outcome::local(
                 DeliveryStatus::Deferred,
                 "4.3.0",
                 format!("cannot read the message from the spool: {why}"),
-            ));
+            );
+            // Our problem, not the destination's.
+            return (vec![outcome; indexes.len()], None);
         }
     };
     let client = ctx.client(key.route);
@@ -517,6 +560,8 @@ async fn deliver_group(
     let mut unreachable = 0usize;
     let mut refusal: Option<Outcome> = None;
     let mut sessions = 0usize;
+    // A host answered (past its greeting, or a refusal of its own: TLS, AUTH, EHLO).
+    let mut answered = false;
     // Hosts this attempt got to (a host left out by the session cap might take it).
     let mut tried = 0usize;
     'hosts: for (addr, name) in targets {
@@ -535,6 +580,7 @@ async fn deliver_group(
                 Ok(c) => (c, false),
                 Err(e) => {
                     problem = connect_problem(&name, addr, &e);
+                    answered |= !no_answer(&e);
                     unreachable += 1;
                     continue 'hosts;
                 }
@@ -593,6 +639,7 @@ async fn deliver_group(
                         Ok(c) => c,
                         Err(e) => {
                             problem = connect_problem(&name, addr, &e);
+                            answered |= !no_answer(&e);
                             unreachable += 1;
                             continue 'hosts;
                         }
@@ -633,14 +680,25 @@ async fn deliver_group(
             (None, None) => Outcome::local(DeliveryStatus::Deferred, "4.4.1", problem.clone()),
         });
     }
-    outcomes
+    let outcomes = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
                 Outcome::local(DeliveryStatus::Deferred, "4.3.0", "no outcome".into())
             })
         })
-        .collect()
+        .collect();
+    let reached = (sessions == 0 && !answered && unreachable > 0).then_some(problem);
+    (outcomes, reached)
+}
+
+/// The host did not answer at all: no connection, no greeting, or a greeting refusal
+/// (what marks a destination down; TLS, AUTH or EHLO trouble is a host that answered).
+fn no_answer(e: &ConnectError) -> bool {
+    matches!(
+        e,
+        ConnectError::Io(_) | ConnectError::Timeout(_) | ConnectError::Greeting(_)
+    )
 }
 
 fn connect_problem(name: &str, addr: SocketAddr, e: &ConnectError) -> String {

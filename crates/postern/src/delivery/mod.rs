@@ -1,19 +1,33 @@
 //! Delivery: the queue runner and everything that sends mail on.
 //!
-//! The runner is one task owning the in-memory queue: every live message with its
-//! per-recipient state, attempt count, last errors and next attempt time. New messages
-//! (from sessions and bounces) arrive on a channel and are tried at once; due messages
-//! are handed to attempt tasks (`attempt.rs`), which report back. Outbound concurrency is
+//! The runner is one task owning the in-memory queue: every live message in its compact
+//! form (`Queued`: the envelope as stored, a few hundred bytes, never the body), with
+//! its recipients' states, attempt count, last errors and its place in the timetable
+//! (`schedule`). New messages (from sessions and bounces) arrive on a channel and are
+//! tried at once; the backlog found in the spool at start arrives in batches from a
+//! loader thread while new mail flows, and waits behind it. Attempts (`attempt.rs`) run
+//! as tasks, at most `max_attempts` at once, and report back. Outbound concurrency is
 //! bounded in total (`max_concurrency`) and per destination (`per_domain_concurrency`),
-//! so one slow or dead destination holds only its own slots.
+//! so one slow or dead destination holds only its own slots, and a destination where no
+//! host answers is suspended (its mail waits without attempts until a probe gets
+//! through), so a dead next hop's backlog costs nothing.
+//!
+//! What each operation costs as the queue grows (n messages, d destinations): a new
+//! message, a report, a dispatch, a delete by id: O(log n); a flush, a reload that
+//! changes routes, `queue delete --domain`: O(n), once per request; a listing: one page
+//! (1000 messages) per request, O(log n) to find it; expiry: the messages that expired;
+//! the per-destination metric: O(d) every five seconds; compaction: O(n) only while the
+//! log's oldest segment is mostly finished (then it is emptied and collected).
 //!
 //! Only this module opens outbound connections. Durable state lives in the spool; the
 //! runner's memory (attempt counts, last errors, next times) is rebuilt at start: every
-//! message found in the spool is tried at once (interface: "After a crash or restart").
+//! message found in the spool is tried at once (interface: "After a crash or restart"),
+//! after new mail, within the destinations' limits.
 //!
 //! - `route`: domain → next hop, grouping;  `mx`: DNS (RFC 5321 5.1, RFC 7505);
 //!   `client`: the SMTP client;  `tls`: client TLS configs;  `pool`: connection reuse;
-//!   `retry`: the schedule;  `dsn`: bounces (RFC 3464);  `attempt`: one attempt.
+//!   `retry`: the schedule;  `schedule`: the timetable;  `dsn`: bounces (RFC 3464);
+//!   `attempt`: one attempt.
 
 mod attempt;
 pub mod client;
@@ -21,6 +35,7 @@ pub mod dsn;
 mod pool;
 pub mod retry;
 pub mod route;
+mod schedule;
 pub mod tls;
 
 /// What became of one recipient in one attempt: the one vocabulary of the SMTP client,
@@ -53,7 +68,7 @@ impl DeliveryStatus {
     }
 }
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,9 +77,10 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Route, RouteTls};
 use crate::metrics::Metrics;
-use crate::queue::{QueueId, RcptState, Spool, StoredMessage, unix_now};
+use crate::queue::{QueueId, Queued, RcptState, Spool, StoredMessage, unix_now};
 use attempt::{Context, Report, RouteClient};
 use client::{ClientConfig, Credentials, TlsPolicy};
+use schedule::{Contact, DestId, Line, Schedule, Slot};
 
 /// Why delivery could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +91,9 @@ pub enum DeliveryError {
     /// A route's TLS settings could not be loaded (bad ca_file, ...).
     #[error("route for {domains}: {error}")]
     RouteTls { domains: String, error: String },
+    /// The thread that loads the backlog could not be started.
+    #[error("cannot start the backlog loader: {0}")]
+    Thread(std::io::Error),
     /// A route's password file could not be read.
     #[error("route for {domains}: cannot read auth_password_file {path}: {error}")]
     Password {
@@ -97,11 +116,19 @@ pub struct QueueItem {
 }
 
 enum Command {
-    New(Box<StoredMessage>),
+    New(Box<Queued>),
+    /// A batch of the backlog found in the spool at start.
+    Loaded(Vec<Queued>),
+    LoadDone,
     Report(Report),
+    Relocated(
+        QueueId,
+        Result<crate::queue::Location, crate::queue::SpoolError>,
+    ),
     Flush(oneshot::Sender<usize>),
     Delete(QueueId, oneshot::Sender<bool>),
-    List(oneshot::Sender<Vec<QueueItem>>),
+    DeleteDomain(String, oneshot::Sender<DomainDeletion>),
+    List(ListPage, oneshot::Sender<Vec<QueueItem>>),
     Reconfigure(Box<Settings>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -128,7 +155,7 @@ impl Enqueued {
     /// The next message enqueued so far, if any.
     pub(crate) fn next(&mut self) -> Option<StoredMessage> {
         match self.0.try_recv().ok()? {
-            Command::New(m) => Some(*m),
+            Command::New(m) => m.stored().ok(),
             _ => None,
         }
     }
@@ -137,7 +164,25 @@ impl Enqueued {
 impl Handle {
     /// A message was just stored: try it now.
     pub fn enqueue(&self, message: StoredMessage) {
-        let _ = self.tx.send(Command::New(Box::new(message)));
+        match Queued::new(&message) {
+            Ok(q) => {
+                let _ = self.tx.send(Command::New(Box::new(q)));
+            }
+            // It was stored with this envelope, so it encodes; if not, it is delivered
+            // after the next restart, from the spool.
+            Err(e) => tracing::error!(id = %message.envelope.id, error = %e,
+                "cannot queue the stored message; it is delivered after a restart"),
+        }
+    }
+
+    /// Hands the backlog found in the spool at start to the runner, batch by batch,
+    /// while new mail flows (blocking: run on its own thread). New mail goes first.
+    pub fn load(&self, backlog: crate::queue::Backlog) -> Result<usize, crate::queue::SpoolError> {
+        let loaded = backlog.load(|batch| {
+            let _ = self.tx.send(Command::Loaded(batch));
+        });
+        let _ = self.tx.send(Command::LoadDone);
+        loaded
     }
 
     /// Attempt every waiting message now; returns how many were rescheduled.
@@ -152,9 +197,36 @@ impl Handle {
             .unwrap_or(false)
     }
 
-    /// The queue as it stands.
+    /// The queue as it stands (every message: for small queues and tests; listings
+    /// page through it with [`list_page`](Handle::list_page)).
     pub async fn list(&self) -> Vec<QueueItem> {
-        self.ask(Command::List).await.unwrap_or_default()
+        let mut all = Vec::new();
+        let mut page = ListPage {
+            limit: LIST_PAGE,
+            ..ListPage::default()
+        };
+        loop {
+            let items = self.list_page(page.clone()).await;
+            let Some(last) = items.last() else {
+                return all;
+            };
+            page.after = Some(last.message.envelope.id);
+            all.extend(items);
+        }
+    }
+
+    /// One page of the queue (see [`ListPage`]); empty at the end.
+    pub async fn list_page(&self, page: ListPage) -> Vec<QueueItem> {
+        self.ask(|tx| Command::List(page, tx))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// `queue delete --domain D`.
+    pub async fn delete_domain(&self, domain: &str) -> DomainDeletion {
+        self.ask(|tx| Command::DeleteDomain(domain.to_string(), tx))
+            .await
+            .unwrap_or_default()
     }
 
     /// A reload: attempts from now on use `settings`; running ones finish on the old.
@@ -281,34 +353,43 @@ pub fn handle() -> (Handle, Commands) {
 /// The runner's end of a [`Handle`].
 pub struct Commands(mpsc::UnboundedReceiver<Command>);
 
-/// Builds the delivery context and starts the runner with the messages found in the
-/// spool at start, listening on `commands` (from [`handle`]).
+/// Builds the delivery context and starts the runner, listening on `commands` (from
+/// [`handle`]), and a thread that loads the messages found in the spool at start.
 pub fn start(
     settings: Settings,
     spool: Spool,
-    live: Vec<StoredMessage>,
+    backlog: crate::queue::Backlog,
     metrics: Arc<Metrics>,
     handle: Handle,
     commands: Commands,
-) {
+) -> Result<(), DeliveryError> {
     let rx = commands.0;
     let ctx = Arc::new(context(settings, spool, handle.clone(), metrics, None));
-    let mut runner = Runner {
+    let runner = Runner {
+        schedule: Schedule::new(ctx.per_destination_limit, &ctx.retry_schedule),
         ctx,
-        entries: HashMap::new(),
-        due: BTreeSet::new(),
+        entries: BTreeMap::new(),
         attempts: JoinSet::new(),
         running: HashMap::new(),
+        relocations: 0,
+        errors: HashSet::new(),
+        loading: true,
         stopping: false,
     };
-    let now = Instant::now();
-    for msg in live {
-        // Tried at once; the schedule resumes from the message's age.
-        let age = Duration::from_secs((unix_now() - msg.envelope.arrived).max(0) as u64);
-        let attempts = retry::attempts_for_age(age, &runner.ctx.retry_schedule);
-        runner.insert(msg, attempts, now);
-    }
     tokio::spawn(runner.run(rx));
+    // The backlog: loaded on its own thread, new mail flowing meanwhile.
+    let loader = handle.clone();
+    std::thread::Builder::new()
+        .name("postern-backlog".into())
+        .spawn(move || match loader.load(backlog) {
+            Ok(n) => tracing::info!(messages = n, "queued messages loaded"),
+            Err(e) => {
+                // Those messages stay in the spool, untouched, for the next start.
+                tracing::error!(error = %e, "cannot load the queued messages from the spool; they are delivered after a restart");
+            }
+        })
+        .map_err(DeliveryError::Thread)?;
+    Ok(())
 }
 
 /// The client settings for a route (`None`: the default MX route).
@@ -363,54 +444,128 @@ fn route_client(config: &Config, route: Option<&Route>) -> Result<RouteClient, D
     })
 }
 
+/// A queued message as the runner holds it: the compact envelope, where it waits, and
+/// what its attempts found. A few hundred bytes; the body is never held here.
 struct Entry {
-    msg: StoredMessage,
+    q: Queued,
     attempts: u32,
-    next: Instant,
-    errors: Vec<Option<String>>,
+    /// Its line and slot while it waits in the timetable; `None` while an attempt runs or
+    /// it is being relocated.
+    waiting: Option<(Line, Slot)>,
+    /// Where its slot goes back after a relocation.
+    relocating: Option<(Line, Slot)>,
+    /// The destinations of its pending recipients.
+    dests: Box<[DestId]>,
+    /// Last error per recipient (deferred ones); `None` until an attempt deferred one.
+    errors: Option<Box<[Option<Arc<str>>]>>,
     in_flight: bool,
     delete_requested: bool,
 }
 
+impl Entry {
+    fn busy(&self) -> bool {
+        self.in_flight || self.relocating.is_some()
+    }
+}
+
+/// Relocations (compaction of the log) started per sweep, at most.
+const RELOCATIONS_PER_SWEEP: usize = 1000;
+/// Items per page of a listing.
+pub const LIST_PAGE: usize = 1000;
+/// Destinations shown in the per-destination backlog metric.
+const TOP_DESTINATIONS: usize = 10;
+/// Error texts shared between messages (a dead destination gives a million the same).
+const SHARED_ERRORS: usize = 4096;
+
 struct Runner {
     ctx: Arc<Context>,
-    entries: HashMap<QueueId, Entry>,
-    /// Messages waiting, by next attempt time.
-    due: BTreeSet<(Instant, QueueId)>,
+    /// Every queued message, by id (arrival order).
+    entries: BTreeMap<QueueId, Entry>,
+    schedule: Schedule,
     attempts: JoinSet<()>,
     /// Which message each running attempt task is for, to recover from a task that
     /// ends without reporting (a panic): its message is rescheduled, not stranded.
     running: HashMap<tokio::task::Id, QueueId>,
+    relocations: usize,
+    errors: HashSet<Arc<str>>,
+    /// The backlog found in the spool at start is still being read.
+    loading: bool,
     stopping: bool,
 }
 
+/// What an attempt learned about a destination's reachability.
+type Contacts = Vec<(DestId, Contact)>;
+
 impl Runner {
-    fn insert(&mut self, msg: StoredMessage, attempts: u32, next: Instant) {
-        let id = msg.envelope.id;
-        let n = msg.states.len();
-        self.due.insert((next, id));
+    /// The destinations of a message's pending recipients (routes, no DNS), held in the
+    /// timetable until [`Schedule::release`].
+    fn destinations(&mut self, q: &Queued) -> Box<[DestId]> {
+        let mut names: Vec<route::Destination> = Vec::with_capacity(1);
+        for (i, rcpt) in q.recipients().enumerate() {
+            if q.states.get(i) != Some(&RcptState::Pending) {
+                continue;
+            }
+            let key = route::next_hop(&self.ctx.routes, route::domain_of(rcpt), self.ctx.mx_port);
+            if !names.contains(&key.destination) {
+                names.push(key.destination);
+            }
+        }
+        names.iter().map(|d| self.schedule.hold(d)).collect()
+    }
+
+    /// Takes an entry out of the queue (it must not be waiting in the timetable).
+    fn forget(&mut self, id: QueueId) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        self.schedule.release(&entry.dests);
+        Some(entry)
+    }
+
+    fn insert(&mut self, q: Queued, attempts: u32, line: Line, at: Instant) {
+        let id = q.id;
+        if self.entries.contains_key(&id) {
+            return;
+        }
+        let dests = self.destinations(&q);
+        let slot = Slot { at, id };
+        self.schedule.add(line, slot, &dests);
         self.entries.insert(
             id,
             Entry {
-                msg,
+                q,
                 attempts,
-                next,
-                errors: vec![None; n],
+                waiting: Some((line, slot)),
+                relocating: None,
+                dests,
+                errors: None,
                 in_flight: false,
                 delete_requested: false,
             },
         );
     }
 
+    /// One copy of each error text (bounded): a dead destination's million deferred
+    /// messages share one.
+    fn shared_error(&mut self, text: String) -> Arc<str> {
+        if let Some(e) = self.errors.get(text.as_str()) {
+            return Arc::clone(e);
+        }
+        if self.errors.len() >= SHARED_ERRORS {
+            self.errors.clear();
+        }
+        let e: Arc<str> = text.into();
+        self.errors.insert(Arc::clone(&e));
+        e
+    }
+
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
         loop {
-            self.ctx.metrics.set_queue_messages(self.entries.len());
             self.dispatch_due();
+            self.publish();
             let wake = self
-                .due
-                .first()
-                .map(|(t, _)| *t)
+                .schedule
+                .wake()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -426,9 +581,49 @@ impl Runner {
                 Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
                     self.reap(done);
                 }
-                _ = sweep.tick() => { self.ctx.pool.sweep(); }
+                _ = sweep.tick() => {
+                    ticks += 1;
+                    self.ctx.pool.sweep();
+                    if ticks.is_multiple_of(5) {
+                        self.expire();
+                        self.relocate();
+                        self.publish_destinations();
+                    }
+                }
             }
         }
+    }
+
+    /// The metrics that cost O(1).
+    fn publish(&self) {
+        let m = &self.ctx.metrics;
+        m.set_queue_messages(self.entries.len());
+        m.set_queue_in_flight(self.running.len());
+        let oldest = self
+            .entries
+            .values()
+            .next()
+            .map_or(0, |e| (unix_now() - e.q.arrived).max(0) as u64);
+        m.set_queue_oldest_age(oldest);
+        m.set_queue_loading(self.loading);
+    }
+
+    /// The per-destination backlog (top N): one pass over the destinations.
+    fn publish_destinations(&self) {
+        let top = self.schedule.largest(TOP_DESTINATIONS);
+        let (_, suspended) = self.schedule.counts();
+        self.ctx.metrics.set_queue_destinations(
+            top.into_iter()
+                .map(
+                    |(d, messages, suspended)| crate::metrics::DestinationBacklog {
+                        destination: d.to_string(),
+                        messages,
+                        suspended,
+                    },
+                )
+                .collect(),
+            suspended,
+        );
     }
 
     fn dispatch_due(&mut self) {
@@ -436,22 +631,118 @@ impl Runner {
             return;
         }
         let now = Instant::now();
-        while let Some(&(t, id)) = self.due.first() {
-            if t > now {
+        while self.running.len() < self.ctx.max_attempts() {
+            let Some((start, line, slot, via)) = self.schedule.next(now) else {
                 break;
+            };
+            let Some(entry) = self.entries.get_mut(&start.id) else {
+                // Cannot happen (a slot is only in the timetable for a waiting entry);
+                // drop it rather than spin on it.
+                self.schedule.remove(line, slot, &[via]);
+                continue;
+            };
+            self.schedule.started(line, slot, &entry.dests);
+            entry.waiting = None;
+            let skip = suspended_except(&self.schedule, &entry.dests, start.probe.then_some(via));
+            self.launch(start.id, skip);
+        }
+    }
+
+    /// Starts an attempt for a message already taken out of the timetable.
+    fn launch(&mut self, id: QueueId, skip: Vec<(route::Destination, Arc<str>)>) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let msg = match entry.q.stored() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%id, error = %e, "queued message cannot be decoded; left in the spool");
+                let dests = entry.dests.clone();
+                self.schedule.finished(&dests, &[], Instant::now());
+                self.forget(id);
+                return;
             }
-            self.due.pop_first();
+        };
+        entry.in_flight = true;
+        let (ctx, attempts) = (Arc::clone(&self.ctx), entry.attempts);
+        let tx = self.ctx.handle.tx.clone();
+        let task = self.attempts.spawn(async move {
+            let report = attempt::run(ctx, msg, attempts, skip).await;
+            let _ = tx.send(Command::Report(report));
+        });
+        self.running.insert(task.id(), id);
+    }
+
+    /// RFC 5321 4.5.4.1: a message that has outlived `max_queue_lifetime` is attempted
+    /// now whatever its destination's state (a suspended destination is not contacted),
+    /// so that it bounces on time. Oldest first: stops at the first one still young.
+    fn expire(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let limit = self.ctx.max_lifetime.as_secs() as i64;
+        let now = unix_now();
+        let due: Vec<QueueId> = self
+            .entries
+            .values()
+            .take_while(|e| now - e.q.arrived >= limit)
+            .filter(|e| e.waiting.is_some())
+            .map(|e| e.q.id)
+            .take(self.ctx.max_attempts())
+            .collect();
+        for id in due {
             let Some(entry) = self.entries.get_mut(&id) else {
                 continue;
             };
-            entry.in_flight = true;
-            let (ctx, msg, attempts) = (Arc::clone(&self.ctx), entry.msg.clone(), entry.attempts);
-            let tx = self.ctx.handle.tx.clone();
-            let task = self.attempts.spawn(async move {
-                let report = attempt::run(ctx, msg, attempts).await;
-                let _ = tx.send(Command::Report(report));
+            let Some((line, slot)) = entry.waiting.take() else {
+                continue;
+            };
+            self.schedule.started(line, slot, &entry.dests);
+            let skip = suspended_except(&self.schedule, &entry.dests, None);
+            self.launch(id, skip);
+        }
+    }
+
+    /// Compaction: when the log's oldest segment is mostly finished but still holds
+    /// waiting messages, they are carried forward (COPY records) so that it, and the
+    /// finished segments behind it, can be collected. Only waiting messages; their slot
+    /// comes back when the copy is written.
+    fn relocate(&mut self) {
+        if self.stopping || self.relocations > 0 {
+            return;
+        }
+        let Some(seq) = self.ctx.spool.relocation_candidate() else {
+            return;
+        };
+        let ids: Vec<QueueId> = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.waiting.is_some()
+                    && matches!(e.q.place, crate::queue::Place::Log(l) if l.segment == seq)
+            })
+            .map(|e| e.q.id)
+            .take(RELOCATIONS_PER_SWEEP)
+            .collect();
+        for id in ids {
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            let Some((line, slot)) = entry.waiting.take() else {
+                continue;
+            };
+            self.schedule.remove(line, slot, &entry.dests);
+            entry.relocating = Some((line, slot));
+            self.relocations += 1;
+            let (spool, q, tx) = (
+                self.ctx.spool.clone(),
+                entry.q.clone(),
+                self.ctx.handle.tx.clone(),
+            );
+            tokio::spawn(async move {
+                let result = spool.relocate(&q).await;
+                let _ = tx.send(Command::Relocated(id, result));
             });
-            self.running.insert(task.id(), id);
         }
     }
 
@@ -471,20 +762,55 @@ impl Runner {
         {
             tracing::error!(id = %id, error = %e, "delivery attempt failed unexpectedly; retrying later");
             entry.in_flight = false;
-            entry.next = Instant::now() + Duration::from_secs(60);
-            self.due.insert((entry.next, id));
+            let now = Instant::now();
+            self.schedule.finished(&entry.dests, &[], now);
+            self.schedule.abandon_probe(&entry.dests);
+            let slot = Slot {
+                at: now + Duration::from_secs(60),
+                id,
+            };
+            entry.waiting = Some((Line::Retry, slot));
+            self.schedule.add(Line::Retry, slot, &entry.dests);
         }
+    }
+
+    fn contacts(&mut self, found: Vec<(route::Destination, Option<String>)>) -> Contacts {
+        found
+            .into_iter()
+            .filter_map(|(d, unreachable)| {
+                // A destination the message does not hold (routes reloaded meanwhile)
+                // has nothing to learn.
+                let id = self.schedule.find(&d)?;
+                let contact = match unreachable {
+                    Some(why) => Contact::Unreachable(self.shared_error(why)),
+                    None => Contact::Reached,
+                };
+                Some((id, contact))
+            })
+            .collect()
     }
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::New(msg) => {
-                if !self.entries.contains_key(&msg.envelope.id) {
-                    self.insert(*msg, 0, Instant::now());
+            Command::New(q) => self.insert(*q, 0, Line::Fresh, Instant::now()),
+            Command::Loaded(batch) => {
+                // Attempted at once (interface: after a restart), after new mail and
+                // within the destinations' limits; the schedule resumes from its age.
+                let now = Instant::now();
+                for q in batch {
+                    let age = Duration::from_secs((unix_now() - q.arrived).max(0) as u64);
+                    let attempts = retry::attempts_for_age(age, &self.ctx.retry_schedule);
+                    self.insert(q, attempts, Line::Retry, now);
                 }
             }
-            Command::Report(Report::Finished(id)) => {
-                self.entries.remove(&id);
+            Command::LoadDone => self.loading = false,
+            Command::Report(Report::Finished { id, contacts }) => {
+                let contacts = self.contacts(contacts);
+                if let Some(entry) = self.entries.get(&id) {
+                    let dests = entry.dests.clone();
+                    self.schedule.finished(&dests, &contacts, Instant::now());
+                    self.forget(id);
+                }
             }
             Command::Report(Report::Pending(pending)) => {
                 let attempt::Pending {
@@ -492,72 +818,100 @@ impl Runner {
                     attempts,
                     next,
                     errors,
+                    contacts,
                 } = *pending;
+                let contacts = self.contacts(contacts);
                 let id = msg.envelope.id;
                 let Some(entry) = self.entries.get_mut(&id) else {
                     return;
                 };
+                entry.in_flight = false;
+                let old = entry.dests.clone();
+                self.schedule.finished(&old, &contacts, Instant::now());
                 if entry.delete_requested {
                     let place = msg.place;
-                    self.entries.remove(&id);
+                    self.forget(id);
                     self.finish_deleted(id, place, None);
                     return;
                 }
-                entry.msg = msg;
+                let errors: Box<[Option<Arc<str>>]> = errors
+                    .into_iter()
+                    .map(|e| e.map(|t| self.shared_error(t)))
+                    .collect();
+                let Some(entry) = self.entries.get_mut(&id) else {
+                    return;
+                };
+                entry.q.states = msg.states.into_boxed_slice();
+                entry.q.place = msg.place;
                 entry.attempts = attempts;
-                entry.errors = errors;
-                entry.in_flight = false;
-                entry.next = next;
-                self.due.insert((next, id));
+                entry.errors = Some(errors);
+                let q = entry.q.clone();
+                // The new destinations are held before the old ones are let go, so a
+                // destination the message still goes to keeps its state.
+                let dests = self.destinations(&q);
+                self.schedule.release(&old);
+                let slot = Slot { at: next, id };
+                self.schedule.add(Line::Retry, slot, &dests);
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.dests = dests;
+                    entry.waiting = Some((Line::Retry, slot));
+                }
+            }
+            Command::Relocated(id, result) => {
+                self.relocations = self.relocations.saturating_sub(1);
+                let Some(entry) = self.entries.get_mut(&id) else {
+                    return;
+                };
+                match result {
+                    Ok(location) => entry.q.place = crate::queue::Place::Log(location),
+                    Err(crate::queue::SpoolError::NotLive(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(%id, error = %e, "could not carry the message forward in the log; it stays where it is");
+                    }
+                }
+                let Some((line, slot)) = entry.relocating.take() else {
+                    return;
+                };
+                if entry.delete_requested {
+                    let place = entry.q.place;
+                    self.forget(id);
+                    self.finish_deleted(id, place, None);
+                    return;
+                }
+                entry.waiting = Some((line, slot));
+                self.schedule.add(line, slot, &entry.dests);
             }
             Command::Flush(reply) => {
+                self.schedule.resume_all();
                 let now = Instant::now();
                 let mut n = 0;
                 for (id, e) in self.entries.iter_mut() {
-                    if !e.in_flight {
-                        self.due.remove(&(e.next, *id));
-                        e.next = now;
-                        self.due.insert((now, *id));
+                    if let Some((line, slot)) = e.waiting {
+                        let due = Slot { at: now, id: *id };
+                        if slot != due || line != Line::Retry {
+                            self.schedule.remove(line, slot, &e.dests);
+                            self.schedule.add(Line::Retry, due, &e.dests);
+                            e.waiting = Some((Line::Retry, due));
+                        }
                         n += 1;
                     }
                 }
                 let _ = reply.send(n);
             }
-            Command::Delete(id, reply) => match self.entries.get_mut(&id) {
-                None => {
-                    let _ = reply.send(false);
-                }
-                Some(e) if e.in_flight => {
-                    // Finished when the running attempt reports (it may deliver some
-                    // recipients first: that cannot be taken back).
-                    e.delete_requested = true;
-                    let _ = reply.send(true);
-                }
-                Some(e) => {
-                    let (next, place) = (e.next, e.msg.place);
-                    self.due.remove(&(next, id));
-                    self.entries.remove(&id);
-                    self.finish_deleted(id, place, Some(reply));
-                }
-            },
-            Command::List(reply) => {
-                let now = Instant::now();
-                let mut items: Vec<QueueItem> = self
-                    .entries
-                    .values()
-                    .map(|e| QueueItem {
-                        message: e.msg.clone(),
-                        errors: e.errors.clone(),
-                        attempts: e.attempts,
-                        next_in: e.next.saturating_duration_since(now).as_secs(),
-                        in_flight: e.in_flight,
-                    })
-                    .collect();
-                items.sort_by_key(|i| i.message.envelope.id);
-                let _ = reply.send(items);
+            Command::Delete(id, reply) => {
+                let found = self.delete(id);
+                let _ = reply.send(found);
+            }
+            Command::DeleteDomain(domain, reply) => {
+                let _ = reply.send(self.delete_domain(&domain));
+            }
+            Command::List(page, reply) => {
+                let _ = reply.send(self.list(&page));
             }
             Command::Reconfigure(settings) => {
                 let ctx = &self.ctx;
+                let routes_changed =
+                    ctx.routes != settings.routes || ctx.mx_port != settings.mx_port;
                 let next = context(
                     *settings,
                     ctx.spool.clone(),
@@ -565,15 +919,144 @@ impl Runner {
                     Arc::clone(&ctx.metrics),
                     Some(ctx),
                 );
+                self.schedule
+                    .configure(next.per_destination_limit, &next.retry_schedule);
                 let old = std::mem::replace(&mut self.ctx, Arc::new(next));
                 // Its idle connections were opened for the old routes.
                 tokio::spawn(async move {
                     let _ =
                         tokio::time::timeout(Duration::from_secs(1), old.pool.close_all()).await;
                 });
+                if routes_changed {
+                    self.regroup();
+                }
             }
             Command::Shutdown(_) => unreachable!("handled in run"),
         }
+    }
+
+    /// New routes: every waiting message's destinations again (one pass, at a reload).
+    fn regroup(&mut self) {
+        let ids: Vec<QueueId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.waiting.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            let Some((line, slot)) = entry.waiting else {
+                continue;
+            };
+            let old = std::mem::take(&mut entry.dests);
+            self.schedule.remove(line, slot, &old);
+            let q = entry.q.clone();
+            let dests = self.destinations(&q);
+            self.schedule.release(&old);
+            self.schedule.add(line, slot, &dests);
+            if let Some(entry) = self.entries.get_mut(&id) {
+                entry.dests = dests;
+            }
+        }
+    }
+
+    /// `queue delete ID`: false if unknown. A message being attempted (or carried
+    /// forward) is finished when that ends (an attempt may deliver some recipients first:
+    /// that cannot be taken back).
+    fn delete(&mut self, id: QueueId) -> bool {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        if e.busy() {
+            e.delete_requested = true;
+            return true;
+        }
+        if let Some((line, slot)) = e.waiting.take() {
+            self.schedule.remove(line, slot, &e.dests);
+        }
+        let place = e.q.place;
+        self.forget(id);
+        self.finish_deleted(id, place, None);
+        true
+    }
+
+    /// `queue delete --domain D`: every message whose pending recipients are all at `D`
+    /// (its domain or a subdomain is not enough: exactly `D`, compared as A-labels) is
+    /// deleted; one with pending recipients elsewhere too is left alone (and counted),
+    /// so that no other destination loses mail.
+    fn delete_domain(&mut self, domain: &str) -> DomainDeletion {
+        let wanted = postern_smtp::address::ascii_domain(domain).to_ascii_lowercase();
+        let mut result = DomainDeletion::default();
+        let ids: Vec<(QueueId, bool)> = self
+            .entries
+            .values()
+            .filter_map(|e| {
+                let (mut at, mut elsewhere) = (false, false);
+                for (i, rcpt) in e.q.recipients().enumerate() {
+                    if e.q.states.get(i) != Some(&RcptState::Pending) {
+                        continue;
+                    }
+                    if same_domain(rcpt, &wanted) {
+                        at = true;
+                    } else {
+                        elsewhere = true;
+                    }
+                }
+                at.then_some((e.q.id, elsewhere))
+            })
+            .collect();
+        for (id, elsewhere) in ids {
+            if elsewhere {
+                result.kept += 1;
+            } else if self.delete(id) {
+                result.deleted += 1;
+            }
+        }
+        result
+    }
+
+    /// A page of the listing: up to `page.limit` messages after `page.after`, those with
+    /// a recipient at `page.domain` only if given.
+    fn list(&self, page: &ListPage) -> Vec<QueueItem> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let wanted = page
+            .domain
+            .as_deref()
+            .map(|d| postern_smtp::address::ascii_domain(d).to_ascii_lowercase());
+        let start = page.after.map_or(Unbounded, Excluded);
+        let now = Instant::now();
+        self.entries
+            .range((start, Unbounded))
+            .map(|(_, e)| e)
+            .filter(|e| {
+                wanted
+                    .as_deref()
+                    .is_none_or(|w| e.q.recipients().any(|r| same_domain(r, w)))
+            })
+            .filter(|e| page.id.is_none_or(|id| id == e.q.id))
+            .take(page.limit.clamp(1, LIST_PAGE))
+            .filter_map(|e| {
+                let message = e.q.stored().ok()?;
+                let errors = match &e.errors {
+                    Some(errs) => errs
+                        .iter()
+                        .map(|x| x.as_deref().map(str::to_string))
+                        .collect(),
+                    None => vec![None; message.states.len()],
+                };
+                Some(QueueItem {
+                    message,
+                    errors,
+                    attempts: e.attempts,
+                    next_in: e
+                        .waiting
+                        .map_or(0, |(_, s)| s.at.saturating_duration_since(now).as_secs()),
+                    in_flight: e.busy(),
+                })
+            })
+            .collect()
     }
 
     fn finish_deleted(
@@ -609,6 +1092,48 @@ impl Runner {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ctx.pool.close_all()).await;
     }
+}
+
+/// The suspended destinations among `dests` (but `probed`), for an attempt to skip.
+fn suspended_except(
+    schedule: &Schedule,
+    dests: &[DestId],
+    probed: Option<DestId>,
+) -> Vec<(route::Destination, Arc<str>)> {
+    dests
+        .iter()
+        .filter(|&&d| Some(d) != probed)
+        .filter_map(|&d| {
+            let why = schedule.suspended(d)?;
+            Some((schedule.name(d)?.as_ref().clone(), why))
+        })
+        .collect()
+}
+
+/// Whether a canonical recipient's domain is `wanted` (an A-label, lower case).
+fn same_domain(recipient: &str, wanted: &str) -> bool {
+    postern_smtp::address::ascii_domain(route::domain_of(recipient)).eq_ignore_ascii_case(wanted)
+}
+
+/// What `queue delete --domain` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainDeletion {
+    /// Messages deleted (every pending recipient was at the domain).
+    pub deleted: usize,
+    /// Messages with pending recipients at the domain and elsewhere, left alone.
+    pub kept: usize,
+}
+
+/// Which part of the queue a listing asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    /// Messages after this id (the previous page's last).
+    pub after: Option<QueueId>,
+    /// Only messages with a recipient at this domain.
+    pub domain: Option<String>,
+    /// Only this message.
+    pub id: Option<QueueId>,
+    pub limit: usize,
 }
 
 /// Recipient states as words, for the CLI.

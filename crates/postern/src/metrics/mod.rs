@@ -200,6 +200,12 @@ pub struct Metrics {
     deliveries: [AtomicU64; DeliveryStatus::ALL.len()],
     bounces: AtomicU64,
     queue_messages: AtomicU64,
+    queue_in_flight: AtomicU64,
+    queue_oldest_age: AtomicU64,
+    queue_loading: AtomicU64,
+    /// The destinations with the most waiting messages (name, messages, suspended), and
+    /// how many destinations are suspended.
+    queue_destinations: std::sync::Mutex<(Vec<DestinationBacklog>, usize)>,
     filter_actions: [AtomicU64; FilterAction::NAMES.len()],
     /// `[authentication]` results, per check (spf, dkim, dmarc) and result.
     auth_results: [[AtomicU64; AUTH_RESULTS.len()]; 3],
@@ -214,6 +220,14 @@ pub struct Metrics {
     /// reload keeps the series of limits it removes).
     rate_limits: std::sync::Mutex<Vec<(String, Arc<AtomicU64>)>>,
     cluster: ClusterCounters,
+}
+
+/// One destination's waiting messages, for `postern_queue_destination_messages`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationBacklog {
+    pub destination: String,
+    pub messages: usize,
+    pub suspended: bool,
 }
 
 /// Held for the life of a session; `postern_connections_open` counts these.
@@ -245,6 +259,10 @@ impl Metrics {
             deliveries: Default::default(),
             bounces: AtomicU64::new(0),
             queue_messages: AtomicU64::new(0),
+            queue_in_flight: AtomicU64::new(0),
+            queue_oldest_age: AtomicU64::new(0),
+            queue_loading: AtomicU64::new(0),
+            queue_destinations: Default::default(),
             filter_actions: Default::default(),
             auth_results: Default::default(),
             dkim_signatures: Default::default(),
@@ -365,6 +383,31 @@ impl Metrics {
     /// The delivery runner now holds `n` messages.
     pub fn set_queue_messages(&self, n: usize) {
         self.queue_messages.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Attempts running.
+    pub fn set_queue_in_flight(&self, n: usize) {
+        self.queue_in_flight.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// The oldest queued message's age, in seconds (0 for an empty queue).
+    pub fn set_queue_oldest_age(&self, seconds: u64) {
+        self.queue_oldest_age.store(seconds, Ordering::Relaxed);
+    }
+
+    /// The backlog found in the spool at start is still being loaded.
+    pub fn set_queue_loading(&self, loading: bool) {
+        self.queue_loading
+            .store(u64::from(loading), Ordering::Relaxed);
+    }
+
+    /// The destinations with the most waiting messages (at most a handful: fixed
+    /// cardinality), and how many destinations are suspended.
+    pub fn set_queue_destinations(&self, top: Vec<DestinationBacklog>, suspended: usize) {
+        *self
+            .queue_destinations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (top, suspended);
     }
 
     pub fn filter_action(&self, action: &FilterAction) {

@@ -131,6 +131,61 @@ impl Metrics {
             "Messages the delivery runner holds (waiting, deferred or being delivered).",
             get(&self.queue_messages),
         );
+        let in_flight = get(&self.queue_in_flight);
+        family(
+            &mut out,
+            "postern_queue_messages_by_state",
+            "gauge",
+            "Queued messages by state: an attempt running, or waiting (for their time, a \
+             slot, or a suspended destination).",
+            [
+                (labels(&[("state", "in_flight")]), in_flight),
+                (
+                    labels(&[("state", "waiting")]),
+                    get(&self.queue_messages).saturating_sub(in_flight),
+                ),
+            ]
+            .into_iter(),
+        );
+        single(
+            &mut out,
+            "postern_queue_oldest_message_age_seconds",
+            "gauge",
+            "Age of the oldest queued message (0 when the queue is empty).",
+            get(&self.queue_oldest_age),
+        );
+        single(
+            &mut out,
+            "postern_queue_loading",
+            "gauge",
+            "1 while the messages found in the spool at start are being loaded.",
+            get(&self.queue_loading),
+        );
+        let (top, suspended) = self
+            .queue_destinations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        family(
+            &mut out,
+            "postern_queue_destination_messages",
+            "gauge",
+            "Waiting messages of the destinations with the most (the ten largest only).",
+            top.iter().map(|b| {
+                let suspended = if b.suspended { "true" } else { "false" };
+                (
+                    labels(&[("destination", &b.destination), ("suspended", suspended)]),
+                    b.messages as u64,
+                )
+            }),
+        );
+        single(
+            &mut out,
+            "postern_queue_destinations_suspended",
+            "gauge",
+            "Destinations where no host could be reached lately: their mail waits for a probe.",
+            suspended as u64,
+        );
         single(
             &mut out,
             "postern_spool_fsyncs_total",
@@ -455,7 +510,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(families.len(), 23, "{families:?}");
+        assert_eq!(families.len(), 28, "{families:?}");
         let mut unique = families.clone();
         unique.dedup();
         assert_eq!(unique, families);

@@ -10,6 +10,11 @@
 //!
 //! The committer also owns the live index (id -> segment) and per-segment live counts, so
 //! garbage collection needs no lock: it runs here after a batch that finished messages.
+//! The index of the messages queued before the open arrives from the backlog's load
+//! (`Request::Loaded`); until then no old segment is collected. A COPY (relocation) is
+//! checked against the index when its batch is formed, in order with the DONE records
+//! of the same batch, so a finished message is never carried forward (which would bring
+//! it back at the next replay).
 //! Input is our own callers' records; the only thing it trusts is that `Effect` matches the
 //! bytes (both are built by `Spool`).
 
@@ -26,8 +31,10 @@ use tracing::{debug, error, info, warn};
 
 use super::durable;
 use super::error::SpoolError;
+use super::id::IdGen;
+use super::record;
 use super::segment::{self, HEADER, segment_name};
-use super::{Location, QueueId, SpoolOptions};
+use super::{Location, LogShape, QueueId, SegmentUse, SpoolOptions};
 
 /// What a committed record does to the live index.
 #[derive(Clone, Copy, Debug)]
@@ -38,20 +45,42 @@ pub(crate) enum Effect {
     Add(QueueId),
     /// DONE or MOVED: the message is no longer live.
     Remove(QueueId),
+    /// COPY: the message moves from segment `from` to the one written to; written only
+    /// if it is live in `from` then.
+    Relocate { id: QueueId, from: u64 },
 }
 
-pub(crate) struct Request {
+pub(crate) enum Request {
+    Write(Append),
+    /// The index of the messages in the segments written before the open.
+    Loaded(Box<Loaded>),
+}
+
+/// A record to append.
+pub(crate) struct Append {
     pub(crate) bytes: Vec<u8>,
     pub(crate) effect: Effect,
     pub(crate) reply: oneshot::Sender<Result<Location, SpoolError>>,
+}
+
+/// What the replay of the old segments found.
+pub(crate) struct Loaded {
+    pub(crate) live: HashMap<QueueId, u64>,
+    pub(crate) counts: BTreeMap<u64, usize>,
+    pub(crate) totals: BTreeMap<u64, usize>,
+    pub(crate) corrupt: HashSet<u64>,
+    /// Answered once the index is taken over and the first collection has run.
+    pub(crate) done: mpsc::SyncSender<()>,
 }
 
 /// The segment being appended to.
 struct Current {
     seq: u64,
     file: File,
-    /// Bytes durably written (the header and every committed batch).
+    /// Bytes durably written (the header, the FLOOR record and every committed batch).
     len: u64,
+    /// A batch has been written to it.
+    has_records: bool,
 }
 
 pub(crate) struct Committer {
@@ -63,6 +92,12 @@ pub(crate) struct Committer {
     live: HashMap<QueueId, u64>,
     /// Every segment on disk, oldest first -> how many live messages it holds.
     counts: BTreeMap<u64, usize>,
+    /// Every segment on disk -> how many messages (MESSAGE and COPY records) it got.
+    totals: BTreeMap<u64, usize>,
+    /// The old segments' index has arrived (`Request::Loaded`): GC may run.
+    loaded: bool,
+    ids: Arc<IdGen>,
+    shape: Arc<std::sync::Mutex<LogShape>>,
     /// Segments with a corrupt record: renamed aside, not deleted, when collected.
     corrupt: HashSet<u64>,
     syncs: Arc<AtomicU64>,
@@ -72,43 +107,68 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Takes over the replayed state and creates a fresh segment to append to.
+    /// Creates a fresh segment, numbered `next_seq`, to append to. The old segments'
+    /// index comes later (`Request::Loaded`).
     pub(crate) fn new(
         log_dir: PathBuf,
         opts: SpoolOptions,
-        live: HashMap<QueueId, u64>,
-        counts: BTreeMap<u64, usize>,
-        corrupt: HashSet<u64>,
+        next_seq: u64,
+        ids: Arc<IdGen>,
         syncs: Arc<AtomicU64>,
+        shape: Arc<std::sync::Mutex<LogShape>>,
     ) -> Result<Committer, SpoolError> {
-        let next_seq = counts.keys().next_back().map_or(1, |last| last + 1);
         let mut committer = Committer {
             log_dir,
             opts,
             current: None,
             next_seq,
-            live,
-            counts,
-            corrupt,
+            live: HashMap::new(),
+            counts: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            loaded: false,
+            ids,
+            shape,
+            corrupt: HashSet::new(),
             syncs,
             gc_stopped: false,
         };
         committer.start_segment()?;
+        committer.publish();
         Ok(committer)
     }
 
     /// The loop of the committer thread; returns when every `Sender` is gone and the
     /// channel is drained, so everything submitted before `close` has been answered.
     pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
+        let mut next = None;
+        loop {
+            let first = match next.take() {
+                Some(r) => r,
+                None => match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            let first = match first {
+                Request::Write(w) => w,
+                Request::Loaded(loaded) => {
+                    self.load(*loaded);
+                    continue;
+                }
+            };
             let mut bytes = first.bytes.len();
             let mut batch = vec![first];
             if self.opts.group_commit {
                 while bytes < self.opts.max_batch_bytes {
                     match rx.try_recv() {
-                        Ok(req) => {
+                        Ok(Request::Write(req)) => {
                             bytes += req.bytes.len();
                             batch.push(req);
+                        }
+                        // After this batch: it may hold records for new messages only.
+                        Ok(loaded) => {
+                            next = Some(loaded);
+                            break;
                         }
                         Err(_) => break,
                     }
@@ -119,16 +179,69 @@ impl Committer {
         debug!("spool committer stopped");
     }
 
+    /// Takes over the index of the old segments; they can be collected from now on.
+    fn load(&mut self, loaded: Loaded) {
+        let Loaded {
+            live,
+            counts,
+            totals,
+            corrupt,
+            done,
+        } = loaded;
+        for (id, seq) in live {
+            // A message of the backlog cannot have been added since the open (new ids
+            // are above the floor), so this only fills the index.
+            self.live.entry(id).or_insert(seq);
+        }
+        for (seq, n) in counts {
+            *self.counts.entry(seq).or_default() += n;
+        }
+        for (seq, n) in totals {
+            *self.totals.entry(seq).or_default() += n;
+        }
+        self.corrupt.extend(corrupt);
+        self.loaded = true;
+        self.collect_garbage();
+        self.publish();
+        let _ = done.send(());
+    }
+
+    /// Publishes the log's shape for the delivery runner.
+    fn publish(&self) {
+        let oldest = self
+            .counts
+            .first_key_value()
+            .map(|(&seq, &live)| SegmentUse {
+                seq,
+                live,
+                total: self.totals.get(&seq).copied().unwrap_or(0),
+            });
+        let shape = LogShape {
+            oldest,
+            current: self.current.as_ref().map_or(0, |c| c.seq),
+            segments: self.counts.len(),
+            loaded: self.loaded,
+        };
+        *self
+            .shape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = shape;
+    }
+
     fn start_segment(&mut self) -> Result<(), SpoolError> {
         let seq = self.next_seq;
         // Never retry a number: a failed attempt may have left something behind.
         self.next_seq += 1;
-        let file = segment::create_segment(&self.log_dir, seq)?;
+        // Every id handed out so far is at most this: `replay::scan_tail` relies on it.
+        let floor = record::encode_floor(self.ids.high_water())?;
+        let file = segment::create_segment(&self.log_dir, seq, &floor)?;
         self.counts.insert(seq, 0);
+        self.totals.insert(seq, 0);
         self.current = Some(Current {
             seq,
             file,
-            len: HEADER.len() as u64,
+            len: (HEADER.len() + floor.len()) as u64,
+            has_records: false,
         });
         debug!(segment = %segment_name(seq), "new spool segment");
         Ok(())
@@ -141,7 +254,7 @@ impl Committer {
         let full = self
             .current
             .as_ref()
-            .is_none_or(|c| c.len >= self.opts.segment_size && c.len > HEADER.len() as u64);
+            .is_none_or(|c| c.len >= self.opts.segment_size && c.has_records);
         if full {
             self.current = None;
             self.start_segment()?;
@@ -149,7 +262,11 @@ impl Committer {
         Ok(())
     }
 
-    fn commit(&mut self, batch: Vec<Request>) {
+    fn commit(&mut self, batch: Vec<Append>) {
+        let batch = self.drop_stale_copies(batch);
+        if batch.is_empty() {
+            return;
+        }
         let written = self.write_batch(&batch);
         match written {
             Ok((seq, mut offset)) => {
@@ -169,6 +286,7 @@ impl Committer {
                 if finished_any {
                     self.collect_garbage();
                 }
+                self.publish();
             }
             Err(e) => {
                 error!(error = %e, records = batch.len(), "spool write failed; abandoning the segment");
@@ -180,8 +298,39 @@ impl Committer {
         }
     }
 
+    /// Answers (and leaves out) each COPY whose message is no longer live in the segment
+    /// it is carried from, given the index and the DONE records before it in the batch.
+    fn drop_stale_copies(&self, batch: Vec<Append>) -> Vec<Append> {
+        if !batch
+            .iter()
+            .any(|w| matches!(w.effect, Effect::Relocate { .. }))
+        {
+            return batch;
+        }
+        let mut removed = HashSet::new();
+        let mut kept = Vec::with_capacity(batch.len());
+        for w in batch {
+            match w.effect {
+                Effect::Remove(id) => {
+                    removed.insert(id);
+                }
+                Effect::Relocate { id, from } => {
+                    if removed.contains(&id) || self.live.get(&id) != Some(&from) {
+                        let _ = w.reply.send(Err(SpoolError::NotLive(id)));
+                        continue;
+                    }
+                    // A second COPY of it in this batch would find it moved.
+                    removed.insert(id);
+                }
+                Effect::None | Effect::Add(_) => {}
+            }
+            kept.push(w);
+        }
+        kept
+    }
+
     /// Writes and syncs a batch; returns its segment and the offset of its first record.
-    fn write_batch(&mut self, batch: &[Request]) -> Result<(u64, u64), SpoolError> {
+    fn write_batch(&mut self, batch: &[Append]) -> Result<(u64, u64), SpoolError> {
         self.rotate_if_full()?;
         let cur = self
             .current
@@ -201,6 +350,7 @@ impl Committer {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         let start = cur.len;
         cur.len += batch.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
+        cur.has_records = true;
         Ok((seq, start))
     }
 
@@ -209,6 +359,7 @@ impl Committer {
         match effect {
             Effect::None => false,
             Effect::Add(id) => {
+                *self.totals.entry(seq).or_default() += 1;
                 // A retried store of an id already live keeps the older (smaller) segment,
                 // which cannot be collected before this one anyway.
                 if let std::collections::hash_map::Entry::Vacant(slot) = self.live.entry(id) {
@@ -216,6 +367,15 @@ impl Committer {
                     *self.counts.entry(seq).or_default() += 1;
                 }
                 false
+            }
+            Effect::Relocate { id, from } => {
+                *self.totals.entry(seq).or_default() += 1;
+                self.live.insert(id, seq);
+                *self.counts.entry(seq).or_default() += 1;
+                if let Some(n) = self.counts.get_mut(&from) {
+                    *n = n.saturating_sub(1);
+                }
+                true
             }
             Effect::Remove(id) => match self.live.remove(&id) {
                 Some(home) => {
@@ -259,7 +419,7 @@ impl Committer {
     /// after a restart replay sees either state correctly, because every later segment
     /// is still there. The cost is disk space until the restart, and an error in the log.
     pub(crate) fn collect_garbage(&mut self) {
-        if self.gc_stopped {
+        if self.gc_stopped || !self.loaded {
             return;
         }
         let current = self.current.as_ref().map(|c| c.seq);
@@ -288,6 +448,7 @@ impl Committer {
                 }
             }
             self.counts.remove(&seq);
+            self.totals.remove(&seq);
             self.corrupt.remove(&seq);
             if let Err(e) = durable::sync_dir_retrying(&self.log_dir) {
                 error!(segment = %segment_name(seq), error = %e,
@@ -301,7 +462,7 @@ impl Committer {
 }
 
 /// `write_all` for a batch of buffers, without copying them into one.
-fn write_all_vectored(file: &mut File, batch: &[Request]) -> std::io::Result<()> {
+fn write_all_vectored(file: &mut File, batch: &[Append]) -> std::io::Result<()> {
     if let [one] = batch {
         return file.write_all(&one.bytes);
     }

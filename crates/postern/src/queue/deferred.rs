@@ -1,9 +1,11 @@
-//! Per-message files for messages that outlive their first delivery attempt.
+//! Per-message files for deferred messages, as earlier versions kept them. Deferred mail
+//! now stays in the log (a message waiting long is carried forward by compaction, see
+//! `Spool::relocate`), so nothing new is written here; a spool from an earlier version is
+//! still read, and its files are finished and removed as before.
 //!
-//! The segment log is collected oldest-first, so one message waiting days for a retry
-//! would pin every later segment. A message that is deferred therefore moves out of the
-//! log into `SPOOL/deferred/<ID>` (written to `<ID>.tmp`, fsynced, renamed, directory
-//! fsynced; then a MOVED record goes to the log). Its later outcomes are RCPT records
+//! How they were made: a message that was deferred moved out of the log into
+//! `SPOOL/deferred/<ID>` (written to `<ID>.tmp`, fsynced, renamed, directory fsynced;
+//! then a MOVED record went to the log; `write`, kept for the tests). Its later outcomes are RCPT records
 //! appended to that file (one fdatasync each: deferred mail is the slow path). When it is
 //! finished a DONE record is appended (fdatasync'd), then the file is unlinked (see
 //! `remove` for why).
@@ -20,9 +22,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
+#[cfg(test)]
+use super::Envelope;
 use super::durable;
 use super::record::{self, Decoded, FRAME_LEN};
-use super::{Envelope, QueueId, RcptState, SpoolError, StoredMessage};
+use super::{QueueId, RcptState, SpoolError, StoredMessage};
 
 const HEADER: &[u8] = b"postern-deferred 1\n";
 
@@ -38,6 +42,7 @@ pub(crate) fn path(dir: &Path, id: QueueId) -> PathBuf {
 /// uncertain); the caller must keep the log copy alive (no MOVED record) in the second
 /// case, so that whichever way the name lands, one copy survives. `Err`: nothing has the
 /// final name; the log copy is the message.
+#[cfg(test)]
 pub(crate) fn write(
     dir: &Path,
     envelope: &Envelope,

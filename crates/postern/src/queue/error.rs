@@ -38,6 +38,9 @@ pub enum SpoolError {
     /// A record could not be encoded: a field holds CR or LF, or the message is too large.
     #[error("cannot encode spool record: {0}")]
     Encode(String),
+    /// The message is not live where the request said (finished or moved meanwhile).
+    #[error("message {0} is no longer live there")]
+    NotLive(super::QueueId),
     /// The spool was closed; it accepts no more records.
     #[error("spool is closed")]
     Closed,
@@ -73,6 +76,7 @@ impl SpoolError {
                 reason: reason.clone(),
             },
             SpoolError::Encode(reason) => SpoolError::Encode(reason.clone()),
+            SpoolError::NotLive(id) => SpoolError::NotLive(*id),
             SpoolError::Closed => SpoolError::Closed,
         }
     }

@@ -81,6 +81,11 @@ impl IdGen {
         }
     }
 
+    /// The highest id handed out so far (the floor it was made with, if none yet).
+    pub(crate) fn high_water(&self) -> QueueId {
+        QueueId(self.last.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn next(&self) -> QueueId {
         let now = (now_micros() & MICROS_MASK) << TIE_BITS;
         let mut last = self.last.load(Ordering::Relaxed);

@@ -2,10 +2,14 @@
 //!
 //! Every accepted message is appended, with its envelope, to a segment log under
 //! `SPOOL/log/`, and `Spool::store` returns only after the record has been fdatasync'd.
-//! Outcomes (RCPT), completion (DONE) and hand-over to `SPOOL/deferred/` (MOVED) are more
-//! records in the same log. At startup `Spool::open` replays the log and returns every
-//! message that is still live; old segments are deleted once all their messages are
-//! finished. The byte format is specified in `docs/queue-format.md`.
+//! Outcomes (RCPT) and completion (DONE) are more records in the same log; a deferral
+//! writes nothing. A message still waiting when its segment is otherwise finished is
+//! carried forward (COPY, `Spool::relocate`), so one message waiting for days pins no
+//! segment; old segments are deleted once all their messages are finished or carried
+//! forward. `Spool::open_in_background` reads only the newest segments (each starts with
+//! a FLOOR record bounding the ids handed out before it) and takes new mail at once; the
+//! messages already queued are replayed from the rest of the log by `Backlog::load`,
+//! while new mail flows. The byte format is specified in `docs/queue-format.md`.
 //!
 //! Why a log and not one file per message: on this machine "create a file + fsync + fsync
 //! the directory" runs at ~800-1500/s, "append + fdatasync" to one open file at ~2000/s
@@ -56,7 +60,7 @@ use tracing::info;
 pub use error::SpoolError;
 pub use id::{ParseQueueIdError, QueueId};
 
-use committer::{Committer, Effect, Request};
+use committer::{Append, Committer, Effect, Request};
 use record::{Decoded, FRAME_LEN, RecordType};
 use replay::{Mode, Tail};
 
@@ -129,6 +133,95 @@ pub struct StoredMessage {
     pub size: u64,
 }
 
+/// A live message as the delivery queue keeps it in memory: the envelope in its stored
+/// text form (the MESSAGE record's envelope lines, one allocation of a few hundred
+/// bytes), decoded only when an attempt, a bounce or a listing needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub id: QueueId,
+    /// Arrival time, Unix seconds.
+    pub arrived: i64,
+    head: Box<str>,
+    /// One state per recipient.
+    pub states: Box<[RcptState]>,
+    pub place: Place,
+    /// Length of the message in bytes.
+    pub size: u64,
+}
+
+impl Queued {
+    /// The compact form of a message (fails only for an envelope that cannot be stored).
+    pub fn new(msg: &StoredMessage) -> Result<Queued, SpoolError> {
+        Ok(Queued {
+            id: msg.envelope.id,
+            arrived: msg.envelope.arrived,
+            head: record::encode_head(&msg.envelope, msg.size)?.into_boxed_str(),
+            states: msg.states.clone().into_boxed_slice(),
+            place: msg.place,
+            size: msg.size,
+        })
+    }
+
+    /// From a record that replay decoded (`head` is its envelope lines).
+    fn replayed(
+        head: &[u8],
+        envelope: &Envelope,
+        states: Vec<RcptState>,
+        location: Location,
+        size: u64,
+    ) -> Queued {
+        Queued {
+            id: envelope.id,
+            arrived: envelope.arrived,
+            // Decoded from these very bytes, so UTF-8.
+            head: String::from_utf8_lossy(head).into(),
+            states: states.into_boxed_slice(),
+            place: Place::Log(location),
+            size,
+        }
+    }
+
+    /// The envelope lines (`docs/queue-format.md`, MESSAGE).
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// The recipients, in order, without decoding the rest of the envelope.
+    pub fn recipients(&self) -> impl Iterator<Item = &str> {
+        self.head.split('\n').filter_map(|line| {
+            line.strip_prefix("rcpt <")
+                .and_then(|r| r.strip_suffix('>'))
+        })
+    }
+
+    /// The sender ("" for the null sender), without decoding the rest.
+    pub fn sender(&self) -> &str {
+        self.head
+            .split('\n')
+            .find_map(|line| {
+                line.strip_prefix("from <")
+                    .and_then(|r| r.strip_suffix('>'))
+            })
+            .unwrap_or("")
+    }
+
+    /// The message as attempts and listings use it.
+    pub fn stored(&self) -> Result<StoredMessage, SpoolError> {
+        let (envelope, _) = record::decode_head(&self.head).map_err(|reason| {
+            SpoolError::Encode(format!(
+                "queued envelope of {} does not decode: {reason}",
+                self.id
+            ))
+        })?;
+        Ok(StoredMessage {
+            envelope,
+            states: self.states.to_vec(),
+            place: self.place,
+            size: self.size,
+        })
+    }
+}
+
 /// How a spool writes. The daemon chooses; nothing is read from the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolOptions {
@@ -160,11 +253,13 @@ pub struct Spool {
 struct Inner {
     dir: PathBuf,
     log_dir: PathBuf,
-    ids: id::IdGen,
+    ids: Arc<id::IdGen>,
     /// `None` once closed.
     tx: Mutex<Option<mpsc::Sender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     syncs: Arc<AtomicU64>,
+    /// Published by the committer after each batch.
+    shape: Arc<Mutex<LogShape>>,
     /// Deferred messages whose log copy may still be live: the MOVED record was not
     /// written, or written without waiting for the answer (at open), or deliberately not
     /// written because the file's name may not be durable. Finishing such a message also
@@ -201,12 +296,34 @@ impl Drop for Inner {
 }
 
 impl Spool {
-    /// Creates the spool directories if needed, takes the lock, replays the log, trims a
-    /// torn tail off the newest segment, starts a new segment and the committer thread,
-    /// and collects finished segments. Returns the live messages, oldest first.
+    /// Opens the spool and loads its whole queue before returning (tests and tools; the
+    /// server uses [`Spool::open_in_background`]). Returns the live messages, oldest
+    /// first.
     ///
     /// Fails with [`SpoolError::Locked`] if another process has the spool open.
     pub fn open(dir: &Path, opts: SpoolOptions) -> Result<(Spool, Vec<StoredMessage>), SpoolError> {
+        let (spool, backlog) = Spool::open_in_background(dir, opts)?;
+        let mut live = Vec::new();
+        backlog.load(|batch| live.extend(batch))?;
+        let live = live
+            .iter()
+            .map(Queued::stored)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((spool, live))
+    }
+
+    /// Creates the spool directories if needed, takes the lock, makes the newest
+    /// segment's end final, finds the id floor, starts a new segment and the committer
+    /// thread: from here new messages can be stored. Reads only the newest segments,
+    /// so it takes the same time whatever the queue holds (except once, for a log written
+    /// by a Postern without FLOOR records, which is read whole). The messages already
+    /// queued are in the returned [`Backlog`], to be loaded while new mail flows.
+    ///
+    /// Fails with [`SpoolError::Locked`] if another process has the spool open.
+    pub fn open_in_background(
+        dir: &Path,
+        opts: SpoolOptions,
+    ) -> Result<(Spool, Backlog), SpoolError> {
         let created = !dir.exists();
         let log_dir = dir.join(LOG_DIR);
         for sub in [
@@ -224,148 +341,59 @@ impl Spool {
         }
         let lock = take_lock(dir)?;
 
-        let replayed = replay::replay(&log_dir, Mode::Owner)?;
-        let mut counts = BTreeMap::new();
-        let mut corrupt = HashSet::new();
-        if let Some(newest) = replayed.segments.last() {
-            let path = log_dir.join(segment::segment_name(newest.seq));
-            match newest.tail {
-                Tail::Torn => segment::trim_segment(&path, newest.valid_end)?,
-                Tail::TornHeader => {
-                    fs::remove_file(&path).map_err(SpoolError::io("remove segment", &path))?;
-                    segment::sync_dir(&log_dir)?;
-                }
-                Tail::Clean | Tail::Corrupt => {}
-            }
-        }
-        for seg in &replayed.segments {
-            if seg.tail == Tail::TornHeader {
-                continue; // removed just above
-            }
-            counts.insert(seg.seq, 0usize);
-            if seg.corrupt {
-                corrupt.insert(seg.seq);
-            }
-        }
-        // Messages moved to their own file: the file wins over a log copy (a crash between
-        // the rename and the MOVED record leaves both); such log copies get their MOVED now.
-        let deferred_dir = dir.join(DEFERRED_DIR);
-        let mut from_files = Vec::new();
-        let mut finished_files = HashSet::new();
-        let mut removed_finished = false;
-        for id in deferred::list(&deferred_dir, true)? {
-            let (loaded, _) = match deferred::load(&deferred_dir, id) {
-                Ok(l) => l,
-                Err(e) => {
-                    // One damaged file must not keep the server (and every other
-                    // message) down: set it aside for the operator, loudly.
-                    // Never over an earlier `ID.corrupt` (a reused id): `set_aside` picks
-                    // a free name and does not replace anything.
-                    let path = deferred::path(&deferred_dir, id);
-                    let aside = durable::set_aside(&path, ".corrupt")
-                        .map_err(SpoolError::io("set aside", &path))?;
-                    segment::sync_dir(&deferred_dir)?;
-                    tracing::error!(error = %e, file = %path.display(), aside = %aside.display(),
-                        "unreadable deferred message set aside; it will not be delivered");
-                    continue;
-                }
-            };
-            if loaded.finished {
-                // Finished, but the unlink did not happen or did not last (a crash, or a
-                // failed directory fsync: see `deferred::remove`). Complete it.
-                let path = deferred::path(&deferred_dir, id);
-                match fs::remove_file(&path) {
-                    Ok(()) => removed_finished = true,
-                    Err(e) => tracing::warn!(file = %path.display(), error = %e,
-                        "cannot remove a finished message's file; it stays finished"),
-                }
-                finished_files.insert(id);
-                continue;
-            }
-            if loaded.valid_len < loaded.file_len {
-                deferred::trim(&deferred_dir, id, loaded.valid_len)?;
-            }
-            from_files.push(loaded.message);
-        }
-        if removed_finished && let Err(e) = durable::sync_dir_retrying(&deferred_dir) {
-            tracing::warn!(error = %e, "directory fsync failed after removing finished files; they are marked finished");
-        }
-        // A log copy of a message that has its own file (live or finished) is dead.
-        let (late_copies, log_live): (Vec<_>, Vec<_>) = replayed.live.into_iter().partition(|m| {
-            finished_files.contains(&m.envelope.id)
-                || from_files.iter().any(|f| f.envelope.id == m.envelope.id)
-        });
-        let moved_late: Vec<QueueId> = late_copies.iter().map(|m| m.envelope.id).collect();
-        let mut live = HashMap::with_capacity(log_live.len() + late_copies.len());
-        for msg in log_live.iter().chain(&late_copies) {
-            if let Place::Log(loc) = msg.place {
-                live.insert(msg.envelope.id, loc.segment);
-                *counts.entry(loc.segment).or_default() += 1;
-            }
-        }
-
+        let tail = replay::scan_tail(&log_dir)?;
         quarantine::clean(dir)?;
         // The id floor: above every id still naming something on disk, not only the ids
         // in the log. A deferred or quarantined message's MESSAGE record may be gone
         // from the log (its segment collected, or never written there), and after a
         // clock step back the clock alone would hand its id out again.
-        let id_floor = replayed
-            .max_id
-            .max(durable::max_id_in_names(&deferred_dir)?)
+        let names_floor = durable::max_id_in_names(&dir.join(DEFERRED_DIR))?
             .max(durable::max_id_in_names(&dir.join(QUARANTINE_DIR))?);
+        let (floor, replayed) = match tail.floor {
+            Some(floor) => (floor, None),
+            None => {
+                info!(spool = %dir.display(), "the log has no FLOOR record (written by an older version): reading it whole before taking mail");
+                let replayed = replay::replay_segments(&log_dir, &tail.seqs, Mode::Owner)?;
+                (replayed.max_id, Some(replayed))
+            }
+        };
+        let ids = Arc::new(id::IdGen::new(floor.max(names_floor)));
 
         let syncs = Arc::new(AtomicU64::new(0));
-        let mut committer = Committer::new(
+        let shape = Arc::new(Mutex::new(LogShape::default()));
+        let first_new = tail.seqs.last().map_or(1, |last| last + 1);
+        let committer = Committer::new(
             log_dir.clone(),
             opts,
-            live,
-            counts,
-            corrupt,
+            first_new,
+            Arc::clone(&ids),
             Arc::clone(&syncs),
+            Arc::clone(&shape),
         )?;
-        committer.collect_garbage();
         let (tx, rx) = mpsc::channel();
         let handle = thread::Builder::new()
             .name("postern-spool".into())
             .spawn(move || committer.run(rx))
             .map_err(SpoolError::io("start committer thread for", dir))?;
-
-        let mut all_live = log_live;
-        all_live.extend(from_files);
-        all_live.sort_by_key(|m| m.envelope.id);
-        info!(spool = %dir.display(), live = all_live.len(),
-            segments = replayed.segments.len(), "spool opened");
         let spool = Spool {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 log_dir,
-                ids: id::IdGen::new(id_floor),
+                ids,
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(handle)),
                 syncs,
-                unmoved: Mutex::new(moved_late.iter().copied().collect()),
+                shape,
+                unmoved: Mutex::new(HashSet::new()),
                 _lock: lock,
             }),
         };
-        for id in moved_late {
-            // Fire and forget: the committer writes it before anything submitted later.
-            let bytes = record::encode_moved(id)?;
-            let (reply, _) = oneshot::channel();
-            if let Some(tx) = spool
-                .inner
-                .tx
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-            {
-                let _ = tx.send(Request {
-                    bytes,
-                    effect: Effect::Remove(id),
-                    reply,
-                });
-            }
-        }
-        Ok((spool, all_live))
+        let backlog = Backlog {
+            spool: spool.clone(),
+            seqs: tail.seqs,
+            replayed,
+        };
+        Ok((spool, backlog))
     }
 
     /// The spool directory.
@@ -442,6 +470,9 @@ impl Spool {
 
     /// Records that a message now lives in `SPOOL/deferred/` (written and synced there by
     /// the caller first). Replay no longer returns it; its segment may be collected.
+    /// (Earlier versions moved deferred mail out of the log; this one only reads such
+    /// spools, and the tests make them with this and `move_to_deferred`.)
+    #[cfg(test)]
     pub async fn mark_moved(&self, id: QueueId) -> Result<(), SpoolError> {
         let bytes = record::encode_moved(id)?;
         self.submit(bytes, Effect::Remove(id)).await.map(drop)
@@ -458,9 +489,10 @@ impl Spool {
         read_body_in(&self.inner.dir, msg)
     }
 
-    /// Moves a message out of the log into its own file under `SPOOL/deferred/` (see
-    /// `deferred.rs`): the file is durable before the MOVED record is written, so a crash
+    /// The layout of earlier versions, for the tests: moves a message out of the log into
+    /// its own file under `SPOOL/deferred/` (see `deferred.rs`): the file is durable before the MOVED record is written, so a crash
     /// in between leaves both copies and the file wins at the next open.
+    #[cfg(test)]
     pub async fn move_to_deferred(
         &self,
         envelope: &Envelope,
@@ -538,6 +570,48 @@ impl Spool {
         }
     }
 
+    /// Carries a live message forward out of its old segment, so that the segment can be
+    /// collected: a COPY record (envelope, body and the recipients' states) appended
+    /// like any other, group committed. Returns where it lives now. Written only if the
+    /// message is still live in that segment when its batch is formed (a DONE before it
+    /// wins); then [`SpoolError::NotLive`]. The caller must not record outcomes for the
+    /// message until this returns (they would be written with the old states first).
+    pub async fn relocate(&self, msg: &Queued) -> Result<Location, SpoolError> {
+        let Place::Log(from) = msg.place else {
+            return Err(SpoolError::NotLive(msg.id));
+        };
+        let spool = self.clone();
+        let body = blocking(move || spool.read_message(&from)).await?;
+        let bytes = record::encode_copy(&msg.head, &msg.states, &body)?;
+        drop(body);
+        self.submit(
+            bytes,
+            Effect::Relocate {
+                id: msg.id,
+                from: from.segment,
+            },
+        )
+        .await
+    }
+
+    /// The log's shape as of the last batch.
+    pub fn shape(&self) -> LogShape {
+        *self
+            .inner
+            .shape
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The segment worth emptying by [`relocate`](Spool::relocate), if any: the oldest
+    /// one, when it is not the one being written, at most a quarter of what was written
+    /// to it is still live, and it is what keeps later segments from being collected.
+    /// Each relocation thus frees at least three times the bytes it copies, and a log
+    /// whose old messages all wait (a destination down) is never rewritten.
+    pub fn relocation_candidate(&self) -> Option<u64> {
+        self.shape().relocation_candidate()
+    }
+
     /// Stops the committer thread after it has committed and answered everything already
     /// submitted; later calls fail with [`SpoolError::Closed`]. Blocks until then. The lock
     /// is held until the last clone is dropped.
@@ -553,26 +627,205 @@ impl Spool {
 
     async fn submit(&self, bytes: Vec<u8>, effect: Effect) -> Result<Location, SpoolError> {
         let (reply, answer) = oneshot::channel();
-        {
-            let tx = self.inner.tx.lock().unwrap_or_else(PoisonError::into_inner);
-            let tx = tx.as_ref().ok_or(SpoolError::Closed)?;
-            tx.send(Request {
-                bytes,
-                effect,
-                reply,
-            })
-            .map_err(|_| SpoolError::Closed)?;
-        }
+        self.send(Request::Write(Append {
+            bytes,
+            effect,
+            reply,
+        }))?;
         // A dropped reply sender means the committer thread is gone (it panicked).
         answer.await.map_err(|_| SpoolError::Closed)?
     }
+
+    fn send(&self, request: Request) -> Result<(), SpoolError> {
+        let tx = self.inner.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = tx.as_ref().ok_or(SpoolError::Closed)?;
+        tx.send(request).map_err(|_| SpoolError::Closed)
+    }
+}
+
+/// The messages a spool held when it was opened, not loaded yet.
+#[must_use = "the queued messages are only delivered once loaded"]
+pub struct Backlog {
+    spool: Spool,
+    /// The segments written before this open.
+    seqs: Vec<u64>,
+    /// Already read whole at open (a log without FLOOR records).
+    replayed: Option<replay::Replayed>,
+}
+
+/// How many messages [`Backlog::load`] hands over at a time.
+const LOAD_BATCH: usize = 10_000;
+
+impl Backlog {
+    /// Replays the log as it was at open (every record read and checked, the messages
+    /// moved to `deferred/` by earlier versions reconciled with it), tells the committer
+    /// which messages live where (from then on old segments can be collected), and hands
+    /// the live messages over, oldest first, in batches. Blocking: run it on its own
+    /// thread. Messages stored since the open are not in it (they are in newer segments).
+    pub fn load(self, mut deliver: impl FnMut(Vec<Queued>)) -> Result<usize, SpoolError> {
+        let Backlog {
+            spool,
+            seqs,
+            replayed,
+        } = self;
+        let inner = &spool.inner;
+        let replayed = match replayed {
+            Some(r) => r,
+            None => replay::replay_segments(&inner.log_dir, &seqs, Mode::Owner)?,
+        };
+        let mut counts = BTreeMap::new();
+        let mut totals = BTreeMap::new();
+        let mut corrupt = HashSet::new();
+        for seg in &replayed.segments {
+            if seg.tail == Tail::TornHeader {
+                continue; // removed at open
+            }
+            counts.insert(seg.seq, 0usize);
+            totals.insert(seg.seq, seg.messages);
+            if seg.corrupt {
+                corrupt.insert(seg.seq);
+            }
+        }
+        // Messages moved to their own file (by versions that did so): the file wins over
+        // a log copy (a crash between the rename and the MOVED record leaves both); such
+        // log copies get their MOVED now.
+        let deferred_dir = inner.dir.join(DEFERRED_DIR);
+        let mut from_files = Vec::new();
+        let mut file_ids = HashSet::new();
+        let mut removed_finished = false;
+        for id in deferred::list(&deferred_dir, true)? {
+            let (loaded, _) = match deferred::load(&deferred_dir, id) {
+                Ok(l) => l,
+                Err(e) => {
+                    // One damaged file must not keep the server (and every other
+                    // message) down: set it aside for the operator, loudly.
+                    // Never over an earlier `ID.corrupt` (a reused id): `set_aside` picks
+                    // a free name and does not replace anything.
+                    let path = deferred::path(&deferred_dir, id);
+                    let aside = durable::set_aside(&path, ".corrupt")
+                        .map_err(SpoolError::io("set aside", &path))?;
+                    segment::sync_dir(&deferred_dir)?;
+                    tracing::error!(error = %e, file = %path.display(), aside = %aside.display(),
+                        "unreadable deferred message set aside; it will not be delivered");
+                    continue;
+                }
+            };
+            file_ids.insert(id);
+            if loaded.finished {
+                // Finished, but the unlink did not happen or did not last (a crash, or a
+                // failed directory fsync: see `deferred::remove`). Complete it.
+                let path = deferred::path(&deferred_dir, id);
+                match fs::remove_file(&path) {
+                    Ok(()) => removed_finished = true,
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                        "cannot remove a finished message's file; it stays finished"),
+                }
+                continue;
+            }
+            if loaded.valid_len < loaded.file_len {
+                deferred::trim(&deferred_dir, id, loaded.valid_len)?;
+            }
+            from_files.push(Queued::new(&loaded.message)?);
+        }
+        if removed_finished && let Err(e) = durable::sync_dir_retrying(&deferred_dir) {
+            tracing::warn!(error = %e, "directory fsync failed after removing finished files; they are marked finished");
+        }
+        // A log copy of a message that has its own file (live or finished) is dead, but
+        // stays live in the log until its MOVED record is written (below).
+        let mut live_in_log = HashMap::with_capacity(replayed.live.len());
+        let mut moved_late = Vec::new();
+        let mut live = Vec::with_capacity(replayed.live.len() + from_files.len());
+        for msg in replayed.live {
+            if let Place::Log(loc) = msg.place {
+                live_in_log.insert(msg.id, loc.segment);
+                *counts.entry(loc.segment).or_default() += 1;
+            }
+            if file_ids.contains(&msg.id) {
+                moved_late.push(msg.id);
+            } else {
+                live.push(msg);
+            }
+        }
+        spool.unmoved().extend(moved_late.iter().copied());
+        let (done, taken) = mpsc::sync_channel(1);
+        spool.send(Request::Loaded(Box::new(committer::Loaded {
+            live: live_in_log,
+            counts,
+            totals,
+            corrupt,
+            done,
+        })))?;
+        // The old segments are counted (and the finished ones collected) from here.
+        taken.recv().map_err(|_| SpoolError::Closed)?;
+        for id in moved_late {
+            // Fire and forget: the committer writes it before anything submitted later.
+            let (reply, _) = oneshot::channel();
+            spool.send(Request::Write(Append {
+                bytes: record::encode_moved(id)?,
+                effect: Effect::Remove(id),
+                reply,
+            }))?;
+        }
+        live.extend(from_files);
+        live.sort_unstable_by_key(|m| m.id);
+        let total = live.len();
+        info!(spool = %inner.dir.display(), live = total,
+            segments = replayed.segments.len(), "queue loaded from the spool");
+        let mut rest = live.into_iter();
+        loop {
+            let batch: Vec<Queued> = rest.by_ref().take(LOAD_BATCH).collect();
+            if batch.is_empty() {
+                break;
+            }
+            deliver(batch);
+        }
+        Ok(total)
+    }
+}
+
+/// The shape of the log, for the delivery runner's compaction (see
+/// [`Spool::relocation_candidate`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogShape {
+    /// The oldest segment: its number, live messages and messages ever written to it.
+    pub oldest: Option<SegmentUse>,
+    /// The segment being appended to.
+    pub current: u64,
+    /// Segments on disk.
+    pub segments: usize,
+    /// The backlog is loaded (before that, old segments are not counted).
+    pub loaded: bool,
+}
+
+impl LogShape {
+    /// See [`Spool::relocation_candidate`].
+    pub fn relocation_candidate(&self) -> Option<u64> {
+        let oldest = self.oldest?;
+        (self.loaded
+            && oldest.seq != self.current
+            && oldest.live > 0
+            && oldest.live * 4 <= oldest.total)
+            .then_some(oldest.seq)
+    }
+}
+
+/// How much of a segment is still live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentUse {
+    pub seq: u64,
+    pub live: usize,
+    pub total: usize,
 }
 
 /// Read-only view for the CLI (`postern queue list` while the server runs): replays the
 /// log without taking the lock, without trimming anything and without GC. A record being
 /// written at that moment is simply not seen.
 pub fn scan(dir: &Path) -> Result<Vec<StoredMessage>, SpoolError> {
-    let mut live = replay::replay(&dir.join(LOG_DIR), Mode::ReadOnly)?.live;
+    let mut live = replay::replay(&dir.join(LOG_DIR), Mode::ReadOnly)?
+        .live
+        .iter()
+        .map(Queued::stored)
+        .collect::<Result<Vec<_>, _>>()?;
     let deferred_dir = dir.join(DEFERRED_DIR);
     for id in deferred::list(&deferred_dir, false)? {
         // A file may vanish between the listing and the read (delivered meanwhile).
@@ -632,9 +885,9 @@ fn read_at(log_dir: &Path, loc: &Location) -> Result<Vec<u8>, SpoolError> {
     })?;
     let frame = record::parse_frame(buf[..FRAME_LEN].try_into().expect("frame length"))
         .ok_or_else(|| corrupt("no record frame".into()))?;
-    if frame.rtype != RecordType::Message as u8 {
+    if frame.rtype != RecordType::Message as u8 && frame.rtype != RecordType::Copy as u8 {
         return Err(corrupt(format!(
-            "record type {} is not MESSAGE",
+            "record type {} is not MESSAGE or COPY",
             frame.rtype
         )));
     }
@@ -645,11 +898,11 @@ fn read_at(log_dir: &Path, loc: &Location) -> Result<Vec<u8>, SpoolError> {
         return Err(corrupt("payload CRC mismatch".into()));
     }
     match record::decode(frame.rtype, frame.version, &buf[FRAME_LEN..]) {
-        Ok(Decoded::Message { body_start, .. }) => {
+        Ok(Decoded::Message { body_start, .. } | Decoded::Copy { body_start, .. }) => {
             buf.drain(..FRAME_LEN + body_start);
             Ok(buf)
         }
-        Ok(_) => Err(corrupt("not a MESSAGE record".into())),
+        Ok(_) => Err(corrupt("not a MESSAGE or COPY record".into())),
         Err(reason) => Err(corrupt(reason)),
     }
 }

@@ -8,9 +8,9 @@
 
 use std::fmt::Write as _;
 
-use super::Envelope;
 use super::error::SpoolError;
 use super::id::QueueId;
+use super::{Envelope, RcptState};
 
 /// First two bytes of every record.
 pub(crate) const MAGIC: [u8; 2] = *b"PR";
@@ -28,6 +28,8 @@ pub(crate) enum RecordType {
     Rcpt = 2,
     Done = 3,
     Moved = 4,
+    Copy = 5,
+    Floor = 6,
 }
 
 impl RecordType {
@@ -37,6 +39,8 @@ impl RecordType {
             2 => Some(RecordType::Rcpt),
             3 => Some(RecordType::Done),
             4 => Some(RecordType::Moved),
+            5 => Some(RecordType::Copy),
+            6 => Some(RecordType::Floor),
             _ => None,
         }
     }
@@ -94,6 +98,17 @@ fn check_line(field: &str, value: &str) -> Result<(), SpoolError> {
 /// Encodes a MESSAGE record. The body is copied into the record here, in the caller's
 /// thread, so the committer thread only writes.
 pub(crate) fn encode_message(env: &Envelope, body: &[u8]) -> Result<Vec<u8>, SpoolError> {
+    let head = encode_head(env, body.len() as u64)?;
+    record(RecordType::Message, head.len() + 1 + body.len(), |buf| {
+        buf.extend_from_slice(head.as_bytes());
+        buf.push(b'\n');
+        buf.extend_from_slice(body);
+    })
+}
+
+/// The envelope lines of a MESSAGE record, `id` to `size` (each ending in LF, without the
+/// blank line that ends the envelope): the form the queue keeps an envelope in memory.
+pub(crate) fn encode_head(env: &Envelope, size: u64) -> Result<String, SpoolError> {
     check_line("client", &env.client)?;
     check_line("helo", &env.helo)?;
     if let Some(auth) = &env.auth {
@@ -131,13 +146,37 @@ pub(crate) fn encode_message(env: &Envelope, body: &[u8]) -> Result<Vec<u8>, Spo
     for rcpt in &env.recipients {
         let _ = writeln!(head, "rcpt <{rcpt}>");
     }
-    let _ = writeln!(head, "size {}", body.len());
-    head.push('\n');
+    let _ = writeln!(head, "size {size}");
+    Ok(head)
+}
 
-    record(RecordType::Message, head.len() + body.len(), |buf| {
-        buf.extend_from_slice(head.as_bytes());
-        buf.extend_from_slice(body);
-    })
+/// Encodes a COPY record: a live message carried forward out of an old segment (so that
+/// the segment can be collected), with its recipients' states. `head` is the message's
+/// envelope lines ([`encode_head`]), `body` its bytes.
+pub(crate) fn encode_copy(
+    head: &str,
+    states: &[RcptState],
+    body: &[u8],
+) -> Result<Vec<u8>, SpoolError> {
+    let states: String = states
+        .iter()
+        .map(|s| match s {
+            RcptState::Pending => 'p',
+            RcptState::Delivered => 'd',
+            RcptState::Failed => 'f',
+        })
+        .collect();
+    let prefix = format!("states {states}\n");
+    record(
+        RecordType::Copy,
+        prefix.len() + head.len() + 1 + body.len(),
+        |buf| {
+            buf.extend_from_slice(prefix.as_bytes());
+            buf.extend_from_slice(head.as_bytes());
+            buf.push(b'\n');
+            buf.extend_from_slice(body);
+        },
+    )
 }
 
 /// Encodes a RCPT record. The reply comes from a remote server: CR/LF and other control
@@ -183,6 +222,15 @@ pub(crate) fn encode_moved(id: QueueId) -> Result<Vec<u8>, SpoolError> {
     })
 }
 
+/// Encodes a FLOOR record: every queue id handed out before it was written is at most
+/// `id` (the first record of each segment; see `docs/queue-format.md`).
+pub(crate) fn encode_floor(id: QueueId) -> Result<Vec<u8>, SpoolError> {
+    let payload = format!("id {id}\n");
+    record(RecordType::Floor, payload.len(), |buf| {
+        buf.extend_from_slice(payload.as_bytes())
+    })
+}
+
 /// A decoded record payload.
 #[derive(Debug)]
 pub(crate) enum Decoded {
@@ -200,6 +248,18 @@ pub(crate) enum Decoded {
     },
     Done(QueueId),
     Moved(QueueId),
+    /// No id handed out before this record is above this one.
+    Floor(QueueId),
+    /// A live message carried forward ([`encode_copy`]): like `Message` (offsets from
+    /// the start of the payload), with its recipients' states.
+    Copy {
+        envelope: Envelope,
+        states: Vec<RcptState>,
+        /// The envelope lines within the payload (what [`encode_head`] made).
+        head: std::ops::Range<usize>,
+        body_start: usize,
+        size: u64,
+    },
 }
 
 /// Decodes a payload whose CRC already matched.
@@ -212,6 +272,8 @@ pub(crate) fn decode(rtype: u8, version: u8, payload: &[u8]) -> Result<Decoded, 
         Some(RecordType::Rcpt) => decode_rcpt(payload),
         Some(RecordType::Done) => Ok(Decoded::Done(decode_id_only(payload)?)),
         Some(RecordType::Moved) => Ok(Decoded::Moved(decode_id_only(payload)?)),
+        Some(RecordType::Copy) => decode_copy(payload),
+        Some(RecordType::Floor) => Ok(Decoded::Floor(decode_id_only(payload)?)),
         None => Err(format!("unknown record type {rtype}")),
     }
 }
@@ -301,7 +363,67 @@ fn decode_message(payload: &[u8]) -> Result<Decoded, String> {
         .ok_or("no blank line after the envelope")?;
     let head = std::str::from_utf8(&payload[..sep]).map_err(|_| "envelope is not UTF-8")?;
     let body_start = sep + 2;
+    let (envelope, size) = decode_head(head)?;
+    let actual = (payload.len() - body_start) as u64;
+    if actual != size {
+        return Err(format!("size {size} but {actual} message bytes follow"));
+    }
+    Ok(Decoded::Message {
+        envelope,
+        body_start,
+        size,
+    })
+}
 
+fn decode_copy(payload: &[u8]) -> Result<Decoded, String> {
+    let nl = payload
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("COPY record without a states line")?;
+    let line = std::str::from_utf8(&payload[..nl]).map_err(|_| "states line is not UTF-8")?;
+    let letters = line
+        .strip_prefix("states ")
+        .ok_or("COPY record does not start with a states line")?;
+    let states = letters
+        .chars()
+        .map(|c| match c {
+            'p' => Ok(RcptState::Pending),
+            'd' => Ok(RcptState::Delivered),
+            'f' => Ok(RcptState::Failed),
+            other => Err(format!("bad recipient state {other:?}")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let start = nl + 1;
+    match decode_message(&payload[start..])? {
+        Decoded::Message {
+            envelope,
+            body_start,
+            size,
+        } => {
+            if states.len() != envelope.recipients.len() {
+                return Err(format!(
+                    "{} states for {} recipients",
+                    states.len(),
+                    envelope.recipients.len()
+                ));
+            }
+            Ok(Decoded::Copy {
+                envelope,
+                states,
+                // The head's lines end with the LF before the blank line.
+                head: start..start + body_start - 1,
+                body_start: start + body_start,
+                size,
+            })
+        }
+        _ => Err("COPY record does not hold a message".into()),
+    }
+}
+
+/// Parses a message's envelope lines ([`encode_head`]'s text, with or without its final
+/// LF); returns the envelope and the `size` it declares.
+pub(crate) fn decode_head(head: &str) -> Result<(Envelope, u64), String> {
+    let head = head.strip_suffix('\n').unwrap_or(head);
     let mut id = None;
     let mut arrived = None;
     let mut client = None;
@@ -358,10 +480,6 @@ fn decode_message(payload: &[u8]) -> Result<Decoded, String> {
 
     let missing = |key: &str| format!("envelope has no {key} line");
     let size = size.ok_or_else(|| missing("size"))?;
-    let actual = (payload.len() - body_start) as u64;
-    if actual != size {
-        return Err(format!("size {size} but {actual} message bytes follow"));
-    }
     if recipients.is_empty() {
         return Err(missing("rcpt"));
     }
@@ -376,11 +494,7 @@ fn decode_message(payload: &[u8]) -> Result<Decoded, String> {
         smtputf8: smtputf8.ok_or_else(|| missing("smtputf8"))?,
         recipients,
     };
-    Ok(Decoded::Message {
-        envelope,
-        body_start,
-        size,
-    })
+    Ok((envelope, size))
 }
 
 #[cfg(test)]

@@ -48,7 +48,9 @@ pub(crate) fn list_segments(log_dir: &Path) -> Result<Vec<u64>, SpoolError> {
 
 /// Creates segment `seq`: new file, header, fsync the file, fsync the directory. A file
 /// left half-made by a failure is removed (best effort).
-pub(crate) fn create_segment(log_dir: &Path, seq: u64) -> Result<File, SpoolError> {
+/// `first` is written right after the header, in the same write and sync (the FLOOR
+/// record).
+pub(crate) fn create_segment(log_dir: &Path, seq: u64, first: &[u8]) -> Result<File, SpoolError> {
     let path = log_dir.join(segment_name(seq));
     let mut file = OpenOptions::new()
         .create_new(true)
@@ -56,7 +58,7 @@ pub(crate) fn create_segment(log_dir: &Path, seq: u64) -> Result<File, SpoolErro
         .open(&path)
         .map_err(SpoolError::io("create segment", &path))?;
     let written = file
-        .write_all(HEADER)
+        .write_all(&[HEADER, first].concat())
         .and_then(|()| file.sync_all())
         .map_err(SpoolError::io("write segment header", &path))
         .and_then(|()| sync_dir(log_dir));

@@ -57,6 +57,31 @@ fn hex(id: u64) -> String {
     format!("{id:016X}")
 }
 
+/// The records of a segment file, as (type, whole record) pairs.
+fn records(data: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut out = Vec::new();
+    let mut pos = SEGMENT_HEADER.len();
+    while pos + FRAME_LEN <= data.len() {
+        let len = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        out.push((data[pos + 2], &data[pos..pos + FRAME_LEN + len]));
+        pos += FRAME_LEN + len;
+    }
+    out
+}
+
+/// Message `id`'s MESSAGE record, from the log.
+fn log_record(spool: &Path, id: &str) -> Vec<u8> {
+    for name in files(&spool.join("log")) {
+        let data = std::fs::read(spool.join("log").join(&name)).unwrap();
+        for (rtype, rec) in records(&data) {
+            if rtype == 1 && rec[FRAME_LEN..].starts_with(format!("id {id}\n").as_bytes()) {
+                return rec.to_vec();
+            }
+        }
+    }
+    panic!("no MESSAGE record for {id}");
+}
+
 /// Rewrites the framed records from `start` on so that they carry queue id `new` (every
 /// record payload starts with the line `id XXXXXXXXXXXXXXXX`), with fresh CRCs.
 fn with_id(data: &[u8], start: usize, new: u64) -> Vec<u8> {
@@ -116,7 +141,9 @@ fn a_clock_step_back_neither_reuses_an_id_nor_overwrites_a_file() {
 
     // The clock had been days ahead: files from "the future".
     let f = future_id(10 * 86_400);
-    let deferred_a = std::fs::read(deferred.join(&a)).unwrap();
+    // A deferred file as earlier versions wrote them (this one keeps deferred mail in
+    // the log), made from A's record.
+    let deferred_a = [DEFERRED_HEADER, &log_record(&spool, &a)].concat();
     let deferred_f = with_id(&deferred_a, DEFERRED_HEADER.len(), f);
     std::fs::write(deferred.join(hex(f)), &deferred_f).unwrap();
     let quarantined_q = std::fs::read(quarantine.join(&q)).unwrap();
@@ -196,7 +223,10 @@ fn a_damaged_record_hides_nothing_after_it() {
     let segment = server.spool().join("log").join("0000000000000001.seg");
     let mut bytes = std::fs::read(&segment).unwrap();
     assert!(bytes.starts_with(SEGMENT_HEADER));
-    let first = SEGMENT_HEADER.len();
+    // The first message's record, after the segment's FLOOR record.
+    let floor = records(&bytes)[0];
+    assert_eq!(floor.0, 6, "a segment starts with its FLOOR record");
+    let first = SEGMENT_HEADER.len() + floor.1.len();
     let len = u32::from_le_bytes(bytes[first + 4..first + 8].try_into().unwrap()) as usize;
     let payload = &bytes[first + FRAME_LEN..first + FRAME_LEN + len];
     assert!(payload.starts_with(format!("id {}\n", ids[0]).as_bytes()));
@@ -270,17 +300,28 @@ impl Drop for Immutable {
     }
 }
 
-/// Item 3 with a real failure: the operator deletes a deferred message while its
-/// directory refuses every name change, so the unlink of its file fails. The delete must
-/// still be final: after a restart the message is not back (before the fix it was, and
-/// was delivered again), and its file is removed then.
+/// Item 3 with a real failure: the operator deletes a deferred message kept in its own
+/// file (as versions before the log kept deferred mail wrote them; such a spool is still
+/// read) while its directory refuses every name change, so the unlink of its file fails.
+/// The delete must still be final: after a restart the message is not back (before the
+/// fix it was, and was delivered again), and its file is removed then.
 #[test]
 fn a_deleted_message_does_not_come_back_when_its_unlink_fails() {
     let mut server = Server::start("", &config_extra("[127.0.0.1]:1"));
     let deferred = server.spool().join("deferred");
     let id = submit(&server, "user@remote.test", &message("to-delete"));
     wait_log_line(&server, &id, "message deferred");
-    assert!(deferred.join(&id).exists());
+    assert!(
+        !deferred.join(&id).exists(),
+        "deferred mail stays in the log"
+    );
+    server.terminate(Duration::from_secs(20));
+    // The old layout: the message moved to its own file, its log copy not yet marked
+    // MOVED (the file wins; the log copy gets its MOVED at the start).
+    let record = log_record(&server.spool(), &id);
+    std::fs::write(deferred.join(&id), [DEFERRED_HEADER, &record].concat()).unwrap();
+    server.spawn();
+    wait_log_line(&server, &id, "message deferred");
     {
         let Some(_frozen) = Immutable::set(&deferred) else {
             eprintln!("skipped: chattr +i is not available here");
