@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# bench/backlog.sh - a queue of a million (issue 14): TOTAL messages to a next hop that is
+# down, so every one stays queued. Reports, at each STEP: messages queued, the accept rate
+# into the backlog, Postern's RSS and the spool's size; then a restart (time until the
+# listener's 220, RSS once the backlog is loaded, time to load it); then the next hop
+# comes back (smtp-sink) and `postern queue flush`: time to drain and the drain rate.
+# Loopback only.
+#
+# Usage: bench/backlog.sh [TOTAL=1000000] [STEP=100000] [SESSIONS=50] [SIZE=4096]
+# Env: BIN (default: cargo build --release), PORT (2525), SINK_PORT (2626),
+#      METRICS_PORT (9925), POSTFIX=N: also queue N messages through Postfix to the same
+#      dead next hop and time its drain (needs ../shared/bench/postfix-setup.sh's Postfix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOTAL=${1:-1000000} STEP=${2:-100000} SESS=${3:-50} SIZE=${4:-4096}
+PORT=${PORT:-2525} SINK_PORT=${SINK_PORT:-2626} METRICS_PORT=${METRICS_PORT:-9925}
+BIN=${BIN:-}
+if [[ -z $BIN ]]; then cargo build --release -q; BIN=./target/release/postern; fi
+command -v smtp-source >/dev/null || { echo "needs smtp-source (Debian postfix)" >&2; exit 2; }
+tmp=$(mktemp -d /tmp/backlog.XXXXXX)
+cat >"$tmp/postern.toml" <<CONF
+hostname = "bench.local"
+spool_dir = "$tmp/spool"
+
+[[listener]]
+address = "127.0.0.1:$PORT"
+max_connections = 5000
+per_ip_connections = 5000
+
+[relay]
+trusted_networks = ["127.0.0.1/32"]
+
+[[route]]
+domains = ["*"]
+next_hop = "[127.0.0.1]:$SINK_PORT"
+tls = "none"
+
+[delivery]
+max_concurrency = 100
+per_domain_concurrency = 20
+retry_schedule = ["4h"]
+
+[metrics]
+address = "127.0.0.1:$METRICS_PORT"
+CONF
+pid=""
+cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(round($(now) - $1, 2))"; }
+rss() { awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$pid/status"; }
+metric() { curl -s "http://127.0.0.1:$METRICS_PORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+# Time until the listener's 220 banner (not only the TCP accept).
+banner() {
+  python3 - "$PORT" <<'PY'
+import socket, sys, time
+port = int(sys.argv[1]); t0 = time.time()
+while time.time() - t0 < 600:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=1)
+        if s.recv(3) == b"220":
+            s.sendall(b"QUIT\r\n"); s.close(); break
+    except OSError:
+        time.sleep(0.01)
+PY
+}
+start() {
+  local t0; t0=$(now)
+  RUST_LOG=warn "$BIN" serve --config "$tmp/postern.toml" >>"$tmp/log" 2>&1 &
+  pid=$!
+  banner
+  echo "$(since "$t0")"
+}
+
+echo "# postern $($BIN --version 2>/dev/null || echo) ; $TOTAL x $SIZE B, $SESS sessions, next hop [127.0.0.1]:$SINK_PORT down"
+t=$(start)
+echo "# start: first 220 after ${t} s, rss_mb=$(rss)"
+queued=0
+while (( queued < TOTAL )); do
+  n=$(( STEP < TOTAL - queued ? STEP : TOTAL - queued ))
+  t0=$(now)
+  timeout 1800 smtp-source -s "$SESS" -m "$n" -l "$SIZE" -f a@src.test -t u@far.test "127.0.0.1:$PORT"
+  elapsed=$(since "$t0")
+  queued=$(( queued + n ))
+  echo "queued=$queued accept_per_s=$(python3 -c "print(round($n / $elapsed))") rss_mb=$(rss) spool_mb=$(du -sm "$tmp/spool" | cut -f1) queue_messages=$(metric postern_queue_messages) load=$(cut -d' ' -f1 /proc/loadavg)"
+done
+echo "# log lines so far: $(wc -l <"$tmp/log") ; deliveries deferred: $(metric 'postern_deliveries_total{status="deferred"}')"
+kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+t=$(start)
+t0=$(now)
+echo "# restart with $queued queued: first 220 after ${t} s, rss_mb=$(rss)"
+while [[ "$(metric postern_queue_loading)" != "0" ]]; do sleep 0.2; done
+echo "# backlog loaded $(since "$t0") s after the 220: queue_messages=$(metric postern_queue_messages) rss_mb=$(rss)"
+sleep 10
+echo "# 10 s later: rss_mb=$(rss) deferred_since_restart=$(metric 'postern_deliveries_total{status="deferred"}') suspended=$(metric postern_queue_destinations_suspended)"
+# The next hop comes back; the admin flushes.
+smtp-sink -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
+sink=$!
+sleep 0.5
+t0=$(now)
+"$BIN" queue flush --config "$tmp/postern.toml"
+while [[ "$(metric postern_queue_messages)" != "0" ]]; do sleep 0.5; done
+d=$(since "$t0")
+echo "drained=$queued drain_s=$d drain_per_s=$(python3 -c "print(round($queued / $d))") rss_mb=$(rss) spool_mb=$(du -sm "$tmp/spool" | cut -f1)"
+kill "$sink" 2>/dev/null || true
+
+if [[ -n ${POSTFIX:-} ]]; then
+  # Postfix with the same dead next hop: queue POSTFIX messages, bring the hop back,
+  # `postqueue -f`, time until its queue is empty.
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+  postconf -e "relayhost = [127.0.0.1]:$SINK_PORT" >/dev/null
+  postfix start >/dev/null 2>&1 || postfix reload >/dev/null 2>&1 || true
+  sleep 1
+  t0=$(now)
+  smtp-source -s "$SESS" -m "$POSTFIX" -l "$SIZE" -f a@src.test -t u@far.test 127.0.0.1:2525
+  echo "postfix_queued=$POSTFIX accept_per_s=$(python3 -c "print(round($POSTFIX / $(since "$t0")))")"
+  smtp-sink -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
+  sink=$!
+  sleep 0.5
+  t0=$(now)
+  postqueue -f
+  while [[ -n "$(postqueue -j 2>/dev/null | head -c1)" ]]; do sleep 0.5; done
+  d=$(since "$t0")
+  echo "postfix_drained=$POSTFIX drain_s=$d drain_per_s=$(python3 -c "print(round($POSTFIX / $d))")"
+  kill "$sink" 2>/dev/null || true
+  postfix stop >/dev/null 2>&1 || true
+fi
