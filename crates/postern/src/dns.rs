@@ -3,7 +3,9 @@
 //!
 //! [`Resolver::mail_hosts`] turns a recipient domain into the ordered list of hosts to try;
 //! [`Resolver::host_addresses`] turns one of those hosts into IP addresses. Trying the hosts in
-//! order, and deciding what a failure of one host means, is the caller's business.
+//! order, and deciding what a failure of one host means, is the caller's business. The
+//! inbound checks ask the rest: TXT, and for SPF single-family addresses, MX names without
+//! the implicit MX, and PTR names, each telling NXDOMAIN and NODATA apart from failures.
 //!
 //! Trust: everything that comes back from DNS is untrusted. MX exchanges are normalised (lower
 //! case, no trailing dot) and deduplicated, a root exchange (`.`) never becomes a host, and DNS
