@@ -169,6 +169,28 @@ async fn spf_permerror_for_syntax_and_too_many_lookups() {
     dns.add_txt("a.example", &record);
     let v = spf_result(&dns, GOOD_IP).await;
     assert_eq!(v.spf, Some(Outcome::PermError), "{}", v.header);
+    assert!(
+        v.header.contains(
+            "reason=\"a.example's SPF record cannot be evaluated: too many DNS lookups \
+             (more than 10, RFC 7208 4.6.4)\""
+        ),
+        "{}",
+        v.header
+    );
+
+    // An unknown mechanism, and an ip4 prefix over 32 (mail-auth took both).
+    for record in ["v=spf1 foo:a.example -all", "v=spf1 ip4:192.0.2.0/33 +all"] {
+        dns.clear("a.example");
+        dns.add_txt("a.example", record);
+        let v = spf_result(&dns, GOOD_IP).await;
+        assert_eq!(v.spf, Some(Outcome::PermError), "{record}: {}", v.header);
+        assert!(
+            v.header
+                .contains("cannot be evaluated: syntax error in the SPF record of a.example"),
+            "{}",
+            v.header
+        );
+    }
 }
 
 #[tokio::test]
@@ -186,7 +208,14 @@ async fn spf_temperror_is_never_refused() {
         )
         .await;
     assert_eq!(v.spf, Some(Outcome::TempError));
-    assert!(v.header.contains("spf=temperror reason="), "{}", v.header);
+    assert!(
+        v.header.contains(
+            "spf=temperror reason=\"a DNS lookup failed temporarily while evaluating \
+             a.example's SPF record (lookup of a.example failed: "
+        ),
+        "{}",
+        v.header
+    );
     assert_eq!(v.action, Action::Accept);
 }
 
