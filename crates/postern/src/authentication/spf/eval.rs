@@ -399,8 +399,10 @@ impl<'d, D: Dns> Eval<'d, D> {
         Ok(trimmed.strip_suffix('.').unwrap_or(trimmed).to_string())
     }
 
-    /// 7.3 `%{p}`, 5.5: the PTR names of `<ip>` (the first 10) that resolve back to it.
-    /// Any DNS error leaves the list as far as it got ("unknown" when empty).
+    /// 7.2 `%{p}`, 5.5: the PTR names of `<ip>` (the first 10) that resolve back to it.
+    /// A failed PTR lookup gives none ("unknown"); a name whose forward lookup fails is
+    /// skipped, as for `ptr` (5.5). Not a term, so not counted toward 4.6.4's limits; it
+    /// is done at most once per evaluation.
     async fn validated_names(&self) -> Vec<String> {
         let Ok(names) = self.dns.ptr(self.ip).await else {
             return Vec::new();
@@ -452,7 +454,7 @@ impl<'d, D: Dns> Eval<'d, D> {
     }
 }
 
-/// 7.3 `%{p}`: `<domain>` if validated, else a subdomain of it, else any validated name.
+/// 7.2 `%{p}`: `<domain>` if validated, else a subdomain of it, else any validated name.
 fn pick_validated<'a>(names: &'a [String], domain: &str) -> Option<&'a str> {
     names
         .iter()
