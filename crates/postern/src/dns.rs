@@ -3,7 +3,9 @@
 //!
 //! [`Resolver::mail_hosts`] turns a recipient domain into the ordered list of hosts to try;
 //! [`Resolver::host_addresses`] turns one of those hosts into IP addresses. Trying the hosts in
-//! order, and deciding what a failure of one host means, is the caller's business.
+//! order, and deciding what a failure of one host means, is the caller's business. The
+//! inbound checks ask the rest: TXT, and for SPF single-family addresses, MX names without
+//! the implicit MX, and PTR names, each telling NXDOMAIN and NODATA apart from failures.
 //!
 //! Trust: everything that comes back from DNS is untrusted. MX exchanges are normalised (lower
 //! case, no trailing dot) and deduplicated, a root exchange (`.`) never becomes a host, and DNS
@@ -223,6 +225,69 @@ impl Resolver {
                 Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
                 Negative::NxDomain => Err(ResolveError::NoSuchDomain),
                 _ => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// The AAAA records of a name, nothing else (SPF `a`, `mx` and `ptr` for an IPv6
+    /// client, RFC 7208 5.3). No record of the type: an empty list; NXDOMAIN:
+    /// [`ResolveError::NoSuchDomain`].
+    pub async fn ipv6_addresses(
+        &self,
+        name: &str,
+    ) -> Result<Vec<std::net::Ipv6Addr>, ResolveError> {
+        match self.inner.ipv6_lookup(query_name(name)?).await {
+            Ok(l) => Ok(rdata(&l)
+                .filter_map(|r| match r {
+                    RData::AAAA(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(&e) {
+                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
+                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
+                Negative::NoData => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// The MX exchanges of a name as published, normalised (lower case, no trailing dot),
+    /// in answer order, the root exchange of a null MX left out; unlike
+    /// [`Resolver::mail_hosts`] no implicit MX (SPF's `mx`, RFC 7208 5.4, has none). No
+    /// record: an empty list; NXDOMAIN: [`ResolveError::NoSuchDomain`].
+    pub async fn mx_names(&self, name: &str) -> Result<Vec<String>, ResolveError> {
+        match self.inner.mx_lookup(query_name(name)?).await {
+            Ok(l) => Ok(rdata(&l)
+                .filter_map(|r| match r {
+                    RData::MX(mx) => Some(normalise_host(&mx.exchange.to_ascii())),
+                    _ => None,
+                })
+                .filter(|h| !h.is_empty())
+                .collect()),
+            Err(e) => match classify(&e) {
+                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
+                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
+                Negative::NoData => Ok(Vec::new()),
+            },
+        }
+    }
+
+    /// The PTR names of an address (`in-addr.arpa` / `ip6.arpa`), normalised, in answer
+    /// order (SPF `ptr` and `%{p}`, RFC 7208 5.5). No record: an empty list; NXDOMAIN:
+    /// [`ResolveError::NoSuchDomain`].
+    pub async fn ptr_names(&self, ip: IpAddr) -> Result<Vec<String>, ResolveError> {
+        match self.inner.reverse_lookup(Name::from(ip)).await {
+            Ok(l) => Ok(rdata(&l)
+                .filter_map(|r| match r {
+                    RData::PTR(p) => Some(normalise_host(&p.0.to_ascii())),
+                    _ => None,
+                })
+                .filter(|h| !h.is_empty())
+                .collect()),
+            Err(e) => match classify(&e) {
+                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
+                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
+                Negative::NoData => Ok(Vec::new()),
             },
         }
     }
@@ -696,6 +761,66 @@ mod tests {
             r.mail_hosts("moving.test").await.unwrap()[0].name,
             "new.moving.test"
         );
+    }
+
+    #[tokio::test]
+    async fn mx_names_have_no_implicit_mx() {
+        let dns = DnsServer::start();
+        dns.add_mx("two.test", 20, "B.two.test.");
+        dns.add_mx("two.test", 10, "a.two.test");
+        dns.add_a("plain.test", Ipv4Addr::new(192, 0, 2, 7));
+        dns.null_mx("nomail.test");
+        let r = resolver(&dns);
+        let mut names = r.mx_names("two.test").await.unwrap();
+        names.sort();
+        assert_eq!(names, ["a.two.test", "b.two.test"]);
+        // No MX: nothing, not the domain itself; a null MX: nothing either.
+        assert_eq!(r.mx_names("plain.test").await, Ok(Vec::new()));
+        assert_eq!(r.mx_names("nomail.test").await, Ok(Vec::new()));
+        assert_eq!(
+            r.mx_names("nope.test").await,
+            Err(ResolveError::NoSuchDomain)
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_and_ptr_lookups() {
+        let dns = DnsServer::start();
+        let v6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 25);
+        dns.add_aaaa("six.test", v6);
+        dns.add_a("four.test", Ipv4Addr::new(192, 0, 2, 1));
+        dns.add_ptr("1.2.0.192.in-addr.arpa", "Mail.Four.Test.");
+        dns.add_ptr(
+            "9.1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa",
+            "six.test",
+        );
+        let r = resolver(&dns);
+        assert_eq!(r.ipv6_addresses("six.test").await, Ok(vec![v6]));
+        assert_eq!(r.ipv6_addresses("four.test").await, Ok(Vec::new()));
+        assert_eq!(
+            r.ipv6_addresses("nope.test").await,
+            Err(ResolveError::NoSuchDomain)
+        );
+        assert_eq!(
+            r.ptr_names(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))).await,
+            Ok(vec!["mail.four.test".to_string()])
+        );
+        assert_eq!(
+            r.ptr_names(IpAddr::V6(Ipv6Addr::new(
+                0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x19
+            )))
+            .await,
+            Ok(vec!["six.test".to_string()])
+        );
+        assert_eq!(
+            r.ptr_names(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))).await,
+            Err(ResolveError::NoSuchDomain)
+        );
+        dns.servfail("2.2.0.192.in-addr.arpa");
+        assert!(matches!(
+            r.ptr_names(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))).await,
+            Err(ResolveError::Temporary(_))
+        ));
     }
 
     fn assert_send_sync<T: Send + Sync>() {}

@@ -1,7 +1,7 @@
-//! DNS answers for the checks, kept until their TTL runs out and never more than a fixed
-//! number of them, so that a sender cannot grow the memory of the relay by making us look
-//! up names of its choosing (every `include:`, selector and `_dmarc` name is chosen by the
-//! sender).
+//! DKIM key records for mail-auth's `verify_dkim`, kept until their TTL runs out and never
+//! more than a fixed number of them, so that a sender cannot grow the memory of the relay
+//! by making us look up names of its choosing (every selector is chosen by the sender).
+//! SPF and DMARC look up through `crate::dns`, whose hickory cache is bounded the same way.
 //!
 //! mail-auth asks its [`ResolverCache`] before each lookup and stores each answer with the
 //! instant it stops being valid (the TTL of the answer, as hickory computed it). Here that

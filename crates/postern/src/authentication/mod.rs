@@ -8,13 +8,15 @@
 //! (our field on top, forged ones with our authserv-id removed, [`strip_forged`]).
 //!
 //! What is mail-auth's and what is ours:
-//! - SPF and DKIM are mail-auth's `verify_spf` / `verify_dkim`, over a resolver built like
-//!   Postern's own ([`crate::dns::build`]: `delivery.dns_servers` or the system's, the same
-//!   timeouts), with its answers kept in bounded TTL caches ([`cache`]). mail-auth evaluates
-//!   every mechanism and macro (RFC 7208 5, 7) and enforces the 10-lookup limit (4.6.4,
-//!   plus a 20 s budget) and the 10 names per `mx`; it has no void-lookup limit (4.6.4, a
-//!   SHOULD), and takes an unknown mechanism or an `ip4` prefix over 32 without a
-//!   permerror. The two run concurrently for one message.
+//! - SPF is ours ([`spf`]): RFC 7208 `check_host()` with every mechanism, modifier and
+//!   macro (5, 6, 7), a permerror for any syntax error (4.6, 12), and the limits of 4.6.4:
+//!   10 terms that query DNS, 2 void lookups, 10 names per `mx` and `ptr`, and a 20 s
+//!   budget past which the result is temperror. Its lookups go through `crate::dns`
+//!   (hickory, whose bounded cache keeps each answer within its TTL, capped).
+//! - DKIM is mail-auth's `verify_dkim`, over a resolver built like Postern's own
+//!   ([`crate::dns::build`]: `delivery.dns_servers` or the system's, the same timeouts),
+//!   with its key records kept in a bounded TTL cache ([`cache`]). SPF and DKIM run
+//!   concurrently for one message.
 //! - DMARC is ours ([`dmarc`]): mail-auth 0.13 implements DMARCbis (RFC 9989), whose
 //!   organisational domain comes from a DNS tree walk and which has no `pct`; the issue
 //!   and the contract ask for RFC 7489 with the Public Suffix List shipped, so the
@@ -28,16 +30,16 @@
 pub mod cache;
 pub mod dmarc;
 pub mod header;
+pub mod spf;
 
 #[cfg(test)]
 mod tests;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, DkimOutput, DkimResult, DnsError, Error as AuthError, MX,
-    MessageAuthenticator, Parameters, RecordSet, SpfOutput, SpfResult, Txt,
+    AuthenticatedMessage, DkimOutput, DkimResult, DnsError, Error as AuthError,
+    MessageAuthenticator, Parameters, Txt,
 };
 use postern_smtp::{Reply, catalogue};
 
@@ -45,9 +47,10 @@ use crate::config::{Authentication, Config};
 use cache::TtlCache;
 use dmarc::{Policy, Record, aligned, organizational_domain};
 pub use header::strip_forged;
+use spf::SpfResult;
 
-/// Answers kept per record type. The few hundred bytes of a TXT answer times this, for
-/// each of the five caches, bounds what senders can make us hold.
+/// DKIM key records kept. The few hundred bytes of a TXT answer times this bounds what
+/// senders can make us hold.
 pub const CACHE_ENTRIES: usize = 4096;
 
 /// Signatures verified per message; the rest are reported as not verified. Each costs a
@@ -57,9 +60,10 @@ pub const MAX_SIGNATURES: usize = 10;
 /// The longest all the checks of one message may take.
 const CHECK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// mail-auth's time limit for one SPF evaluation (its `LookupLimit`), after which it
-/// answers permerror; an evaluation that took this long is recorded as temperror.
-const SPF_SLOW: std::time::Duration = std::time::Duration::from_secs(19);
+/// The longest one SPF evaluation may take; past it the result is temperror (slow DNS is
+/// a temporary condition, RFC 7208 2.6.7, and must not become a permerror that DMARC could
+/// refuse on).
+const SPF_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// What the session knows about the client, for SPF (RFC 7208 4.1 `check_host()`).
 #[derive(Debug, Clone, Copy)]
@@ -145,31 +149,13 @@ impl Verdict {
     }
 }
 
-/// mail-auth's caches, one per record type.
-struct Caches {
-    txt: TtlCache<Box<str>, Txt>,
-    mx: TtlCache<Box<str>, RecordSet<MX>>,
-    ipv4: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
-    ipv6: TtlCache<Box<str>, RecordSet<Ipv6Addr>>,
-    ptr: TtlCache<IpAddr, RecordSet<Box<str>>>,
-}
-
-type Cached<'x, P> = Parameters<
-    'x,
-    P,
-    TtlCache<Box<str>, Txt>,
-    TtlCache<Box<str>, RecordSet<MX>>,
-    TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
-    TtlCache<Box<str>, RecordSet<Ipv6Addr>>,
-    TtlCache<IpAddr, RecordSet<Box<str>>>,
->;
-
 /// The inbound checks of one configuration. `Send + Sync`; share it.
 pub struct Checker {
     settings: Authentication,
     auth: MessageAuthenticator,
     resolver: crate::dns::Resolver,
-    caches: Caches,
+    /// mail-auth's cache of DKIM key records (the only lookups it still makes).
+    dkim_keys: TtlCache<Box<str>, Txt>,
 }
 
 /// SPF as evaluated.
@@ -178,6 +164,8 @@ struct Spf {
     /// The domain checked: MAIL FROM's, or the HELO name for `<>`.
     domain: String,
     helo_identity: bool,
+    /// For permerror and temperror: what went wrong.
+    detail: Option<String>,
 }
 
 /// DMARC as evaluated.
@@ -199,28 +187,13 @@ impl Checker {
             settings: config.authentication,
             auth: MessageAuthenticator(hickory.clone()),
             resolver: crate::dns::Resolver::from_hickory(hickory),
-            caches: Caches {
-                txt: TtlCache::new(CACHE_ENTRIES),
-                mx: TtlCache::new(CACHE_ENTRIES),
-                ipv4: TtlCache::new(CACHE_ENTRIES),
-                ipv6: TtlCache::new(CACHE_ENTRIES),
-                ptr: TtlCache::new(CACHE_ENTRIES),
-            },
+            dkim_keys: TtlCache::new(CACHE_ENTRIES),
         })
     }
 
     /// The settings it checks with.
     pub fn settings(&self) -> Authentication {
         self.settings
-    }
-
-    fn params<P>(&self, p: P) -> Cached<'_, P> {
-        Parameters::new(p)
-            .with_txt_cache(&self.caches.txt)
-            .with_mx_cache(&self.caches.mx)
-            .with_ipv4_cache(&self.caches.ipv4)
-            .with_ipv6_cache(&self.caches.ipv6)
-            .with_ptr_cache(&self.caches.ptr)
     }
 
     /// Runs the configured checks on `message` (header and body as received, CRLF lines,
@@ -289,7 +262,10 @@ impl Checker {
             },
             async {
                 match &parsed {
-                    Some(m) => self.auth.verify_dkim(self.params(m)).await,
+                    Some(m) => {
+                        let params = Parameters::new(m).with_txt_cache(&self.dkim_keys);
+                        self.auth.verify_dkim(params).await
+                    }
                     None => Vec::new(),
                 }
             }
@@ -387,30 +363,28 @@ impl Checker {
     /// RFC 7208 2.4: the MAIL FROM identity; for the null reverse-path, the HELO
     /// identity (2.3), checked as `postmaster@helo`.
     async fn spf(&self, facts: &ClientFacts<'_>) -> Spf {
-        let ip = facts.ip.to_canonical();
-        let (params, helo_identity) = match facts.mail_from {
-            Some(from) => (
-                SpfParameters::verify_mail_from(ip, facts.helo, facts.hostname, from),
-                false,
-            ),
-            None => (
-                SpfParameters::verify_ehlo(ip, facts.helo, facts.hostname),
-                true,
-            ),
+        let helo_sender;
+        let (sender, helo_identity) = match facts.mail_from {
+            Some(from) => (from, false),
+            None => {
+                helo_sender = format!("postmaster@{}", facts.helo);
+                (helo_sender.as_str(), true)
+            }
         };
-        let started = std::time::Instant::now();
-        let out: SpfOutput = self.auth.verify_spf(self.params(params)).await;
-        // mail-auth answers permerror once an evaluation has taken 20 s, whether or not a
-        // lookup failed: that is slow DNS, a temporary condition (RFC 7208 2.6.7), and a
-        // permerror could let DMARC refuse what a retry would deliver.
-        let result = match out.result() {
-            SpfResult::PermError if started.elapsed() >= SPF_SLOW => SpfResult::TempError,
-            r => r,
+        let domain = sender.rsplit_once('@').map_or(sender, |(_, d)| d);
+        let request = spf::Request {
+            ip: facts.ip.to_canonical(),
+            domain,
+            sender,
+            helo: facts.helo,
+            receiver: facts.hostname,
         };
+        let out = spf::check_host(&self.resolver, &request, SPF_BUDGET).await;
         Spf {
-            result,
-            domain: out.domain().trim_end_matches('.').to_ascii_lowercase(),
+            result: out.result,
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
             helo_identity,
+            detail: out.detail,
         }
     }
 
@@ -564,12 +538,17 @@ fn spf_reason(spf: &Spf, ip: IpAddr) -> Option<String> {
         SpfResult::SoftFail => Some(format!(
             "{ip} is not allowed by {d}'s SPF record (softfail: ~all)"
         )),
-        SpfResult::TempError => Some(format!(
-            "a DNS lookup failed temporarily while evaluating {d}'s SPF record"
-        )),
+        SpfResult::TempError => Some(match &spf.detail {
+            Some(why) => {
+                format!("a DNS lookup failed temporarily while evaluating {d}'s SPF record ({why})")
+            }
+            None => format!("a DNS lookup failed temporarily while evaluating {d}'s SPF record"),
+        }),
         SpfResult::PermError => Some(format!(
-            "{d}'s SPF record cannot be evaluated: a syntax error, or more than 10 DNS \
-             lookups (RFC 7208 4.6)"
+            "{d}'s SPF record cannot be evaluated: {}",
+            spf.detail
+                .as_deref()
+                .unwrap_or("a syntax error, or too many DNS lookups (RFC 7208 4.6)")
         )),
         SpfResult::Pass | SpfResult::Neutral | SpfResult::None => None,
     }

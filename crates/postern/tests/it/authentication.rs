@@ -136,3 +136,52 @@ fn spf_and_dmarc_are_checked_enforced_and_reported() {
         "{log}"
     );
 }
+
+/// RFC 7208 4.6.4: more than two lookups that find nothing make the record a permerror
+/// (even though its `ip4` would pass), reported in the field; only "fail" is ever
+/// refused, so the message is delivered even with `spf_reject`.
+#[test]
+fn spf_void_lookup_limit_is_a_permerror_and_not_refused() {
+    let dns = DnsServer::start();
+    dns.add_txt(
+        "void.example",
+        "v=spf1 a:gone1.void.example a:gone2.void.example a:gone3.void.example \
+         ip4:127.0.0.2 -all",
+    );
+    dns.add_txt(
+        "two.example",
+        "v=spf1 a:gone1.two.example a:gone2.two.example ip4:127.0.0.2 -all",
+    );
+    let sink = Sink::start(SinkConfig::default());
+    let extra = format!(
+        "\n[delivery]\ndns_servers = [\"{}\"]\n\n[authentication]\nspf = true\n\
+         spf_reject = true\n{}",
+        dns.addr(),
+        route_to(&["*"], &sink)
+    );
+    let server = Server::start("", &extra);
+
+    let (code, text) = send(&server, OUTSIDE, "a@void.example", "void", "");
+    assert_eq!(code, 250, "{text}");
+    let data = delivered(&sink, 1, "void");
+    let unfolded = data.replace("\r\n\t", " ").replace("\r\n ", " ");
+    assert!(
+        unfolded.contains(
+            "spf=permerror reason=\"void.example's SPF record cannot be evaluated: too many \
+             void lookups (more than 2, RFC 7208 4.6.4)\" smtp.mailfrom=void.example"
+        ),
+        "{data}"
+    );
+
+    // Two are allowed: the ip4 passes.
+    let (code, text) = send(&server, OUTSIDE, "a@two.example", "two", "");
+    assert_eq!(code, 250, "{text}");
+    let data = delivered(&sink, 2, "two");
+    assert!(
+        data.replace("\r\n\t", " ")
+            .contains("spf=pass smtp.mailfrom=two.example"),
+        "{data}"
+    );
+    let log = server.log();
+    assert!(log.contains("authentication spf=permerror"), "{log}");
+}
