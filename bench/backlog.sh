@@ -17,6 +17,10 @@ PORT=${PORT:-2525} SINK_PORT=${SINK_PORT:-2626} METRICS_PORT=${METRICS_PORT:-992
 BIN=${BIN:-}
 if [[ -z $BIN ]]; then cargo build --release -q; BIN=./target/release/postern; fi
 command -v smtp-source >/dev/null || { echo "needs smtp-source (Debian postfix)" >&2; exit 2; }
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  echo "port $PORT is taken: stop what listens there first" >&2; exit 2
+fi
+sink_user=(); (( EUID == 0 )) && sink_user=(-u nobody)
 tmp=$(mktemp -d /tmp/backlog.XXXXXX)
 cat >"$tmp/postern.toml" <<CONF
 hostname = "bench.local"
@@ -64,16 +68,18 @@ while time.time() - t0 < 600:
         time.sleep(0.01)
 PY
 }
+# Starts Postern; sets pid, and t to the seconds until its first 220.
 start() {
   local t0; t0=$(now)
   RUST_LOG=warn "$BIN" serve --config "$tmp/postern.toml" >>"$tmp/log" 2>&1 &
   pid=$!
   banner
-  echo "$(since "$t0")"
+  kill -0 "$pid" 2>/dev/null || { echo "postern did not start: $(tail -3 "$tmp/log")" >&2; exit 1; }
+  t=$(since "$t0")
 }
 
 echo "# postern $($BIN --version 2>/dev/null || echo) ; $TOTAL x $SIZE B, $SESS sessions, next hop [127.0.0.1]:$SINK_PORT down"
-t=$(start)
+start
 echo "# start: first 220 after ${t} s, rss_mb=$(rss)"
 queued=0
 while (( queued < TOTAL )); do
@@ -86,7 +92,7 @@ while (( queued < TOTAL )); do
 done
 echo "# log lines so far: $(wc -l <"$tmp/log") ; deliveries deferred: $(metric 'postern_deliveries_total{status="deferred"}')"
 kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
-t=$(start)
+start
 t0=$(now)
 echo "# restart with $queued queued: first 220 after ${t} s, rss_mb=$(rss)"
 while [[ "$(metric postern_queue_loading)" != "0" ]]; do sleep 0.2; done
@@ -94,9 +100,10 @@ echo "# backlog loaded $(since "$t0") s after the 220: queue_messages=$(metric p
 sleep 10
 echo "# 10 s later: rss_mb=$(rss) deferred_since_restart=$(metric 'postern_deliveries_total{status="deferred"}') suspended=$(metric postern_queue_destinations_suspended)"
 # The next hop comes back; the admin flushes.
-smtp-sink -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
+smtp-sink "${sink_user[@]}" -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
 sink=$!
 sleep 0.5
+kill -0 "$sink" || { echo "smtp-sink did not start" >&2; exit 1; }
 t0=$(now)
 "$BIN" queue flush --config "$tmp/postern.toml"
 while [[ "$(metric postern_queue_messages)" != "0" ]]; do sleep 0.5; done
@@ -114,7 +121,7 @@ if [[ -n ${POSTFIX:-} ]]; then
   t0=$(now)
   smtp-source -s "$SESS" -m "$POSTFIX" -l "$SIZE" -f a@src.test -t u@far.test 127.0.0.1:2525
   echo "postfix_queued=$POSTFIX accept_per_s=$(python3 -c "print(round($POSTFIX / $(since "$t0")))")"
-  smtp-sink -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
+  smtp-sink "${sink_user[@]}" -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
   sink=$!
   sleep 0.5
   t0=$(now)
