@@ -8,8 +8,9 @@
 #
 # Usage: bench/backlog.sh [TOTAL=1000000] [STEP=100000] [SESSIONS=50] [SIZE=4096]
 # Env: BIN (default: cargo build --release), PORT (2525), SINK_PORT (2626),
-#      METRICS_PORT (9925), POSTFIX=N: also queue N messages through Postfix to the same
-#      dead next hop and time its drain (needs ../shared/bench/postfix-setup.sh's Postfix).
+#      METRICS_PORT (9925), POSTFIX=N: then queue N messages through Postfix (set up by
+#      ../shared/bench/postfix-setup.sh on 127.0.0.1:2525) to the same dead next hop and
+#      time its drain the same way (`postqueue -f`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-1000000} STEP=${2:-100000} SESS=${3:-50} SIZE=${4:-4096}
@@ -115,11 +116,11 @@ if [[ -n ${POSTFIX:-} ]]; then
   # Postfix with the same dead next hop: queue POSTFIX messages, bring the hop back,
   # `postqueue -f`, time until its queue is empty.
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
-  postconf -e "relayhost = [127.0.0.1]:$SINK_PORT" >/dev/null
-  postfix start >/dev/null 2>&1 || postfix reload >/dev/null 2>&1 || true
+  # The reference relay (127.0.0.1:2525, bench.test -> [127.0.0.1]:SINK_PORT, durable).
+  SINK="127.0.0.1:$SINK_PORT" /work/shared/bench/postfix-setup.sh >/dev/null
   sleep 1
   t0=$(now)
-  smtp-source -s "$SESS" -m "$POSTFIX" -l "$SIZE" -f a@src.test -t u@far.test 127.0.0.1:2525
+  smtp-source -s "$SESS" -m "$POSTFIX" -l "$SIZE" -f a@src.test -t u@bench.test 127.0.0.1:2525
   echo "postfix_queued=$POSTFIX accept_per_s=$(python3 -c "print(round($POSTFIX / $(since "$t0")))")"
   smtp-sink "${sink_user[@]}" -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
   sink=$!
