@@ -283,11 +283,14 @@ pub(crate) async fn run(
                 None => {
                     let (outcomes, reached) =
                         deliver_group(&ctx, &key, &msg, &mut body, chunk).await;
-                    match contacts.iter_mut().find(|(d, _)| *d == key.destination) {
-                        // One chunk reaching a host is enough.
-                        Some(c) if reached.is_none() => c.1 = None,
-                        Some(_) => {}
-                        None => contacts.push((key.destination.clone(), reached)),
+                    // `None`: nothing learnt about the destination (our own failure).
+                    if let Some(reached) = reached {
+                        match contacts.iter_mut().find(|(d, _)| *d == key.destination) {
+                            // One chunk reaching a host is enough.
+                            Some(c) if reached.is_none() => c.1 = None,
+                            Some(_) => {}
+                            None => contacts.push((key.destination.clone(), reached)),
+                        }
                     }
                     outcomes
                 }
@@ -506,20 +509,21 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
 ///   takes them;
 /// - once the message has been sent to a host, its answers are final for this attempt.
 ///
-/// Also returns whether the destination was reached: `None` if a host answered (or the
-/// destination's name answered for good), else why none could be (connections failed,
-/// DNS failed temporarily): the runner suspends such a destination.
+/// Also returns whether the destination was reached: `Some(None)` if a host answered (or
+/// the destination's name answered for good), `Some(Some(why))` if none could be
+/// (connections failed, DNS failed temporarily: the runner suspends such a destination),
+/// `None` if the attempt learnt nothing about it (our own failure).
 async fn deliver_group(
     ctx: &Context,
     key: &NextHopKey,
     msg: &StoredMessage,
     body: &mut Body,
     indexes: &[usize],
-) -> (Vec<Outcome>, Option<String>) {
+) -> (Vec<Outcome>, Option<Option<String>>) {
     let env = &msg.envelope;
     let all = |o: Outcome| {
         let unreachable = (o.kind == DeliveryStatus::Deferred).then(|| o.reply.clone());
-        (vec![o; indexes.len()], unreachable)
+        (vec![o; indexes.len()], Some(unreachable))
     };
     let _dest_slot = ctx
         .destination_slots(&key.destination)
@@ -689,7 +693,7 @@ async fn deliver_group(
         })
         .collect();
     let reached = (sessions == 0 && !answered && unreachable > 0).then_some(problem);
-    (outcomes, reached)
+    (outcomes, Some(reached))
 }
 
 /// The host did not answer at all: no connection, no greeting, or a greeting refusal

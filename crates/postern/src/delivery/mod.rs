@@ -563,10 +563,14 @@ impl Runner {
         loop {
             self.dispatch_due();
             self.publish();
-            let wake = self
-                .schedule
-                .wake()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            // At the attempt cap nothing can start before an attempt ends (which wakes
+            // the loop): a due head must not make it spin.
+            let idle = Instant::now() + Duration::from_secs(3600);
+            let wake = if self.running.len() >= self.ctx.max_attempts() {
+                idle
+            } else {
+                self.schedule.wake().unwrap_or(idle)
+            };
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Shutdown(done)) => {
@@ -603,7 +607,7 @@ impl Runner {
             .entries
             .values()
             .next()
-            .map_or(0, |e| (unix_now() - e.q.arrived).max(0) as u64);
+            .map_or(0, |e| unix_now().saturating_sub(e.q.arrived).max(0) as u64);
         m.set_queue_oldest_age(oldest);
         m.set_queue_loading(self.loading);
     }
@@ -639,6 +643,7 @@ impl Runner {
                 // Cannot happen (a slot is only in the timetable for a waiting entry);
                 // drop it rather than spin on it.
                 self.schedule.remove(line, slot, &[via]);
+                self.schedule.abandon_probe(&[via]);
                 continue;
             };
             self.schedule.started(line, slot, &entry.dests);
@@ -659,6 +664,7 @@ impl Runner {
                 tracing::error!(%id, error = %e, "queued message cannot be decoded; left in the spool");
                 let dests = entry.dests.clone();
                 self.schedule.finished(&dests, &[], Instant::now());
+                self.schedule.abandon_probe(&dests);
                 self.forget(id);
                 return;
             }
@@ -685,10 +691,10 @@ impl Runner {
         let due: Vec<QueueId> = self
             .entries
             .values()
-            .take_while(|e| now - e.q.arrived >= limit)
+            .take_while(|e| now.saturating_sub(e.q.arrived) >= limit)
             .filter(|e| e.waiting.is_some())
             .map(|e| e.q.id)
-            .take(self.ctx.max_attempts())
+            .take(self.ctx.max_attempts().saturating_sub(self.running.len()))
             .collect();
         for id in due {
             let Some(entry) = self.entries.get_mut(&id) else {
@@ -765,6 +771,12 @@ impl Runner {
             let now = Instant::now();
             self.schedule.finished(&entry.dests, &[], now);
             self.schedule.abandon_probe(&entry.dests);
+            if entry.delete_requested {
+                let place = entry.q.place;
+                self.forget(id);
+                self.finish_deleted(id, place, None);
+                return;
+            }
             let slot = Slot {
                 at: now + Duration::from_secs(60),
                 id,
@@ -798,7 +810,8 @@ impl Runner {
                 // within the destinations' limits; the schedule resumes from its age.
                 let now = Instant::now();
                 for q in batch {
-                    let age = Duration::from_secs((unix_now() - q.arrived).max(0) as u64);
+                    let age =
+                        Duration::from_secs(unix_now().saturating_sub(q.arrived).max(0) as u64);
                     let attempts = retry::attempts_for_age(age, &self.ctx.retry_schedule);
                     self.insert(q, attempts, Line::Retry, now);
                 }
