@@ -221,11 +221,7 @@ impl Resolver {
     ) -> Result<Vec<std::net::Ipv4Addr>, ResolveError> {
         match self.inner.ipv4_lookup(query_name(name)?).await {
             Ok(l) => Ok(ipv4(&l).collect()),
-            Err(e) => match classify(&e) {
-                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
-                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
-                _ => Ok(Vec::new()),
-            },
+            Err(e) => no_records(&e),
         }
     }
 
@@ -243,11 +239,7 @@ impl Resolver {
                     _ => None,
                 })
                 .collect()),
-            Err(e) => match classify(&e) {
-                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
-                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
-                Negative::NoData => Ok(Vec::new()),
-            },
+            Err(e) => no_records(&e),
         }
     }
 
@@ -264,11 +256,7 @@ impl Resolver {
                 })
                 .filter(|h| !h.is_empty())
                 .collect()),
-            Err(e) => match classify(&e) {
-                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
-                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
-                Negative::NoData => Ok(Vec::new()),
-            },
+            Err(e) => no_records(&e),
         }
     }
 
@@ -284,11 +272,7 @@ impl Resolver {
                 })
                 .filter(|h| !h.is_empty())
                 .collect()),
-            Err(e) => match classify(&e) {
-                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
-                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
-                Negative::NoData => Ok(Vec::new()),
-            },
+            Err(e) => no_records(&e),
         }
     }
 
@@ -307,11 +291,7 @@ impl Resolver {
                     _ => None,
                 })
                 .collect()),
-            Err(e) => match classify(&e) {
-                Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
-                Negative::NxDomain => Err(ResolveError::NoSuchDomain),
-                Negative::NoData => Ok(Vec::new()),
-            },
+            Err(e) => no_records(&e),
         }
     }
 
@@ -466,6 +446,16 @@ fn ipv4(lookup: &Lookup) -> impl Iterator<Item = std::net::Ipv4Addr> + '_ {
 /// In hickory 0.26 an empty answer arrives as `DnsError::NoRecordsFound` with the response
 /// code (NXDOMAIN, or NOERROR for NODATA), SERVFAIL and REFUSED as
 /// `DnsError::ResponseCode`; transport errors and timeouts are other kinds.
+/// A failed lookup as the list it stands for: no record of the type is an empty list,
+/// NXDOMAIN and temporary failures are errors.
+fn no_records<T>(err: &NetError) -> Result<Vec<T>, ResolveError> {
+    match classify(err) {
+        Negative::Temporary(why) => Err(ResolveError::Temporary(why)),
+        Negative::NxDomain => Err(ResolveError::NoSuchDomain),
+        Negative::NoData => Ok(Vec::new()),
+    }
+}
+
 fn classify(err: &NetError) -> Negative {
     match err {
         NetError::Dns(DnsError::NoRecordsFound(none)) => match none.response_code {
