@@ -11,6 +11,10 @@
 #      METRICS_PORT (9925), POSTFIX=N: then queue N messages through Postfix (set up by
 #      ../shared/bench/postfix-setup.sh on 127.0.0.1:2525) to the same dead next hop and
 #      time its drain the same way (`postqueue -f`).
+#      OPS=1: instead of the drain, time the queue commands on the whole backlog (the hop
+#      still down): `queue list` (first line, whole listing), `list --json`,
+#      `list --domain` (every message, then none), `flush`, and `delete --domain`, which
+#      empties the queue; then a restart shows whether anything deleted came back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${1:-1000000} STEP=${2:-100000} SESS=${3:-50} SIZE=${4:-4096}
@@ -100,6 +104,37 @@ while [[ "$(metric postern_queue_loading)" != "0" ]]; do sleep 0.2; done
 echo "# backlog loaded $(since "$t0") s after the 220: queue_messages=$(metric postern_queue_messages) rss_mb=$(rss)"
 sleep 10
 echo "# 10 s later: rss_mb=$(rss) deferred_since_restart=$(metric 'postern_deliveries_total{status="deferred"}') suspended=$(metric postern_queue_destinations_suspended)"
+if [[ -n ${OPS:-} ]]; then
+  cfg=(--config "$tmp/postern.toml")
+  # Seconds until the first line and until the end, and the lines, of a command's output.
+  timed() {
+    python3 - "$@" <<'PY'
+import subprocess, sys, time
+t0 = time.time(); first = None; lines = 0
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)
+for line in p.stdout:
+    if first is None: first = time.time() - t0
+    lines += 1
+p.wait()
+print(f"first_line_s={first if first is None else round(first, 3)} total_s={round(time.time() - t0, 2)} lines={lines} exit={p.returncode}")
+PY
+  }
+  echo "queue_list $(timed "$BIN" queue list "${cfg[@]}") rss_mb=$(rss)"
+  echo "queue_list_json $(timed "$BIN" queue list --json "${cfg[@]}")"
+  echo "queue_list_domain_all $(timed "$BIN" queue list --domain far.test "${cfg[@]}")"
+  echo "queue_list_domain_none $(timed "$BIN" queue list --domain elsewhere.test "${cfg[@]}")"
+  echo "queue_flush $(timed "$BIN" queue flush "${cfg[@]}")"
+  t0=$(now)
+  out=$("$BIN" queue delete --domain far.test "${cfg[@]}")
+  echo "queue_delete_domain s=$(since "$t0") rss_mb=$(rss) answer=\"$out\" spool_mb=$(du -sm "$tmp/spool" | cut -f1)"
+  sleep 6
+  echo "# 6 s later: queue_messages=$(metric postern_queue_messages) rss_mb=$(rss) spool_mb=$(du -sm "$tmp/spool" | cut -f1)"
+  kill -9 "$pid"; wait "$pid" 2>/dev/null || true
+  start
+  while [[ "$(metric postern_queue_loading)" != "0" ]]; do sleep 0.2; done
+  echo "# after kill -9 and a restart: first 220 after ${t} s, queue_messages=$(metric postern_queue_messages)"
+  exit 0
+fi
 # The next hop comes back; the admin flushes.
 smtp-sink "${sink_user[@]}" -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
 sink=$!

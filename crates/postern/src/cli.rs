@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::control;
+use crate::delivery;
 use crate::policy::RecipientList;
 use crate::queue::{self, QueueId};
 
@@ -144,13 +145,25 @@ enum QueueAction {
         /// One JSON object per message and line.
         #[arg(long)]
         json: bool,
+        /// Only messages with a pending recipient at this domain (exactly this one, not
+        /// its subdomains).
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
     },
     /// One message: envelope, recipients, headers.
     Show { id: QueueId },
     /// Attempt every deferred message now.
     Flush,
     /// Remove a message from the queue without delivering it further.
-    Delete { id: QueueId },
+    Delete {
+        /// The message to remove.
+        #[arg(required_unless_present = "domain", conflicts_with = "domain")]
+        id: Option<QueueId>,
+        /// Instead: every message whose pending recipients are all at this domain (a
+        /// message with recipients elsewhere too is kept, and counted).
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -385,24 +398,46 @@ fn queue(action: QueueAction, path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let dir = &config.spool_dir;
-    let online = match &action {
-        QueueAction::List { json: false } => control::request(dir, "LIST"),
-        QueueAction::List { json: true } => control::request(dir, "LIST JSON"),
-        QueueAction::Show { id } => control::request(dir, &format!("SHOW {id}")),
-        QueueAction::Flush => control::request(dir, "FLUSH"),
-        QueueAction::Delete { id } => control::request(dir, &format!("DELETE {id}")),
+    let request = match queue_request(&action) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("postern: {why}");
+            return ExitCode::from(2);
+        }
     };
-    if let Some(answer) = online {
-        print!("{answer}");
-        return if answer.starts_with("ERR") {
+    let dir = &config.spool_dir;
+    // The answer is copied as it arrives: a listing of a million starts at once.
+    let mut stdout = std::io::stdout().lock();
+    match control::request_to(dir, &request.line(), &mut stdout) {
+        Ok(Some(true)) => ExitCode::SUCCESS,
+        Ok(Some(false)) => ExitCode::FAILURE,
+        // `postern queue list | head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postern: the server's answer was cut off: {e}");
             ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        };
+        }
+        // No server answers: work on the spool itself.
+        Ok(None) => print_result(queue_offline(request, dir)),
     }
-    // No server answers: work on the spool itself.
-    print_result(queue_offline(action, dir))
+}
+
+/// The control request for a queue command (the domain checked and made canonical).
+fn queue_request(action: &QueueAction) -> Result<control::Request, String> {
+    use control::Request;
+    let domain = |d: &Option<String>| d.as_deref().map(control::domain).transpose();
+    Ok(match action {
+        QueueAction::List { json, domain: d } => Request::List {
+            json: *json,
+            domain: domain(d)?,
+        },
+        QueueAction::Show { id } => Request::Show(*id),
+        QueueAction::Flush => Request::Flush,
+        QueueAction::Delete { id: Some(id), .. } => Request::Delete(*id),
+        QueueAction::Delete { domain: d, .. } => {
+            Request::DeleteDomain(domain(d)?.ok_or("a queue id or --domain is needed")?)
+        }
+    })
 }
 
 /// Prints a command's text, or its error chain; the exit code follows.
@@ -419,7 +454,9 @@ fn print_result(result: anyhow::Result<String>) -> ExitCode {
     }
 }
 
-fn queue_offline(action: QueueAction, dir: &std::path::Path) -> anyhow::Result<String> {
+fn queue_offline(request: control::Request, dir: &std::path::Path) -> anyhow::Result<String> {
+    use control::Request;
+    use delivery::{AtDomain, pending_at, wanted_domain};
     if !dir.exists() {
         anyhow::bail!("no spool at {}", dir.display());
     }
@@ -429,39 +466,75 @@ fn queue_offline(action: QueueAction, dir: &std::path::Path) -> anyhow::Result<S
             .find(|m| m.envelope.id == id)
             .ok_or_else(|| anyhow::anyhow!("{id}: no such message in the queue"))
     };
-    Ok(match action {
-        QueueAction::List { json: true } => {
-            control::format_list_json(&control::offline_items(queue::scan(dir)?), false)
+    let at = |m: &queue::StoredMessage, wanted: &str| {
+        pending_at(
+            m.envelope.recipients.iter().map(String::as_str),
+            &m.states,
+            wanted,
+        )
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    Ok(match request {
+        Request::List { json, domain } => {
+            let mut messages = queue::scan(dir)?;
+            if let Some(d) = domain {
+                let wanted = wanted_domain(&d);
+                messages.retain(|m| at(m, &wanted) != AtDomain::No);
+            }
+            let items = control::offline_items(messages);
+            if json {
+                control::format_list_json(&items, false)
+            } else {
+                format!(
+                    "(postern is not running)\n{}",
+                    control::format_list(&items, false)
+                )
+            }
         }
-        QueueAction::List { json: false } => {
-            let items = control::offline_items(queue::scan(dir)?);
-            format!(
-                "(postern is not running)\n{}",
-                control::format_list(&items, false)
-            )
-        }
-        QueueAction::Show { id } => {
+        Request::Show(id) => {
             let item = control::offline_items(vec![find(id)?]).remove(0);
             control::format_show(dir, &item, false)
         }
-        QueueAction::Flush => {
+        Request::Flush => {
             "postern is not running: every queued message is attempted as soon as it starts\n"
                 .to_string()
         }
-        QueueAction::Delete { id } => {
+        Request::Delete(id) => {
             // Take the spool (and its lock) so a server starting meanwhile cannot race us.
             let (spool, live) = queue::Spool::open(dir, queue::SpoolOptions::default())?;
             let msg = live
                 .into_iter()
                 .find(|m| m.envelope.id == id)
                 .ok_or_else(|| anyhow::anyhow!("{id}: no such message in the queue"))?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(spool.finish(id, msg.place))?;
+            runtime()?.block_on(spool.finish(id, msg.place))?;
+            crate::maillog::message_deleted(&id);
             spool.close();
             format!("OK {id} deleted\n")
         }
+        Request::DeleteDomain(d) => {
+            let (spool, live) = queue::Spool::open(dir, queue::SpoolOptions::default())?;
+            let wanted = wanted_domain(&d);
+            let mut result = delivery::DomainDeletion::default();
+            let mut doomed = Vec::new();
+            for m in &live {
+                match at(m, &wanted) {
+                    AtDomain::No => {}
+                    AtDomain::AndElsewhere => result.kept += 1,
+                    AtDomain::Only => doomed.push((m.envelope.id, m.place)),
+                }
+            }
+            drop(live);
+            let (done, failed) = runtime()?.block_on(delivery::finish_all(&spool, doomed));
+            spool.close();
+            result.deleted = done;
+            result.failed = failed;
+            control::deletion_summary(&d, result)
+        }
+        Request::Release(_) | Request::Reload => unreachable!("not a queue command"),
     })
 }
 

@@ -2,11 +2,14 @@
 //! management never edits files under the server's feet (no torn state).
 //!
 //! `SPOOL/control.sock`, a Unix socket with mode 0600 (only the spool's owner may use
-//! it). One request per connection, one line: `LIST`, `LIST JSON` (one JSON object per
-//! message and line), `SHOW <id>`, `FLUSH`, `DELETE <id>`; `RELEASE <id>` (quarantine);
-//! `RELOAD` (the configuration: `OK <summary>` or `ERR <why>`, the configuration in use
-//! then unchanged);
-//! the answer is text for the operator, ending when the server closes the connection.
+//! it). One request per connection, one line (see [`Request`]): `LIST [JSON] [DOMAIN d]`
+//! (`JSON`: one JSON object per message and line), `SHOW <id>`, `FLUSH`,
+//! `DELETE <id>`, `DELETE DOMAIN <d>`; `RELEASE <id>` (quarantine); `RELOAD` (the
+//! configuration: `OK <summary>` or `ERR <why>`, the configuration in use then
+//! unchanged). The answer is text for the operator, ending when the server closes the
+//! connection; a failure starts with `ERR`. A listing is streamed page by page as the
+//! runner hands them out (one page in memory, whatever the queue's size), so its first
+//! line comes at once; a deletion answers once its DONE records are on disk.
 //! When no server runs, the CLI works on the spool directly (`queue list/show` read it,
 //! `queue delete` takes the spool lock first).
 //!
@@ -14,7 +17,7 @@
 //! still parsed strictly and bounded (one line of at most 256 octets).
 
 use std::fmt::Write as _;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as Tokio
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::delivery::{self, QueueItem};
+use crate::delivery::{self, ListPage, QueueItem};
 use crate::queue::quarantine::{self, Quarantined};
 use crate::queue::{QueueId, Spool, StoredMessage, read_body_in};
 
@@ -63,16 +66,24 @@ pub fn start(
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut line = String::new();
-                let mut reader = TokioBufReader::new(read.take(256));
+                let mut reader = TokioBufReader::new(read.take(MAX_REQUEST as u64 + 1));
                 let request =
                     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
                         .await;
                 let answer = match request {
-                    Ok(Ok(_)) if line.trim() == "RELOAD" => reload(&reloads).await,
-                    Ok(Ok(_)) => answer(&handle, &spool, &dir, line.trim()).await,
+                    Ok(Ok(_)) => match Request::parse(&line) {
+                        Ok(Request::Reload) => reload(&reloads).await,
+                        Ok(Request::List { json, domain }) => {
+                            // Streamed: what it writes is the answer.
+                            let _ = stream_list(&handle, &mut write, json, domain).await;
+                            return;
+                        }
+                        Ok(request) => answer(&handle, &spool, &dir, request).await,
+                        Err(why) => format!("ERR {why}\n"),
+                    },
                     _ => "ERR no request\n".to_string(),
                 };
-                let _ = write.write_all(answer.as_bytes()).await;
+                let _ = write_bounded(&mut write, answer.as_bytes()).await;
             });
         }
     });
@@ -93,37 +104,213 @@ async fn reload(reloads: &mpsc::Sender<ReloadRequest>) -> String {
     }
 }
 
-async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: &str) -> String {
-    let (verb, arg) = request.split_once(' ').unwrap_or((request, ""));
-    match (verb, arg.parse::<QueueId>()) {
-        ("LIST", _) if arg == "JSON" => format_list_json(&handle.list().await, true),
-        ("LIST", _) => format_list(&handle.list().await, true),
-        ("FLUSH", _) => format!(
+/// The longest request line, in octets (with its line ending).
+pub const MAX_REQUEST: usize = 256;
+/// How long a write of the answer may take: a client that stops reading is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A control request, parsed strictly: one verb, its arguments, nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `LIST [JSON] [DOMAIN d]`: the queue, or the messages with a recipient at `d`.
+    List {
+        json: bool,
+        domain: Option<String>,
+    },
+    Show(QueueId),
+    Flush,
+    Delete(QueueId),
+    /// `DELETE DOMAIN d`: the messages whose every pending recipient is at `d`.
+    DeleteDomain(String),
+    Release(QueueId),
+    Reload,
+}
+
+impl Request {
+    /// Parses one request line (its CRLF or LF ending optional).
+    pub fn parse(line: &str) -> Result<Request, String> {
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request longer than {MAX_REQUEST} octets"));
+        }
+        let line = line
+            .strip_suffix('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .unwrap_or(line);
+        let words: Vec<&str> = line.split(' ').collect();
+        let id = |w: &str| {
+            w.parse::<QueueId>()
+                .map_err(|_| format!("not a queue id: {w:?}"))
+        };
+        Ok(match words.as_slice() {
+            ["LIST"] => Request::List {
+                json: false,
+                domain: None,
+            },
+            ["LIST", "JSON"] => Request::List {
+                json: true,
+                domain: None,
+            },
+            ["LIST", "DOMAIN", d] => Request::List {
+                json: false,
+                domain: Some(domain(d)?),
+            },
+            ["LIST", "JSON", "DOMAIN", d] => Request::List {
+                json: true,
+                domain: Some(domain(d)?),
+            },
+            ["SHOW", i] => Request::Show(id(i)?),
+            ["FLUSH"] => Request::Flush,
+            ["DELETE", "DOMAIN", d] => Request::DeleteDomain(domain(d)?),
+            ["DELETE", i] => Request::Delete(id(i)?),
+            ["RELEASE", i] => Request::Release(id(i)?),
+            ["RELOAD"] => Request::Reload,
+            _ => return Err("unknown request".to_string()),
+        })
+    }
+
+    /// The request as the CLI sends it (what [`Request::parse`] reads back).
+    pub fn line(&self) -> String {
+        match self {
+            Request::List { json, domain } => {
+                let mut l = "LIST".to_string();
+                if *json {
+                    l.push_str(" JSON");
+                }
+                if let Some(d) = domain {
+                    l.push_str(" DOMAIN ");
+                    l.push_str(d);
+                }
+                l
+            }
+            Request::Show(id) => format!("SHOW {id}"),
+            Request::Flush => "FLUSH".to_string(),
+            Request::Delete(id) => format!("DELETE {id}"),
+            Request::DeleteDomain(d) => format!("DELETE DOMAIN {d}"),
+            Request::Release(id) => format!("RELEASE {id}"),
+            Request::Reload => "RELOAD".to_string(),
+        }
+    }
+}
+
+/// A domain as the queue commands take it: a domain name (U-labels allowed, lower-cased,
+/// RFC 5321 4.1.2) or an address literal in brackets (`[192.0.2.1]`), as recipients'
+/// domains are stored.
+pub fn domain(d: &str) -> Result<String, String> {
+    if d.starts_with('[') {
+        let inner = d
+            .strip_prefix('[')
+            .and_then(|i| i.strip_suffix(']'))
+            .ok_or_else(|| format!("not a domain: {d:?}"))?;
+        let ip = inner.strip_prefix("IPv6:").unwrap_or(inner);
+        return ip
+            .parse::<std::net::IpAddr>()
+            .map(|_| d.to_string())
+            .map_err(|_| format!("not an address literal: {d:?}"));
+    }
+    postern_smtp::address::parse_domain(d).map_err(|_| format!("not a domain: {d:?}"))
+}
+
+async fn write_bounded(
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, write.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// `LIST`: the header, then the queue page by page as the runner hands them out (one
+/// page in memory), then the count.
+async fn stream_list(
+    handle: &delivery::Handle,
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    json: bool,
+    domain: Option<String>,
+) -> std::io::Result<()> {
+    let mut page = ListPage {
+        domain,
+        limit: delivery::LIST_PAGE,
+        ..ListPage::default()
+    };
+    let mut count = 0usize;
+    loop {
+        let items = handle.list_page(page.clone()).await;
+        let Some(last) = items.last() else { break };
+        page.after = Some(last.message.envelope.id);
+        let mut out = String::new();
+        if json {
+            out = format_list_json(&items, true);
+        } else {
+            if count == 0 {
+                out.push_str(&list_header());
+            }
+            format_items(&mut out, &items, true);
+        }
+        count += items.len();
+        write_bounded(write, out.as_bytes()).await?;
+    }
+    if !json {
+        write_bounded(write, list_footer(count).as_bytes()).await?;
+    }
+    Ok(())
+}
+
+async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: Request) -> String {
+    match request {
+        Request::Flush => format!(
             "OK {} messages scheduled for immediate delivery\n",
             handle.flush().await
         ),
-        ("DELETE", Ok(id)) => {
-            if handle.delete(id).await {
-                format!("OK {id} deleted\n")
-            } else {
-                format!("ERR {id}: no such message in the queue\n")
+        Request::Delete(id) => match handle.delete(id).await {
+            delivery::Deletion::Deleted => format!("OK {id} deleted\n"),
+            delivery::Deletion::Unknown => format!("ERR {id}: no such message in the queue\n"),
+            delivery::Deletion::AfterAttempt => {
+                format!("OK {id} deleted when its running delivery attempt ends\n")
+            }
+            delivery::Deletion::Failed => {
+                format!("ERR {id}: not deleted (the spool failed, see the log)\n")
+            }
+        },
+        Request::DeleteDomain(d) => deletion_summary(&d, handle.delete_domain(&d).await),
+        Request::Show(id) => {
+            let page = ListPage {
+                id: Some(id),
+                limit: 1,
+                ..ListPage::default()
+            };
+            match handle.list_page(page).await.first() {
+                Some(item) => format_show(dir, item, true),
+                None => format!("ERR {id}: no such message in the queue\n"),
             }
         }
-        ("SHOW", Ok(id)) => match handle
-            .list()
-            .await
-            .into_iter()
-            .find(|i| i.message.envelope.id == id)
-        {
-            Some(item) => format_show(dir, &item, true),
-            None => format!("ERR {id}: no such message in the queue\n"),
-        },
-        ("RELEASE", Ok(id)) => match release(spool, handle, id).await {
+        Request::Release(id) => match release(spool, handle, id).await {
             Ok(()) => format!("OK {id} released to the queue\n"),
             Err(e) => format!("ERR {id}: {e}\n"),
         },
-        _ => "ERR unknown request\n".to_string(),
+        Request::List { .. } | Request::Reload => unreachable!("answered by the caller"),
     }
+}
+
+/// What `queue delete --domain` says: how many went, how many stayed because they have
+/// recipients elsewhere too (and so deleting them would lose other mail).
+pub fn deletion_summary(domain: &str, d: delivery::DomainDeletion) -> String {
+    let mut out = if d.failed > 0 {
+        format!(
+            "ERR {domain}: {} messages deleted, {} could not be (the spool failed; they come back at the next start)",
+            d.deleted, d.failed
+        )
+    } else {
+        format!("OK {domain}: {} messages deleted", d.deleted)
+    };
+    if d.kept > 0 {
+        let _ = write!(
+            out,
+            "; {} kept (they have pending recipients at other domains too)",
+            d.kept
+        );
+    }
+    out.push('\n');
+    out
 }
 
 /// Puts a quarantined message back into the queue for its original recipients, without
@@ -277,16 +464,49 @@ fn header_value(body: &[u8], name: &str) -> Option<String> {
     value
 }
 
-/// Sends one request to a running server. `None` when no server answers on the socket.
+/// Sends one request to a running server and returns its whole answer. `None` when no
+/// server answers on the socket.
 pub fn request(spool_dir: &Path, line: &str) -> Option<String> {
-    let mut stream = StdUnixStream::connect(socket_path(spool_dir)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .ok()?;
-    stream.write_all(format!("{line}\n").as_bytes()).ok()?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_to_string(&mut answer).ok()?;
-    Some(answer)
+    let mut answer = Vec::new();
+    request_to(spool_dir, line, &mut answer).ok()??;
+    Some(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// How long the CLI waits for the next bytes of an answer (a deletion of a million
+/// messages answers once their DONE records are written: seconds, not minutes).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Sends one request to a running server and copies its answer to `out` as it arrives
+/// (a listing of a million starts at once). `Ok(None)` when no server answers on the
+/// socket; `Ok(Some(false))` when the answer is a failure (`ERR`).
+pub fn request_to(
+    spool_dir: &Path,
+    line: &str,
+    out: &mut dyn Write,
+) -> std::io::Result<Option<bool>> {
+    let Ok(mut stream) = StdUnixStream::connect(socket_path(spool_dir)) else {
+        return Ok(None);
+    };
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    if stream.write_all(format!("{line}\n").as_bytes()).is_err() {
+        return Ok(None);
+    }
+    let mut first = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if first.len() < 3 {
+            first.extend_from_slice(&buf[..n.min(3 - first.len())]);
+        }
+        out.write_all(&buf[..n])?;
+    }
+    out.flush()?;
+    Ok(Some(!first.starts_with(b"ERR")))
 }
 
 /// Queue items as found on disk, when no server runs.
@@ -313,10 +533,30 @@ fn age(arrived: i64) -> String {
 /// `postern queue list`: like mailq, one block per message.
 pub fn format_list(items: &[QueueItem], running: bool) -> String {
     if items.is_empty() {
-        return "queue is empty\n".to_string();
+        return list_footer(0);
     }
-    let mut out = String::new();
-    let _ = writeln!(out, "{:<16}  {:>6}  {:>8}  sender", "id", "age", "size");
+    let mut out = list_header();
+    format_items(&mut out, items, running);
+    out.push_str(&list_footer(items.len()));
+    out
+}
+
+/// The first line of a listing.
+pub fn list_header() -> String {
+    format!("{:<16}  {:>6}  {:>8}  sender\n", "id", "age", "size")
+}
+
+/// The last line of a listing of `n` messages.
+pub fn list_footer(n: usize) -> String {
+    if n == 0 {
+        "queue is empty\n".to_string()
+    } else {
+        format!("{n} message(s)\n")
+    }
+}
+
+/// The listing's block for each message.
+pub fn format_items(out: &mut String, items: &[QueueItem], running: bool) {
     for item in items {
         let env = &item.message.envelope;
         let sender = if env.sender.is_empty() {
@@ -356,8 +596,6 @@ pub fn format_list(items: &[QueueItem], running: bool) -> String {
             }
         }
     }
-    let _ = writeln!(out, "{} message(s)", items.len());
-    out
 }
 
 /// `postern queue list --json`: one JSON object per message and line, with what the text
@@ -435,4 +673,115 @@ pub fn format_show(spool_dir: &Path, item: &QueueItem, running: bool) -> String 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly_and_read_back() {
+        let id = QueueId::from_u64(0x0187_F3A2_B4C5_D6E7);
+        let cases = [
+            Request::List {
+                json: false,
+                domain: None,
+            },
+            Request::List {
+                json: true,
+                domain: None,
+            },
+            Request::List {
+                json: false,
+                domain: Some("dead.test".into()),
+            },
+            Request::List {
+                json: true,
+                domain: Some("[192.0.2.1]".into()),
+            },
+            Request::Show(id),
+            Request::Flush,
+            Request::Delete(id),
+            Request::DeleteDomain("xn--bcher-kva.test".into()),
+            Request::Release(id),
+            Request::Reload,
+        ];
+        for r in cases {
+            let line = r.line();
+            assert_eq!(Request::parse(&line), Ok(r.clone()), "{line}");
+            assert_eq!(Request::parse(&format!("{line}\n")), Ok(r.clone()));
+            assert_eq!(Request::parse(&format!("{line}\r\n")), Ok(r));
+        }
+    }
+
+    #[test]
+    fn domains_are_canonical_and_checked() {
+        let parsed = |l: &str| match Request::parse(l) {
+            Ok(Request::List { domain, .. }) => domain,
+            other => panic!("{l}: {other:?}"),
+        };
+        assert_eq!(parsed("LIST DOMAIN Dead.TEST."), Some("dead.test".into()));
+        assert_eq!(
+            parsed("LIST JSON DOMAIN bücher.test"),
+            Some("bücher.test".into())
+        );
+        assert_eq!(
+            parsed("LIST DOMAIN [IPv6:2001:db8::1]"),
+            Some("[IPv6:2001:db8::1]".into())
+        );
+        for bad in [
+            "-x.test",
+            "a..b",
+            "a b",
+            "[300.1.1.1]",
+            "[192.0.2.1",
+            "x_y.test",
+            "",
+        ] {
+            assert!(domain(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        for bad in [
+            "",
+            "list",
+            "LIST  JSON",
+            "LIST JSON JSON",
+            "LIST DOMAIN",
+            "LIST DOMAIN a.test b.test",
+            "LIST DOMAIN a.test JSON",
+            "DELETE",
+            "DELETE DOMAIN",
+            "DELETE not-an-id",
+            "DELETE DOMAIN bad_domain!",
+            "SHOW",
+            "FLUSH NOW",
+            "RELOAD\n\n",
+            " RELOAD",
+            "RELOAD\r",
+        ] {
+            assert!(Request::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let long = format!("LIST DOMAIN {}.test", "a".repeat(MAX_REQUEST));
+        assert!(Request::parse(&long).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn a_deletion_by_domain_says_what_stayed_and_why() {
+        let d = |deleted, kept, failed| {
+            deletion_summary(
+                "dead.test",
+                delivery::DomainDeletion {
+                    deleted,
+                    kept,
+                    failed,
+                },
+            )
+        };
+        assert_eq!(d(3, 0, 0), "OK dead.test: 3 messages deleted\n");
+        assert!(d(3, 2, 0).starts_with("OK dead.test: 3 messages deleted; 2 kept"));
+        assert!(d(3, 0, 1).starts_with("ERR dead.test: 3 messages deleted, 1 could not be"));
+    }
 }

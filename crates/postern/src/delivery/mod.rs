@@ -126,7 +126,7 @@ enum Command {
         Result<crate::queue::Location, crate::queue::SpoolError>,
     ),
     Flush(oneshot::Sender<usize>),
-    Delete(QueueId, oneshot::Sender<bool>),
+    Delete(QueueId, oneshot::Sender<Deletion>),
     DeleteDomain(String, oneshot::Sender<DomainDeletion>),
     List(ListPage, oneshot::Sender<Vec<QueueItem>>),
     Reconfigure(Box<Settings>),
@@ -190,11 +190,12 @@ impl Handle {
         self.ask(Command::Flush).await.unwrap_or(0)
     }
 
-    /// Removes a message from the queue (and the spool); false if unknown.
-    pub async fn delete(&self, id: QueueId) -> bool {
+    /// Removes a message from the queue (and the spool); answers when its DONE record is
+    /// on disk (or, for a message being attempted, when that attempt has ended).
+    pub async fn delete(&self, id: QueueId) -> Deletion {
         self.ask(|tx| Command::Delete(id, tx))
             .await
-            .unwrap_or(false)
+            .unwrap_or(Deletion::Failed)
     }
 
     /// The queue as it stands (every message: for small queues and tests; listings
@@ -373,6 +374,7 @@ pub fn start(
         running: HashMap::new(),
         relocations: 0,
         errors: HashSet::new(),
+        delete_replies: HashMap::new(),
         loading: true,
         stopping: false,
     };
@@ -488,6 +490,9 @@ struct Runner {
     running: HashMap<tokio::task::Id, QueueId>,
     relocations: usize,
     errors: HashSet<Arc<str>>,
+    /// Who waits for the deletion of a message that was busy when it was asked for: they
+    /// are answered when its DONE is on disk.
+    delete_replies: HashMap<QueueId, Vec<oneshot::Sender<Deletion>>>,
     /// The backlog found in the spool at start is still being read.
     loading: bool,
     stopping: bool,
@@ -774,7 +779,7 @@ impl Runner {
             if entry.delete_requested {
                 let place = entry.q.place;
                 self.forget(id);
-                self.finish_deleted(id, place, None);
+                self.finish_deleted(id, place);
                 return;
             }
             let slot = Slot {
@@ -824,6 +829,10 @@ impl Runner {
                     self.schedule.finished(&dests, &contacts, Instant::now());
                     self.forget(id);
                 }
+                // Asked to delete while its attempt finished it: it is gone all the same.
+                for reply in self.delete_replies.remove(&id).unwrap_or_default() {
+                    let _ = reply.send(Deletion::Deleted);
+                }
             }
             Command::Report(Report::Pending(pending)) => {
                 let attempt::Pending {
@@ -844,7 +853,7 @@ impl Runner {
                 if entry.delete_requested {
                     let place = msg.place;
                     self.forget(id);
-                    self.finish_deleted(id, place, None);
+                    self.finish_deleted(id, place);
                     return;
                 }
                 let errors: Box<[Option<Arc<str>>]> = errors
@@ -888,7 +897,7 @@ impl Runner {
                 if entry.delete_requested {
                     let place = entry.q.place;
                     self.forget(id);
-                    self.finish_deleted(id, place, None);
+                    self.finish_deleted(id, place);
                     return;
                 }
                 entry.waiting = Some((line, slot));
@@ -911,13 +920,24 @@ impl Runner {
                 }
                 let _ = reply.send(n);
             }
-            Command::Delete(id, reply) => {
-                let found = self.delete(id);
-                let _ = reply.send(found);
-            }
-            Command::DeleteDomain(domain, reply) => {
-                let _ = reply.send(self.delete_domain(&domain));
-            }
+            Command::Delete(id, reply) => match self.take_for_deletion(id) {
+                Removal::Unknown => {
+                    let _ = reply.send(Deletion::Unknown);
+                }
+                // An attempt may take minutes (a slow next hop): say so at once.
+                Removal::Later { attempt: true } => {
+                    let _ = reply.send(Deletion::AfterAttempt);
+                }
+                // Being carried forward in the log: a moment.
+                Removal::Later { attempt: false } => {
+                    self.delete_replies.entry(id).or_default().push(reply);
+                }
+                Removal::Now(place) => {
+                    self.delete_replies.entry(id).or_default().push(reply);
+                    self.finish_deleted(id, place);
+                }
+            },
+            Command::DeleteDomain(domain, reply) => self.delete_domain(&domain, reply),
             Command::List(page, reply) => {
                 let _ = reply.send(self.list(&page));
             }
@@ -975,80 +995,85 @@ impl Runner {
         }
     }
 
-    /// `queue delete ID`: false if unknown. A message being attempted (or carried
-    /// forward) is finished when that ends (an attempt may deliver some recipients first:
-    /// that cannot be taken back).
-    fn delete(&mut self, id: QueueId) -> bool {
+    /// `queue delete ID`: the message leaves the timetable now. A message being attempted
+    /// (or carried forward) is finished when that ends (an attempt may deliver some
+    /// recipients first: that cannot be taken back); the caller finishes one it gets as
+    /// [`Removal::Now`] in the spool.
+    fn take_for_deletion(&mut self, id: QueueId) -> Removal {
         let Some(e) = self.entries.get_mut(&id) else {
-            return false;
+            return Removal::Unknown;
         };
         if e.busy() {
             e.delete_requested = true;
-            return true;
+            return Removal::Later {
+                attempt: e.in_flight,
+            };
         }
         if let Some((line, slot)) = e.waiting.take() {
             self.schedule.remove(line, slot, &e.dests);
         }
         let place = e.q.place;
         self.forget(id);
-        self.finish_deleted(id, place, None);
-        true
+        Removal::Now(place)
     }
 
     /// `queue delete --domain D`: every message whose pending recipients are all at `D`
     /// (its domain or a subdomain is not enough: exactly `D`, compared as A-labels) is
     /// deleted; one with pending recipients elsewhere too is left alone (and counted),
-    /// so that no other destination loses mail.
-    fn delete_domain(&mut self, domain: &str) -> DomainDeletion {
-        let wanted = postern_smtp::address::ascii_domain(domain).to_ascii_lowercase();
+    /// so that no other destination loses mail. One pass over the queue (O(n)), then one
+    /// task writes the DONE records (a bounded number at a time, group committed) and
+    /// answers when they are on disk.
+    fn delete_domain(&mut self, domain: &str, reply: oneshot::Sender<DomainDeletion>) {
+        let wanted = wanted_domain(domain);
         let mut result = DomainDeletion::default();
-        let ids: Vec<(QueueId, bool)> = self
+        let ids: Vec<(QueueId, AtDomain)> = self
             .entries
             .values()
-            .filter_map(|e| {
-                let (mut at, mut elsewhere) = (false, false);
-                for (i, rcpt) in e.q.recipients().enumerate() {
-                    if e.q.states.get(i) != Some(&RcptState::Pending) {
-                        continue;
-                    }
-                    if same_domain(rcpt, &wanted) {
-                        at = true;
-                    } else {
-                        elsewhere = true;
-                    }
-                }
-                at.then_some((e.q.id, elsewhere))
-            })
+            .map(|e| (e.q.id, pending_at(e.q.recipients(), &e.q.states, &wanted)))
+            .filter(|(_, at)| *at != AtDomain::No)
             .collect();
-        for (id, elsewhere) in ids {
-            if elsewhere {
+        let mut now = Vec::new();
+        for (id, at) in ids {
+            if at == AtDomain::AndElsewhere {
                 result.kept += 1;
-            } else if self.delete(id) {
-                result.deleted += 1;
+                continue;
+            }
+            match self.take_for_deletion(id) {
+                Removal::Unknown => {}
+                Removal::Later { .. } => result.deleted += 1,
+                Removal::Now(place) => now.push((id, place)),
             }
         }
-        result
+        let spool = self.ctx.spool.clone();
+        tokio::spawn(async move {
+            let (done, failed) = finish_all(&spool, now).await;
+            result.deleted += done;
+            result.failed = failed;
+            let _ = reply.send(result);
+        });
     }
 
     /// A page of the listing: up to `page.limit` messages after `page.after`, those with
     /// a recipient at `page.domain` only if given.
     fn list(&self, page: &ListPage) -> Vec<QueueItem> {
         use std::ops::Bound::{Excluded, Unbounded};
-        let wanted = page
-            .domain
-            .as_deref()
-            .map(|d| postern_smtp::address::ascii_domain(d).to_ascii_lowercase());
-        let start = page.after.map_or(Unbounded, Excluded);
+        let wanted = page.domain.as_deref().map(wanted_domain);
         let now = Instant::now();
-        self.entries
-            .range((start, Unbounded))
-            .map(|(_, e)| e)
+        let entries: Box<dyn Iterator<Item = &Entry>> = match page.id {
+            // One message: a direct lookup, not a walk from the cursor.
+            Some(id) => Box::new(self.entries.get(&id).into_iter()),
+            None => Box::new(
+                self.entries
+                    .range((page.after.map_or(Unbounded, Excluded), Unbounded))
+                    .map(|(_, e)| e),
+            ),
+        };
+        entries
             .filter(|e| {
                 wanted
                     .as_deref()
-                    .is_none_or(|w| e.q.recipients().any(|r| same_domain(r, w)))
+                    .is_none_or(|w| pending_at(e.q.recipients(), &e.q.states, w) != AtDomain::No)
             })
-            .filter(|e| page.id.is_none_or(|id| id == e.q.id))
             .take(page.limit.clamp(1, LIST_PAGE))
             .filter_map(|e| {
                 let message = e.q.stored().ok()?;
@@ -1072,26 +1097,19 @@ impl Runner {
             .collect()
     }
 
-    fn finish_deleted(
-        &mut self,
-        id: QueueId,
-        place: crate::queue::Place,
-        reply: Option<oneshot::Sender<bool>>,
-    ) {
+    /// Writes a deleted message's DONE (in a task) and then answers whoever asked.
+    fn finish_deleted(&mut self, id: QueueId, place: crate::queue::Place) {
+        let replies = self.delete_replies.remove(&id).unwrap_or_default();
         let spool = self.ctx.spool.clone();
         tokio::spawn(async move {
-            let ok = match spool.finish(id, place).await {
-                Ok(()) => {
-                    crate::maillog::message_deleted(&id);
-                    true
-                }
-                Err(e) => {
-                    tracing::error!(id = %id, error = %e, "cannot delete the message");
-                    false
-                }
+            let (done, _) = finish_all(&spool, vec![(id, place)]).await;
+            let outcome = if done == 1 {
+                Deletion::Deleted
+            } else {
+                Deletion::Failed
             };
-            if let Some(r) = reply {
-                let _ = r.send(ok);
+            for reply in replies {
+                let _ = reply.send(outcome);
             }
         });
     }
@@ -1123,6 +1141,47 @@ fn suspended_except(
         .collect()
 }
 
+/// A domain as `queue ... --domain` compares it: A-labels, lower case.
+pub fn wanted_domain(domain: &str) -> String {
+    postern_smtp::address::ascii_domain(domain).to_ascii_lowercase()
+}
+
+/// Where a message's pending recipients are, for `queue list/delete --domain D`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtDomain {
+    /// None of them is at `D`.
+    No,
+    /// All of them are at `D`: the message is `D`'s backlog.
+    Only,
+    /// Some at `D`, some elsewhere: deleting it would lose other mail.
+    AndElsewhere,
+}
+
+/// Where the pending recipients of a message are, against `wanted` (from
+/// [`wanted_domain`]): exactly that domain, not its subdomains.
+pub fn pending_at<'a>(
+    recipients: impl Iterator<Item = &'a str>,
+    states: &[RcptState],
+    wanted: &str,
+) -> AtDomain {
+    let (mut at, mut elsewhere) = (false, false);
+    for (i, rcpt) in recipients.enumerate() {
+        if states.get(i) != Some(&RcptState::Pending) {
+            continue;
+        }
+        if same_domain(rcpt, wanted) {
+            at = true;
+        } else {
+            elsewhere = true;
+        }
+    }
+    match (at, elsewhere) {
+        (false, _) => AtDomain::No,
+        (true, false) => AtDomain::Only,
+        (true, true) => AtDomain::AndElsewhere,
+    }
+}
+
 /// Whether a canonical recipient's domain is `wanted` (an A-label, lower case).
 fn same_domain(recipient: &str, wanted: &str) -> bool {
     postern_smtp::address::ascii_domain(route::domain_of(recipient)).eq_ignore_ascii_case(wanted)
@@ -1135,6 +1194,74 @@ pub struct DomainDeletion {
     pub deleted: usize,
     /// Messages with pending recipients at the domain and elsewhere, left alone.
     pub kept: usize,
+    /// Messages taken out of the queue whose DONE could not be written (the spool
+    /// failed): they come back at the next start.
+    pub failed: usize,
+}
+
+/// What `queue delete ID` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// Gone: its DONE record is on disk.
+    Deleted,
+    /// No such message in the queue.
+    Unknown,
+    /// A delivery attempt is running: the message is finished when it ends (what that
+    /// attempt delivers cannot be taken back).
+    AfterAttempt,
+    /// Out of the queue, but its DONE could not be written (the spool failed; logged):
+    /// it comes back at the next start. Also: the runner stopped before answering.
+    Failed,
+}
+
+/// What [`Runner::take_for_deletion`] found.
+enum Removal {
+    Unknown,
+    /// Busy (an attempt, or else a relocation, runs): finished when that ends.
+    Later {
+        attempt: bool,
+    },
+    /// Out of the timetable: its DONE is to be written.
+    Now(crate::queue::Place),
+}
+
+/// DONE records written at once by a deletion (the committer groups them into one
+/// write and fsync).
+const FINISHING_AT_ONCE: usize = 512;
+
+/// Finishes deleted messages in the spool, [`FINISHING_AT_ONCE`] at a time, logging each;
+/// returns how many were finished and how many failed.
+pub(crate) async fn finish_all(
+    spool: &crate::queue::Spool,
+    messages: Vec<(QueueId, crate::queue::Place)>,
+) -> (usize, usize) {
+    let (mut done, mut failed) = (0, 0);
+    let mut running = JoinSet::new();
+    let mut tally =
+        |outcome: Result<(QueueId, Result<(), crate::queue::SpoolError>), _>| match outcome {
+            Ok((id, Ok(()))) => {
+                crate::maillog::message_deleted(&id);
+                done += 1;
+            }
+            Ok((id, Err(e))) => {
+                tracing::error!(id = %id, error = %e, "cannot delete the message");
+                failed += 1;
+            }
+            Err(_) => failed += 1,
+        };
+    for (id, place) in messages {
+        if running.len() >= FINISHING_AT_ONCE
+            && let Some(outcome) = running.join_next().await
+        {
+            tally(outcome);
+        }
+        let spool = spool.clone();
+        running.spawn(async move { (id, spool.finish(id, place).await) });
+    }
+    while let Some(outcome) = running.join_next().await {
+        tally(outcome);
+    }
+    (done, failed)
 }
 
 /// Which part of the queue a listing asks for.
@@ -1155,5 +1282,61 @@ pub fn state_word(s: RcptState) -> &'static str {
         RcptState::Pending => "pending",
         RcptState::Delivered => "delivered",
         RcptState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod domain_tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_backlog_is_its_pending_recipients_exactly_at_it() {
+        use RcptState::{Delivered, Pending};
+        let at = |rcpts: &[&str], states: &[RcptState], d: &str| {
+            pending_at(rcpts.iter().copied(), states, &wanted_domain(d))
+        };
+        assert_eq!(
+            at(&["a@dead.test"], &[Pending], "dead.test"),
+            AtDomain::Only
+        );
+        assert_eq!(
+            at(&["a@DEAD.test"], &[Pending], "Dead.Test"),
+            AtDomain::Only
+        );
+        // A subdomain is another destination.
+        assert_eq!(
+            at(&["a@sub.dead.test"], &[Pending], "dead.test"),
+            AtDomain::No
+        );
+        assert_eq!(
+            at(
+                &["a@dead.test", "b@other.test"],
+                &[Pending, Pending],
+                "dead.test"
+            ),
+            AtDomain::AndElsewhere
+        );
+        // Only pending recipients count: what was delivered is not the backlog.
+        assert_eq!(
+            at(
+                &["a@dead.test", "b@other.test"],
+                &[Pending, Delivered],
+                "dead.test"
+            ),
+            AtDomain::Only
+        );
+        assert_eq!(
+            at(
+                &["a@dead.test", "b@other.test"],
+                &[Delivered, Pending],
+                "dead.test"
+            ),
+            AtDomain::No
+        );
+        // U-labels and A-labels are the same domain.
+        assert_eq!(
+            at(&["a@bücher.test"], &[Pending], "xn--bcher-kva.test"),
+            AtDomain::Only
+        );
     }
 }

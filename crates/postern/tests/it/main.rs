@@ -19,6 +19,7 @@ mod hardening_session;
 mod milter;
 mod ops;
 mod proxy;
+mod queue_cli;
 mod rate_limits;
 mod reload;
 mod server;
