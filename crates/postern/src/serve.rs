@@ -107,7 +107,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let Some(delivery_settings) = prepared.delivery.take() else {
         bail!("internal error: delivery settings missing");
     };
-    delivery::start(
+    let mut load_failed = delivery::start(
         delivery_settings,
         spool.clone(),
         backlog,
@@ -144,9 +144,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Every listener bound, the spool open, the signals handled.
     crate::notify::ready();
+    let mut fatal = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            // The queue could not be read: stop (nonzero, so that a supervisor restarts
+            // us and the operator sees why) rather than take mail that would wait beside
+            // a backlog nobody delivers.
+            Ok(why) = &mut load_failed => {
+                tracing::error!(error = %why, "stopping: the queue could not be loaded (the spool is untouched)");
+                fatal = Some(why);
+                break;
+            }
             _ = int.recv() => break,
             // A reload stuck on a file (a FIFO, a dead NFS mount) must not hold up a stop:
             // it is abandoned, and it has changed nothing until it completes.
@@ -188,6 +197,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     delivery.shutdown().await;
     let _ = std::fs::remove_file(socket);
     tokio::task::spawn_blocking(move || spool.close()).await?;
+    if let Some(why) = fatal {
+        bail!("{why}");
+    }
     tracing::info!("postern stopped");
     Ok(())
 }

@@ -356,6 +356,9 @@ pub struct Commands(mpsc::UnboundedReceiver<Command>);
 
 /// Builds the delivery context and starts the runner, listening on `commands` (from
 /// [`handle`]), and a thread that loads the messages found in the spool at start.
+/// The receiver it returns gets the reason if that load fails: the server must stop then
+/// (the spool is untouched, and a server running on without its backlog would neither
+/// deliver it nor ever collect the log's old segments).
 pub fn start(
     settings: Settings,
     spool: Spool,
@@ -363,7 +366,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     handle: Handle,
     commands: Commands,
-) -> Result<(), DeliveryError> {
+) -> Result<oneshot::Receiver<String>, DeliveryError> {
     let rx = commands.0;
     let ctx = Arc::new(context(settings, spool, handle.clone(), metrics, None));
     let runner = Runner {
@@ -381,17 +384,20 @@ pub fn start(
     tokio::spawn(runner.run(rx));
     // The backlog: loaded on its own thread, new mail flowing meanwhile.
     let loader = handle.clone();
+    let (failed_tx, failed_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("postern-backlog".into())
         .spawn(move || match loader.load(backlog) {
             Ok(n) => tracing::info!(messages = n, "queued messages loaded"),
             Err(e) => {
                 // Those messages stay in the spool, untouched, for the next start.
-                tracing::error!(error = %e, "cannot load the queued messages from the spool; they are delivered after a restart");
+                let _ = failed_tx.send(format!(
+                    "cannot load the queued messages from the spool: {e}"
+                ));
             }
         })
         .map_err(DeliveryError::Thread)?;
-    Ok(())
+    Ok(failed_rx)
 }
 
 /// The client settings for a route (`None`: the default MX route).
@@ -472,6 +478,9 @@ impl Entry {
 
 /// Relocations (compaction of the log) started per sweep, at most.
 const RELOCATIONS_PER_SWEEP: usize = 1000;
+/// Message bytes a sweep's relocations may hold at once (each reads its message whole
+/// before it is appended again): at least one message, whatever its size.
+const RELOCATION_BYTES_PER_SWEEP: u64 = 64 << 20;
 /// Items per page of a listing.
 pub const LIST_PAGE: usize = 1000;
 /// Destinations shown in the per-destination backlog metric.
@@ -725,12 +734,18 @@ impl Runner {
         let Some(seq) = self.ctx.spool.relocation_candidate() else {
             return;
         };
+        let mut bytes = 0u64;
         let ids: Vec<QueueId> = self
             .entries
             .values()
             .filter(|e| {
                 e.waiting.is_some()
                     && matches!(e.q.place, crate::queue::Place::Log(l) if l.segment == seq)
+            })
+            .take_while(|e| {
+                let first = bytes == 0;
+                bytes = bytes.saturating_add(e.q.size.max(1));
+                first || bytes <= RELOCATION_BYTES_PER_SWEEP
             })
             .map(|e| e.q.id)
             .take(RELOCATIONS_PER_SWEEP)

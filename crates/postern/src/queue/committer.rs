@@ -220,6 +220,8 @@ impl Committer {
             oldest,
             current: self.current.as_ref().map_or(0, |c| c.seq),
             segments: self.counts.len(),
+            live: self.live.len(),
+            total: self.totals.values().sum(),
             loaded: self.loaded,
         };
         *self

@@ -604,10 +604,13 @@ impl Spool {
     }
 
     /// The segment worth emptying by [`relocate`](Spool::relocate), if any: the oldest
-    /// one, when it is not the one being written, at most a quarter of what was written
-    /// to it is still live, and it is what keeps later segments from being collected.
-    /// Each relocation thus frees at least three times the bytes it copies, and a log
-    /// whose old messages all wait (a destination down) is never rewritten.
+    /// one, when it is not the one being written and still holds live messages, and
+    /// either at most a quarter of what was written to it is still live (a relocation
+    /// then frees at least three times what it copies), or more than half of everything
+    /// the log holds is finished (the oldest segment pins finished segments behind it:
+    /// copying its live messages lets them all go). So the log stays within about twice
+    /// its live messages whatever share of the traffic waits, and a log whose messages
+    /// all wait (a destination down) is never rewritten.
     pub fn relocation_candidate(&self) -> Option<u64> {
         self.shape().relocation_candidate()
     }
@@ -793,6 +796,10 @@ pub struct LogShape {
     pub current: u64,
     /// Segments on disk.
     pub segments: usize,
+    /// Live messages in the whole log.
+    pub live: usize,
+    /// Messages (MESSAGE and COPY records) written to the segments on disk.
+    pub total: usize,
     /// The backlog is loaded (before that, old segments are not counted).
     pub loaded: bool,
 }
@@ -801,10 +808,12 @@ impl LogShape {
     /// See [`Spool::relocation_candidate`].
     pub fn relocation_candidate(&self) -> Option<u64> {
         let oldest = self.oldest?;
+        let mostly_finished = oldest.live.saturating_mul(4) <= oldest.total;
+        let log_mostly_finished = self.live.saturating_mul(2) < self.total;
         (self.loaded
             && oldest.seq != self.current
             && oldest.live > 0
-            && oldest.live * 4 <= oldest.total)
+            && (mostly_finished || log_mostly_finished))
             .then_some(oldest.seq)
     }
 }

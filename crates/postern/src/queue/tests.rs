@@ -815,6 +815,9 @@ fn relocation_waits_for_a_mostly_finished_oldest_segment() {
         }),
         current: 9,
         segments: 7,
+        // The rest of the log: all of it still waiting.
+        live: live + 600,
+        total: total + 600,
         loaded,
     };
     assert_eq!(shape(1, 4, true).relocation_candidate(), Some(3));
@@ -827,6 +830,19 @@ fn relocation_waits_for_a_mostly_finished_oldest_segment() {
     let mut current = shape(1, 100, true);
     current.current = 3;
     assert_eq!(current.relocation_candidate(), None);
+    // A third of the traffic waits (a dead destination): the oldest segment is a third
+    // live, but it pins finished segments behind it; once more than half of the log is
+    // finished, it is emptied.
+    let mut pinning = shape(33, 100, true);
+    assert_eq!(pinning.relocation_candidate(), None, "the log mostly live");
+    pinning.total = 700;
+    pinning.live = 349;
+    assert_eq!(pinning.relocation_candidate(), Some(3));
+    pinning.live = 350;
+    assert_eq!(pinning.relocation_candidate(), None, "half the log live");
+    // Everything waits (a destination down): nothing is rewritten.
+    let all = shape(100, 100, true);
+    assert_eq!(all.relocation_candidate(), None);
 }
 
 #[tokio::test]
