@@ -338,3 +338,47 @@ fn a_deleted_message_does_not_come_back_when_its_unlink_fails() {
     assert!(!list.contains(&id), "deleted message came back:\n{list}");
     assert!(!deferred.join(&id).exists(), "{:?}", files(&deferred));
 }
+
+/// The queue is loaded in the background after the listener is up; if that load fails
+/// (here a segment older than the newest that cannot be read: a directory in its
+/// place, as an I/O error would), the server must stop with a nonzero status and say
+/// why, not run on taking mail beside a backlog it never delivers (and never collect
+/// the log). The spool is left as it was: the message is still there afterwards.
+#[test]
+fn a_queue_that_cannot_be_loaded_stops_the_server() {
+    let mut server = Server::start("", &config_extra("[127.0.0.1]:1"));
+    let id = submit(&server, "user@remote.test", &message("kept"));
+    wait_log_line(&server, &id, "message deferred");
+    server.terminate(Duration::from_secs(20));
+    let log_dir = server.spool().join("log");
+    assert!(log_dir.join("0000000000000001.seg").exists(), "{:?}", files(&log_dir));
+    let bad = log_dir.join("0000000000000000.seg");
+    std::fs::create_dir(&bad).unwrap();
+
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(server.log_path())
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--config"])
+        .arg(&server.config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until("the server to stop", Duration::from_secs(20), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(!status.unwrap().success());
+    assert!(
+        server.log().contains("the queue could not be loaded"),
+        "{}",
+        server.log()
+    );
+    std::fs::remove_dir(&bad).unwrap();
+    server.spawn();
+    wait_log_line(&server, &id, "message deferred");
+}
