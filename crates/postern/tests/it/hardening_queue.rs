@@ -351,7 +351,11 @@ fn a_queue_that_cannot_be_loaded_stops_the_server() {
     wait_log_line(&server, &id, "message deferred");
     server.terminate(Duration::from_secs(20));
     let log_dir = server.spool().join("log");
-    assert!(log_dir.join("0000000000000001.seg").exists(), "{:?}", files(&log_dir));
+    assert!(
+        log_dir.join("0000000000000001.seg").exists(),
+        "{:?}",
+        files(&log_dir)
+    );
     let bad = log_dir.join("0000000000000000.seg");
     std::fs::create_dir(&bad).unwrap();
 
