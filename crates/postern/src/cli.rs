@@ -391,18 +391,19 @@ fn reload(path: Option<PathBuf>) -> ExitCode {
 }
 
 fn queue(action: QueueAction, path: Option<PathBuf>) -> ExitCode {
-    let config = match Config::load_default_or_file(path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("postern: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // The command line first: a wrong one is exit 2 whatever the configuration.
     let request = match queue_request(&action) {
         Ok(r) => r,
         Err(why) => {
             eprintln!("postern: {why}");
             return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load_default_or_file(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("postern: {e}");
+            return ExitCode::FAILURE;
         }
     };
     let dir = &config.spool_dir;
@@ -481,8 +482,8 @@ fn queue_offline(request: control::Request, dir: &std::path::Path) -> anyhow::Re
     Ok(match request {
         Request::List { json, domain } => {
             let mut messages = queue::scan(dir)?;
-            if let Some(d) = domain {
-                let wanted = wanted_domain(&d);
+            if let Some(d) = &domain {
+                let wanted = wanted_domain(d);
                 messages.retain(|m| at(m, &wanted) != AtDomain::No);
             }
             let items = control::offline_items(messages);
@@ -491,7 +492,7 @@ fn queue_offline(request: control::Request, dir: &std::path::Path) -> anyhow::Re
             } else {
                 format!(
                     "(postern is not running)\n{}",
-                    control::format_list(&items, false)
+                    control::format_list(&items, false, domain.as_deref())
                 )
             }
         }
@@ -532,7 +533,12 @@ fn queue_offline(request: control::Request, dir: &std::path::Path) -> anyhow::Re
             spool.close();
             result.deleted = done;
             result.failed = failed;
-            control::deletion_summary(&d, result)
+            let summary = control::deletion_summary(&d, result);
+            if failed > 0 {
+                // The same answer as online, and the same exit status.
+                anyhow::bail!("{}", summary.trim_end());
+            }
+            summary
         }
         Request::Release(_) | Request::Reload => unreachable!("not a queue command"),
     })

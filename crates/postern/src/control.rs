@@ -14,7 +14,7 @@
 //! `queue delete` takes the spool lock first).
 //!
 //! Trust: whoever can open the socket is the spool's owner (file mode); requests are
-//! still parsed strictly and bounded (one line of at most 256 octets).
+//! still parsed strictly and bounded (one line of at most 512 octets).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -105,9 +105,11 @@ async fn reload(reloads: &mpsc::Sender<ReloadRequest>) -> String {
 }
 
 /// The longest request line, in octets (with its line ending).
-pub const MAX_REQUEST: usize = 256;
-/// How long a write of the answer may take: a client that stops reading is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// (`DELETE DOMAIN` and a domain of the longest 255 octets fit.)
+pub const MAX_REQUEST: usize = 512;
+/// How long a write of the answer may take: a client that stops reading (an operator
+/// reading a listing in a pager, or gone) is dropped after this; it holds one page.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A control request, parsed strictly: one verb, its arguments, nothing else.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,15 +199,16 @@ impl Request {
 /// domains are stored.
 pub fn domain(d: &str) -> Result<String, String> {
     if d.starts_with('[') {
-        let inner = d
-            .strip_prefix('[')
-            .and_then(|i| i.strip_suffix(']'))
-            .ok_or_else(|| format!("not a domain: {d:?}"))?;
-        let ip = inner.strip_prefix("IPv6:").unwrap_or(inner);
-        return ip
-            .parse::<std::net::IpAddr>()
-            .map(|_| d.to_string())
-            .map_err(|_| format!("not an address literal: {d:?}"));
+        // As stored: `[192.0.2.1]`, `[IPv6:2001:db8::1]` (RFC 5321 4.1.3), canonical.
+        let literal = || -> Option<String> {
+            let inner = d.strip_prefix('[')?.strip_suffix(']')?;
+            let tag = inner.get(..5).filter(|t| t.eq_ignore_ascii_case("IPv6:"));
+            Some(match tag {
+                Some(_) => format!("[IPv6:{}]", inner[5..].parse::<std::net::Ipv6Addr>().ok()?),
+                None => format!("[{}]", inner.parse::<std::net::Ipv4Addr>().ok()?),
+            })
+        };
+        return literal().ok_or_else(|| format!("not an address literal: {d:?}"));
     }
     postern_smtp::address::parse_domain(d).map_err(|_| format!("not a domain: {d:?}"))
 }
@@ -232,25 +235,38 @@ async fn stream_list(
         limit: delivery::LIST_PAGE,
         ..ListPage::default()
     };
+    let domain = page.domain.clone();
     let mut count = 0usize;
-    loop {
-        let items = handle.list_page(page.clone()).await;
-        let Some(last) = items.last() else { break };
-        page.after = Some(last.message.envelope.id);
+    let loading = loop {
+        let Some(delivery::Page {
+            items,
+            next,
+            loading,
+        }) = handle.list_page(page.clone()).await
+        else {
+            // The text listing then has no count: the CLI sees it was cut off.
+            return write_bounded(write, b"ERR the server is stopping\n").await;
+        };
+        let Some(next) = next else { break loading };
+        page.after = Some(next);
         let mut out = String::new();
         if json {
             out = format_list_json(&items, true);
         } else {
-            if count == 0 {
+            if count == 0 && !items.is_empty() {
                 out.push_str(&list_header());
             }
             format_items(&mut out, &items, true);
         }
         count += items.len();
         write_bounded(write, out.as_bytes()).await?;
-    }
+    };
     if !json {
-        write_bounded(write, list_footer(count).as_bytes()).await?;
+        let mut footer = list_footer(count, domain.as_deref());
+        if loading {
+            footer.push_str(LOADING_NOTE);
+        }
+        write_bounded(write, footer.as_bytes()).await?;
     }
     Ok(())
 }
@@ -264,23 +280,32 @@ async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: R
         Request::Delete(id) => match handle.delete(id).await {
             delivery::Deletion::Deleted => format!("OK {id} deleted\n"),
             delivery::Deletion::Unknown => format!("ERR {id}: no such message in the queue\n"),
+            delivery::Deletion::NotLoadedYet => format!("ERR {id}: {NOT_LOADED}\n"),
             delivery::Deletion::AfterAttempt => {
                 format!("OK {id} deleted when its running delivery attempt ends\n")
             }
             delivery::Deletion::Failed => {
-                format!("ERR {id}: not deleted (the spool failed, see the log)\n")
+                format!(
+                    "ERR {id}: not deleted (the spool failed, see the log, or the server is stopping)\n"
+                )
             }
         },
-        Request::DeleteDomain(d) => deletion_summary(&d, handle.delete_domain(&d).await),
+        Request::DeleteDomain(d) => match handle.delete_domain(&d).await {
+            Ok(deletion) => deletion_summary(&d, deletion),
+            Err(why) => format!("ERR {d}: {why}\n"),
+        },
         Request::Show(id) => {
             let page = ListPage {
                 id: Some(id),
                 limit: 1,
                 ..ListPage::default()
             };
-            match handle.list_page(page).await.first() {
-                Some(item) => format_show(dir, item, true),
-                None => format!("ERR {id}: no such message in the queue\n"),
+            match handle.list_page(page).await {
+                Some(page) if !page.items.is_empty() => format_show(dir, &page.items[0], true),
+                Some(page) if page.loading => {
+                    format!("ERR {id}: {NOT_LOADED}\n")
+                }
+                _ => format!("ERR {id}: no such message in the queue\n"),
             }
         }
         Request::Release(id) => match release(spool, handle, id).await {
@@ -291,8 +316,15 @@ async fn answer(handle: &delivery::Handle, spool: &Spool, dir: &Path, request: R
     }
 }
 
+/// Said of a message not found while the queue is still being loaded after a start.
+const NOT_LOADED: &str = "not in the part of the queue loaded so far (it is being loaded after the start); try again in a moment";
+/// The end of a listing made while the queue is still being loaded.
+const LOADING_NOTE: &str =
+    "(the queue is still being loaded after the start: messages not loaded yet are not listed)\n";
+
 /// What `queue delete --domain` says: how many went, how many stayed because they have
-/// recipients elsewhere too (and so deleting them would lose other mail).
+/// recipients elsewhere too (and so deleting them would lose other mail), how many go
+/// when the attempt running on them ends.
 pub fn deletion_summary(domain: &str, d: delivery::DomainDeletion) -> String {
     let mut out = if d.failed > 0 {
         format!(
@@ -302,6 +334,13 @@ pub fn deletion_summary(domain: &str, d: delivery::DomainDeletion) -> String {
     } else {
         format!("OK {domain}: {} messages deleted", d.deleted)
     };
+    if d.later > 0 {
+        let _ = write!(
+            out,
+            "; {} more when their running delivery attempts end",
+            d.later
+        );
+    }
     if d.kept > 0 {
         let _ = write!(
             out,
@@ -491,6 +530,9 @@ pub fn request_to(
     if stream.write_all(format!("{line}\n").as_bytes()).is_err() {
         return Ok(None);
     }
+    // The end of the answer: a text listing must end with its count.
+    const TAIL: usize = 1024;
+    let mut tail = Vec::new();
     let mut first = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -503,10 +545,27 @@ pub fn request_to(
         if first.len() < 3 {
             first.extend_from_slice(&buf[..n.min(3 - first.len())]);
         }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > TAIL {
+            tail.drain(..tail.len() - TAIL);
+        }
         out.write_all(&buf[..n])?;
     }
     out.flush()?;
-    Ok(Some(!first.starts_with(b"ERR")))
+    // No answer at all: the server stopped (or dropped us) before saying anything. Only
+    // a JSON listing of an empty queue is rightly empty.
+    let json_listing = line.starts_with("LIST JSON");
+    let text_listing = line.starts_with("LIST") && !json_listing;
+    if text_listing && !first.starts_with(b"ERR") && !listing_is_whole(&tail) {
+        let _ = writeln!(
+            out,
+            "ERR the listing was cut off (the server stopped or dropped it)"
+        );
+        return Ok(Some(false));
+    }
+    Ok(Some(
+        !first.starts_with(b"ERR") && (!first.is_empty() || json_listing),
+    ))
 }
 
 /// Queue items as found on disk, when no server runs.
@@ -531,13 +590,13 @@ fn age(arrived: i64) -> String {
 }
 
 /// `postern queue list`: like mailq, one block per message.
-pub fn format_list(items: &[QueueItem], running: bool) -> String {
+pub fn format_list(items: &[QueueItem], running: bool, domain: Option<&str>) -> String {
     if items.is_empty() {
-        return list_footer(0);
+        return list_footer(0, domain);
     }
     let mut out = list_header();
     format_items(&mut out, items, running);
-    out.push_str(&list_footer(items.len()));
+    out.push_str(&list_footer(items.len(), domain));
     out
 }
 
@@ -546,13 +605,31 @@ pub fn list_header() -> String {
     format!("{:<16}  {:>6}  {:>8}  sender\n", "id", "age", "size")
 }
 
-/// The last line of a listing of `n` messages.
-pub fn list_footer(n: usize) -> String {
-    if n == 0 {
-        "queue is empty\n".to_string()
-    } else {
-        format!("{n} message(s)\n")
+/// The last line of a listing of `n` messages (those for `domain`, if given). The CLI
+/// checks that it came: a listing without it was cut off.
+pub fn list_footer(n: usize, domain: Option<&str>) -> String {
+    match (n, domain) {
+        (0, None) => "queue is empty\n".to_string(),
+        (0, Some(d)) => format!("no queued message for {d}\n"),
+        (n, None) => format!("{n} message(s)\n"),
+        (n, Some(d)) => format!("{n} message(s) for {d}\n"),
     }
+}
+
+/// Whether a text listing ends as [`list_footer`] ends one (a listing cut off, by the
+/// server stopping or dropping a reader that stalled, does not).
+pub fn listing_is_whole(text: &[u8]) -> bool {
+    let text = text.strip_suffix(LOADING_NOTE.as_bytes()).unwrap_or(text);
+    let Some(body) = text.strip_suffix(b"\n") else {
+        return false;
+    };
+    let last = body.rsplit(|&b| b == b'\n').next().unwrap_or(body);
+    last == b"queue is empty"
+        || last.starts_with(b"no queued message for ")
+        || last
+            .split(|&b| b == b' ')
+            .nth(1)
+            .is_some_and(|w| w == b"message(s)")
 }
 
 /// The listing's block for each message.
@@ -643,7 +720,7 @@ pub fn format_list_json(items: &[QueueItem], running: bool) -> String {
 
 /// `postern queue show ID`: the envelope, per-recipient state and the message headers.
 pub fn format_show(spool_dir: &Path, item: &QueueItem, running: bool) -> String {
-    let mut out = format_list(std::slice::from_ref(item), running);
+    let mut out = format_list(std::slice::from_ref(item), running, None);
     let env = &item.message.envelope;
     let _ = writeln!(
         out,
@@ -725,16 +802,24 @@ mod tests {
             parsed("LIST JSON DOMAIN bücher.test"),
             Some("bücher.test".into())
         );
+        // Address literals as recipients' domains are stored: canonical, tagged for v6.
         assert_eq!(
             parsed("LIST DOMAIN [IPv6:2001:db8::1]"),
             Some("[IPv6:2001:db8::1]".into())
         );
+        assert_eq!(
+            domain("[ipv6:2001:0DB8:0:0::1]"),
+            Ok("[IPv6:2001:db8::1]".into())
+        );
+        assert_eq!(domain("[192.0.2.1]"), Ok("[192.0.2.1]".into()));
         for bad in [
             "-x.test",
             "a..b",
             "a b",
             "[300.1.1.1]",
             "[192.0.2.1",
+            "[::1]",
+            "[IPv6:192.0.2.1]",
             "x_y.test",
             "",
         ] {
@@ -769,6 +854,27 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_is_whole_only_with_its_count() {
+        let whole = |t: &str| listing_is_whole(t.as_bytes());
+        assert!(whole(&format_list(&[], true, None)));
+        assert!(whole(&format_list(&[], true, Some("dead.test"))));
+        assert!(whole(
+            "id ...\n0187F3A2B4C5D6E7 ...\n    <a@b>  pending\n2 message(s)\n"
+        ));
+        assert!(whole(&format!(
+            "x\n3 message(s) for dead.test\n{LOADING_NOTE}"
+        )));
+        // Cut off: mid-page, after a page, or nothing at all.
+        assert!(!whole(
+            "id ...\n0187F3A2B4C5D6E7  1m  120  <a@b>  (attempts"
+        ));
+        assert!(!whole("id ...\n0187F3A2B4C5D6E7 ...\n    <a@b>  pending\n"));
+        assert!(!whole(""));
+        // A recipient line that looks like a count does not end a listing.
+        assert!(!whole("    <message(s)@x>  pending\n"));
+    }
+
+    #[test]
     fn a_deletion_by_domain_says_what_stayed_and_why() {
         let d = |deleted, kept, failed| {
             deletion_summary(
@@ -777,9 +883,19 @@ mod tests {
                     deleted,
                     kept,
                     failed,
+                    later: 0,
                 },
             )
         };
+        let busy = delivery::DomainDeletion {
+            deleted: 5,
+            later: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            deletion_summary("dead.test", busy),
+            "OK dead.test: 5 messages deleted; 2 more when their running delivery attempts end\n"
+        );
         assert_eq!(d(3, 0, 0), "OK dead.test: 3 messages deleted\n");
         assert!(d(3, 2, 0).starts_with("OK dead.test: 3 messages deleted; 2 kept"));
         assert!(d(3, 0, 1).starts_with("ERR dead.test: 3 messages deleted, 1 could not be"));

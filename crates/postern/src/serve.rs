@@ -107,7 +107,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let Some(delivery_settings) = prepared.delivery.take() else {
         bail!("internal error: delivery settings missing");
     };
-    let mut load_failed = delivery::start(
+    let loaded = delivery::start(
         delivery_settings,
         spool.clone(),
         backlog,
@@ -144,6 +144,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Every listener bound, the spool open, the signals handled.
     crate::notify::ready();
+    // Resolves only if the queue's load failed (or its thread died without a word);
+    // a load that succeeded leaves it pending for good.
+    let load_failed = async {
+        match loaded.await {
+            Ok(Ok(_)) => std::future::pending().await,
+            Ok(Err(why)) => why,
+            Err(_) => "the thread loading the queue stopped unexpectedly".to_string(),
+        }
+    };
+    tokio::pin!(load_failed);
     let mut fatal = None;
     loop {
         tokio::select! {
@@ -151,7 +161,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             // The queue could not be read: stop (nonzero, so that a supervisor restarts
             // us and the operator sees why) rather than take mail that would wait beside
             // a backlog nobody delivers.
-            Ok(why) = &mut load_failed => {
+            why = &mut load_failed => {
                 tracing::error!(error = %why, "stopping: the queue could not be loaded (the spool is untouched)");
                 fatal = Some(why);
                 break;

@@ -127,8 +127,8 @@ enum Command {
     ),
     Flush(oneshot::Sender<usize>),
     Delete(QueueId, oneshot::Sender<Deletion>),
-    DeleteDomain(String, oneshot::Sender<DomainDeletion>),
-    List(ListPage, oneshot::Sender<Vec<QueueItem>>),
+    DeleteDomain(String, oneshot::Sender<Result<DomainDeletion, String>>),
+    List(ListPage, oneshot::Sender<Page>),
     Reconfigure(Box<Settings>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -206,28 +206,29 @@ impl Handle {
             limit: LIST_PAGE,
             ..ListPage::default()
         };
-        loop {
-            let items = self.list_page(page.clone()).await;
-            let Some(last) = items.last() else {
-                return all;
-            };
-            page.after = Some(last.message.envelope.id);
+        while let Some(Page {
+            items,
+            next: Some(next),
+            ..
+        }) = self.list_page(page.clone()).await
+        {
+            page.after = Some(next);
             all.extend(items);
         }
+        all
     }
 
-    /// One page of the queue (see [`ListPage`]); empty at the end.
-    pub async fn list_page(&self, page: ListPage) -> Vec<QueueItem> {
-        self.ask(|tx| Command::List(page, tx))
-            .await
-            .unwrap_or_default()
+    /// One page of the queue (see [`ListPage`]); `None` if the runner has stopped.
+    pub async fn list_page(&self, page: ListPage) -> Option<Page> {
+        self.ask(|tx| Command::List(page, tx)).await
     }
 
-    /// `queue delete --domain D`.
-    pub async fn delete_domain(&self, domain: &str) -> DomainDeletion {
+    /// `queue delete --domain D`: answered once the DONE records are on disk; `Err`
+    /// while the queue is still loading or when the runner has stopped.
+    pub async fn delete_domain(&self, domain: &str) -> Result<DomainDeletion, String> {
         self.ask(|tx| Command::DeleteDomain(domain.to_string(), tx))
             .await
-            .unwrap_or_default()
+            .unwrap_or_else(|| Err("the server is stopping".to_string()))
     }
 
     /// A reload: attempts from now on use `settings`; running ones finish on the old.
@@ -356,7 +357,8 @@ pub struct Commands(mpsc::UnboundedReceiver<Command>);
 
 /// Builds the delivery context and starts the runner, listening on `commands` (from
 /// [`handle`]), and a thread that loads the messages found in the spool at start.
-/// The receiver it returns gets the reason if that load fails: the server must stop then
+/// The receiver it returns gets the outcome of that load (the messages loaded, or why it
+/// failed: the server must stop then
 /// (the spool is untouched, and a server running on without its backlog would neither
 /// deliver it nor ever collect the log's old segments).
 pub fn start(
@@ -366,7 +368,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     handle: Handle,
     commands: Commands,
-) -> Result<oneshot::Receiver<String>, DeliveryError> {
+) -> Result<oneshot::Receiver<Result<usize, String>>, DeliveryError> {
     let rx = commands.0;
     let ctx = Arc::new(context(settings, spool, handle.clone(), metrics, None));
     let runner = Runner {
@@ -378,6 +380,7 @@ pub fn start(
         relocations: 0,
         errors: HashSet::new(),
         delete_replies: HashMap::new(),
+        background: JoinSet::new(),
         loading: true,
         stopping: false,
     };
@@ -387,14 +390,18 @@ pub fn start(
     let (failed_tx, failed_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("postern-backlog".into())
-        .spawn(move || match loader.load(backlog) {
-            Ok(n) => tracing::info!(messages = n, "queued messages loaded"),
-            Err(e) => {
+        .spawn(move || {
+            let outcome = match loader.load(backlog) {
+                Ok(n) => {
+                    tracing::info!(messages = n, "queued messages loaded");
+                    Ok(n)
+                }
                 // Those messages stay in the spool, untouched, for the next start.
-                let _ = failed_tx.send(format!(
+                Err(e) => Err(format!(
                     "cannot load the queued messages from the spool: {e}"
-                ));
-            }
+                )),
+            };
+            let _ = failed_tx.send(outcome);
         })
         .map_err(DeliveryError::Thread)?;
     Ok(failed_rx)
@@ -502,6 +509,9 @@ struct Runner {
     /// Who waits for the deletion of a message that was busy when it was asked for: they
     /// are answered when its DONE is on disk.
     delete_replies: HashMap<QueueId, Vec<oneshot::Sender<Deletion>>>,
+    /// Relocations and deletions writing to the spool: waited for at shutdown, so that
+    /// what they report is recorded (a deletion answered is not undone by a stop).
+    background: JoinSet<()>,
     /// The backlog found in the spool at start is still being read.
     loading: bool,
     stopping: bool,
@@ -588,7 +598,7 @@ impl Runner {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Shutdown(done)) => {
-                        self.shutdown().await;
+                        self.shutdown(&mut rx).await;
                         let _ = done.send(());
                         return;
                     }
@@ -599,6 +609,7 @@ impl Runner {
                 Some(done) = self.attempts.join_next_with_id(), if !self.attempts.is_empty() => {
                     self.reap(done);
                 }
+                Some(_) = self.background.join_next(), if !self.background.is_empty() => {}
                 _ = sweep.tick() => {
                     ticks += 1;
                     self.ctx.pool.sweep();
@@ -765,7 +776,7 @@ impl Runner {
                 entry.q.clone(),
                 self.ctx.handle.tx.clone(),
             );
-            tokio::spawn(async move {
+            self.background.spawn(async move {
                 let result = spool.relocate(&q).await;
                 let _ = tx.send(Command::Relocated(id, result));
             });
@@ -937,7 +948,11 @@ impl Runner {
             }
             Command::Delete(id, reply) => match self.take_for_deletion(id) {
                 Removal::Unknown => {
-                    let _ = reply.send(Deletion::Unknown);
+                    let _ = reply.send(if self.loading {
+                        Deletion::NotLoadedYet
+                    } else {
+                        Deletion::Unknown
+                    });
                 }
                 // An attempt may take minutes (a slow next hop): say so at once.
                 Removal::Later { attempt: true } => {
@@ -1038,7 +1053,20 @@ impl Runner {
     /// so that no other destination loses mail. One pass over the queue (O(n)), then one
     /// task writes the DONE records (a bounded number at a time, group committed) and
     /// answers when they are on disk.
-    fn delete_domain(&mut self, domain: &str, reply: oneshot::Sender<DomainDeletion>) {
+    fn delete_domain(
+        &mut self,
+        domain: &str,
+        reply: oneshot::Sender<Result<DomainDeletion, String>>,
+    ) {
+        if self.loading {
+            // Only part of the queue is known: deleting that part would leave the rest
+            // of the backlog to be delivered, under an answer saying "done".
+            let _ = reply.send(Err(
+                "the queue is still being loaded after the start; try again in a moment"
+                    .to_string(),
+            ));
+            return;
+        }
         let wanted = wanted_domain(domain);
         let mut result = DomainDeletion::default();
         let ids: Vec<(QueueId, AtDomain)> = self
@@ -1055,22 +1083,22 @@ impl Runner {
             }
             match self.take_for_deletion(id) {
                 Removal::Unknown => {}
-                Removal::Later { .. } => result.deleted += 1,
+                Removal::Later { .. } => result.later += 1,
                 Removal::Now(place) => now.push((id, place)),
             }
         }
         let spool = self.ctx.spool.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let (done, failed) = finish_all(&spool, now).await;
             result.deleted += done;
             result.failed = failed;
-            let _ = reply.send(result);
+            let _ = reply.send(Ok(result));
         });
     }
 
     /// A page of the listing: up to `page.limit` messages after `page.after`, those with
     /// a recipient at `page.domain` only if given.
-    fn list(&self, page: &ListPage) -> Vec<QueueItem> {
+    fn list(&self, page: &ListPage) -> Page {
         use std::ops::Bound::{Excluded, Unbounded};
         let wanted = page.domain.as_deref().map(wanted_domain);
         let now = Instant::now();
@@ -1083,13 +1111,15 @@ impl Runner {
                     .map(|(_, e)| e),
             ),
         };
-        entries
+        let mut next = None;
+        let items = entries
             .filter(|e| {
                 wanted
                     .as_deref()
                     .is_none_or(|w| pending_at(e.q.recipients(), &e.q.states, w) != AtDomain::No)
             })
             .take(page.limit.clamp(1, LIST_PAGE))
+            .inspect(|e| next = Some(e.q.id))
             .filter_map(|e| {
                 let message = e.q.stored().ok()?;
                 let errors = match &e.errors {
@@ -1109,14 +1139,19 @@ impl Runner {
                     in_flight: e.busy(),
                 })
             })
-            .collect()
+            .collect();
+        Page {
+            items,
+            next,
+            loading: self.loading,
+        }
     }
 
     /// Writes a deleted message's DONE (in a task) and then answers whoever asked.
     fn finish_deleted(&mut self, id: QueueId, place: crate::queue::Place) {
         let replies = self.delete_replies.remove(&id).unwrap_or_default();
         let spool = self.ctx.spool.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let (done, _) = finish_all(&spool, vec![(id, place)]).await;
             let outcome = if done == 1 {
                 Deletion::Deleted
@@ -1129,12 +1164,29 @@ impl Runner {
         });
     }
 
-    async fn shutdown(&mut self) {
+    async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) {
         self.stopping = true;
         let wait = async { while self.attempts.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, wait).await.is_err() {
             tracing::warn!("delivery attempts still running at shutdown; they will be retried");
             self.attempts.abort_all();
+        }
+        // What the finished attempts reported (a deletion asked for meanwhile is carried
+        // out), then the spool writes that started (a relocation's outcome may start a
+        // deletion's: twice).
+        for _ in 0..2 {
+            while let Ok(cmd) = rx.try_recv() {
+                match cmd {
+                    Command::Shutdown(done) => {
+                        let _ = done.send(());
+                    }
+                    cmd => self.command(cmd),
+                }
+            }
+            let writes = async { while self.background.join_next().await.is_some() {} };
+            if tokio::time::timeout(SHUTDOWN_GRACE, writes).await.is_err() {
+                tracing::warn!("spool writes still running at shutdown");
+            }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.ctx.pool.close_all()).await;
     }
@@ -1212,6 +1264,20 @@ pub struct DomainDeletion {
     /// Messages taken out of the queue whose DONE could not be written (the spool
     /// failed): they come back at the next start.
     pub failed: usize,
+    /// Messages being attempted (or carried forward in the log) at the time: deleted
+    /// when that ends, not yet when the answer comes.
+    pub later: usize,
+}
+
+/// One page of a listing.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub items: Vec<QueueItem>,
+    /// The cursor for the next page (the last message this page looked at); `None`
+    /// at the end.
+    pub next: Option<QueueId>,
+    /// The queue is still being loaded after the start: not every message is listed.
+    pub loading: bool,
 }
 
 /// What `queue delete ID` did.
@@ -1221,6 +1287,9 @@ pub enum Deletion {
     Deleted,
     /// No such message in the queue.
     Unknown,
+    /// Not in the part of the queue loaded so far (after a start the queue is loaded in
+    /// the background): it may be in the rest.
+    NotLoadedYet,
     /// A delivery attempt is running: the message is finished when it ends (what that
     /// attempt delivers cannot be taken back).
     AfterAttempt,
