@@ -61,10 +61,27 @@ pub struct LineChecker {
 }
 
 impl LineChecker {
-    /// Feeds raw content (no dot-unstuffing: used for BDAT).
+    /// Feeds raw content (no dot-unstuffing: used for BDAT). In bulk: only CR and LF
+    /// are looked at one by one (found by memchr2), the runs between them are counted.
     pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.octet(b);
+        let mut rest = bytes;
+        while let Some(k) = memchr::memchr2(b'\r', b'\n', rest) {
+            self.run(k);
+            self.octet(rest[k]);
+            rest = &rest[k + 1..];
+        }
+        self.run(rest.len());
+    }
+
+    /// `n` octets that are neither CR nor LF (what [`octet`](Self::octet) does for each).
+    #[inline]
+    fn run(&mut self, n: usize) {
+        if n > 0 {
+            if self.after_cr {
+                self.faults.bare_line_ending = true;
+            }
+            self.line_len += n;
+            self.after_cr = false;
         }
     }
 
@@ -172,19 +189,42 @@ impl DataReader {
     pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
         let mut i = 0;
         while i < input.len() {
+            if self.state == DataState::Middle {
+                // Inside a line, in bulk: the run up to the next CR or LF (memchr2 scans
+                // many octets per step), and an ordinary line end with it, so a line
+                // costs one search and one copy.
+                let Some(k) = memchr::memchr2(b'\r', b'\n', &input[i..]) else {
+                    self.emit(&input[i..]);
+                    return (input.len(), false);
+                };
+                let at = i + k;
+                match (input[at], input.get(at + 1)) {
+                    (b'\r', Some(b'\n')) => {
+                        self.emit(&input[i..at + 2]);
+                        self.end_line();
+                        self.state = DataState::LineStart;
+                        i = at + 2;
+                    }
+                    // A CR last in this input, or before something else: decided by
+                    // the octet after it (below).
+                    (b'\r', _) => {
+                        self.emit(&input[i..=at]);
+                        self.state = DataState::Cr;
+                        i = at + 1;
+                    }
+                    _ => {
+                        // Bare LF (RFC 5321 2.3.8): recorded, kept as content, and it
+                        // does not start a line.
+                        self.faults.bare_line_ending = true;
+                        self.emit(&input[i..=at]);
+                        i = at + 1;
+                    }
+                }
+                continue;
+            }
             let b = input[i];
             i += 1;
             self.state = match (self.state, b) {
-                // Fast path: copy the run of ordinary octets up to the next CR or LF.
-                (DataState::Middle, _) if b != b'\r' && b != b'\n' => {
-                    let run = input[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(input.len() - i);
-                    self.emit(&input[i - 1..i + run]);
-                    i += run;
-                    DataState::Middle
-                }
                 (DataState::LineStart, b'.') => DataState::Dot,
                 (DataState::Dot, b'\r') => DataState::DotCr,
                 (DataState::DotCr, b'\n') => return (i, true),
@@ -221,6 +261,7 @@ impl DataReader {
                     self.emit(b"\n");
                     DataState::Middle
                 }
+                // Anything else at the start of a line: the line's content, in bulk.
                 (_, _) => {
                     i -= 1;
                     DataState::Middle
@@ -341,6 +382,156 @@ mod tests {
         let mut msg = vec![b'x'; 999];
         msg.extend_from_slice(b"\r\n.\r\n");
         assert!(read_all(&[&msg], 10_000).1.long_line);
+    }
+
+    /// The DATA rules octet by octet, as plainly as they can be written: what the bulk
+    /// reader must agree with.
+    fn reference(input: &[u8], max: u64) -> (Vec<u8>, BodyFaults, usize, bool) {
+        enum S {
+            LineStart,
+            Dot,
+            DotCr,
+            Middle,
+            Cr,
+        }
+        let (mut body, mut faults) = (Vec::new(), BodyFaults::default());
+        let (mut size, mut line) = (0u64, 0usize);
+        let mut emit = |b: u8, body: &mut Vec<u8>, faults: &mut BodyFaults, line: &mut usize| {
+            *line += 1;
+            size += 1;
+            if size > max {
+                faults.too_big = true;
+                body.clear();
+            } else {
+                body.push(b);
+            }
+        };
+        let mut s = S::LineStart;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            i += 1;
+            s = match (s, b) {
+                (S::LineStart, b'.') => S::Dot,
+                (S::Dot, b'\r') => S::DotCr,
+                (S::DotCr, b'\n') => return (body, faults, i, true),
+                (S::DotCr, _) => {
+                    faults.bare_line_ending = true;
+                    emit(b'\r', &mut body, &mut faults, &mut line);
+                    i -= 1;
+                    S::Middle
+                }
+                (S::Cr, b'\n') => {
+                    emit(b'\n', &mut body, &mut faults, &mut line);
+                    if line > MAX_TEXT_LINE {
+                        faults.long_line = true;
+                    }
+                    line = 0;
+                    S::LineStart
+                }
+                (S::Dot, _) => {
+                    i -= 1;
+                    S::Middle
+                }
+                (S::Cr, _) => {
+                    faults.bare_line_ending = true;
+                    i -= 1;
+                    S::Middle
+                }
+                (_, b'\r') => {
+                    emit(b, &mut body, &mut faults, &mut line);
+                    S::Cr
+                }
+                (_, b'\n') => {
+                    faults.bare_line_ending = true;
+                    emit(b, &mut body, &mut faults, &mut line);
+                    S::Middle
+                }
+                (_, _) => {
+                    emit(b, &mut body, &mut faults, &mut line);
+                    S::Middle
+                }
+            };
+        }
+        if faults.too_big {
+            body.clear();
+        }
+        (body, faults, i, false)
+    }
+
+    /// A small xorshift generator: the same cases on every run.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Input made of what matters to the reader (dots, CR, LF) between runs of text of
+    /// any length (long lines too).
+    fn tricky_input(rng: &mut Rng) -> Vec<u8> {
+        let mut v = Vec::new();
+        for _ in 0..rng.below(60) {
+            match rng.below(8) {
+                0 => v.push(b'.'),
+                1 => v.push(b'\r'),
+                2 => v.push(b'\n'),
+                3 | 4 => v.extend_from_slice(b"\r\n"),
+                5 => v.extend_from_slice(b"\r\n."),
+                6 => v.extend(std::iter::repeat_n(b'x', rng.below(1100))),
+                _ => v.extend_from_slice(b"text"),
+            }
+        }
+        if rng.below(2) == 0 {
+            v.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+        }
+        v
+    }
+
+    #[test]
+    fn the_bulk_reader_agrees_with_the_octet_rules_however_the_input_is_cut() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for case in 0..3000 {
+            let input = tricky_input(&mut rng);
+            let max = [u64::MAX, 64, 1000][case % 3];
+            let want = reference(&input, max);
+            // Whole, octet by octet, and cut at random places.
+            let mut cuts: Vec<Vec<&[u8]>> = vec![vec![&input], input.chunks(1).collect()];
+            let mut pieces = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = 1 + rng.below(rest.len().min(300));
+                pieces.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            cuts.push(pieces);
+            for chunks in cuts {
+                let got = read_all(&chunks, max);
+                assert_eq!(
+                    got,
+                    want,
+                    "case {case}: {:?}",
+                    String::from_utf8_lossy(&input)
+                );
+            }
+            // The BDAT line checker: the same faults as a per-octet pass.
+            let mut bulk = LineChecker::default();
+            let mut octets = LineChecker::default();
+            for piece in input.chunks(1 + rng.below(50)) {
+                bulk.feed(piece);
+            }
+            for &b in &input {
+                octets.octet(b);
+            }
+            assert_eq!(bulk.at_line_start(), octets.at_line_start());
+            assert_eq!(bulk.finish(), octets.finish(), "case {case}");
+        }
     }
 
     #[test]
