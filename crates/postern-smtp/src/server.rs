@@ -377,6 +377,9 @@ pub struct Session {
     input: Vec<u8>,
     /// Start of unprocessed input.
     pos: usize,
+    /// The DATA reader saw the end of the message in input handed to it directly by
+    /// [`Session::receive`]; the next [`Session::poll`] ends the message.
+    data_ended: bool,
     /// Discarding the rest of an over-long command line.
     discarding: bool,
     /// A BDAT chunk that failed before its data was read (answer after the chunk).
@@ -404,6 +407,7 @@ impl Session {
             authenticated: None,
             input: Vec::new(),
             pos: 0,
+            data_ended: false,
             discarding: false,
             bdat_failure: None,
             output: Vec::new(),
@@ -493,6 +497,20 @@ impl Session {
 
     /// Buffers bytes read from the client. Call [`Session::poll`] afterwards.
     pub fn receive(&mut self, bytes: &[u8]) {
+        // A message body streaming in with nothing buffered before it goes straight to
+        // the DATA reader, not through the input buffer first (one copy of the body
+        // less); only what follows its end (pipelined commands) is kept for `poll`.
+        if self.pos >= self.input.len()
+            && !self.data_ended
+            && let State::Data(reader) = &mut self.state
+        {
+            let (used, done) = reader.feed(bytes);
+            self.data_ended = done;
+            self.input.clear();
+            self.pos = 0;
+            self.input.extend_from_slice(&bytes[used..]);
+            return;
+        }
         if self.pos > 0 {
             self.input.drain(..self.pos);
             self.pos = 0;
@@ -656,8 +674,13 @@ impl Session {
                     return Event::Close;
                 }
                 State::Data(reader) => {
-                    let (used, done) = reader.feed(&self.input[self.pos..]);
-                    self.pos += used;
+                    let done = if std::mem::take(&mut self.data_ended) {
+                        true
+                    } else {
+                        let (used, done) = reader.feed(&self.input[self.pos..]);
+                        self.pos += used;
+                        done
+                    };
                     if !done {
                         return Event::NeedInput;
                     }
@@ -1017,6 +1040,7 @@ impl Session {
             Some(_) => {
                 self.reply(catalogue::start_data());
                 self.body_refusal = None;
+                self.data_ended = false;
                 self.state = State::Data(DataReader::new(self.config.max_message_size));
             }
         }

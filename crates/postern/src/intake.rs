@@ -213,14 +213,15 @@ impl Intake {
             Err(outcome) => (outcome, None),
         };
         self.report(&message, &outcome);
-        if let Some(stored) = queued {
-            self.delivery.enqueue(stored);
+        if let Some((stored, text)) = queued {
+            self.delivery.enqueue_with_text(stored, Some(text));
         }
         outcome
     }
 
-    /// The steps, in order. A message for the queue comes back with the outcome, to be
-    /// handed to delivery once the outcome is logged.
+    /// The steps, in order. A message for the queue comes back with the outcome (with
+    /// the text stored, for its first attempt), to be handed to delivery once the
+    /// outcome is logged.
     async fn run(
         &self,
         message: &mut Message,
@@ -228,7 +229,7 @@ impl Intake {
         reservation: &mut Reservation,
         milters: &mut Chain,
         relayed: bool,
-    ) -> Step<(Outcome, Option<StoredMessage>)> {
+    ) -> Step<(Outcome, Option<(StoredMessage, Vec<u8>)>)> {
         self.reserve(body.len() as u64, reservation)?;
         let id = self.spool.new_id();
         let sender = sender_text(&message.sender);
@@ -516,7 +517,7 @@ impl Intake {
         sender: String,
         route: Route,
         data: Vec<u8>,
-    ) -> (Outcome, Option<StoredMessage>) {
+    ) -> (Outcome, Option<(StoredMessage, Vec<u8>)>) {
         let recipients = match &route {
             Route::Redirect { to, .. } => vec![to.clone()],
             Route::Queue | Route::Quarantine { .. } => {
@@ -550,7 +551,7 @@ impl Intake {
                 }
             }
             Route::Queue => match self.spool.store_message(envelope, &data).await {
-                Ok(stored) => (Outcome::Queued { id, size, reply }, Some(stored)),
+                Ok(stored) => (Outcome::Queued { id, size, reply }, Some((stored, data))),
                 Err(e) => (store_failed(e), None),
             },
             Route::Redirect { to, .. } => match self.spool.store_message(envelope, &data).await {
@@ -561,7 +562,7 @@ impl Intake {
                         size,
                         reply,
                     },
-                    Some(stored),
+                    Some((stored, data)),
                 ),
                 Err(e) => (store_failed(e), None),
             },

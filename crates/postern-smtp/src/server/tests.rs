@@ -599,3 +599,34 @@ fn mail_is_put_to_the_driver_only_when_it_asks() {
     assert_eq!(d.out, "421 4.7.0 milter says go away\r\n");
     assert!(d.session.is_closed());
 }
+
+/// A body handed straight to the DATA reader by `receive` (nothing buffered before it)
+/// must read exactly as one that went through the input buffer: however the bytes are
+/// cut, with commands pipelined after the end (RFC 2920) and a second message after
+/// that, the same messages, the same replies, and nothing after the end taken as body.
+#[test]
+fn a_body_read_straight_from_the_socket_reads_as_a_buffered_one() {
+    let session = "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n";
+    let rest = "Subject: one\r\n\r\nline\r\n..dot\r\n.\r\nMAIL FROM:<c@d.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\nbody two\r\n.\r\nQUIT\r\n";
+    let run = |cut: usize| {
+        let mut d = Driver::new(SessionConfig::new("mx.test", 10_000, 10), false);
+        d.send(session);
+        let (a, b) = rest.as_bytes().split_at(cut);
+        let mut replies = d.send(std::str::from_utf8(a).unwrap());
+        replies.extend(d.send(std::str::from_utf8(b).unwrap()));
+        let bodies: Vec<Vec<u8>> = d.messages.iter().map(|m| m.body.clone()).collect();
+        (replies, bodies)
+    };
+    let (replies, bodies) = run(0);
+    assert_eq!(
+        bodies,
+        vec![
+            b"Subject: one\r\n\r\nline\r\n.dot\r\n".to_vec(),
+            b"body two\r\n".to_vec()
+        ]
+    );
+    assert!(replies.last().unwrap().starts_with("221"), "{replies:?}");
+    for cut in 1..rest.len() {
+        assert_eq!(run(cut), (replies.clone(), bodies.clone()), "cut at {cut}");
+    }
+}

@@ -210,7 +210,8 @@ pub(crate) struct Pending {
 }
 
 /// The message body, read from the spool only once a delivery slot is held, so that
-/// messages waiting for a busy or dead destination hold no body in memory.
+/// messages waiting for a busy or dead destination hold no body in memory (a fresh
+/// message's first attempt may have it from its session already).
 struct Body {
     bytes: Option<Vec<u8>>,
 }
@@ -244,12 +245,14 @@ pub(crate) async fn run(
     mut msg: StoredMessage,
     attempts: u32,
     skip: Vec<(Destination, Arc<str>)>,
+    text: Option<Vec<u8>>,
 ) -> Report {
     let id = msg.envelope.id;
     let mut errors: Vec<Option<String>> = vec![None; msg.states.len()];
     // This attempt's deferral per recipient, for an expiry report.
     let mut last: Vec<Option<Outcome>> = vec![None; msg.states.len()];
-    let mut body = Body { bytes: None };
+    // A fresh message's text came from its session: no read of the spool.
+    let mut body = Body { bytes: text };
 
     let pending: Vec<(usize, String)> = msg
         .envelope

@@ -116,7 +116,9 @@ pub struct QueueItem {
 }
 
 enum Command {
-    New(Box<Queued>),
+    /// A message just stored, with its text when the session hands it over (so that its
+    /// first attempt need not read it back from the spool).
+    New(Box<Queued>, Option<Vec<u8>>),
     /// A batch of the backlog found in the spool at start.
     Loaded(Vec<Queued>),
     LoadDone,
@@ -155,7 +157,7 @@ impl Enqueued {
     /// The next message enqueued so far, if any.
     pub(crate) fn next(&mut self) -> Option<StoredMessage> {
         match self.0.try_recv().ok()? {
-            Command::New(m) => m.stored().ok(),
+            Command::New(m, _) => m.stored().ok(),
             _ => None,
         }
     }
@@ -164,9 +166,16 @@ impl Enqueued {
 impl Handle {
     /// A message was just stored: try it now.
     pub fn enqueue(&self, message: StoredMessage) {
+        self.enqueue_with_text(message, None);
+    }
+
+    /// A message was just stored from `text` (exactly the octets stored): try it now;
+    /// its first attempt uses `text` instead of reading it back from the spool, while
+    /// the fresh texts held stay within [`FRESH_TEXTS`] octets.
+    pub fn enqueue_with_text(&self, message: StoredMessage, text: Option<Vec<u8>>) {
         match Queued::new(&message) {
             Ok(q) => {
-                let _ = self.tx.send(Command::New(Box::new(q)));
+                let _ = self.tx.send(Command::New(Box::new(q), text));
             }
             // It was stored with this envelope, so it encodes; if not, it is delivered
             // after the next restart, from the spool.
@@ -381,6 +390,8 @@ pub fn start(
         errors: HashSet::new(),
         delete_replies: HashMap::new(),
         background: JoinSet::new(),
+        fresh: HashMap::new(),
+        fresh_bytes: 0,
         loading: true,
         stopping: false,
     };
@@ -488,6 +499,9 @@ const RELOCATIONS_PER_SWEEP: usize = 1000;
 /// Message bytes a sweep's relocations may hold at once (each reads its message whole
 /// before it is appended again): at least one message, whatever its size.
 const RELOCATION_BYTES_PER_SWEEP: u64 = 64 << 20;
+/// The fresh message texts the runner holds for first attempts, in octets at most
+/// (beyond, a first attempt reads its message from the spool like a retry does).
+pub const FRESH_TEXTS: usize = 64 << 20;
 /// Items per page of a listing.
 pub const LIST_PAGE: usize = 1000;
 /// Destinations shown in the per-destination backlog metric.
@@ -512,6 +526,11 @@ struct Runner {
     /// Relocations and deletions writing to the spool: waited for at shutdown, so that
     /// what they report is recorded (a deletion answered is not undone by a stop).
     background: JoinSet<()>,
+    /// The text of messages just accepted, handed over by their session, for their
+    /// first attempt (taken then, or dropped when the message leaves the queue).
+    fresh: HashMap<QueueId, Vec<u8>>,
+    /// Octets in `fresh`, at most [`FRESH_TEXTS`].
+    fresh_bytes: usize,
     /// The backlog found in the spool at start is still being read.
     loading: bool,
     stopping: bool,
@@ -539,9 +558,17 @@ impl Runner {
 
     /// Takes an entry out of the queue (it must not be waiting in the timetable).
     fn forget(&mut self, id: QueueId) -> Option<Entry> {
+        self.take_fresh(id);
         let entry = self.entries.remove(&id)?;
         self.schedule.release(&entry.dests);
         Some(entry)
+    }
+
+    /// The fresh text held for `id`, if any (see [`Runner::fresh`]).
+    fn take_fresh(&mut self, id: QueueId) -> Option<Vec<u8>> {
+        let text = self.fresh.remove(&id)?;
+        self.fresh_bytes -= text.len();
+        Some(text)
     }
 
     fn insert(&mut self, q: Queued, attempts: u32, line: Line, at: Instant) {
@@ -696,9 +723,10 @@ impl Runner {
         };
         entry.in_flight = true;
         let (ctx, attempts) = (Arc::clone(&self.ctx), entry.attempts);
+        let text = self.take_fresh(id);
         let tx = self.ctx.handle.tx.clone();
         let task = self.attempts.spawn(async move {
-            let report = attempt::run(ctx, msg, attempts, skip).await;
+            let report = attempt::run(ctx, msg, attempts, skip, text).await;
             let _ = tx.send(Command::Report(report));
         });
         self.running.insert(task.id(), id);
@@ -835,7 +863,17 @@ impl Runner {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::New(q) => self.insert(*q, 0, Line::Fresh, Instant::now()),
+            Command::New(q, text) => {
+                let id = q.id;
+                self.insert(*q, 0, Line::Fresh, Instant::now());
+                if let Some(text) = text
+                    && self.fresh_bytes + text.len() <= FRESH_TEXTS
+                    && self.entries.contains_key(&id)
+                {
+                    self.fresh_bytes += text.len();
+                    self.fresh.insert(id, text);
+                }
+            }
             Command::Loaded(batch) => {
                 // Attempted at once (interface: after a restart), after new mail and
                 // within the destinations' limits; the schedule resumes from its age.

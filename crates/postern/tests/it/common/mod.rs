@@ -380,6 +380,9 @@ impl Client {
             match self.conn().read(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                // A signal to the test process (a child stopped or continued: the
+                // cluster tests freeze redis-server) interrupts the read: read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
                         e.kind(),
