@@ -282,7 +282,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Ended {
     let timeout = settings.command_timeout;
-    let mut buf = vec![0u8; READ_BUFFER];
+    // Read into the vector's spare capacity (`read_buf`): no zeroing of a buffer that
+    // the next read overwrites anyway; its capacity is how much one read may bring.
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUFFER);
     // This session's share of the memory budget for message bodies.
     let mut reservation = shared.budget.reservation();
     // When the transfer in progress (DATA or BDAT) must be over (tokio's clock, so that
@@ -328,7 +330,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         continue;
                     }
                     wait = wait.min(left);
-                    if reserve_for_read(session, &mut reservation, buf.len(), shared) {
+                    if reserve_for_read(session, &mut reservation, buf.capacity(), shared) {
                         // Its 452 is a 4xx at the end: the client sends it again, with
                         // the same recipients (`RecipientHolds`).
                         recipient_holds.give_back();
@@ -337,17 +339,19 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     transfer_deadline = None;
                     reservation.resize(0);
                 }
+                buf.clear();
                 tokio::select! {
-                    read = tokio::time::timeout(wait, stream.read(&mut buf)) => match read {
+                    read = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => match read {
                         Ok(Ok(0)) => return Ended::Done("client closed"),
                         Ok(Ok(n)) => {
                             session.receive(&buf[..n]);
-                            if n == buf.len() && buf.len() < MAX_READ_BUFFER {
-                                buf.resize(buf.len() * 4, 0);
-                            } else if buf.len() > READ_BUFFER && !session.in_transfer() {
+                            let size = buf.capacity();
+                            if n == size && size < MAX_READ_BUFFER {
+                                buf.clear();
+                                buf.reserve_exact(size * 4);
+                            } else if size > READ_BUFFER && !session.in_transfer() {
                                 // Back to idle after a big transfer: give the memory back.
-                                buf.truncate(READ_BUFFER);
-                                buf.shrink_to_fit();
+                                buf = Vec::with_capacity(READ_BUFFER);
                             }
                         }
                         Ok(Err(_)) => return Ended::Done("read failed"),
