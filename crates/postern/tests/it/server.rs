@@ -125,11 +125,10 @@ fn kill_9_after_250_loses_nothing() {
         let stored = postern::queue::read_body_in(&server.spool(), m).unwrap();
         assert!(stored.ends_with(body.as_bytes()), "{id} altered");
     }
-    let log = server.log();
-    assert!(
-        log.contains("messages=3"),
-        "restart should find all 3:\n{log}"
-    );
+    // The queue is loaded in the background after the listener is up: wait for it.
+    crate::common::wait_until("the restart to load all 3", Duration::from_secs(20), || {
+        server.log().contains("messages=3")
+    });
 }
 
 #[test]
