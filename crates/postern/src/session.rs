@@ -589,12 +589,15 @@ impl RecipientCheck<'_> {
 /// Closes our side, then reads and drops what the client still sends for a moment.
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy
 /// our last reply (the 421 or 221) before the client reads it.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut [u8]) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut Vec<u8>) {
     let _ = stream.shutdown().await;
+    // The session's read buffer, read into its spare capacity (its length may be 0).
+    buf.reserve(READ_BUFFER);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let mut budget = 256 * 1024usize;
         while budget > 0 {
-            match stream.read(buf).await {
+            buf.clear();
+            match stream.read_buf(buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => budget = budget.saturating_sub(n),
             }
