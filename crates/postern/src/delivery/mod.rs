@@ -529,7 +529,7 @@ struct Runner {
     /// The text of messages just accepted, handed over by their session, for their
     /// first attempt (taken then, or dropped when the message leaves the queue).
     fresh: HashMap<QueueId, Vec<u8>>,
-    /// Octets in `fresh`, at most [`FRESH_TEXTS`].
+    /// Octets `fresh` holds (allocated), at most [`FRESH_TEXTS`].
     fresh_bytes: usize,
     /// The backlog found in the spool at start is still being read.
     loading: bool,
@@ -567,7 +567,7 @@ impl Runner {
     /// The fresh text held for `id`, if any (see [`Runner::fresh`]).
     fn take_fresh(&mut self, id: QueueId) -> Option<Vec<u8>> {
         let text = self.fresh.remove(&id)?;
-        self.fresh_bytes -= text.len();
+        self.fresh_bytes -= text.capacity();
         Some(text)
     }
 
@@ -866,11 +866,13 @@ impl Runner {
             Command::New(q, text) => {
                 let id = q.id;
                 self.insert(*q, 0, Line::Fresh, Instant::now());
+                // Counted by what it allocates (the body grew by doubling), once per id.
                 if let Some(text) = text
-                    && self.fresh_bytes + text.len() <= FRESH_TEXTS
+                    && self.fresh_bytes + text.capacity() <= FRESH_TEXTS
                     && self.entries.contains_key(&id)
+                    && !self.fresh.contains_key(&id)
                 {
-                    self.fresh_bytes += text.len();
+                    self.fresh_bytes += text.capacity();
                     self.fresh.insert(id, text);
                 }
             }
