@@ -187,6 +187,15 @@ impl DataReader {
     /// terminating CRLF.CRLF was reached (then the rest of `input` is not touched: it is
     /// the next pipelined command).
     pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
+        // Room for everything this input can add, at once: what `held_after` told the
+        // driver, so the body grows once per read instead of once per doubling while its
+        // lines are copied in.
+        if !self.discarding && !self.faults.too_big {
+            let target = capacity_after(&self.body, input.len());
+            if target > self.body.capacity() {
+                self.body.reserve_exact(target - self.body.len());
+            }
+        }
         let mut i = 0;
         while i < input.len() {
             if self.state == DataState::Middle {

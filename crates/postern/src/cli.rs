@@ -511,7 +511,7 @@ fn queue_offline(request: control::Request, dir: &std::path::Path) -> anyhow::Re
                 .into_iter()
                 .find(|m| m.envelope.id == id)
                 .ok_or_else(|| anyhow::anyhow!("{id}: no such message in the queue"))?;
-            runtime()?.block_on(spool.finish(id, msg.place))?;
+            runtime()?.block_on(spool.finish(id, msg.place, queue::Durability::Synced))?;
             crate::maillog::message_deleted(&id);
             spool.close();
             format!("OK {id} deleted\n")
@@ -691,7 +691,7 @@ fn quarantine_cmd(action: QuarantineAction, path: Option<PathBuf>) -> anyhow::Re
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                runtime.block_on(spool.store_message(q.envelope, &body))?;
+                runtime.block_on(spool.store_message(q.envelope, body))?;
                 queue::quarantine::remove(dir, id)?;
                 spool.close();
                 format!("OK {id} released to the queue (delivered when postern starts)\n")

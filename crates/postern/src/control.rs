@@ -372,7 +372,7 @@ pub async fn release(
         .map_err(|_| crate::queue::SpoolError::Closed)??;
     // Its queue lifetime starts now: time spent in quarantine must not expire it.
     q.envelope.arrived = crate::queue::unix_now();
-    let stored = spool.store_message(q.envelope, &body).await?;
+    let (stored, _) = spool.store_message(q.envelope, body).await?;
     let d = dir.clone();
     tokio::task::spawn_blocking(move || quarantine::remove(&d, id))
         .await

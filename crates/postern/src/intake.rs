@@ -247,8 +247,10 @@ impl Intake {
         Ok(self.spool(message, id, sender, route, body).await)
     }
 
-    /// Step 1. The body is held (and reserved) already; storing needs one more copy (the
-    /// spool record), screening up to about one more (decoded parts). Reserve both first.
+    /// Step 1. The body is held (and reserved) already; storing may need one more copy (a
+    /// quarantined message's record is built whole; the queue's log writes the body where
+    /// it is, but which way a message goes is known only later), screening up to about one
+    /// more (decoded parts). Reserve both first.
     fn reserve(&self, size: u64, reservation: &mut Reservation) -> Step<()> {
         let copies = if self.screener.is_empty() { 1 } else { 2 };
         if reservation.resize(reservation.held() + copies * size) {
@@ -550,12 +552,12 @@ impl Intake {
                     Err(e) => (store_failed(e), None),
                 }
             }
-            Route::Queue => match self.spool.store_message(envelope, &data).await {
-                Ok(stored) => (Outcome::Queued { id, size, reply }, Some((stored, data))),
+            Route::Queue => match self.spool.store_message(envelope, data).await {
+                Ok((stored, data)) => (Outcome::Queued { id, size, reply }, Some((stored, data))),
                 Err(e) => (store_failed(e), None),
             },
-            Route::Redirect { to, .. } => match self.spool.store_message(envelope, &data).await {
-                Ok(stored) => (
+            Route::Redirect { to, .. } => match self.spool.store_message(envelope, data).await {
+                Ok((stored, data)) => (
                     Outcome::Redirected {
                         id,
                         to,

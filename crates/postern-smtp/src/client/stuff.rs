@@ -91,6 +91,83 @@ impl DotStuffer {
     }
 }
 
+/// A whole body dot-stuffed (RFC 5321 4.5.2) and ended (CRLF if it did not end with one,
+/// then ".CRLF"), as pieces of the body itself, for a vectored write: nothing is copied.
+/// A doubled dot is the body's dot twice: one piece ends with it, the next begins with
+/// it. The same octets [`DotStuffer`] writes (the same rule, the same bulk search), in
+/// pieces as long as the runs between line-start dots.
+#[derive(Clone, Debug)]
+pub struct Stuffed<'a> {
+    body: &'a [u8],
+    /// Where the next piece of the body starts.
+    start: usize,
+    /// Where the search for the next line-start dot goes on.
+    from: usize,
+    dense: bool,
+    /// The first octet was looked at (a dot there starts a line too).
+    began: bool,
+    ended: bool,
+}
+
+impl<'a> Stuffed<'a> {
+    pub fn new(body: &'a [u8]) -> Stuffed<'a> {
+        Stuffed {
+            body,
+            start: 0,
+            from: 0,
+            dense: false,
+            began: false,
+            ended: false,
+        }
+    }
+
+    /// The position of the next dot that starts a line.
+    fn next_dot(&mut self) -> Option<usize> {
+        if !self.began {
+            self.began = true;
+            if self.body.first() == Some(&b'.') {
+                self.from = 1;
+                return Some(0);
+            }
+        }
+        let lf = if self.dense {
+            find_line_dot_by_words(self.body, self.from)
+        } else {
+            memchr::memmem::find(&self.body[self.from..], b"\n.").map(|i| self.from + i)
+        }?;
+        self.dense = lf - self.from < DENSE;
+        self.from = lf + 2;
+        Some(lf + 1)
+    }
+}
+
+impl<'a> Iterator for Stuffed<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.ended {
+            return None;
+        }
+        let body = self.body;
+        if let Some(dot) = self.next_dot() {
+            let piece = &body[self.start..=dot];
+            self.start = dot;
+            return Some(piece);
+        }
+        if self.start < body.len() {
+            let piece = &body[self.start..];
+            self.start = body.len();
+            return Some(piece);
+        }
+        self.ended = true;
+        Some(if body.is_empty() || body.ends_with(b"\r\n") {
+            b".\r\n"
+        } else {
+            b"\r\n.\r\n"
+        })
+    }
+}
+
 const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
 const HIGH: u64 = 0x8080_8080_8080_8080;
 
@@ -146,7 +223,9 @@ mod tests {
     use super::*;
 
     fn dot_stuff(body: &[u8]) -> Vec<u8> {
-        stuff_in_two(body, body.len())
+        let whole = stuff_in_two(body, body.len());
+        assert_eq!(Stuffed::new(body).collect::<Vec<_>>().concat(), whole);
+        whole
     }
 
     /// Stuffs `body` fed in two pieces, cut at `split`.
@@ -253,6 +332,11 @@ mod tests {
                 }
             }
             let expected = reference(&body);
+            assert_eq!(
+                Stuffed::new(&body).collect::<Vec<_>>().concat(),
+                expected,
+                "{body:?} in pieces"
+            );
             let split = if body.is_empty() {
                 0
             } else {

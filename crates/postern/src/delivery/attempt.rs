@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 
 use super::DeliveryStatus;
 use super::Handle;
-use super::client::{ClientConfig, ConnectError, Connection, OutboundMessage};
+use super::client::{ClientConfig, ConnectError, Connection, Content, OutboundMessage};
 use super::dsn;
 use super::pool::{Pool, PoolKey};
 use super::retry;
@@ -27,7 +27,7 @@ use crate::dns::{MailHost, ResolveError, Resolver};
 use crate::maillog;
 use crate::metrics::Metrics;
 use crate::ourselves::Ourselves;
-use crate::queue::{Envelope, QueueId, RcptState, Spool, StoredMessage, unix_now};
+use crate::queue::{Durability, Envelope, QueueId, RcptState, Spool, StoredMessage, unix_now};
 
 /// Recipients per transaction (Postfix's smtp_destination_recipient_limit): RFC 5321
 /// 4.5.3.1.8 only promises 100, and big transactions make one 4xx costly.
@@ -348,7 +348,7 @@ pub(crate) async fn run(
         }
     }
     if msg.states.iter().all(|s| *s != RcptState::Pending) {
-        if let Err(e) = ctx.spool.finish(id, msg.place).await {
+        if let Err(e) = ctx.spool.finish(id, msg.place, Durability::Written).await {
             tracing::error!(id = %id, error = %e, "cannot mark the message finished");
         }
         maillog::finished(&id);
@@ -390,7 +390,14 @@ fn reschedule(
 async fn record(ctx: &Context, msg: &StoredMessage, index: usize, delivered: bool, reply: &str) {
     if let Err(e) = ctx
         .spool
-        .record_final(msg.envelope.id, msg.place, index, delivered, reply)
+        .record_final(
+            msg.envelope.id,
+            msg.place,
+            index,
+            delivered,
+            reply,
+            Durability::Written,
+        )
         .await
     {
         tracing::error!(id = %msg.envelope.id, error = %e, "cannot record a delivery outcome");
@@ -478,8 +485,8 @@ async fn bounce(ctx: &Context, env: &Envelope, body: &[u8], failed: &[(usize, Ou
         smtputf8: !to.is_ascii(),
         recipients: vec![to.to_string()],
     };
-    match ctx.spool.store_message(envelope, &text).await {
-        Ok(stored) => {
+    match ctx.spool.store_message(envelope, text).await {
+        Ok((stored, _)) => {
             if kind == dsn::DsnKind::PostmasterNotice {
                 maillog::report_queued(&id, &env.id, to, true);
             } else {
@@ -562,6 +569,7 @@ async fn deliver_group(
     // Positions (in `indexes`) still without a final outcome, and the 4xx each got from a
     // host before any data was sent (it stands if no later host takes the recipient).
     let mut open: Vec<usize> = (0..indexes.len()).collect();
+    let content = Content::of(body);
     let mut refused_before_data: Vec<Option<Outcome>> = vec![None; indexes.len()];
     let mut problem = String::from("no host could be reached");
     let mut unreachable = 0usize;
@@ -604,6 +612,7 @@ async fn deliver_group(
             body,
             smtputf8: env.smtputf8,
             eight_bit: declared_8bit,
+            content,
         };
         if let Some(reply) = conn.refusal(&message) {
             maillog::host_cannot_take(&env.id, &name, addr, &reply.one_line());

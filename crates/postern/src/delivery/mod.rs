@@ -77,7 +77,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Route, RouteTls};
 use crate::metrics::Metrics;
-use crate::queue::{QueueId, Queued, RcptState, Spool, StoredMessage, unix_now};
+use crate::queue::{Durability, QueueId, Queued, RcptState, Spool, StoredMessage, unix_now};
 use attempt::{Context, Report, RouteClient};
 use client::{ClientConfig, Credentials, TlsPolicy};
 use schedule::{Contact, DestId, Line, Schedule, Slot};
@@ -1380,7 +1380,7 @@ pub(crate) async fn finish_all(
             tally(outcome);
         }
         let spool = spool.clone();
-        running.spawn(async move { (id, spool.finish(id, place).await) });
+        running.spawn(async move { (id, spool.finish(id, place, Durability::Synced).await) });
     }
     while let Some(outcome) = running.join_next().await {
         tally(outcome);

@@ -1,9 +1,13 @@
 //! The committer: the one thread that writes the segment log.
 //!
-//! Callers encode their record (copying the message body) in their own task and send the
-//! bytes with a oneshot sender. The committer blocks for the first request, drains whatever
+//! Callers encode their record in their own task and send the bytes with a oneshot
+//! sender; a MESSAGE record comes in two parts, its frame and envelope and the message
+//! body it was received in (moved, not copied, and handed back with the answer). The committer blocks for the first request, drains whatever
 //! else is already queued (up to `max_batch_bytes`), writes the batch with one vectored
-//! write and one `fdatasync`, and only then answers every waiter. While that fdatasync
+//! write and one `fdatasync`, and only then answers every waiter. A batch of only
+//! [`Durability::Written`] records (a delivery's outcomes and DONE) is answered once
+//! written: it is made durable by the next synced batch, or at the latest
+//! `SpoolOptions::lazy_sync` (200 ms) after it was written, by a sync of its own. While that fdatasync
 //! runs, the next batch piles up in the channel: no timer, no artificial wait. On an I/O
 //! error every waiter of the batch gets the error and the segment is abandoned (its tail is
 //! unknown after a failed write or sync); the next batch starts a new segment.
@@ -25,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -56,11 +61,66 @@ pub(crate) enum Request {
     Loaded(Box<Loaded>),
 }
 
-/// A record to append.
+/// A record to append: `bytes`, then `body` (empty but for a MESSAGE record, whose frame
+/// covers the body that follows it).
 pub(crate) struct Append {
     pub(crate) bytes: Vec<u8>,
+    pub(crate) body: Vec<u8>,
     pub(crate) effect: Effect,
-    pub(crate) reply: oneshot::Sender<Result<Location, SpoolError>>,
+    pub(crate) durability: Durability,
+    pub(crate) reply: oneshot::Sender<Committed>,
+}
+
+/// When a record is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Once it is written and `fdatasync`'d: a crash of the machine cannot lose it.
+    Synced,
+    /// Once it is written: in the page cache it survives the process (a crash, `kill -9`),
+    /// and it is synced with the next synced batch, or `SpoolOptions::lazy_sync` (200 ms)
+    /// after it was written at the latest.
+    /// A power failure before that can lose it. For a delivery's RCPT and DONE records:
+    /// losing one only means the recipient is tried again (delivered twice at worst),
+    /// as with Postfix, which does not sync the removal of a delivered queue file.
+    Written,
+}
+
+/// The answer to an [`Append`]: where the record is, once it is on disk, and the body
+/// back to its owner.
+pub(crate) struct Committed {
+    pub(crate) result: Result<Location, SpoolError>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Append {
+    /// A record without a body part.
+    pub(crate) fn record(
+        bytes: Vec<u8>,
+        effect: Effect,
+        durability: Durability,
+        reply: oneshot::Sender<Committed>,
+    ) -> Append {
+        Append {
+            bytes,
+            body: Vec::new(),
+            effect,
+            durability,
+            reply,
+        }
+    }
+
+    /// Its length on disk.
+    fn len(&self) -> usize {
+        self.bytes.len() + self.body.len()
+    }
+
+    /// Answers the waiter (who may have gone away: a client that disconnected).
+    fn answer(self, result: Result<Location, SpoolError>) {
+        let _ = self.reply.send(Committed {
+            result,
+            body: self.body,
+        });
+    }
 }
 
 /// What the replay of the old segments found.
@@ -77,10 +137,14 @@ pub(crate) struct Loaded {
 struct Current {
     seq: u64,
     file: File,
-    /// Bytes durably written (the header, the FLOOR record and every committed batch).
+    /// Bytes written (the header, the FLOOR record and every committed batch); all
+    /// durable unless `unsynced`.
     len: u64,
     /// A batch has been written to it.
     has_records: bool,
+    /// When the first record written since its last `fdatasync` was (records that are
+    /// all [`Durability::Written`]); `None` when everything written is synced.
+    unsynced: Option<Instant>,
 }
 
 pub(crate) struct Committer {
@@ -144,9 +208,9 @@ impl Committer {
         loop {
             let first = match next.take() {
                 Some(r) => r,
-                None => match rx.recv() {
-                    Ok(r) => r,
-                    Err(_) => break,
+                None => match self.receive(&rx) {
+                    Some(r) => r,
+                    None => break,
                 },
             };
             let first = match first {
@@ -156,13 +220,13 @@ impl Committer {
                     continue;
                 }
             };
-            let mut bytes = first.bytes.len();
+            let mut bytes = first.len();
             let mut batch = vec![first];
             if self.opts.group_commit {
                 while bytes < self.opts.max_batch_bytes {
                     match rx.try_recv() {
                         Ok(Request::Write(req)) => {
-                            bytes += req.bytes.len();
+                            bytes += req.len();
                             batch.push(req);
                         }
                         // After this batch: it may hold records for new messages only.
@@ -177,6 +241,51 @@ impl Committer {
             self.commit(batch);
         }
         debug!("spool committer stopped");
+    }
+
+    /// The next request (`None` once every sender is gone). While written records wait
+    /// for a sync, waits no longer than their deadline (`lazy_sync` after the first of
+    /// them was written, however many requests come meanwhile), then syncs them itself.
+    fn receive(&mut self, rx: &mpsc::Receiver<Request>) -> Option<Request> {
+        loop {
+            let Some(since) = self.current.as_ref().and_then(|c| c.unsynced) else {
+                return rx.recv().ok();
+            };
+            let left = self.opts.lazy_sync.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                self.sync_written();
+                continue;
+            }
+            match rx.recv_timeout(left) {
+                Ok(r) => return Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.sync_written(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.sync_written();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Syncs the records written to the current segment since its last sync. They were
+    /// answered already; if the sync fails they may not be durable (a power failure could
+    /// then deliver their recipients again), and the segment is abandoned as after any
+    /// failed sync.
+    fn sync_written(&mut self) {
+        let Some(cur) = self.current.as_mut().filter(|c| c.unsynced.is_some()) else {
+            return;
+        };
+        match cur.file.sync_data() {
+            Ok(()) => {
+                cur.unsynced = None;
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                error!(segment = %segment_name(cur.seq), error = %e,
+                    "spool sync failed; written delivery outcomes may not be durable; abandoning the segment");
+                self.abandon_segment();
+            }
+        }
     }
 
     /// Takes over the index of the old segments; they can be collected from now on.
@@ -244,6 +353,7 @@ impl Committer {
             file,
             len: (HEADER.len() + floor.len()) as u64,
             has_records: false,
+            unsynced: None,
         });
         debug!(segment = %segment_name(seq), "new spool segment");
         Ok(())
@@ -258,6 +368,7 @@ impl Committer {
             .as_ref()
             .is_none_or(|c| c.len >= self.opts.segment_size && c.has_records);
         if full {
+            self.sync_written();
             self.current = None;
             self.start_segment()?;
         }
@@ -274,7 +385,7 @@ impl Committer {
             Ok((seq, mut offset)) => {
                 let mut finished_any = false;
                 for req in batch {
-                    let len = req.bytes.len() as u64;
+                    let len = req.len() as u64;
                     let location = Location {
                         segment: seq,
                         offset,
@@ -282,8 +393,7 @@ impl Committer {
                     };
                     offset += len;
                     finished_any |= self.apply(req.effect, seq);
-                    // The waiter may have gone away (client disconnected): nothing to do.
-                    let _ = req.reply.send(Ok(location));
+                    req.answer(Ok(location));
                 }
                 if finished_any {
                     self.collect_garbage();
@@ -294,7 +404,7 @@ impl Committer {
                 error!(error = %e, records = batch.len(), "spool write failed; abandoning the segment");
                 self.abandon_segment();
                 for req in batch {
-                    let _ = req.reply.send(Err(e.duplicate()));
+                    req.answer(Err(e.duplicate()));
                 }
             }
         }
@@ -318,7 +428,7 @@ impl Committer {
                 }
                 Effect::Relocate { id, from } => {
                     if removed.contains(&id) || self.live.get(&id) != Some(&from) {
-                        let _ = w.reply.send(Err(SpoolError::NotLive(id)));
+                        w.answer(Err(SpoolError::NotLive(id)));
                         continue;
                     }
                     // A second COPY of it in this batch would find it moved.
@@ -348,10 +458,15 @@ impl Committer {
             }
         };
         write_all_vectored(&mut cur.file, batch).map_err(io("write"))?;
-        cur.file.sync_data().map_err(io("fdatasync"))?;
-        self.syncs.fetch_add(1, Ordering::Relaxed);
+        if batch.iter().any(|r| r.durability == Durability::Synced) {
+            cur.file.sync_data().map_err(io("fdatasync"))?;
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            cur.unsynced = None;
+        } else {
+            cur.unsynced.get_or_insert_with(Instant::now);
+        }
         let start = cur.len;
-        cur.len += batch.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
+        cur.len += batch.iter().map(|r| r.len() as u64).sum::<u64>();
         cur.has_records = true;
         Ok((seq, start))
     }
@@ -463,12 +578,20 @@ impl Committer {
     }
 }
 
-/// `write_all` for a batch of buffers, without copying them into one.
+/// `write_all` for a batch of records, without copying them into one buffer: one
+/// `writev` of every record's parts (more only if the kernel takes less).
 fn write_all_vectored(file: &mut File, batch: &[Append]) -> std::io::Result<()> {
-    if let [one] = batch {
+    if let [one] = batch
+        && one.body.is_empty()
+    {
         return file.write_all(&one.bytes);
     }
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|r| IoSlice::new(&r.bytes)).collect();
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .flat_map(|r| [&r.bytes, &r.body])
+        .filter(|part| !part.is_empty())
+        .map(|part| IoSlice::new(part))
+        .collect();
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {
         match file.write_vectored(bufs) {

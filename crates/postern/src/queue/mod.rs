@@ -60,6 +60,7 @@ use tracing::info;
 pub use error::SpoolError;
 pub use id::{ParseQueueIdError, QueueId};
 
+pub use committer::Durability;
 use committer::{Append, Committer, Effect, Request};
 use record::{Decoded, FRAME_LEN, RecordType};
 use replay::{Mode, Tail};
@@ -232,6 +233,10 @@ pub struct SpoolOptions {
     pub segment_size: u64,
     /// Stop adding records to a batch once it holds this many bytes (default 8 MiB).
     pub max_batch_bytes: usize,
+    /// Records answered once written ([`Durability::Written`]) are synced at the latest
+    /// this long after the first of them was written (default 200 ms), if no synced
+    /// batch has carried them by then.
+    pub lazy_sync: std::time::Duration,
 }
 
 impl Default for SpoolOptions {
@@ -240,6 +245,7 @@ impl Default for SpoolOptions {
             group_commit: true,
             segment_size: 64 << 20,
             max_batch_bytes: 8 << 20,
+            lazy_sync: std::time::Duration::from_millis(200),
         }
     }
 }
@@ -413,26 +419,51 @@ impl Spool {
     /// submitted, the record is written even if nobody waits for the answer, and replay
     /// will find it after the next restart.
     pub async fn store(&self, envelope: &Envelope, message: &[u8]) -> Result<Location, SpoolError> {
-        let bytes = record::encode_message(envelope, message)?;
-        self.submit(bytes, Effect::Add(envelope.id)).await
+        self.store_owned(envelope, message.to_vec())
+            .await
+            .map(|(location, _)| location)
     }
 
-    /// Stores a new message ([`store`](Spool::store)) and returns it as the queue holds it:
-    /// in the log, every recipient pending. The one way a new message enters the queue
-    /// (accepted from a client, released from the quarantine, a bounce or a notice); the
-    /// caller hands the result to `delivery::Handle::enqueue` once it may be sent.
+    /// [`store`](Spool::store) for a message the caller owns: the committer writes the
+    /// body where it is (after the record's frame and envelope, in the same vectored
+    /// write) instead of a copy of it, and hands it back.
+    async fn store_owned(
+        &self,
+        envelope: &Envelope,
+        message: Vec<u8>,
+    ) -> Result<(Location, Vec<u8>), SpoolError> {
+        let head = record::encode_message_head(envelope, &message)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Write(Append {
+            bytes: head,
+            body: message,
+            effect: Effect::Add(envelope.id),
+            durability: Durability::Synced,
+            reply,
+        }))?;
+        // A dropped reply sender means the committer thread is gone (it panicked).
+        let committed = answer.await.map_err(|_| SpoolError::Closed)?;
+        committed.result.map(|location| (location, committed.body))
+    }
+
+    /// Stores a new message ([`store`](Spool::store)) and returns it as the queue holds it
+    /// (in the log, every recipient pending), with the message text handed back. The one
+    /// way a new message enters the queue (accepted from a client, released from the
+    /// quarantine, a bounce or a notice); the caller hands the result to
+    /// `delivery::Handle::enqueue` once it may be sent.
     pub async fn store_message(
         &self,
         envelope: Envelope,
-        message: &[u8],
-    ) -> Result<StoredMessage, SpoolError> {
-        let location = self.store(&envelope, message).await?;
-        Ok(StoredMessage {
+        message: Vec<u8>,
+    ) -> Result<(StoredMessage, Vec<u8>), SpoolError> {
+        let (location, message) = self.store_owned(&envelope, message).await?;
+        let stored = StoredMessage {
             states: vec![RcptState::Pending; envelope.recipients.len()],
             size: message.len() as u64,
             envelope,
             place: Place::Log(location),
-        })
+        };
+        Ok((stored, message))
     }
 
     /// Stores a message in the quarantine, durably (`quarantine::put`), off the async
@@ -457,15 +488,33 @@ impl Spool {
         delivered: bool,
         reply: &str,
     ) -> Result<(), SpoolError> {
+        self.outcome_as(id, rcpt_index, delivered, reply, Durability::Synced)
+            .await
+    }
+
+    async fn outcome_as(
+        &self,
+        id: QueueId,
+        rcpt_index: usize,
+        delivered: bool,
+        reply: &str,
+        durability: Durability,
+    ) -> Result<(), SpoolError> {
         let bytes = record::encode_outcome(id, rcpt_index, delivered, unix_now(), reply)?;
-        self.submit(bytes, Effect::None).await.map(drop)
+        self.append(bytes, Effect::None, durability).await.map(drop)
     }
 
     /// Marks a message finished (all recipients final, or deleted by the operator). Its
     /// segment may be collected afterwards: do not read it through an old `Location`.
     pub async fn mark_done(&self, id: QueueId) -> Result<(), SpoolError> {
+        self.done_as(id, Durability::Synced).await
+    }
+
+    async fn done_as(&self, id: QueueId, durability: Durability) -> Result<(), SpoolError> {
         let bytes = record::encode_done(id)?;
-        self.submit(bytes, Effect::Remove(id)).await.map(drop)
+        self.append(bytes, Effect::Remove(id), durability)
+            .await
+            .map(drop)
     }
 
     /// Records that a message now lives in `SPOOL/deferred/` (written and synced there by
@@ -532,7 +581,8 @@ impl Spool {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a recipient's final outcome wherever the message is kept.
+    /// Records a recipient's final outcome wherever the message is kept; in the log, as
+    /// durable as `durability` asks (a deferred file's record is always synced).
     pub async fn record_final(
         &self,
         id: QueueId,
@@ -540,9 +590,13 @@ impl Spool {
         rcpt_index: usize,
         delivered: bool,
         reply: &str,
+        durability: Durability,
     ) -> Result<(), SpoolError> {
         match place {
-            Place::Log(_) => self.record_outcome(id, rcpt_index, delivered, reply).await,
+            Place::Log(_) => {
+                self.outcome_as(id, rcpt_index, delivered, reply, durability)
+                    .await
+            }
             Place::Deferred => {
                 let dir = self.inner.dir.join(DEFERRED_DIR);
                 let reply = reply.to_string();
@@ -552,10 +606,16 @@ impl Spool {
         }
     }
 
-    /// The message is finished (all recipients final, or deleted by the operator).
-    pub async fn finish(&self, id: QueueId, place: Place) -> Result<(), SpoolError> {
+    /// The message is finished (all recipients final, or deleted by the operator); in the
+    /// log, as durable as `durability` asks (a deferred file's end is always synced).
+    pub async fn finish(
+        &self,
+        id: QueueId,
+        place: Place,
+        durability: Durability,
+    ) -> Result<(), SpoolError> {
         match place {
-            Place::Log(_) => self.mark_done(id).await,
+            Place::Log(_) => self.done_as(id, durability).await,
             Place::Deferred => {
                 // A log copy that may still be live is finished first: were the file to
                 // go (or never have been durable) with the log copy alive, the next open
@@ -629,14 +689,21 @@ impl Spool {
     }
 
     async fn submit(&self, bytes: Vec<u8>, effect: Effect) -> Result<Location, SpoolError> {
+        self.append(bytes, effect, Durability::Synced).await
+    }
+
+    async fn append(
+        &self,
+        bytes: Vec<u8>,
+        effect: Effect,
+        durability: Durability,
+    ) -> Result<Location, SpoolError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Write(Append {
-            bytes,
-            effect,
-            reply,
-        }))?;
+        self.send(Request::Write(Append::record(
+            bytes, effect, durability, reply,
+        )))?;
         // A dropped reply sender means the committer thread is gone (it panicked).
-        answer.await.map_err(|_| SpoolError::Closed)?
+        answer.await.map_err(|_| SpoolError::Closed)?.result
     }
 
     fn send(&self, request: Request) -> Result<(), SpoolError> {
@@ -763,11 +830,12 @@ impl Backlog {
         for id in moved_late {
             // Fire and forget: the committer writes it before anything submitted later.
             let (reply, _) = oneshot::channel();
-            spool.send(Request::Write(Append {
-                bytes: record::encode_moved(id)?,
-                effect: Effect::Remove(id),
+            spool.send(Request::Write(Append::record(
+                record::encode_moved(id)?,
+                Effect::Remove(id),
+                Durability::Synced,
                 reply,
-            }))?;
+            )))?;
         }
         live.extend(from_files);
         live.sort_unstable_by_key(|m| m.id);

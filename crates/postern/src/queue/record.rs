@@ -74,17 +74,32 @@ fn record(
     capacity: usize,
     fill: impl FnOnce(&mut Vec<u8>),
 ) -> Result<Vec<u8>, SpoolError> {
+    record_with_tail(rtype, capacity, fill, &[])
+}
+
+/// Builds the frame and the first part of a record's payload (`fill`) in one buffer; the
+/// payload goes on with `tail`, which the frame's length and CRC cover but which is not
+/// copied: the caller writes it right after the buffer (one vectored write).
+fn record_with_tail(
+    rtype: RecordType,
+    capacity: usize,
+    fill: impl FnOnce(&mut Vec<u8>),
+    tail: &[u8],
+) -> Result<Vec<u8>, SpoolError> {
     let mut buf = Vec::with_capacity(FRAME_LEN + capacity);
     buf.extend_from_slice(&[0; FRAME_LEN]);
     fill(&mut buf);
-    let len = u32::try_from(buf.len() - FRAME_LEN)
-        .map_err(|_| SpoolError::Encode(format!("record of {} bytes is over 4 GiB", buf.len())))?;
-    let crc = crc32fast::hash(&buf[FRAME_LEN..]);
+    let total = buf.len() - FRAME_LEN + tail.len();
+    let len = u32::try_from(total)
+        .map_err(|_| SpoolError::Encode(format!("record of {total} bytes is over 4 GiB")))?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&buf[FRAME_LEN..]);
+    crc.update(tail);
     buf[..2].copy_from_slice(&MAGIC);
     buf[2] = rtype as u8;
     buf[3] = FORMAT_VERSION;
     buf[4..8].copy_from_slice(&len.to_le_bytes());
-    buf[8..12].copy_from_slice(&crc.to_le_bytes());
+    buf[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
     Ok(buf)
 }
 
@@ -95,15 +110,28 @@ fn check_line(field: &str, value: &str) -> Result<(), SpoolError> {
     Ok(())
 }
 
-/// Encodes a MESSAGE record. The body is copied into the record here, in the caller's
-/// thread, so the committer thread only writes.
+/// Encodes a MESSAGE record whole, the body copied into it (for the files of
+/// `deferred/` and the quarantine; the log takes [`encode_message_head`] and the body).
 pub(crate) fn encode_message(env: &Envelope, body: &[u8]) -> Result<Vec<u8>, SpoolError> {
+    let mut rec = encode_message_head(env, body)?;
+    rec.extend_from_slice(body);
+    Ok(rec)
+}
+
+/// A MESSAGE record without its body: the frame (whose length and CRC cover the body
+/// too) and the envelope. Written followed by `body`, it is the record
+/// [`encode_message`] builds, without copying the body.
+pub(crate) fn encode_message_head(env: &Envelope, body: &[u8]) -> Result<Vec<u8>, SpoolError> {
     let head = encode_head(env, body.len() as u64)?;
-    record(RecordType::Message, head.len() + 1 + body.len(), |buf| {
-        buf.extend_from_slice(head.as_bytes());
-        buf.push(b'\n');
-        buf.extend_from_slice(body);
-    })
+    record_with_tail(
+        RecordType::Message,
+        head.len() + 1,
+        |buf| {
+            buf.extend_from_slice(head.as_bytes());
+            buf.push(b'\n');
+        },
+        body,
+    )
 }
 
 /// The envelope lines of a MESSAGE record, `id` to `size` (each ending in LF, without the
@@ -521,6 +549,18 @@ mod tests {
         assert_eq!(frame.len as usize, payload.len());
         assert_eq!(frame.crc, crc32fast::hash(payload));
         (payload, frame)
+    }
+
+    #[test]
+    fn a_message_head_and_its_body_are_the_whole_record() {
+        for body in [&b""[..], b"x", b"Subject: hi\r\n\r\nbody\r\n"] {
+            let mut rec = encode_message_head(&envelope(), body).unwrap();
+            rec.extend_from_slice(body);
+            assert_eq!(rec, encode_message(&envelope(), body).unwrap());
+            let (p, frame) = payload(&rec);
+            assert!(p.ends_with(body));
+            assert_eq!(frame.rtype, RecordType::Message as u8);
+        }
     }
 
     #[test]

@@ -482,6 +482,97 @@ async fn per_record_sync_without_group_commit() {
     assert_eq!(spool.sync_count(), 20);
 }
 
+fn lazy(lazy_sync: std::time::Duration) -> SpoolOptions {
+    SpoolOptions {
+        lazy_sync,
+        ..SpoolOptions::default()
+    }
+}
+
+/// Long enough never to come during a test.
+const NEVER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+#[tokio::test]
+async fn written_outcomes_are_answered_before_their_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, lazy(NEVER)).unwrap();
+    let (a, la) = put(&spool, 1).await;
+    let (b, lb) = put(&spool, 2).await;
+    let synced = spool.sync_count();
+    spool
+        .record_final(a.id, Place::Log(la), 0, true, "250 ok", Durability::Written)
+        .await
+        .unwrap();
+    spool
+        .finish(b.id, Place::Log(lb), Durability::Written)
+        .await
+        .unwrap();
+    // Answered once written, without an fdatasync of their own.
+    assert_eq!(spool.sync_count(), synced);
+    // Written, they survive the process at once: another reader sees them now.
+    let seen = scan(dir).unwrap();
+    assert_eq!(ids(&seen), vec![a.id]);
+    assert_eq!(seen[0].states[0], RcptState::Delivered);
+    // A stop syncs what is written.
+    spool.close();
+    assert_eq!(spool.sync_count(), synced + 1);
+    drop(spool);
+    let (_spool, live) = open_retrying(dir);
+    assert_eq!(ids(&live), vec![a.id]);
+}
+
+#[tokio::test]
+async fn written_outcomes_are_synced_by_their_deadline_under_steady_traffic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, lazy(std::time::Duration::from_millis(50))).unwrap();
+    let mut stored = Vec::new();
+    for n in 0..20 {
+        stored.push(put(&spool, n).await);
+    }
+    let synced = spool.sync_count();
+    // A written record every 20 ms, for 400 ms: never 50 ms without a request, but the
+    // deadline counts from the first record written, so the committer syncs meanwhile
+    // (a timer restarted by every request would not have by the end of the loop).
+    for (env, loc) in &stored {
+        spool
+            .finish(env.id, Place::Log(*loc), Durability::Written)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        spool.sync_count() > synced,
+        "no sync while written records came"
+    );
+    drop(spool);
+    let (_spool, live) = open_retrying(dir);
+    assert!(live.is_empty());
+}
+
+#[tokio::test]
+async fn a_synced_batch_makes_the_written_records_before_it_durable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (spool, _) = Spool::open(dir, lazy(NEVER)).unwrap();
+    let (a, la) = put(&spool, 1).await;
+    let synced = spool.sync_count();
+    spool
+        .finish(a.id, Place::Log(la), Durability::Written)
+        .await
+        .unwrap();
+    // The next message's fdatasync covers the DONE written before it: one sync for
+    // both, and nothing left for the stop to sync.
+    let (b, _) = put(&spool, 2).await;
+    assert_eq!(spool.sync_count(), synced + 1);
+    spool.close();
+    assert_eq!(spool.sync_count(), synced + 1);
+    drop(spool);
+    let (_spool, live) = open_retrying(dir);
+    assert_eq!(ids(&live), vec![b.id]);
+}
+
 #[tokio::test]
 async fn scan_works_while_the_spool_is_open() {
     let tmp = tempfile::tempdir().unwrap();
@@ -642,11 +733,17 @@ async fn a_finished_deferred_message_stays_finished_whatever_its_unlink_does() {
     let kept = keep_name(&file);
     durable::fault::fail_dir_syncs(&deferred_dir, FSYNC_FAILURES);
     // The operator deletes it (pending recipients: a resurrection would deliver it).
-    spool.finish(env.id, Place::Deferred).await.unwrap();
+    spool
+        .finish(env.id, Place::Deferred, Durability::Synced)
+        .await
+        .unwrap();
     durable::fault::clear(&deferred_dir);
     // A second finish (as after a failed unlink) is harmless.
     fs::hard_link(&kept, &file).unwrap();
-    spool.finish(env.id, Place::Deferred).await.unwrap();
+    spool
+        .finish(env.id, Place::Deferred, Durability::Synced)
+        .await
+        .unwrap();
     spool.close();
     drop(spool);
     // The crash lost the unlink.
@@ -677,7 +774,10 @@ async fn a_deferred_file_whose_name_may_not_be_durable_keeps_its_log_copy() {
         .await
         .unwrap();
     // e1 is finished (the operator deletes it); e2 waits.
-    spool.finish(e1.id, Place::Deferred).await.unwrap();
+    spool
+        .finish(e1.id, Place::Deferred, Durability::Synced)
+        .await
+        .unwrap();
     durable::fault::clear(&deferred_dir);
     spool.close();
     drop(spool);

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use postern_smtp::Reply;
-use postern_smtp::client::{ClientCommand, DotStuffer, ParsedReply, ReplyParser};
+use postern_smtp::client::{ClientCommand, ParsedReply, ReplyParser, Stuffed};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -24,6 +24,13 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Message data is written in chunks of about this size: few system calls and TLS
 /// records, and memory stays bounded whatever the message size.
 const WRITE_CHUNK: usize = 64 * 1024;
+/// At most this many parts of a body go in one vectored write. Every part but the
+/// copied runs is at least [`SHORT_PIECE`] long, so a write still carries about
+/// [`WRITE_CHUNK`] octets whatever the body.
+const MAX_SLICES: usize = 256;
+/// Pieces of a stuffed body shorter than this are copied (gathered with their short
+/// neighbours into one part) rather than sent from where they are.
+const SHORT_PIECE: usize = 512;
 
 /// Plain TCP, or TLS after STARTTLS.
 enum Stream {
@@ -65,6 +72,26 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Detached => false,
         }
     }
 
@@ -218,20 +245,8 @@ impl Io {
         timeout: Duration,
         phase: &'static str,
     ) -> Result<(), Failure> {
-        if !unread.is_empty() {
-            return Err(Failure::Protocol(format!(
-                "server sent {} unexpected octets before {phase}",
-                unread.len()
-            )));
-        }
-        let write = async {
-            stream.write_all(bytes).await?;
-            stream.flush().await
-        };
-        tokio::time::timeout(timeout, write)
-            .await
-            .map_err(|_| Failure::Timeout(phase))?
-            .map_err(Failure::Io)
+        let mut one = [io::IoSlice::new(bytes)];
+        Io::write_vectored(stream, unread, &mut one, timeout, phase).await
     }
 
     /// Sends command lines in one write (several only with PIPELINING, RFC 2920 3.1);
@@ -272,29 +287,101 @@ impl Io {
         self.read_reply(timeout, command.verb()).await
     }
 
-    /// The body, dot-stuffed (RFC 5321 4.5.2), in writes of about [`WRITE_CHUNK`]; the
-    /// final dot goes in the same write as the last chunk. An empty body is the lone
-    /// ".CRLF" of an empty message.
+    /// The body, dot-stuffed (RFC 5321 4.5.2), in vectored writes of about
+    /// [`WRITE_CHUNK`] octets each: the long pieces of [`Stuffed`] straight from the
+    /// message's own buffer, the short ones (lines that start with a dot, close together)
+    /// gathered into one scratch buffer, so that a body of dotted short lines does not
+    /// turn into many tiny writes and TLS records. The final dot goes in the same write
+    /// as the last piece. An empty body is the lone ".CRLF" of an empty message.
     pub(super) async fn send_body(
         &mut self,
         body: &[u8],
         timeout: Duration,
         phase: &'static str,
     ) -> Result<(), Failure> {
-        let mut stuffer = DotStuffer::new();
-        let mut out = Vec::with_capacity(WRITE_CHUNK + WRITE_CHUNK / 8);
-        for chunk in body.chunks(WRITE_CHUNK) {
-            stuffer.stuff(chunk, &mut out);
-            if out.len() >= WRITE_CHUNK {
-                Io::write(&mut self.stream, &self.buf, &out, timeout, phase).await?;
-                out.clear();
-            }
+        /// Where a part of the next write is: in the body, or copied into `scratch`.
+        enum Part<'a> {
+            Body(&'a [u8]),
+            Copied(std::ops::Range<usize>),
         }
-        stuffer.finish(&mut out);
+        let mut pieces = Stuffed::new(body);
+        // What did not fit in the previous write.
+        let mut rest: &[u8] = &[];
+        let mut parts: Vec<Part<'_>> = Vec::with_capacity(MAX_SLICES);
+        let mut scratch: Vec<u8> = Vec::new();
+        loop {
+            let mut len = 0;
+            while parts.len() < MAX_SLICES && len < WRITE_CHUNK {
+                let piece = if rest.is_empty() {
+                    match pieces.next() {
+                        Some(piece) => piece,
+                        None => break,
+                    }
+                } else {
+                    std::mem::take(&mut rest)
+                };
+                let (now, later) = piece.split_at(piece.len().min(WRITE_CHUNK - len));
+                rest = later;
+                len += now.len();
+                if now.len() >= SHORT_PIECE {
+                    parts.push(Part::Body(now));
+                    continue;
+                }
+                let from = scratch.len();
+                scratch.extend_from_slice(now);
+                match parts.last_mut() {
+                    Some(Part::Copied(run)) => run.end = scratch.len(),
+                    _ => parts.push(Part::Copied(from..scratch.len())),
+                }
+            }
+            if parts.is_empty() {
+                break;
+            }
+            let mut slices: Vec<io::IoSlice<'_>> = parts
+                .iter()
+                .map(|part| match part {
+                    Part::Body(bytes) => io::IoSlice::new(bytes),
+                    Part::Copied(run) => io::IoSlice::new(&scratch[run.clone()]),
+                })
+                .collect();
+            Io::write_vectored(&mut self.stream, &self.buf, &mut slices, timeout, phase).await?;
+            parts.clear();
+            scratch.clear();
+        }
         tracing::trace!(
             octets = body.len(),
             "smtp client >>> message body and final dot"
         );
-        Io::write(&mut self.stream, &self.buf, &out, timeout, phase).await
+        Ok(())
+    }
+
+    /// Writes all of `slices` (emptied as they go out) within `timeout`; see [`Io::write`].
+    async fn write_vectored(
+        stream: &mut Stream,
+        unread: &[u8],
+        slices: &mut [io::IoSlice<'_>],
+        timeout: Duration,
+        phase: &'static str,
+    ) -> Result<(), Failure> {
+        if !unread.is_empty() {
+            return Err(Failure::Protocol(format!(
+                "server sent {} unexpected octets before {phase}",
+                unread.len()
+            )));
+        }
+        let write = async {
+            let mut bufs = slices;
+            while !bufs.is_empty() {
+                match stream.write_vectored(bufs).await? {
+                    0 => return Err(io::ErrorKind::WriteZero.into()),
+                    n => io::IoSlice::advance_slices(&mut bufs, n),
+                }
+            }
+            stream.flush().await
+        };
+        tokio::time::timeout(timeout, write)
+            .await
+            .map_err(|_| Failure::Timeout(phase))?
+            .map_err(Failure::Io)
     }
 }

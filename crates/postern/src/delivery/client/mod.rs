@@ -136,6 +136,33 @@ pub struct OutboundMessage<'a> {
     /// The client declared BODY=8BITMIME (RFC 6152). Also only a wish: what is sent
     /// follows the bytes (octets above 127), so 7-bit mail declared 8-bit goes anywhere.
     pub eight_bit: bool,
+    /// What the body needs of a server: [`Content::of`] the body, found once for all
+    /// the hosts and connections an attempt goes through.
+    pub content: Content,
+}
+
+/// What a message body needs of the server it goes to, and its size on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Content {
+    /// An octet above 127: 8BITMIME is needed (RFC 6152 2).
+    eight_bit: bool,
+    /// A header field in UTF-8: SMTPUTF8 is needed (RFC 6532 3).
+    utf8_header: bool,
+    /// The SIZE the body takes (RFC 1870 6, [`wire_size`]).
+    wire_size: u64,
+}
+
+impl Content {
+    /// Looks at every octet of `body` once.
+    pub fn of(body: &[u8]) -> Content {
+        let eight_bit = !body.is_ascii();
+        Content {
+            eight_bit,
+            // An all-ASCII body has no UTF-8 header field to look for.
+            utf8_header: eight_bit && utf8_in_header(body),
+            wire_size: wire_size(body),
+        }
+    }
 }
 
 /// The outcome for one recipient: the remote's reply, or one we made up (its text then
@@ -592,7 +619,7 @@ impl Connection {
         if needs_8bitmime(message) && !ext.eight_bit_mime {
             return Some(local::no_8bitmime(&self.server_name));
         }
-        let size = wire_size(message.body);
+        let size = message.content.wire_size;
         match ext.size {
             Some(limit) if limit > 0 && size > limit => {
                 Some(local::too_big(&self.server_name, size, limit))
@@ -735,7 +762,7 @@ impl Connection {
     fn mail_command<'m>(&self, message: &OutboundMessage<'m>) -> ClientCommand<'m> {
         let params = MailParams {
             // RFC 1870 6: announce the size wherever SIZE is offered.
-            size: self.extensions.size.map(|_| wire_size(message.body)),
+            size: self.extensions.size.map(|_| message.content.wire_size),
             // RFC 6152 2: declare what the content is, not what the client said it was.
             eight_bit_mime: needs_8bitmime(message),
             // A declared SMTPUTF8 is kept where the server offers it (the next hop may
@@ -854,13 +881,13 @@ fn has_control(address: &str) -> bool {
 fn needs_smtputf8(message: &OutboundMessage<'_>) -> bool {
     !message.sender.is_ascii()
         || message.recipients.iter().any(|r| !r.is_ascii())
-        || utf8_in_header(message.body)
+        || message.content.utf8_header
 }
 
 /// 8BITMIME is needed when the content has an octet above 127 (RFC 6152 2), whatever
 /// BODY= the client declared.
 fn needs_8bitmime(message: &OutboundMessage<'_>) -> bool {
-    !message.body.is_ascii()
+    message.content.eight_bit
 }
 
 /// Whether the header section (up to the first empty line) holds non-ASCII text that is

@@ -67,6 +67,7 @@ fn message<'a>(recipients: &'a [String], body: &'a [u8]) -> OutboundMessage<'a> 
         body,
         smtputf8: false,
         eight_bit: false,
+        content: Content::of(body),
     }
 }
 
@@ -395,6 +396,46 @@ async fn large_body_crosses_write_chunks() {
     assert_eq!(codes(&results), [('D', 250)]);
     conn.quit().await;
     assert!(sink.wait_for(1, WAIT)[0].data == body);
+}
+
+/// Long runs without a line-start dot (sent from the body itself, across write chunks)
+/// between short dotted lines (gathered into copies), in the clear and over TLS.
+#[tokio::test]
+async fn a_body_of_long_runs_and_dotted_lines_arrives_whole() {
+    let mut body = Vec::new();
+    for block in 0..12 {
+        for i in 0..(block * 300) {
+            body.extend_from_slice(
+                format!("line {i} of block {block}, no dot here\r\n").as_bytes(),
+            );
+        }
+        for i in 0..(block * 7 + 1) {
+            body.extend_from_slice(format!(".{i}\r\n").as_bytes());
+        }
+        body.extend_from_slice(b"..\r\n.\r\n");
+    }
+    body.extend_from_slice(b".");
+    for tls in [false, true] {
+        let sink = Sink::start(SinkConfig {
+            tls: tls.then(|| TlsIdentity::self_signed(&["mx.test"])),
+            ..SinkConfig::default()
+        });
+        let policy = if tls {
+            TlsPolicy::Opportunistic
+        } else {
+            TlsPolicy::None
+        };
+        let mut conn = connect(&sink, &config(policy)).await;
+        assert_eq!(conn.is_tls(), tls);
+        let to = rcpts(&["a@dest.test"]);
+        let results = conn.send(&message(&to, &body)).await.unwrap();
+        assert_eq!(codes(&results), [('D', 250)]);
+        conn.quit().await;
+        // The sink unstuffs; the body had no final CRLF, so one was added.
+        let mut expected = body.clone();
+        expected.extend_from_slice(b"\r\n");
+        assert!(sink.wait_for(1, WAIT)[0].data == expected, "tls {tls}");
+    }
 }
 
 #[tokio::test]
