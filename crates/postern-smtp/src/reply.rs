@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::io::Write as _;
 
 /// An enhanced status code (RFC 3463): class.subject.detail, e.g. 5.7.1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,11 +56,12 @@ impl Reply {
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let last = self.lines.len().saturating_sub(1);
         for (i, line) in self.lines.iter().enumerate() {
-            out.extend_from_slice(self.code.to_string().as_bytes());
+            // Formatted into `out` directly (no String per line); writing to a Vec
+            // cannot fail.
+            let _ = write!(out, "{}", self.code);
             out.push(if i == last { b' ' } else { b'-' });
             if let Some(st) = self.status {
-                out.extend_from_slice(st.to_string().as_bytes());
-                out.push(b' ');
+                let _ = write!(out, "{st} ");
             }
             out.extend(
                 line.bytes()
