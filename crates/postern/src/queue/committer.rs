@@ -2,15 +2,16 @@
 //!
 //! Callers encode their record in their own task and send the bytes with a oneshot
 //! sender; a MESSAGE record comes in two parts, its frame and envelope and the message
-//! body it was received in (moved, not copied, and handed back with the answer). The committer blocks for the first request, drains whatever
-//! else is already queued (up to `max_batch_bytes`), writes the batch with one vectored
-//! write and one `fdatasync`, and only then answers every waiter. A batch of only
-//! [`Durability::Written`] records (a delivery's outcomes and DONE) is answered once
-//! written: it is made durable by the next synced batch, or at the latest
-//! `SpoolOptions::lazy_sync` (200 ms) after it was written, by a sync of its own. While that fdatasync
-//! runs, the next batch piles up in the channel: no timer, no artificial wait. On an I/O
-//! error every waiter of the batch gets the error and the segment is abandoned (its tail is
-//! unknown after a failed write or sync); the next batch starts a new segment.
+//! body it was received in (moved, not copied, and handed back with the answer). The
+//! committer blocks for the first request, drains whatever else is already queued (up to
+//! `max_batch_bytes`), writes the batch with one vectored write and one `fdatasync`, and
+//! only then answers every waiter. While that fdatasync runs, the next batch piles up in
+//! the channel: no timer holds a batch back. A batch of only [`Durability::Written`]
+//! records (a delivery's outcomes and DONE) is answered once written, without a sync: the
+//! next synced batch makes it durable, or, at the latest `SpoolOptions::lazy_sync`
+//! (200 ms) after it was written, a sync of its own. On an I/O error every waiter of the
+//! batch gets the error and the segment is abandoned (its tail is unknown after a failed
+//! write or sync); the next batch starts a new segment.
 //!
 //! The committer also owns the live index (id -> segment) and per-segment live counts, so
 //! garbage collection needs no lock: it runs here after a batch that finished messages.
