@@ -23,4 +23,4 @@ pub use reply::{
     MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_SIZE, ParsedReply, ReplyError, ReplyParser,
     parse_reply,
 };
-pub use stuff::{DotStuffer, Stuffed, wire_size};
+pub use stuff::{Stuffed, wire_size};

@@ -25,9 +25,7 @@ pub mod proxy;
 pub mod server;
 
 pub use address::{Address, Domain, ReversePath};
-pub use client::{
-    ClientCommand, DotStuffer, Extensions, MailParams, ParsedReply, ReplyError, ReplyParser,
-};
+pub use client::{ClientCommand, Extensions, MailParams, ParsedReply, ReplyError, ReplyParser};
 pub use reply::{Reply, Status, catalogue};
 pub use server::{
     AuthRequest, Event, Message, Peer, RecipientRequest, Refusals, SenderRequest, Session,
