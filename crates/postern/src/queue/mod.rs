@@ -24,12 +24,13 @@
 //! after it, is a write cut short by a crash, never acknowledged (nothing is answered
 //! before its fdatasync), and is trimmed; anywhere else it is corruption: logged at error
 //! level with the bytes skipped, the bytes kept, and replay resumes at the next whole
-//! record with a valid CRC. Envelopes handed to `store` come from the SMTP layer;
+//! record with a valid CRC. Envelopes handed to `store_message` come from the SMTP layer;
 //! encoding still refuses CR/LF in any field rather than write a record that would not
 //! read back the same.
 //!
 //! Only this module writes `SPOOL/log/`. Threads: one committer thread per open spool;
-//! `store` and friends are async and wait for it; `read_message` is a blocking read.
+//! `store_message` and friends are async and wait for it; `read_message` is a blocking
+//! read.
 
 mod committer;
 mod deferred;
@@ -412,21 +413,23 @@ impl Spool {
         self.inner.ids.next()
     }
 
-    /// Stores a message. Returns only once the record is on disk (fdatasync done); group
-    /// committed with concurrent callers. Fails with `Encode` for a field holding CR/LF.
-    ///
-    /// Do not drop the future early unless the message may be delivered anyway: once
-    /// submitted, the record is written even if nobody waits for the answer, and replay
-    /// will find it after the next restart.
+    /// [`store_message`](Spool::store_message) for the tests: a borrowed message (copied),
+    /// and only where it is.
+    #[cfg(test)]
     pub async fn store(&self, envelope: &Envelope, message: &[u8]) -> Result<Location, SpoolError> {
         self.store_owned(envelope, message.to_vec())
             .await
             .map(|(location, _)| location)
     }
 
-    /// [`store`](Spool::store) for a message the caller owns: the committer writes the
-    /// body where it is (after the record's frame and envelope, in the same vectored
-    /// write) instead of a copy of it, and hands it back.
+    /// Stores a message: the committer writes the body where it is (after the record's
+    /// frame and envelope, in the same vectored write) instead of a copy of it, and hands
+    /// it back. Returns only once the record is on disk (fdatasync done); group committed
+    /// with concurrent callers. Fails with `Encode` for a field holding CR/LF.
+    ///
+    /// Do not drop the future early unless the message may be delivered anyway: once
+    /// submitted, the record is written even if nobody waits for the answer, and replay
+    /// will find it after the next restart.
     async fn store_owned(
         &self,
         envelope: &Envelope,
@@ -446,7 +449,7 @@ impl Spool {
         committed.result.map(|location| (location, committed.body))
     }
 
-    /// Stores a new message ([`store`](Spool::store)) and returns it as the queue holds it
+    /// Stores a new message (as `store_owned` says) and returns it as the queue holds it
     /// (in the log, every recipient pending), with the message text handed back. The one
     /// way a new message enters the queue (accepted from a client, released from the
     /// quarantine, a bounce or a notice); the caller hands the result to
@@ -480,7 +483,9 @@ impl Spool {
     }
 
     /// Records that recipient `rcpt_index` of message `id` reached a final state
-    /// (`delivered` or failed), with the remote reply (made one line, cut to 1024 bytes).
+    /// (`delivered` or failed), with the remote reply (made one line, cut to 1024 bytes),
+    /// synced. (Delivery records through [`record_final`](Spool::record_final).)
+    #[cfg(test)]
     pub async fn record_outcome(
         &self,
         id: QueueId,
@@ -527,7 +532,7 @@ impl Spool {
         self.submit(bytes, Effect::Remove(id)).await.map(drop)
     }
 
-    /// Reads a stored message back (the bytes given to `store`), checking its CRC.
+    /// Reads a stored message back (the bytes given to `store_message`), checking its CRC.
     /// Blocking file I/O: from async code call it inside `tokio::task::spawn_blocking`.
     pub fn read_message(&self, loc: &Location) -> Result<Vec<u8>, SpoolError> {
         read_at(&self.inner.log_dir, loc)
