@@ -307,7 +307,7 @@ impl Io {
         let mut pieces = Stuffed::new(body);
         // What did not fit in the previous write.
         let mut rest: &[u8] = &[];
-        let mut parts: Vec<Part<'_>> = Vec::with_capacity(MAX_SLICES);
+        let mut parts: Vec<Part<'_>> = Vec::new();
         let mut scratch: Vec<u8> = Vec::new();
         loop {
             let mut len = 0;

@@ -153,7 +153,8 @@ pub struct Content {
 }
 
 impl Content {
-    /// Looks at every octet of `body` once.
+    /// One pass over `body` (and one more over its header section only when it is
+    /// 8-bit).
     pub fn of(body: &[u8]) -> Content {
         let eight_bit = !body.is_ascii();
         Content {
